@@ -1,0 +1,486 @@
+"""One research session: propose, validate, commit, train, judge, record; and resume.
+
+Guarantees, whatever happens (a crash of train.py, a dead endpoint, Ctrl-C, kill -9):
+- The branch `autoresearch/<tag>` only ever points at the session's base commit, a kept
+  experiment, or the candidate being trained; the tool resets only commits it made itself.
+- Every candidate commit is reachable through `refs/autoresearch/<tag>/attempts/NNNN` from
+  the moment it exists, so a discarded, crashed or interrupted idea is never lost.
+- `runs/<tag>/experiments.jsonl` is appended before the branch is reset, and
+  `runs/<tag>/state.json` names the experiment in flight, so `--resume` can tell what
+  finished (never repeated) from what did not (re-run under the same id).
+
+What it does not do: judge noise (min_delta is a fixed threshold) or overlap proposing with
+training; those build on this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import runner
+from .agent import Agent, AgentExhausted, Context, HistoryEntry, InvalidProposal, Proposal
+from .display import Display
+from .errors import AgentError, AutoresearchError, WorkspaceError
+from .gitrepo import GitRepo
+from .ledger import Experiment, Ledger
+from .workspace import RUNS_DIR, TRAIN_FILE, data_manifest
+
+BRANCH_PREFIX = "autoresearch/"
+STARTUP_ALLOWANCE_S = 120.0  # seconds allowed on top of 2 x TIME_BUDGET for imports, compile, eval
+CRASH_TAIL_LINES = 50
+AGENT_OUTAGE_RETRIES = 5  # consecutive endpoint failures (after the client's own retries) before stopping
+AGENT_OUTAGE_WAIT_S = 30.0
+
+
+class SessionInterrupted(AutoresearchError):
+    """Ctrl-C pressed twice: training killed, branch reset to best, record written."""
+
+    exit_code = 130
+
+
+@dataclass
+class SessionOptions:
+    tag: str
+    preset: str
+    device: str
+    time_budget: float  # seconds of training per experiment, from prepare.py's preset
+    gpu: str | None = None
+    max_experiments: int | None = None
+    max_hours: float | None = None
+    timeout: float | None = None  # hard limit per run; None = 2 x time_budget + allowance
+    stall_timeout: float | None = None
+    fix_attempts: int = 1
+    min_delta: float = 0.0
+    resume: bool = False
+    command: list[str] | None = None  # the training command; default: python train.py
+
+    @property
+    def hard_timeout(self) -> float:
+        return self.timeout or 2 * self.time_budget + STARTUP_ALLOWANCE_S
+
+
+@dataclass
+class SessionResult:
+    reason: str  # why the session ended
+    experiments: list[Experiment] = field(default_factory=list)
+    best: Experiment | None = None
+
+
+def branch_name(tag: str) -> str:
+    return BRANCH_PREFIX + tag
+
+
+def attempt_ref(tag: str, exp_id: int) -> str:
+    return f"refs/autoresearch/{tag}/attempts/{exp_id:04d}"
+
+
+def normalized_hash(source: str) -> str:
+    """Hash of train.py ignoring trailing whitespace and blank lines (a no-op edit hashes the same)."""
+    lines = [line.rstrip() for line in source.splitlines() if line.strip()]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _tail(text: str, n: int = CRASH_TAIL_LINES) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+class Session:
+    """A research session on one workspace and tag. Use `run()` once."""
+
+    def __init__(self, root: Path, opts: SessionOptions, agent: Agent, display: Display) -> None:
+        self.root = root
+        self.opts = opts
+        self.agent = agent
+        self.display = display
+        self.branch = branch_name(opts.tag)
+        self.ledger = Ledger(root / RUNS_DIR / opts.tag)
+        self.repo = GitRepo(root)
+        self.stop_requested = False
+        self.cancel = threading.Event()
+        self._interruptible = False  # True while blocked in the agent: a second Ctrl-C may raise there
+        self._sources: dict[str, str] = {}
+        self._started = time.monotonic()
+        self._train_wall = 0.0
+
+    # ----------------------------------------------------------------- setup
+
+    def run(self) -> SessionResult:
+        """Run until a budget, the agent or Ctrl-C ends the session."""
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            pending = self._resume() if self.opts.resume else self._start()
+            reason = self._loop(pending)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            self.repo.close()
+        self.ledger.update_session(ended=_now(), end_reason=reason)
+        exps = self.ledger.experiments()
+        self.display.session_end(reason, exps, self.ledger.best())
+        return SessionResult(reason=reason, experiments=exps, best=self.ledger.best())
+
+    def _start(self) -> dict | None:
+        repo = self.repo
+        if repo.branch_exists(self.branch):
+            raise WorkspaceError(
+                f"branch {self.branch} already exists: continue it with `--resume`, "
+                f"or start a new session with `--tag NEWTAG`"
+            )
+        if repo.current_branch() is None:
+            raise WorkspaceError(
+                "HEAD is detached: check out the branch to start from (e.g. `git checkout main`)"
+            )
+        if repo.is_dirty():
+            raise WorkspaceError(
+                "the working tree has uncommitted changes: commit or stash them first "
+                "(the session commits and resets train.py and must not touch your work)"
+            )
+        if self.ledger.experiments():
+            raise WorkspaceError(
+                f"{self.ledger.run_dir} already holds a record but the branch is gone: "
+                "choose another --tag, or move that directory away"
+            )
+        data_manifest()
+        base = repo.head()
+        repo.create_branch(self.branch, base)
+        repo.checkout(self.branch)
+        self.ledger.update_session(
+            tag=self.opts.tag, branch=self.branch, base=base, started=_now(),
+            preset=self.opts.preset, agent=self.agent.name,
+        )
+        return None
+
+    def _resume(self) -> dict | None:
+        """Reconcile git with the record after any death; returns the experiment in flight."""
+        repo = self.repo
+        if not repo.branch_exists(self.branch):
+            raise WorkspaceError(
+                f"nothing to resume: branch {self.branch} does not exist (start it without --resume)"
+            )
+        session = self.ledger.read_session()
+        if not session:
+            raise WorkspaceError(
+                f"branch {self.branch} exists but {self.ledger.run_dir} has no session record: "
+                "it was not made by this tool, or its runs/ directory was removed"
+            )
+        repo.clear_stale_lock()
+        state = self.ledger.read_state()
+        done = {e.id for e in self.ledger.experiments()}
+        pending = state if state and state.get("id") not in done else None
+        ours = {session["base"]} | {e.commit for e in self.ledger.experiments() if e.commit}
+        if pending and pending.get("commit"):
+            ours.add(pending["commit"])
+        tip = repo.branch_sha(self.branch)
+        if tip not in ours:
+            raise WorkspaceError(
+                f"branch {self.branch} points at {tip[:12]}, a commit this session did not make "
+                f"(moved by hand?): move it back with `git branch -f {self.branch} "
+                f"{self._best_commit(session)[:12]}`, or start a new --tag"
+            )
+        dirty = repo.dirty_paths()
+        if dirty - {TRAIN_FILE}:
+            raise WorkspaceError(
+                f"uncommitted changes to {', '.join(sorted(dirty - {TRAIN_FILE}))}: "
+                "commit or stash them, then resume"
+            )
+        # Only train.py can be dirty here, and only the session writes it: restore it.
+        target = pending["commit"] if pending and pending.get("commit") else self._best_commit(session)
+        repo.checkout(self.branch, force=True)
+        repo.reset_hard(target)
+        self.ledger.rebuild_tsv()
+        self.display.note(
+            f"resuming {self.branch}: {len(done)} experiments recorded"
+            + (f", re-running experiment {pending['id']:04d}" if pending and pending.get("commit") else "")
+        )
+        return pending
+
+    def _best_commit(self, session: dict | None = None) -> str:
+        best = self.ledger.best()
+        if best and best.commit:
+            return best.commit
+        session = session or self.ledger.read_session() or {}
+        return session["base"]
+
+    # ----------------------------------------------------------------- the loop
+
+    def _loop(self, pending: dict | None) -> str:
+        if pending and pending.get("commit"):
+            self._train_and_judge(
+                pending["id"], pending["commit"], pending["description"],
+                agent_info=pending.get("agent", {}), fix_of=pending.get("fix_of"),
+            )
+        if not self.ledger.experiments():
+            self._baseline()
+            if self.ledger.best() is None:
+                return "baseline crashed"
+        outages = 0
+        while True:
+            reason = self._should_stop()
+            if reason:
+                return reason
+            try:
+                self._experiment()
+                outages = 0
+            except AgentExhausted as exc:
+                return f"agent has no more proposals ({exc})"
+            except AgentError as exc:
+                outages += 1
+                if outages >= AGENT_OUTAGE_RETRIES:
+                    return f"agent unavailable: {exc}"
+                self.display.note(
+                    f"agent error ({exc}); retrying in {AGENT_OUTAGE_WAIT_S:.0f}s "
+                    f"({outages}/{AGENT_OUTAGE_RETRIES})"
+                )
+                self._sleep(AGENT_OUTAGE_WAIT_S)
+
+    def _should_stop(self) -> str | None:
+        if self.stop_requested:
+            return "stopped by Ctrl-C"
+        n = len(self.ledger.experiments())
+        if self.opts.max_experiments is not None and n >= self.opts.max_experiments:
+            return f"reached --max-experiments {self.opts.max_experiments}"
+        hours = (time.monotonic() - self._started) / 3600
+        if self.opts.max_hours is not None and hours >= self.opts.max_hours:
+            return f"reached --max-hours {self.opts.max_hours:g}"
+        return None
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stop_requested and time.monotonic() < deadline:
+            self.cancel.wait(min(1.0, deadline - time.monotonic()))
+
+    def _baseline(self) -> None:
+        exp_id = self.ledger.next_id()
+        head = self.repo.head()
+        self._train_and_judge(exp_id, head, "baseline", agent_info={}, fix_of=None, baseline=True)
+
+    def _experiment(self) -> None:
+        exp_id = self.ledger.next_id()
+        ctx = self._context()
+        self.ledger.write_state({"phase": "proposing", "id": exp_id})
+        self.display.proposing(exp_id, self.agent.name)
+        try:
+            proposal = self._ask(self.agent.propose, ctx)
+        except InvalidProposal as exc:
+            self._record_invalid(exp_id, exc)
+            return
+        self._try_candidate(exp_id, proposal, fix_of=None)
+
+    def _try_candidate(self, exp_id: int, proposal: Proposal, fix_of: int | None) -> None:
+        """Commit a proposal, train it, and repair crashes within --fix-attempts."""
+        fixes_left = self.opts.fix_attempts
+        while True:
+            duplicate = self._duplicate_of(proposal.source)
+            if duplicate is not None:
+                self._record_invalid(
+                    exp_id, None, proposal=proposal,
+                    reason=f"train.py identical to experiment {duplicate:04d}",
+                )
+                return
+            commit = self._commit_candidate(exp_id, proposal, fix_of)
+            exp = self._train_and_judge(
+                exp_id, commit, proposal.description, agent_info=_agent_info(proposal), fix_of=fix_of
+            )
+            if exp.status != "crash" or fixes_left <= 0 or self.stop_requested:
+                return
+            fixes_left -= 1
+            fix_of = exp_id
+            exp_id = self.ledger.next_id()
+            self.ledger.write_state({"phase": "proposing", "id": exp_id, "fix_of": fix_of})
+            self.display.proposing(exp_id, self.agent.name, fix_of=fix_of)
+            try:
+                proposal = self._ask(
+                    self.agent.fix, self._context(), self._source(commit), exp.extra["log_tail"]
+                )
+            except InvalidProposal as exc:
+                self._record_invalid(exp_id, exc, fix_of=fix_of)
+                return
+
+    def _commit_candidate(self, exp_id: int, proposal: Proposal, fix_of: int | None) -> str:
+        best = self._best_commit()
+        self.ledger.write_state(
+            {"phase": "committing", "id": exp_id, "description": proposal.description,
+             "parent": best, "fix_of": fix_of, "agent": _agent_info(proposal)}
+        )
+        self.ledger.write_artifact(exp_id, "prompt.json", _json(proposal.messages))
+        self.ledger.write_artifact(exp_id, "reply.txt", proposal.reply)
+        (self.root / TRAIN_FILE).write_text(proposal.source, encoding="utf-8")
+        message = f"exp {exp_id:04d}: {proposal.description}"
+        commit = self.repo.commit_file(TRAIN_FILE, message)
+        self.repo.update_ref(attempt_ref(self.opts.tag, exp_id), commit)
+        self.ledger.write_artifact(exp_id, "patch.diff", self.repo.diff(best, commit, TRAIN_FILE))
+        return commit
+
+    def _train_and_judge(
+        self, exp_id: int, commit: str, description: str, *, agent_info: dict,
+        fix_of: int | None, baseline: bool = False,
+    ) -> Experiment:
+        best = self.ledger.best()
+        parent = self._best_commit()
+        self.ledger.write_state(
+            {"phase": "training", "id": exp_id, "commit": commit, "description": description,
+             "parent": parent, "fix_of": fix_of, "agent": agent_info}
+        )
+        self.display.training(exp_id, description, self.opts.time_budget)
+        started = _now()
+        result = runner.run_training(
+            self.root,
+            self.ledger.experiment_dir(exp_id) / "run.log",
+            command=self.opts.command,
+            env=runner.child_env(
+                dict(os.environ), preset=self.opts.preset, device=self.opts.device,
+                gpu=self.opts.gpu, extra=None,
+            ),
+            timeout=self.opts.hard_timeout,
+            stall_timeout=self.opts.stall_timeout,
+            on_step=self.display.step,
+            cancel=self.cancel,
+        )
+        self._train_wall += result.wall_seconds
+        best_bpb = best.val_bpb if best else None
+        status, val_bpb = self._judge(result, best_bpb, baseline)
+        exp = Experiment(
+            id=exp_id, status=status, description=description, commit=commit, parent=parent,
+            val_bpb=val_bpb, memory_gb=result.summary.get("peak_vram_mb", 0.0) / 1024,
+            best_before=best_bpb, threshold=self.opts.min_delta,
+            crash_class=result.crash_class, exit_code=result.exit_code,
+            metrics=dict(result.summary), started_at=started, ended_at=_now(),
+            train_seconds=result.wall_seconds, agent=agent_info,
+            attempt_ref=None if baseline else attempt_ref(self.opts.tag, exp_id),
+            fix_of=fix_of,
+            extra={"log_tail": result.log_tail if status != "keep" else "",
+                   "gpu_busy_s": round(self._train_wall, 1),
+                   "session_s": round(time.monotonic() - self._started, 1)},
+        )
+        self.ledger.append(exp)
+        if status != "keep" and not baseline:
+            self.repo.reset_hard(parent)
+        self.ledger.write_state(None)
+        self.display.result(exp)
+        if status == "interrupted":
+            raise SessionInterrupted(
+                f"interrupted: experiment {exp_id:04d} killed, branch reset to the best commit; "
+                "continue with `autoresearch run --resume --tag " + self.opts.tag + "`"
+            )
+        return exp
+
+    def _judge(self, result: runner.RunResult, best_bpb: float | None, baseline: bool) -> tuple[str, float | None]:
+        if result.crash_class == "interrupted":
+            return "interrupted", None
+        if not result.ok:
+            return "crash", None
+        val_bpb = result.summary["val_bpb"]
+        if baseline or best_bpb is None:
+            return "keep", val_bpb
+        if val_bpb < best_bpb - self.opts.min_delta:
+            return "keep", val_bpb
+        return "discard", val_bpb
+
+    def _record_invalid(
+        self, exp_id: int, exc: InvalidProposal | None, *, proposal: Proposal | None = None,
+        reason: str | None = None, fix_of: int | None = None,
+    ) -> None:
+        if exc is not None:
+            self.ledger.write_artifact(exp_id, "prompt.json", _json(exc.messages))
+            self.ledger.write_artifact(exp_id, "reply.txt", exc.reply)
+            reason = str(exc)
+            info = {"name": self.agent.name, "attempts": exc.attempts,
+                    "tokens_in": exc.tokens_in, "tokens_out": exc.tokens_out}
+            description = exc.description or "(no valid edit)"
+        else:
+            assert proposal is not None
+            self.ledger.write_artifact(exp_id, "prompt.json", _json(proposal.messages))
+            self.ledger.write_artifact(exp_id, "reply.txt", proposal.reply)
+            info = _agent_info(proposal)
+            description = proposal.description
+        best = self.ledger.best()
+        exp = Experiment(
+            id=exp_id, status="invalid", description=description, commit=None,
+            parent=self._best_commit(), val_bpb=None, memory_gb=0.0,
+            best_before=best.val_bpb if best else None, threshold=self.opts.min_delta,
+            started_at=_now(), ended_at=_now(), agent=info, fix_of=fix_of,
+            extra={"reason": reason or ""},
+        )
+        self.ledger.append(exp)
+        self.ledger.write_state(None)
+        self.display.result(exp)
+
+    # ----------------------------------------------------------------- context
+
+    def _context(self) -> Context:
+        exps = self.ledger.experiments()
+        best = self.ledger.best()
+        history = []
+        best_so_far: float | None = None
+        for e in exps:
+            delta = None
+            if e.val_bpb is not None and e.best_before is not None:
+                delta = e.val_bpb - e.best_before
+            history.append(HistoryEntry(
+                id=e.id, status=e.status, val_bpb=e.val_bpb, delta=delta,
+                description=e.description, source=self._source(e.commit) if e.commit else None,
+            ))
+            if e.status == "keep":
+                best_so_far = e.val_bpb
+        crashes = [e for e in exps if e.status == "crash"]
+        return Context(
+            program=(self.root / "program.md").read_text(encoding="utf-8"),
+            train_py=self._source(self._best_commit()),
+            history=history,
+            best_bpb=best.val_bpb if best else best_so_far,
+            last_crash_tail=crashes[-1].extra.get("log_tail") if crashes else None,
+            noise=None,
+        )
+
+    def _source(self, commit: str) -> str:
+        if commit not in self._sources:
+            self._sources[commit] = self.repo.show_file(commit, TRAIN_FILE)
+        return self._sources[commit]
+
+    def _duplicate_of(self, source: str) -> int | None:
+        digest = normalized_hash(source)
+        for e in self.ledger.experiments():
+            if e.commit and normalized_hash(self._source(e.commit)) == digest:
+                return e.id
+        return None
+
+    # ----------------------------------------------------------------- Ctrl-C
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        if not self.stop_requested:
+            self.stop_requested = True
+            self.display.note(
+                "Ctrl-C: finishing the current experiment, then stopping (press again to kill it now)"
+            )
+            return
+        self.cancel.set()
+        if self._interruptible:
+            raise KeyboardInterrupt
+
+    def _ask(self, call, *args):
+        """Call the agent; a second Ctrl-C interrupts it (nothing is committed yet)."""
+        self._interruptible = True
+        try:
+            return call(*args)
+        finally:
+            self._interruptible = False
+
+
+def _agent_info(p: Proposal) -> dict:
+    return {"name": p.agent, "model": p.model, "attempts": p.attempts,
+            "tokens_in": p.tokens_in, "tokens_out": p.tokens_out, "seconds": round(p.seconds, 2)}
+
+
+def _json(obj: object) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False)

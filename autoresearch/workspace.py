@@ -1,0 +1,131 @@
+"""Workspaces: the git repository holding program.md, prepare.py and train.py.
+
+Guarantees: `find_workspace` only returns a directory that has all three files and is a git
+repository; `init_workspace` never overwrites an existing file; `data_manifest` reads the
+prepared dataset's manifest without importing prepare.py (so no torch import, no side
+effects) and says what to run when the data is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from importlib import resources
+from pathlib import Path
+
+from .errors import DataError, WorkspaceError
+
+WORKSPACE_FILES = ("program.md", "prepare.py", "train.py")
+TRAIN_FILE = "train.py"
+RUNS_DIR = "runs"
+
+GITIGNORE = """\
+__pycache__/
+*.pyc
+.venv/
+runs/
+"""
+
+
+def template_text(name: str) -> str:
+    """The pristine copy of a workspace file shipped with the package."""
+    return resources.files("autoresearch").joinpath("templates", name).read_text(encoding="utf-8")
+
+
+def find_workspace(path: Path | None = None) -> Path:
+    """The workspace at `path` (default: the current directory), checked."""
+    root = Path(path or Path.cwd()).resolve()
+    if not root.is_dir():
+        raise WorkspaceError(f"workspace {root} does not exist")
+    missing = [name for name in WORKSPACE_FILES if not (root / name).is_file()]
+    if missing:
+        raise WorkspaceError(
+            f"{root} is not an autoresearch workspace (missing {', '.join(missing)}): "
+            "run the command inside one, pass --workspace DIR, or create one with "
+            "`autoresearch init DIR`"
+        )
+    if not (root / ".git").exists():
+        raise WorkspaceError(
+            f"{root} is not a git repository: run `git init && git add -A && git commit -m init` there"
+        )
+    return root
+
+
+def init_workspace(target: Path) -> Path:
+    """Create a new workspace: a git repository with the three files and a .gitignore."""
+    target = target.resolve()
+    existing = [n for n in (*WORKSPACE_FILES, ".gitignore") if (target / n).exists()]
+    if existing:
+        raise WorkspaceError(
+            f"{target} already has {', '.join(existing)}: choose an empty or new directory"
+        )
+    if shutil.which("git") is None:
+        raise WorkspaceError("git is not installed: install git, then run `autoresearch init` again")
+    target.mkdir(parents=True, exist_ok=True)
+    for name in WORKSPACE_FILES:
+        (target / name).write_text(template_text(name), encoding="utf-8")
+    (target / ".gitignore").write_text(GITIGNORE, encoding="utf-8")
+    if not (target / ".git").exists():
+        _git(target, "init", "-q", "-b", "main")
+    _git(target, "add", *WORKSPACE_FILES, ".gitignore")
+    _git(target, "commit", "-q", "-m", "autoresearch workspace: program.md, prepare.py, train.py")
+    return target
+
+
+def _git(cwd: Path, *args: str) -> None:
+    env = dict(os.environ)
+    # A fresh machine may have no identity configured; the workspace's first commit still works.
+    env.setdefault("GIT_AUTHOR_NAME", "autoresearch")
+    env.setdefault("GIT_AUTHOR_EMAIL", "autoresearch@localhost")
+    env.setdefault("GIT_COMMITTER_NAME", env["GIT_AUTHOR_NAME"])
+    env.setdefault("GIT_COMMITTER_EMAIL", env["GIT_AUTHOR_EMAIL"])
+    proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise WorkspaceError(f"git {' '.join(args)} failed in {cwd}: {proc.stderr.strip()}")
+
+
+def cache_dir(env: dict[str, str] | None = None) -> Path:
+    """Where prepared data lives: AUTORESEARCH_CACHE, else ~/.cache/autoresearch."""
+    env = os.environ if env is None else env
+    return Path(env.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch")
+
+
+def data_manifest(env: dict[str, str] | None = None) -> dict:
+    """The active dataset's manifest; DataError saying what to run when there is none."""
+    env = os.environ if env is None else env
+    root = cache_dir(env)
+    name = env.get("AUTORESEARCH_DATASET")
+    active = root / "ACTIVE"
+    if not name and active.is_file():
+        name = active.read_text(encoding="utf-8").strip()
+    hint = "run `autoresearch prepare` (or `autoresearch prepare --source stdlib` offline) first"
+    if not name:
+        raise DataError(f"no prepared data in {root}: {hint}")
+    manifest = root / name / "manifest.json"
+    if not manifest.is_file():
+        raise DataError(f"dataset {name!r} in {root} has no manifest: {hint}")
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read {manifest} ({exc}): {hint}") from exc
+
+
+def load_prepare(root: Path):
+    """Import the workspace's prepare.py (the trusted side) as a module.
+
+    Only the harness and train.py import it; it has no side effects at import. Importing it
+    imports torch, so commands call this only when they need the preset's constants.
+    """
+    import importlib.util
+    import sys
+
+    path = root / "prepare.py"
+    spec = importlib.util.spec_from_file_location("prepare", path)
+    if spec is None or spec.loader is None:
+        raise WorkspaceError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["prepare"] = module
+    spec.loader.exec_module(module)
+    return module
