@@ -1,0 +1,699 @@
+"""One training child: launch, stream, time out, kill, parse, classify.
+
+Guarantees of `run_training`:
+- the child runs in its own session and process group, with stdout and stderr merged into one
+  pipe; every byte it writes goes to the log file as written (flushed per chunk), and every
+  line (split on \\n, \\r\\n or \\r) goes to the callbacks, which run in the caller's thread;
+- a hard timeout, a stall timeout (no output for N seconds) and a cancel event all end the run
+  the same way: SIGTERM to the whole group, a short grace, then SIGKILL;
+- when it returns, no process of the run is left running: members of the child's process
+  group are killed, and on Linux so is any descendant that moved to a new session (found by
+  a marker variable in its environment) — a descendant that also scrubbed its environment is
+  the one case not covered;
+- the child is reaped, and the pipe, selector, threads and log file are closed, also when a
+  callback raises or the caller is interrupted (the child is then killed and the exception
+  propagates);
+- a crashed run is data: `RunResult.crash_class` says what kind of crash, never an exception.
+
+What it does not do: sandbox the child (it runs with the user's rights), limit its memory, or
+decide whether a result is good.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+KILL_GRACE_S = 5.0  # seconds between SIGTERM and SIGKILL: room for the child to flush and exit
+DRAIN_S = 2.0  # seconds to wait for the pipe to close once the child and its group are gone
+KILL_CONFIRM_S = 5.0  # seconds to wait until killed processes are really gone
+CANCEL_POLL_S = 0.2  # seconds: how soon a set cancel event is noticed
+TAIL_LINES = 50  # lines of output kept in RunResult.log_tail
+RECENT_LINES = 1000  # lines kept in memory to find the summary block and classify a crash
+MAX_LINE_BYTES = 1 << 20  # a "line" longer than this is cut, so a child can't exhaust memory
+MAX_KEPT_LINE_CHARS = 4096  # characters of a line kept in memory (the log keeps everything)
+READ_CHUNK = 1 << 16  # bytes per read from the child's pipe
+
+RUN_MARKER_VAR = "AUTORESEARCH_RUN_MARKER"  # set in the child's env to find its descendants
+HARNESS_PREFIX = "[autoresearch]"  # lines the harness adds to a run's log
+
+CRASH_CLASSES = (
+    "syntax",
+    "import",
+    "oom",
+    "nan",
+    "timeout",
+    "stall",
+    "interrupted",
+    "no_summary",
+    "other",
+)
+
+# Environment variables never passed to the child: names containing any of these words.
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
+SECRET_NAMES = ("OPENAI_API_KEY", "AUTORESEARCH_API_KEY")
+# Known names that contain a secret word but hold no secret.
+NOT_SECRET_NAMES = ("TOKENIZERS_PARALLELISM",)
+
+
+@dataclass
+class Step:
+    """One live progress line of train.py, parsed. Missing fields are NaN."""
+
+    step: int
+    pct: float
+    loss: float
+    dt_ms: float
+    tok_per_sec: float
+    mfu: float
+    remaining_s: float
+
+
+@dataclass
+class RunResult:
+    """What one training child did. A crash is described here, never raised."""
+
+    exit_code: int | None  # negative: killed by that signal; None: it never started
+    summary: dict[str, float]  # the last `---` block; empty when there was none
+    crash_class: str | None  # one of CRASH_CLASSES; None when the run is ok
+    wall_seconds: float  # from launch until the child exited, measured by the harness
+    log_path: Path
+    log_tail: str  # the last TAIL_LINES lines of output
+    last_step: Step | None
+
+    @property
+    def ok(self) -> bool:
+        """Exit 0, not killed by the harness, and a finite val_bpb in the summary."""
+        val_bpb = self.summary.get("val_bpb")
+        return (
+            self.crash_class is None
+            and self.exit_code == 0
+            and val_bpb is not None
+            and math.isfinite(val_bpb)
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing train.py's output contract
+
+_NUMBER = r"[-+]?(?:nan|inf|[\d,]*\.?\d+(?:[eE][-+]?\d+)?)"
+_STEP_HEAD = re.compile(rf"^step\s*:?\s*(\d+)\s*\(\s*({_NUMBER})\s*%\s*\)", re.IGNORECASE)
+_STEP_FIELD = re.compile(rf"^\s*([a-z_/]+)\s*:?\s*({_NUMBER})\s*(ms|s|%)?\s*$", re.IGNORECASE)
+_STEP_KEYS = {
+    "loss": "loss",
+    "dt": "dt_ms",
+    "tok/sec": "tok_per_sec",
+    "tok/s": "tok_per_sec",
+    "mfu": "mfu",
+    "remaining": "remaining_s",
+}
+_SUMMARY_ITEM = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(\S+)\s*$")
+
+
+def _number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def parse_step(line: str) -> Step | None:
+    """Parse a live line such as
+    `step 00012 (4.1%) | loss 5.123456 | dt 812ms | tok/sec 20,123 | mfu 1.2% | remaining 23s`.
+
+    Also accepts `key: value` fields and extra fields (upstream's `lrm`, `epoch`), which are
+    ignored. Returns None unless the line has a step number, a percentage and a loss.
+    """
+    head, *fields = line.strip().split("|")
+    match = _STEP_HEAD.match(head.strip())
+    if match is None:
+        return None
+    values: dict[str, float] = {}
+    for field in fields:
+        item = _STEP_FIELD.match(field)
+        if item is None or item.group(1).lower() not in _STEP_KEYS:
+            continue
+        key, value, unit = _STEP_KEYS[item.group(1).lower()], _number(item.group(2)), item.group(3)
+        if key == "dt_ms" and unit == "s":
+            value *= 1000.0
+        values[key] = value
+    if "loss" not in values:
+        return None
+    return Step(
+        step=int(match.group(1)),
+        pct=_number(match.group(2)),
+        loss=values["loss"],
+        dt_ms=values.get("dt_ms", math.nan),
+        tok_per_sec=values.get("tok_per_sec", math.nan),
+        mfu=values.get("mfu", math.nan),
+        remaining_s=values.get("remaining_s", math.nan),
+    )
+
+
+def parse_summary(text: str) -> dict[str, float]:
+    """The `key: value` lines after the last `---` line that has any, as floats.
+
+    Lines in the block that are not `key: numeric value` are skipped (a stray warning does not
+    end the block); the first occurrence of a key wins. `nan` and `inf` are kept as floats.
+    Returns {} when no `---` line is followed by a numeric item.
+    """
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip() == "---"]
+    for start in reversed(starts):
+        end = next((j for j in starts if j > start), len(lines))
+        summary: dict[str, float] = {}
+        for line in lines[start + 1 : end]:
+            item = _SUMMARY_ITEM.match(line.strip())
+            if item is None or item.group(1) in summary:
+                continue
+            try:
+                summary[item.group(1)] = _number(item.group(2))
+            except ValueError:
+                continue
+        if summary:
+            return summary
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash classes
+
+_EXCEPTION_LINE = re.compile(
+    r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception))\b(?::\s*(.*))?$", re.MULTILINE
+)
+_EXCEPTION_CLASSES = {
+    "SyntaxError": "syntax",
+    "IndentationError": "syntax",
+    "TabError": "syntax",
+    "ImportError": "import",
+    "ModuleNotFoundError": "import",
+    "OutOfMemoryError": "oom",
+    "MemoryError": "oom",
+    "FloatingPointError": "nan",
+}
+_OOM_TEXT = re.compile(
+    r"out of memory|OutOfMemoryError|\bMemoryError\b|Cannot allocate memory"
+    r"|CUBLAS_STATUS_ALLOC_FAILED|killed by signal: Killed",
+    re.IGNORECASE,
+)
+_NAN_TEXT = re.compile(
+    r"\bNaN\b|(?:loss|bpb)\b[^\n]{0,40}?\b(?:nan|inf)\b|diverg|explo(?:de|ded|ding|sion)"
+    r"|non-finite|not finite|FloatingPointError",
+)
+_NAN_TEXT_ANYCASE = re.compile(r"(?:loss|bpb)\b[^\n]{0,40}?\b(?:nan|inf)\b", re.IGNORECASE)
+_TEXT_CLASSES = (
+    ("syntax", re.compile(r"^\s*(?:SyntaxError|IndentationError|TabError)\b", re.MULTILINE)),
+    ("import", re.compile(r"^\s*(?:ModuleNotFoundError|ImportError)\b", re.MULTILINE)),
+    ("oom", _OOM_TEXT),
+    ("nan", _NAN_TEXT),
+    ("nan", _NAN_TEXT_ANYCASE),
+)
+_SIGKILL_CODES = (-signal.SIGKILL, 128 + signal.SIGKILL)  # 137: SIGKILL seen through a shell
+
+
+def _classify_message(name: str, message: str) -> str | None:
+    if name in _EXCEPTION_CLASSES:
+        return _EXCEPTION_CLASSES[name]
+    if _OOM_TEXT.search(message):
+        return "oom"
+    if _NAN_TEXT.search(message) or _NAN_TEXT_ANYCASE.search(message):
+        return "nan"
+    return None
+
+
+def classify_crash(
+    log_text: str,
+    exit_code: int | None,
+    *,
+    timed_out: bool,
+    stalled: bool,
+    interrupted: bool,
+) -> str:
+    """Name what kind of crash a run that is not ok was (one of CRASH_CLASSES).
+
+    Order of evidence: what the harness did (interrupted, timeout, stall); then the last Python
+    exception line in the log (its type and message); then known messages anywhere in the log
+    (syntax, import, out of memory, NaN/diverged/exploded); then the exit code: 0 means the run
+    finished without a valid val_bpb ("no_summary"), SIGKILL that the harness did not send is
+    most often the kernel's OOM killer ("oom"); anything else is "other".
+    """
+    if interrupted:
+        return "interrupted"
+    if timed_out:
+        return "timeout"
+    if stalled:
+        return "stall"
+    exceptions = _EXCEPTION_LINE.findall(log_text)
+    if exceptions:
+        name, message = exceptions[-1]
+        found = _classify_message(name, message)
+        if found is not None:
+            return found
+    for crash_class, pattern in _TEXT_CLASSES:
+        if pattern.search(log_text):
+            return crash_class
+    if exit_code == 0:
+        return "no_summary"
+    if exit_code in _SIGKILL_CODES:
+        return "oom"
+    return "other"
+
+
+# ---------------------------------------------------------------------------------------------
+# The child's environment
+
+
+def _is_secret(name: str) -> bool:
+    upper = name.upper()
+    if upper in NOT_SECRET_NAMES:
+        return False
+    return upper in SECRET_NAMES or any(word in upper for word in SECRET_WORDS)
+
+
+def child_env(
+    base: Mapping[str, str],
+    *,
+    preset: str,
+    device: str,
+    gpu: str | None,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment for a training child: `base` plus `extra`, minus anything secret.
+
+    Dropped: every variable whose name contains KEY, TOKEN, SECRET, PASSWORD, PASSWD or
+    CREDENTIAL (any case), also when it comes from `extra` (TOKENIZERS_PARALLELISM is kept).
+    Set: PYTHONUNBUFFERED=1 (so lines arrive as they are printed), AUTORESEARCH_PRESET,
+    AUTORESEARCH_DEVICE, and CUDA_VISIBLE_DEVICES when `gpu` is given (otherwise as in base).
+    """
+    merged = {**base, **(extra or {})}
+    env = {name: value for name, value in merged.items() if not _is_secret(name)}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["AUTORESEARCH_PRESET"] = preset
+    env["AUTORESEARCH_DEVICE"] = device
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and killing what a run left behind (Linux /proc; elsewhere the process group only)
+
+_PROC = Path("/proc")
+
+
+def _proc_state(pid: int) -> tuple[str, int] | None:
+    """(state letter, process group) of a live process, or None if it is gone."""
+    try:
+        stat = (_PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[0], int(fields[2])
+
+
+def _has_marker(pid: int, marker: bytes) -> bool:
+    try:
+        return marker in (_PROC / str(pid) / "environ").read_bytes().split(b"\0")
+    except OSError:  # gone, or another user's process
+        return False
+
+
+def _run_processes(pgid: int, marker: bytes) -> set[int]:
+    """Live (non-zombie) processes in the group `pgid` or carrying `marker` in their env."""
+    if not _PROC.is_dir():
+        return set()
+    found = set()
+    me = os.getpid()
+    for entry in _PROC.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        pid = int(entry.name)
+        state = _proc_state(pid)
+        if state is None or state[0] in "ZX":
+            continue
+        if state[1] == pgid or _has_marker(pid, marker):
+            found.add(pid)
+    return found
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):  # nobody left in the group
+        pass
+
+
+def _wait_gone(pids: Iterable[int], timeout: float) -> None:
+    """Wait (bounded) until SIGKILLed processes are gone or zombies."""
+    deadline = time.monotonic() + timeout
+    pending = set(pids)
+    while pending and time.monotonic() < deadline:
+        pending = {pid for pid in pending if (_proc_state(pid) or ("Z", 0))[0] not in "ZX"}
+        if pending:
+            time.sleep(0.01)  # SIGKILL is asynchronous; this is a short bounded confirmation
+
+
+def _kill_leftovers(pgid: int, marker: bytes) -> int:
+    """SIGKILL the group and every marked process; returns how many were found alive."""
+    _signal_group(pgid, signal.SIGKILL)
+    killed: set[int] = set()
+    for _ in range(5):  # a process may fork between the scan and the kill: look again
+        alive = _run_processes(pgid, marker)
+        if not alive:
+            break
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
+        killed |= alive
+        _wait_gone(alive, KILL_CONFIRM_S)
+    return len(killed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The child and its two helper threads
+
+_EXITED = object()  # queue item: the child has exited (not yet reaped)
+_EOF = object()  # queue item: the reader has finished
+_LINE_BREAK = re.compile(rb"\r\n|\n|\r")
+
+
+class _Reader(threading.Thread):
+    """Copies the child's pipe to the log file and hands complete lines to a queue."""
+
+    def __init__(self, fd: int, log: BinaryIO, lines: queue.Queue[object]) -> None:
+        super().__init__(name="autoresearch-run-reader", daemon=True)
+        self._fd = fd
+        self._log = log
+        self._lines = lines
+        self._wake_r, self._wake_w = os.pipe()
+        self.last_output = time.monotonic()
+        self.log_error: OSError | None = None
+
+    def stop(self) -> None:
+        """Make the reader finish now, even if someone still holds the pipe open."""
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # already closed: the reader is done
+            pass
+
+    def close(self) -> None:
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def run(self) -> None:
+        pending = b""
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self._fd, selectors.EVENT_READ)
+                selector.register(self._wake_r, selectors.EVENT_READ)
+                while True:
+                    ready = {key.fd for key, _ in selector.select()}
+                    if self._wake_r in ready:
+                        break
+                    chunk = os.read(self._fd, READ_CHUNK)
+                    if not chunk:
+                        break
+                    self.last_output = time.monotonic()
+                    self._write_log(chunk)
+                    pending = self._emit_lines(pending + chunk)
+            if pending.rstrip(b"\r"):
+                self._emit(pending.rstrip(b"\r"))
+        finally:
+            self._lines.put(_EOF)
+
+    def _write_log(self, chunk: bytes) -> None:
+        if self.log_error is not None:
+            return
+        try:
+            self._log.write(chunk)
+            self._log.flush()
+        except OSError as error:
+            self.log_error = error
+            self._lines.put(f"{HARNESS_PREFIX} could not write the log: {error}")
+
+    def _emit_lines(self, data: bytes) -> bytes:
+        hold = b""
+        if data.endswith(b"\r"):  # maybe the first half of \r\n: wait for the next chunk
+            data, hold = data[:-1], b"\r"
+        *lines, rest = _LINE_BREAK.split(data)
+        for line in lines:
+            self._emit(line)
+        while len(rest) > MAX_LINE_BYTES:
+            self._emit(rest[:MAX_LINE_BYTES])
+            rest = rest[MAX_LINE_BYTES:]
+        return rest + hold
+
+    def _emit(self, line: bytes) -> None:
+        self._lines.put(line.decode("utf-8", errors="replace"))
+
+
+def _wait_exit(proc: subprocess.Popen[bytes], events: queue.Queue[object]) -> None:
+    """Report the child's exit without reaping it, so its pid (= the group id) stays taken
+    until the leftovers of its group are killed."""
+    try:
+        if hasattr(os, "waitid"):
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+        else:  # macOS before Python 3.13: reap now, a negligible pgid-reuse window remains
+            proc.wait()
+    except ChildProcessError:  # reaped elsewhere; it has exited either way
+        pass
+    finally:
+        events.put(_EXITED)
+
+
+class _Run:
+    """State of one run while the caller's thread watches it."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log: BinaryIO, marker: bytes) -> None:
+        self.proc = proc
+        self.marker = marker
+        # Unbounded: the reader must never block on a slow callback, or the log would lag.
+        self.events: queue.Queue[object] = queue.Queue()
+        assert proc.stdout is not None
+        self.reader = _Reader(proc.stdout.fileno(), log, self.events)
+        self.waiter = threading.Thread(
+            target=_wait_exit, args=(proc, self.events), name="autoresearch-run-wait", daemon=True
+        )
+        self.reader.start()
+        self.waiter.start()
+        self.exited = False
+        self.eof = False
+        self.exited_at: float | None = None
+        self.kill_reason: str | None = None
+        self.leftovers = 0
+
+    def next_event(self, timeout: float) -> object | None:
+        try:
+            item = self.events.get(timeout=max(timeout, 0.001))
+        except queue.Empty:
+            return None
+        if item is _EXITED:
+            self.exited = True
+            self.exited_at = time.monotonic()
+        elif item is _EOF:
+            self.eof = True
+        return item
+
+    def terminate(self, reason: str) -> None:
+        self.kill_reason = reason
+        _signal_group(self.proc.pid, signal.SIGTERM)
+
+    def kill_leftovers(self) -> None:
+        self.leftovers += _kill_leftovers(self.proc.pid, self.marker)
+
+    def finish(self) -> None:
+        """Kill whatever is left, reap the child, stop the threads, close the pipe."""
+        if not self.exited:
+            _signal_group(self.proc.pid, signal.SIGKILL)
+            self.waiter.join(KILL_CONFIRM_S)
+        self.kill_leftovers()
+        self.proc.wait()
+        if not self.eof:
+            self.reader.stop()
+        self.reader.join(DRAIN_S)
+        self.waiter.join(DRAIN_S)
+        if not self.reader.is_alive():
+            self.reader.close()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+def _watch(
+    run: _Run,
+    *,
+    started: float,
+    timeout: float,
+    stall_timeout: float | None,
+    cancel: threading.Event | None,
+    on_line: Callable[[str], None],
+) -> None:
+    """Pass lines on until the child has exited and its output has ended; enforce the limits."""
+    killed_at: float | None = None
+    drain_until: float | None = None
+    while not (run.exited and run.eof):
+        now = time.monotonic()
+        waits = []
+        if not run.exited and run.kill_reason is None:
+            reason = None
+            if cancel is not None and cancel.is_set():
+                reason = "interrupted"
+            elif now >= started + timeout:
+                reason = "timeout"
+            elif stall_timeout is not None and now >= run.reader.last_output + stall_timeout:
+                reason = "stall"
+            if reason is not None:
+                run.terminate(reason)
+                killed_at = now
+            else:
+                waits.append(started + timeout - now)
+                if stall_timeout is not None:
+                    waits.append(run.reader.last_output + stall_timeout - now)
+                if cancel is not None:
+                    waits.append(CANCEL_POLL_S)
+        if killed_at is not None and not run.exited:
+            if now >= killed_at + KILL_GRACE_S:
+                _signal_group(run.proc.pid, signal.SIGKILL)
+            waits.append(max(killed_at + KILL_GRACE_S - now, CANCEL_POLL_S))
+        if run.exited and not run.eof:
+            # The child is gone but the pipe is still open: a descendant holds it.
+            if drain_until is None:
+                run.kill_leftovers()
+                drain_until = now + DRAIN_S
+            elif now >= drain_until:
+                run.reader.stop()
+            waits.append(max(drain_until - now, 0.0))
+        item = run.next_event(min(waits) if waits else DRAIN_S)
+        if isinstance(item, str):
+            on_line(item)
+
+
+def run_training(
+    workdir: Path,
+    log_path: Path,
+    *,
+    command: Sequence[str] | None = None,
+    env: Mapping[str, str],
+    timeout: float,
+    stall_timeout: float | None = None,
+    on_step: Callable[[Step], None] | None = None,
+    on_line: Callable[[str], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> RunResult:
+    """Run one training child in `workdir` and describe what happened.
+
+    `command` defaults to `[sys.executable, "train.py"]`; `env` is used as given (build it
+    with `child_env`), plus a marker variable used to find the run's descendants. `timeout` is
+    the hard wall-clock limit from launch in seconds, startup included; `stall_timeout` the
+    longest silence allowed. The log file is created (truncated) at `log_path`. Callbacks run
+    in this thread; if one raises, the run is killed and cleaned up and the exception
+    propagates. A child that cannot be started is a result with exit_code None.
+    """
+    command = list(command) if command is not None else [sys.executable, "train.py"]
+    marker = uuid.uuid4().hex
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    recent: deque[str] = deque(maxlen=RECENT_LINES)
+    last_step: Step | None = None
+
+    def handle_line(line: str) -> None:
+        nonlocal last_step
+        recent.append(line[:MAX_KEPT_LINE_CHARS])
+        if on_line is not None:
+            on_line(line)
+        step = parse_step(line)
+        if step is not None:
+            last_step = step
+            if on_step is not None:
+                on_step(step)
+
+    with open(log_path, "wb") as log:
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                command,
+                cwd=workdir,
+                env={**env, RUN_MARKER_VAR: marker},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as error:
+            message = f"{HARNESS_PREFIX} could not start {command!r} in {workdir}: {error}"
+            log.write((message + "\n").encode())
+            return RunResult(None, {}, "other", 0.0, log_path, message, None)
+        run = _Run(proc, log, f"{RUN_MARKER_VAR}={marker}".encode())
+        try:
+            _watch(
+                run,
+                started=started,
+                timeout=timeout,
+                stall_timeout=stall_timeout,
+                cancel=cancel,
+                on_line=handle_line,
+            )
+        finally:
+            run.finish()
+        wall = (run.exited_at or time.monotonic()) - started
+        text = "\n".join(recent)
+        footer = _footer(run, timeout=timeout, stall_timeout=stall_timeout, wall=wall)
+        if footer and run.reader.log_error is None:
+            log.write(("\n" + "\n".join(footer) + "\n").encode())
+    recent.extend(footer)
+
+    summary = parse_summary(text)
+    exit_code = proc.returncode
+    val_bpb = summary.get("val_bpb")
+    crash_class = None
+    if (
+        run.kill_reason is not None
+        or exit_code != 0
+        or val_bpb is None
+        or not math.isfinite(val_bpb)
+    ):
+        crash_class = classify_crash(
+            text,
+            exit_code,
+            timed_out=run.kill_reason == "timeout",
+            stalled=run.kill_reason == "stall",
+            interrupted=run.kill_reason == "interrupted",
+        )
+    return RunResult(
+        exit_code=exit_code,
+        summary=summary,
+        crash_class=crash_class,
+        wall_seconds=wall,
+        log_path=log_path,
+        log_tail="\n".join(list(recent)[-TAIL_LINES:]),
+        last_step=last_step,
+    )
+
+
+def _footer(run: _Run, *, timeout: float, stall_timeout: float | None, wall: float) -> list[str]:
+    """Harness lines appended to the log saying what the harness did to the run."""
+    lines = []
+    if run.kill_reason == "timeout":
+        lines.append(f"{HARNESS_PREFIX} timeout: still running after {timeout:g} s; killed")
+    elif run.kill_reason == "stall":
+        lines.append(f"{HARNESS_PREFIX} stall: no output for {stall_timeout:g} s; killed")
+    elif run.kill_reason == "interrupted":
+        lines.append(f"{HARNESS_PREFIX} interrupted after {wall:.1f} s; killed")
+    if run.leftovers:
+        lines.append(
+            f"{HARNESS_PREFIX} killed {run.leftovers} leftover process(es) of the run"
+            " after the child exited"
+        )
+    return lines

@@ -1,0 +1,329 @@
+"""runner: real child processes running the stub trainers in tests/stubs/."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from autoresearch import runner
+from autoresearch.runner import (
+    RunResult,
+    Step,
+    child_env,
+    classify_crash,
+    parse_step,
+    parse_summary,
+    run_training,
+)
+
+STUBS = Path(__file__).parent / "stubs"
+LINUX = Path("/proc/self/stat").exists()
+
+
+@pytest.fixture(autouse=True)
+def short_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "KILL_GRACE_S", 0.5)
+
+
+def run_stub(
+    tmp_path: Path, stub: str, *args: str, timeout: float = 30.0, **kwargs: object
+) -> RunResult:
+    env = child_env(os.environ, preset="cpu", device="cpu", gpu=None)
+    return run_training(
+        tmp_path,
+        tmp_path / "run.log",
+        command=[sys.executable, str(STUBS / stub), *args],
+        env=env,
+        timeout=timeout,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def alive(pid: int) -> bool:
+    """True while the process runs; zombies (dead, awaiting their reaper) count as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rfind(")") + 2] not in "ZX"
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+def test_parse_step_contract_line() -> None:
+    line = (
+        "step 00012 (4.1%) | loss 5.123456 | dt 812ms | tok/sec 20,123 | mfu 1.2% | remaining 23s"
+    )
+    assert parse_step(line) == Step(12, 4.1, 5.123456, 812.0, 20123.0, 1.2, 23.0)
+
+
+def test_parse_step_upstream_style_with_colons_and_extra_fields() -> None:
+    line = (
+        "\rstep 00953 (100.0%) | loss: 3.210000 | lrm: 0.05 | dt: 315ms | tok/sec: 1,663,403"
+        " | mfu: 39.8% | epoch: 1 | remaining: 0s    "
+    )
+    step = parse_step(line)
+    assert step is not None
+    assert (step.step, step.pct, step.loss, step.tok_per_sec, step.remaining_s) == (
+        953,
+        100.0,
+        3.21,
+        1663403.0,
+        0.0,
+    )
+
+
+def test_parse_step_nan_loss_and_missing_fields() -> None:
+    step = parse_step("step 7 (1.0%) | loss nan")
+    assert step is not None and math.isnan(step.loss) and math.isnan(step.dt_ms)
+
+
+@pytest.mark.parametrize(
+    "line", ["", "---", "val_bpb: 1.0", "stepping (1%) | loss 1", "step 3 (2%) | dt 5ms"]
+)
+def test_parse_step_rejects_other_lines(line: str) -> None:
+    assert parse_step(line) is None
+
+
+def test_parse_summary_takes_the_last_block() -> None:
+    text = "---\nval_bpb: 9.0\nrun\n---\nval_bpb:   1.5\nwarning: odd\ndepth: 8\npreset: gpu\n"
+    assert parse_summary(text) == {"val_bpb": 1.5, "depth": 8.0}
+
+
+def test_parse_summary_skips_a_trailing_empty_block_and_reads_nan() -> None:
+    assert parse_summary("---\nval_bpb: nan\n---\nTraceback\n").keys() == {"val_bpb"}
+    assert parse_summary("no block here\nval_bpb: 1.0") == {}
+
+
+# --- crash classes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("log", "exit_code", "expected"),
+    [
+        ("  File \"train.py\", line 3\n    x = (\nSyntaxError: '(' was never closed", 1, "syntax"),
+        ("IndentationError: unexpected indent", 1, "syntax"),
+        ("ModuleNotFoundError: No module named 'flash_attn'", 1, "import"),
+        ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB", 1, "oom"),
+        ("RuntimeError: CUDA error: out of memory", 1, "oom"),
+        ("step 5 (1%) | loss nan\nFAIL: training diverged", 3, "nan"),
+        ("val_bpb: nan", 0, "nan"),
+        ("all good, but no summary", 0, "no_summary"),
+        ("step 1 (1%) | loss 3.0", -9, "oom"),
+        ("ValueError: shapes (3,) and (4,) not aligned", 1, "other"),
+        # the last exception decides, not a warning that mentions another one
+        (
+            "warning: ImportError for triton, using fallback\nRuntimeError: CUDA error: out of memory",
+            1,
+            "oom",
+        ),
+    ],
+)
+def test_classify_crash_from_log(log: str, exit_code: int, expected: str) -> None:
+    flags = {"timed_out": False, "stalled": False, "interrupted": False}
+    assert classify_crash(log, exit_code, **flags) == expected
+
+
+def test_classify_crash_harness_actions_come_first() -> None:
+    log = "RuntimeError: CUDA out of memory"
+    assert classify_crash(log, -15, timed_out=True, stalled=False, interrupted=False) == "timeout"
+    assert classify_crash(log, -15, timed_out=False, stalled=True, interrupted=False) == "stall"
+    assert (
+        classify_crash(log, -15, timed_out=True, stalled=False, interrupted=True) == "interrupted"
+    )
+
+
+# --- environment ---------------------------------------------------------------------------
+
+
+def test_child_env_strips_secrets_and_sets_the_contract() -> None:
+    base = {
+        "PATH": "/bin",
+        "OPENAI_API_KEY": "sk-1",
+        "AUTORESEARCH_API_KEY": "x",
+        "HF_TOKEN": "t",
+        "aws_secret_access_key": "s",
+        "DB_PASSWORD": "p",
+        "GOOGLE_APPLICATION_CREDENTIALS": "/c.json",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    env = child_env(
+        base, preset="cpu", device="cpu", gpu="3", extra={"GITHUB_TOKEN": "g", "A": "1"}
+    )
+    assert env == {
+        "PATH": "/bin",
+        "TOKENIZERS_PARALLELISM": "false",
+        "A": "1",
+        "PYTHONUNBUFFERED": "1",
+        "AUTORESEARCH_PRESET": "cpu",
+        "AUTORESEARCH_DEVICE": "cpu",
+        "CUDA_VISIBLE_DEVICES": "3",
+    }
+
+
+def test_child_sees_no_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-do-not-leak")
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "do-not-leak")
+    result = run_stub(tmp_path, "print_env.py")
+    assert result.ok
+    log = result.log_path.read_text()
+    assert "do-not-leak" not in log
+    env = json.loads(next(line for line in log.splitlines() if line.startswith("ENV "))[4:])
+    assert env["PYTHONUNBUFFERED"] == "1" and env["AUTORESEARCH_PRESET"] == "cpu"
+
+
+# --- runs ----------------------------------------------------------------------------------
+
+
+def test_ok_run_is_parsed_and_streamed(tmp_path: Path) -> None:
+    steps: list[Step] = []
+    lines: list[str] = []
+    result = run_stub(tmp_path, "ok_train.py", on_step=steps.append, on_line=lines.append)
+    assert result.ok and result.crash_class is None and result.exit_code == 0
+    assert result.summary["val_bpb"] == 1.0 and result.summary["peak_vram_mb"] == 2048.0
+    assert len(result.summary) == 9
+    assert [s.step for s in steps] == [0, 1, 2] and result.last_step == steps[-1]
+    assert lines[0].startswith("step 00000") and lines[-1].startswith("depth:")
+    assert result.log_path.read_text().splitlines() == lines
+    assert result.log_tail.splitlines() == lines[-runner.TAIL_LINES :]
+    assert result.wall_seconds > 0
+
+
+def test_summary_is_the_last_block(tmp_path: Path) -> None:
+    result = run_stub(tmp_path, "two_summaries.py")
+    assert result.ok
+    assert result.summary == {"val_bpb": 1.234567, "peak_vram_mb": 512.0, "depth": 4.0}
+
+
+def test_carriage_return_progress_is_split_into_lines(tmp_path: Path) -> None:
+    steps: list[Step] = []
+    result = run_stub(tmp_path, "progress_cr.py", on_step=steps.append)
+    assert result.ok and [s.step for s in steps] == [0, 1, 2]
+    assert result.log_path.read_bytes().count(b"\r") == 3  # the log keeps the bytes as written
+
+
+def test_syntax_error(tmp_path: Path) -> None:
+    (tmp_path / "train.py").write_text("print('hi'\n")
+    result = run_training(
+        tmp_path,
+        tmp_path / "run.log",
+        env=child_env(os.environ, preset="cpu", device="cpu", gpu=None),
+        timeout=30,
+    )
+    assert not result.ok and result.crash_class == "syntax" and result.exit_code == 1
+    assert "SyntaxError" in result.log_tail
+
+
+@pytest.mark.parametrize(
+    ("stub", "crash_class", "exit_code"),
+    [
+        ("import_error.py", "import", 1),
+        ("oom.py", "oom", 1),
+        ("nan.py", "nan", 3),
+        ("no_summary.py", "no_summary", 0),
+        ("sigkill_self.py", "oom", -9),
+    ],
+)
+def test_crashes_are_data(tmp_path: Path, stub: str, crash_class: str, exit_code: int) -> None:
+    result = run_stub(tmp_path, stub)
+    assert not result.ok
+    assert (result.crash_class, result.exit_code) == (crash_class, exit_code)
+
+
+def test_stall_kills_a_silent_child(tmp_path: Path) -> None:
+    result = run_stub(tmp_path, "hang.py", timeout=60, stall_timeout=0.5)
+    assert result.crash_class == "stall" and result.exit_code == -15
+    assert result.last_step is not None and result.last_step.step == 0
+    assert "stall: no output" in result.log_path.read_text()
+
+
+def test_hard_timeout_kills_a_busy_child(tmp_path: Path) -> None:
+    result = run_stub(tmp_path, "chatty.py", timeout=1.0, stall_timeout=30)
+    assert result.crash_class == "timeout" and not result.ok
+    assert "timeout: still running" in result.log_tail
+
+
+def test_sigterm_ignored_escalates_to_sigkill(tmp_path: Path) -> None:
+    result = run_stub(tmp_path, "ignore_sigterm.py", timeout=0.5)
+    assert result.crash_class == "timeout" and result.exit_code == -9
+
+
+def test_cancel_interrupts(tmp_path: Path) -> None:
+    cancel = threading.Event()
+    result = run_stub(
+        tmp_path, "hang.py", timeout=60, cancel=cancel, on_line=lambda _: cancel.set()
+    )
+    assert result.crash_class == "interrupted" and not result.ok
+
+
+@pytest.mark.skipif(not LINUX, reason="descendants outside the group are found through /proc")
+@pytest.mark.parametrize("mode", ["exit", "hang"])
+def test_grandchildren_are_killed(tmp_path: Path, mode: str) -> None:
+    pid_file = tmp_path / "pids"
+    result = run_stub(tmp_path, "spawn_children.py", str(pid_file), mode, timeout=2.0)
+    pids = [int(line) for line in pid_file.read_text().split()]
+    assert len(pids) == 3
+    assert [pid for pid in pids if alive(pid)] == []
+    if mode == "exit":
+        assert result.ok and result.summary == {"val_bpb": 1.5}
+        assert "killed 3 leftover process(es)" in result.log_path.read_text()
+    else:
+        assert result.crash_class == "timeout"
+
+
+def test_a_raising_callback_kills_the_child_and_propagates(tmp_path: Path) -> None:
+    def boom(line: str) -> None:
+        raise KeyError(line)
+
+    pid_file = tmp_path / "pids"
+    with pytest.raises(KeyError):
+        run_stub(tmp_path, "spawn_children.py", str(pid_file), "hang", on_line=boom)
+    if LINUX:
+        assert [pid for pid in map(int, pid_file.read_text().split()) if alive(pid)] == []
+
+
+def test_a_child_that_cannot_start_is_a_result(tmp_path: Path) -> None:
+    result = run_training(
+        tmp_path / "missing",
+        tmp_path / "run.log",
+        env={},
+        command=[sys.executable, "train.py"],
+        timeout=5,
+    )
+    assert result.exit_code is None and result.crash_class == "other" and not result.ok
+    assert "could not start" in (tmp_path / "run.log").read_text()
+
+
+@pytest.mark.skipif(not LINUX, reason="counts /proc/self/fd")
+def test_many_runs_leak_no_fds_threads_or_children(tmp_path: Path) -> None:
+    run_stub(tmp_path, "ok_train.py")  # warm up lazily created resources
+    fds, threads = open_fds(), threading.active_count()
+    for _ in range(15):
+        assert run_stub(tmp_path, "ok_train.py").ok
+    run_stub(tmp_path, "hang.py", stall_timeout=0.2)
+    assert open_fds() == fds and threading.active_count() == threads
+    children = [
+        p
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and (p / "stat").exists() and _ppid(p) == os.getpid()
+    ]
+    assert children == []
+
+
+def _ppid(proc_dir: Path) -> int:
+    try:
+        stat = (proc_dir / "stat").read_text()
+    except FileNotFoundError:
+        return -1
+    return int(stat[stat.rfind(")") + 2 :].split()[1])
