@@ -1,0 +1,324 @@
+"""The morning report: plot, page, diffs from a real temporary git repo, a real headless browser."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from autoresearch import report
+
+TAG = "nov26"
+BASELINE_TRAIN = """\
+import torch
+
+DEPTH = 8
+LR = 0.02
+WARMUP = 0
+
+def main():
+    print("---")
+    print("val_bpb: 1.0")
+"""
+
+# (status, description, val_bpb, edit of train.py or None)
+SCRIPT = [
+    ("keep", "baseline", 1.0000, None),
+    ("discard", "double the width", 1.0050, ("DEPTH = 8", "DEPTH = 16")),
+    ("keep", "raise LR to 0.04", 0.9812, ("LR = 0.02", "LR = 0.04")),
+    ("crash", "swap to bf16 <everywhere>", None, ("import torch", "import torch as T")),
+    ("discard", "a $100 idea & <b>bold</b>", 1.4000, ("WARMUP = 0", "WARMUP = 1000")),
+    ("invalid", "edit did not apply", None, None),
+    (
+        "keep",
+        "add 100 warmup steps <script>alert(1)</script>",
+        0.9701,
+        ("WARMUP = 0", "WARMUP = 100"),
+    ),
+    ("discard", "depth 10", 0.9755, ("DEPTH = 8", "DEPTH = 10")),
+    ("interrupted", "rotary embeddings", None, ("DEPTH = 8", "DEPTH = 9")),
+]
+
+
+@dataclass
+class FakeExperiment:
+    """The ledger's Experiment fields the report reads."""
+
+    id: int
+    status: str
+    description: str
+    commit: str | None
+    parent: str | None
+    val_bpb: float | None
+    memory_gb: float | None
+    best_before: float | None
+    threshold: float = 0.0
+    crash_class: str | None = None
+    exit_code: int | None = None
+    metrics: dict = field(default_factory=dict)
+    started_at: str | None = None
+    ended_at: str | None = None
+    train_seconds: float | None = None
+    agent: dict | None = None
+    attempt_ref: str | None = None
+    fix_of: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def git(repo: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def build_session(workspace: Path) -> list[FakeExperiment]:
+    """A git repo where keeps are on the branch and other candidates only under attempt refs."""
+    workspace.mkdir()
+    git(workspace, "init", "-q", "-b", f"autoresearch/{TAG}")
+    train = workspace / "train.py"
+    train.write_text(BASELINE_TRAIN)
+    git(workspace, "add", "train.py")
+    git(workspace, "commit", "-q", "-m", "baseline")
+    best_sha, best_bpb = git(workspace, "rev-parse", "HEAD"), None
+    experiments = []
+    for i, (status, description, bpb, edit) in enumerate(SCRIPT):
+        commit = best_sha if i == 0 else None
+        if edit is not None:
+            train.write_text(train.read_text().replace(*edit))
+            git(workspace, "commit", "-q", "-am", description)
+            commit = git(workspace, "rev-parse", "HEAD")
+            git(workspace, "update-ref", f"refs/autoresearch/{TAG}/attempts/{i:04d}", commit)
+            if status != "keep":
+                git(workspace, "reset", "-q", "--hard", best_sha)
+        experiments.append(
+            FakeExperiment(
+                id=i,
+                status=status,
+                description=description,
+                commit=commit,
+                parent=best_sha,
+                val_bpb=bpb,
+                memory_gb=None if bpb is None else 12.5,
+                best_before=best_bpb,
+                crash_class="oom" if status == "crash" else None,
+                started_at=f"2025-11-26T0{i}:00:00+00:00",
+                ended_at=f"2025-11-26T0{i}:05:00+00:00",
+                train_seconds=None if status == "invalid" else 300.0,
+                agent=None if i == 0 else {"name": "openai", "tokens_in": 1000, "tokens_out": 200},
+                extra={} if i == 0 else {"cost_usd": 0.01},
+            )
+        )
+        if status == "keep":
+            best_sha, best_bpb = commit, bpb
+    return experiments
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> tuple[Path, list[FakeExperiment]]:
+    workspace = tmp_path / "ws"
+    return workspace, build_session(workspace)
+
+
+@pytest.fixture
+def written(session: tuple[Path, list[FakeExperiment]]) -> tuple[Path, Path, list[FakeExperiment]]:
+    workspace, experiments = session
+    diffs = report.git_diffs(workspace, report.diff_pairs(experiments))
+    png, page = report.build_report(experiments, TAG, workspace / "runs" / TAG, diffs)
+    return png, page, experiments
+
+
+def test_files_are_written_and_png_is_valid(written):
+    png, page, _ = written
+    assert png == page.parent / "progress.png" and page.name == "report.html"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 30_000
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (1920, 960)
+
+
+def test_page_loads_nothing_remote_and_embeds_the_plot(written):
+    png, page, _ = written
+    text = page.read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
+    assert "<script" not in text.lower().replace("&lt;script", "")
+    embedded = re.search(r'src="data:image/png;base64,([^"]+)"', text)
+    assert embedded and base64.b64decode(embedded.group(1)) == png.read_bytes()
+
+
+def test_llm_text_is_escaped(written):
+    _, page, _ = written
+    text = page.read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "<script>alert(1)" not in text
+    assert "&lt;b&gt;bold&lt;/b&gt;" in text and "a $100 idea &amp;" in text
+
+
+def test_table_has_every_experiment_with_its_status(written):
+    _, page, experiments = written
+    text = page.read_text()
+    for e in experiments:
+        row = re.search(rf'<tr id="exp-{e.id}" class="(\w+)">(.*?)</tr>', text, re.S)
+        assert row, f"no row for experiment {e.id}"
+        assert f'class="status s-{e.status}"' in row.group(2)
+        if e.commit:
+            assert e.commit[:8] in row.group(2)
+    assert "0.981200" in text and "-0.018800" in text  # val_bpb and Δ of experiment 2
+    assert ">oom<" in text
+
+
+def test_summary_counts_and_totals(written):
+    _, page, experiments = written
+    s = report.summarize(experiments)
+    assert s.counts == {"keep": 3, "discard": 3, "crash": 1, "invalid": 1, "interrupted": 1}
+    assert (s.baseline, s.best, s.best_id) == (1.0, 0.9701, 6)
+    assert s.delta == pytest.approx(-0.0299)
+    assert s.train_seconds == 8 * 300.0
+    assert (s.tokens_in, s.tokens_out) == (8000, 1600)
+    assert s.cost_usd == pytest.approx(0.08) and s.cost_unknown == 0
+    text = page.read_text()
+    assert "$0.08" in text and "3 keep, 3 discard, 1 crash, 1 invalid, 1 interrupted" in text
+
+
+def test_diffs_show_baseline_to_best_and_each_kept_change(written):
+    _, page, _ = written
+    text = page.read_text()
+    total = text.split("baseline → best</h2>")[1].split("<h2>")[0]
+    assert '<span class="del">-LR = 0.02</span>' in total
+    assert '<span class="add">+LR = 0.04</span>' in total
+    assert '<span class="add">+WARMUP = 100</span>' in total
+    assert "DEPTH = 16" not in total  # a discarded change is not part of the best
+    changes = text.split("Kept changes</h2>")[1]
+    assert changes.count('<div class="change">') == 2
+    first, second = changes.split('<div class="change">')[1:]
+    assert "+LR = 0.04" in first and "+WARMUP" not in first and "-0.018800" in first
+    assert "+WARMUP = 100" in second and "+LR" not in second
+
+
+def test_missing_commit_says_diff_not_available(written):
+    _, _, experiments = written
+    html = report.render_html(experiments, TAG, b"\x89PNG", diffs={})
+    assert "diff not available" in html
+
+
+def test_baseline_only_session(tmp_path: Path):
+    baseline = FakeExperiment(0, "keep", "baseline", "a" * 40, None, 1.0, 10.0, None)
+    png, page = report.build_report([baseline], TAG, tmp_path, diffs={})
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "baseline is still the best" in page.read_text()
+
+
+def test_crashed_baseline_still_renders(tmp_path: Path):
+    crashed = FakeExperiment(0, "crash", "baseline", "a" * 40, None, None, None, None)
+    png, page = report.build_report([crashed], TAG, tmp_path, diffs={})
+    assert png.stat().st_size > 0 and "s-crash" in page.read_text()
+
+
+# --- a real headless browser ---------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)"
+)
+
+# Written by the test into a copy of the page, since the report itself has no scripts: after
+# load, put the plot's natural size and the number of failed loads where --dump-dom shows it.
+PROBE = """<script>
+let failed = 0;
+window.addEventListener("error", () => { failed += 1; }, true);
+document.addEventListener("securitypolicyviolation", () => { failed += 1; });
+window.addEventListener("load", () => {
+  const img = document.querySelector("img.plot");
+  document.title = `probe ${img.naturalWidth}x${img.naturalHeight} failed ${failed}`;
+});
+</script>"""
+
+
+def chromium(page: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    profile = tmp_path / "profile"
+    return subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            # Nothing on the network resolves: a remote reference would show as a load error.
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            f"--user-data-dir={profile}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=5000",
+            *args,
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def console_errors(stderr: str) -> list[str]:
+    """Console lines in chromium's log. The report has no scripts, so any console message
+    (an uncaught error, a CSP violation, a failed load) means something is wrong."""
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+
+
+def with_probe(page: Path, tmp_path: Path, script: str = PROBE) -> Path:
+    """A copy of the page whose CSP lets the test's probe script run."""
+    text = page.read_text()
+    text = text.replace(report.CSP, report.CSP + "; script-src 'unsafe-inline'")
+    probed = tmp_path / "probed.html"
+    probed.write_text(text.replace("<body>", "<body>" + script))
+    return probed
+
+
+@needs_chromium
+def test_browser_loads_page_with_plot_and_no_console_errors(written, tmp_path: Path):
+    _, page, _ = written
+    done = chromium(with_probe(page, tmp_path), tmp_path, "--dump-dom")
+    assert done.returncode == 0, done.stderr[-2000:]
+    title = re.search(r"<title>probe (\d+)x(\d+) failed (\d+)</title>", done.stdout)
+    assert title, f"probe did not run: {done.stdout[:500]}"
+    assert (int(title.group(1)), int(title.group(2))) == (1920, 960)
+    assert title.group(3) == "0"
+    assert console_errors(done.stderr) == []
+    assert 'id="exp-8"' in done.stdout
+
+
+@needs_chromium
+def test_browser_console_check_catches_errors(written, tmp_path: Path):
+    """The checks above must see a real error: a throwing script and a blocked remote image."""
+    _, page, _ = written
+    bad = PROBE + '<script>null.boom();</script><img src="https://example.invalid/x.png">'
+    done = chromium(with_probe(page, tmp_path, bad), tmp_path, "--dump-dom")
+    assert done.returncode == 0, done.stderr[-2000:]
+    errors = console_errors(done.stderr)
+    assert any("Uncaught" in line for line in errors), done.stderr[-2000:]
+    assert any("example.invalid" in line for line in errors), done.stderr[-2000:]
+    assert re.search(r"<title>probe 1920x960 failed [1-9]", done.stdout)
+
+
+@needs_chromium
+def test_browser_screenshot(written, tmp_path: Path):
+    _, page, _ = written
+    shot = tmp_path / "shot.png"
+    done = chromium(page, tmp_path, f"--screenshot={shot}", "--window-size=1200,2000")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert console_errors(done.stderr) == []
