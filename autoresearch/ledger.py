@@ -1,0 +1,375 @@
+"""The record of a session: `runs/<tag>/`.
+
+Files, and what is guaranteed about each:
+- `experiments.jsonl`: the source of truth, one JSON object per experiment, appended with a
+  single write and fsync'd before `append` returns. A kill -9 (or power loss) can leave at most
+  a torn last line: readers ignore it, the next `append` moves it to `experiments.jsonl.torn`
+  and truncates it away. A failed write (disk full) is cut back to the last complete line
+  before the error is raised, so the file only ever holds whole records.
+- `results.tsv`: upstream's five columns, derived from the jsonl and replaced atomically after
+  every append (so a kill between the two writes is healed by the next append or by
+  `rebuild_tsv`).
+- `NNNN/`: one folder per experiment for its artifacts (patch.diff, run.log, prompt.json,
+  reply.txt), each written atomically (temp file, fsync, rename).
+- `state.json` (the loop's in-flight phase) and `session.json` (facts about the session):
+  small JSON documents, replaced atomically.
+
+Writes that fail for lack of space or any other OS reason raise LedgerError; what was recorded
+before stays intact. Not handled: two processes appending to the same run directory at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import AutoresearchError
+
+STATUSES = ("keep", "discard", "crash", "invalid", "interrupted")
+TSV_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+JSONL_FILE = "experiments.jsonl"
+TORN_FILE = "experiments.jsonl.torn"  # torn last lines cut from the jsonl, kept for forensics
+TSV_FILE = "results.tsv"
+STATE_FILE = "state.json"
+SESSION_FILE = "session.json"
+FIRST_ID = 1  # the baseline's id
+
+
+class LedgerError(AutoresearchError):
+    """The record could not be written or read; the message says what to do next."""
+
+
+@dataclass
+class Experiment:
+    """One experiment, as recorded in experiments.jsonl."""
+
+    id: int
+    status: str  # one of STATUSES
+    description: str
+    commit: str | None  # full sha of the candidate commit (None if invalid before commit)
+    parent: str  # full sha of the best commit it was based on
+    val_bpb: float | None
+    memory_gb: float
+    best_before: float | None
+    threshold: float
+    crash_class: str | None = None
+    exit_code: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # the whole summary block
+    started_at: str = ""  # ISO 8601 UTC
+    ended_at: str = ""
+    train_seconds: float | None = None  # harness-measured wall time of the child
+    agent: dict = field(
+        default_factory=dict
+    )  # name, model, attempts, tokens_in, tokens_out, seconds
+    attempt_ref: str | None = None  # refs/autoresearch/<tag>/attempts/NNNN
+    fix_of: int | None = None  # id of the crashed experiment this repairs
+    extra: dict = field(default_factory=dict)  # room for later fields (noise, repeats, cost…)
+
+
+_FIELDS = {f.name for f in fields(Experiment)}
+_REQUIRED = ("id", "status", "description", "commit", "parent", "val_bpb", "memory_gb")
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON has no NaN or infinity: non-finite floats are recorded as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _to_line(exp: Experiment) -> bytes:
+    return (json.dumps(_jsonable(asdict(exp)), allow_nan=False) + "\n").encode("ascii")
+
+
+def _from_record(record: Any) -> Experiment:
+    """An Experiment from a parsed jsonl object; unknown keys (a newer writer) go to `extra`."""
+    if not isinstance(record, dict) or any(key not in record for key in _REQUIRED):
+        raise ValueError("not an experiment record")
+    if not isinstance(record["id"], int) or record["status"] not in STATUSES:
+        raise ValueError("bad id or status")
+    known = {k: v for k, v in record.items() if k in _FIELDS}
+    for key in ("best_before", "threshold"):
+        known.setdefault(key, None if key == "best_before" else 0.0)
+    exp = Experiment(**known)
+    exp.extra = dict(exp.extra or {})
+    for key, value in record.items():
+        if key not in _FIELDS:
+            exp.extra.setdefault(key, value)
+    return exp
+
+
+def _parse_line(line: bytes) -> Experiment:
+    return _from_record(json.loads(line))
+
+
+def tsv_row(exp: Experiment) -> str:
+    """The results.tsv row of an experiment (upstream's columns and formats)."""
+    commit = exp.commit[:7] if exp.commit else "-"
+    val = exp.val_bpb
+    no_value = exp.status in ("crash", "invalid") or val is None or not math.isfinite(val)
+    memory = exp.memory_gb if math.isfinite(exp.memory_gb) else 0.0
+    description = exp.description.replace("\t", " ").replace("\r", " ").replace("\n", " ")
+    return f"{commit}\t{0.0 if no_value else val:.6f}\t{memory:.1f}\t{exp.status}\t{description}"
+
+
+def peak_memory_gb(summary: dict[str, float]) -> float:
+    """memory_gb as upstream reports it: the summary's peak_vram_mb / 1024 (0.0 if absent)."""
+    peak = summary.get("peak_vram_mb", 0.0)
+    return peak / 1024 if math.isfinite(peak) else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Durable file primitives (raise OSError; Ledger turns that into LedgerError)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (not supported everywhere: then skip)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`: readers see the old or the new file, never a part."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+class Ledger:
+    """The record of one session in `run_dir` (runs/<tag>/). Nothing is written until asked."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.jsonl_path = self.run_dir / JSONL_FILE
+        self.tsv_path = self.run_dir / TSV_FILE
+
+    # ----------------------------------------------------------------------------- errors
+
+    def _error(self, path: Path, error: OSError) -> LedgerError:
+        resume = f"`autoresearch run --resume --tag {self.run_dir.name}`"
+        if error.errno == errno.ENOSPC:
+            return LedgerError(
+                f"disk full while writing {path}: free some space, then continue with {resume}"
+                " (everything recorded before this point is intact)"
+            )
+        return LedgerError(
+            f"could not write {path}: {error.strerror or error}; fix that (permissions, disk),"
+            f" then continue with {resume}"
+        )
+
+    # ----------------------------------------------------------------------------- reading
+
+    def _read(self) -> tuple[list[Experiment], bytes, int]:
+        """(experiments, bytes after the last newline, offset of those bytes)."""
+        try:
+            data = self.jsonl_path.read_bytes()
+        except FileNotFoundError:
+            return [], b"", 0
+        except OSError as error:
+            raise LedgerError(f"could not read {self.jsonl_path}: {error.strerror}") from error
+        cut = data.rfind(b"\n") + 1
+        experiments = []
+        for number, line in enumerate(data[:cut].split(b"\n")[:-1], start=1):
+            if not line.strip():
+                continue
+            try:
+                experiments.append(_parse_line(line))
+            except (ValueError, TypeError) as error:
+                raise LedgerError(
+                    f"{self.jsonl_path} line {number} is not a valid experiment record ({error}):"
+                    " the file was damaged outside this tool; repair or remove that line"
+                ) from error
+        tail = data[cut:]
+        complete = self._complete_tail(tail)
+        if complete is not None:
+            experiments.append(complete)
+        return experiments, tail, cut
+
+    @staticmethod
+    def _complete_tail(tail: bytes) -> Experiment | None:
+        """The last line when it is a whole record that only lacks its newline."""
+        if not tail.strip(b" \t\r\0"):
+            return None
+        try:
+            return _parse_line(tail)
+        except (ValueError, TypeError):
+            return None
+
+    def experiments(self) -> list[Experiment]:
+        """All recorded experiments in order; a torn last line is ignored."""
+        return self._read()[0]
+
+    def get(self, id: int) -> Experiment | None:
+        return next((e for e in self.experiments() if e.id == id), None)
+
+    def next_id(self) -> int:
+        """The id for the next experiment: one more than the largest recorded (FIRST_ID if none)."""
+        return max((e.id for e in self.experiments()), default=FIRST_ID - 1) + 1
+
+    def best(self) -> Experiment | None:
+        """The incumbent: the latest experiment with status keep."""
+        return next((e for e in reversed(self.experiments()) if e.status == "keep"), None)
+
+    # ----------------------------------------------------------------------------- writing
+
+    def append(self, exp: Experiment) -> None:
+        """Record `exp`: its jsonl line is written and fsync'd first, then results.tsv rebuilt.
+
+        Raises ValueError for an unknown status or an id already recorded (a caller bug), and
+        LedgerError when the disk refuses the write — the jsonl is then left as it was.
+        """
+        if exp.status not in STATUSES:
+            raise ValueError(f"unknown status {exp.status!r}; expected one of {STATUSES}")
+        line = _to_line(exp)
+        experiments, tail, cut = self._read()
+        if any(e.id == exp.id for e in experiments):
+            raise ValueError(f"experiment {exp.id} is already recorded in {self.jsonl_path}")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._append_line(line, tail, cut)
+        except OSError as error:
+            raise self._error(self.jsonl_path, error) from error
+        self.rebuild_tsv()
+
+    def _append_line(self, line: bytes, tail: bytes, cut: int) -> None:
+        created = not self.jsonl_path.exists()
+        fd = os.open(self.jsonl_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            if tail:
+                if self._complete_tail(tail) is not None:
+                    _write_all(fd, b"\n")  # a whole record that only lacked its newline
+                else:
+                    self._set_aside_torn(tail)
+                    os.ftruncate(fd, cut)
+                os.fsync(fd)
+            size = os.fstat(fd).st_size
+            try:
+                _write_all(fd, line)
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, size)  # never leave a partial line behind
+                os.fsync(fd)
+                raise
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_dir(self.run_dir)
+
+    def _set_aside_torn(self, tail: bytes) -> None:
+        with open(self.run_dir / TORN_FILE, "ab") as torn:
+            torn.write(tail + b"\n")
+            torn.flush()
+            os.fsync(torn.fileno())
+
+    def rebuild_tsv(self) -> None:
+        """Regenerate results.tsv from experiments.jsonl, atomically."""
+        experiments = self.experiments()
+        text = "\n".join([TSV_HEADER, *(tsv_row(e) for e in experiments)]) + "\n"
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.tsv_path, text.encode("utf-8", errors="replace"))
+        except OSError as error:
+            raise self._error(self.tsv_path, error) from error
+
+    def experiment_dir(self, id: int) -> Path:
+        """`run_dir/NNNN/` (created if missing) for the artifacts of experiment `id`."""
+        path = self.run_dir / f"{id:04d}"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise self._error(path, error) from error
+        return path
+
+    def write_artifact(self, id: int, name: str, text: str | bytes) -> Path:
+        """Write `NNNN/name` atomically (text as UTF-8); returns its path."""
+        if not name or name in (".", "..") or "/" in name or os.sep in name:
+            raise ValueError(f"artifact name must be a plain file name, got {name!r}")
+        path = self.experiment_dir(id) / name
+        data = text if isinstance(text, bytes) else text.encode("utf-8", errors="replace")
+        self._write_file(path, data)
+        return path
+
+    def _write_file(self, path: Path, data: bytes) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, data)
+        except OSError as error:
+            raise self._error(path, error) from error
+
+    # ----------------------------------------------------------------------------- state
+
+    def _read_json(self, path: Path) -> dict | None:
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            raise LedgerError(
+                f"could not read {path} ({error}): move it away to continue without it"
+            ) from error
+        if not isinstance(value, dict):
+            raise LedgerError(f"{path} does not hold a JSON object: move it away to continue")
+        return value
+
+    def write_state(self, state: dict | None) -> None:
+        """Replace state.json atomically with `state`; None removes it (nothing in flight)."""
+        path = self.run_dir / STATE_FILE
+        if state is None:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as error:
+                raise self._error(path, error) from error
+            return
+        self._write_file(path, json.dumps(_jsonable(state), indent=2).encode())
+
+    def read_state(self) -> dict | None:
+        """The in-flight state written last, or None when nothing is in flight."""
+        return self._read_json(self.run_dir / STATE_FILE)
+
+    def update_session(self, **fields: Any) -> dict:
+        """Merge `fields` into session.json (atomically); returns the merged document."""
+        session = {**(self.read_session() or {}), **fields}
+        path = self.run_dir / SESSION_FILE
+        self._write_file(path, json.dumps(_jsonable(session), indent=2).encode())
+        return session
+
+    def read_session(self) -> dict | None:
+        """session.json, or None when the session has not been started here."""
+        return self._read_json(self.run_dir / SESSION_FILE)

@@ -1,0 +1,273 @@
+"""ledger: the record survives kills and full disks; results.tsv follows experiments.jsonl."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from autoresearch import ledger as ledger_module
+from autoresearch.errors import AutoresearchError
+from autoresearch.ledger import (
+    TSV_HEADER,
+    Experiment,
+    Ledger,
+    LedgerError,
+    peak_memory_gb,
+    tsv_row,
+)
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+PARENT = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def make(id: int, status: str = "discard", val_bpb: float | None = 1.0, **kw: object) -> Experiment:
+    base: dict = dict(
+        description=f"experiment {id}",
+        commit=SHA,
+        parent=PARENT,
+        memory_gb=2.0,
+        best_before=1.1,
+        threshold=0.0,
+    )
+    base.update(kw)
+    return Experiment(id=id, status=status, val_bpb=val_bpb, **base)
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Ledger:
+    return Ledger(tmp_path / "runs" / "mytag")
+
+
+def tsv_lines(ledger: Ledger) -> list[str]:
+    return ledger.tsv_path.read_text().splitlines()
+
+
+def test_nothing_is_written_until_asked(ledger: Ledger) -> None:
+    assert ledger.experiments() == [] and ledger.best() is None and ledger.next_id() == 1
+    assert ledger.read_state() is None and ledger.read_session() is None
+    assert not ledger.run_dir.exists()
+
+
+def test_round_trip_and_tsv(ledger: Ledger) -> None:
+    baseline = make(1, "keep", 1.0, best_before=None, metrics={"val_bpb": 1.0, "depth": 8.0})
+    crash = make(2, "crash", None, crash_class="oom", exit_code=1, metrics={"val_bpb": math.nan})
+    invalid = make(3, "invalid", None, commit=None, description="tab\there\nnewline")
+    better = make(
+        4, "keep", 0.987654321, memory_gb=44.0039, agent={"name": "tuner"}, extra={"noise": 0.01}
+    )
+    for exp in (baseline, crash, invalid, better):
+        ledger.append(exp)
+
+    got = ledger.experiments()
+    assert got[0] == baseline and got[2] == invalid and got[3] == better
+    assert got[1].metrics == {"val_bpb": None}  # NaN is recorded as null: JSON has no NaN
+    assert ledger.get(3) == invalid and ledger.get(99) is None
+    assert ledger.best() == better and ledger.next_id() == 5
+    assert tsv_lines(ledger) == [
+        TSV_HEADER,
+        "0123456\t1.000000\t2.0\tkeep\texperiment 1",
+        "0123456\t0.000000\t2.0\tcrash\texperiment 2",
+        "-\t0.000000\t2.0\tinvalid\ttab here newline",
+        "0123456\t0.987654\t44.0\tkeep\texperiment 4",
+    ]
+    for line in ledger.jsonl_path.read_text().splitlines():
+        json.loads(line)  # strict JSON, one object per line
+
+
+def test_best_is_the_latest_keep(ledger: Ledger) -> None:
+    ledger.append(make(1, "keep", 1.0))
+    ledger.append(make(2, "keep", 0.9))
+    ledger.append(make(3, "discard", 0.8))  # lower, but not kept (e.g. above the threshold)
+    ledger.append(make(4, "crash", None))
+    best = ledger.best()
+    assert best is not None and best.id == 2
+
+
+def test_append_rejects_duplicates_and_unknown_statuses(ledger: Ledger) -> None:
+    ledger.append(make(1, "keep"))
+    with pytest.raises(ValueError):
+        ledger.append(make(1, "discard"))
+    with pytest.raises(ValueError):
+        ledger.append(make(2, "kept"))
+    assert len(ledger.experiments()) == 1
+
+
+def test_torn_last_line_is_ignored_then_healed(ledger: Ledger) -> None:
+    ledger.append(make(1, "keep"))
+    ledger.append(make(2))
+    with open(ledger.jsonl_path, "ab") as f:  # kill -9 in the middle of writing line 3
+        f.write(b'{"id": 3, "status": "disc')
+    assert [e.id for e in ledger.experiments()] == [1, 2]
+    assert ledger.next_id() == 3
+
+    ledger.append(make(3))
+    assert [e.id for e in ledger.experiments()] == [1, 2, 3]
+    lines = ledger.jsonl_path.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and all(json.loads(line) for line in lines[:-1])
+    assert (
+        ledger.run_dir / "experiments.jsonl.torn"
+    ).read_bytes() == b'{"id": 3, "status": "disc\n'
+    assert len(tsv_lines(ledger)) == 4
+
+
+def test_whole_last_record_without_newline_is_kept(ledger: Ledger) -> None:
+    ledger.append(make(1, "keep"))
+    data = ledger.jsonl_path.read_bytes()
+    ledger.jsonl_path.write_bytes(data + data.replace(b'"id": 1', b'"id": 2').rstrip(b"\n"))
+    assert [e.id for e in ledger.experiments()] == [1, 2]
+    ledger.append(make(3))
+    assert [e.id for e in ledger.experiments()] == [1, 2, 3]
+
+
+def test_damaged_middle_line_is_an_error(ledger: Ledger) -> None:
+    ledger.append(make(1, "keep"))
+    with open(ledger.jsonl_path, "ab") as f:
+        f.write(b"garbage\n")
+    with pytest.raises(LedgerError, match="line 2"):
+        ledger.experiments()
+    with pytest.raises(LedgerError, match="line 2"):
+        ledger.append(make(2))  # never write after damage it did not make
+
+
+def test_tsv_rebuilt_after_a_kill_between_the_two_writes(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger.append(make(1, "keep"))
+
+    def killed(self: Ledger) -> None:
+        raise SystemExit("killed between the jsonl and the tsv")
+
+    with monkeypatch.context() as m:
+        m.setattr(Ledger, "rebuild_tsv", killed)
+        with pytest.raises(SystemExit):
+            ledger.append(make(2))
+    assert len(tsv_lines(ledger)) == 2  # stale: the kill came before the tsv
+    assert [e.id for e in ledger.experiments()] == [1, 2]  # but the record has it
+
+    ledger.rebuild_tsv()
+    assert len(tsv_lines(ledger)) == 3
+    ledger.tsv_path.unlink()
+    ledger.append(make(3))  # and any later append heals it too
+    assert [line.split("\t")[3] for line in tsv_lines(ledger)[1:]] == ["keep", "discard", "discard"]
+
+
+def _enospc(*args: object, **kwargs: object) -> int:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_on_append_leaves_the_record_intact(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger.append(make(1, "keep"))
+    before_jsonl, before_tsv = ledger.jsonl_path.read_bytes(), ledger.tsv_path.read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", _enospc)
+        with pytest.raises(LedgerError, match="disk full") as raised:
+            ledger.append(make(2))
+    assert isinstance(raised.value, AutoresearchError)
+    assert "--resume --tag mytag" in str(raised.value)
+    assert ledger.jsonl_path.read_bytes() == before_jsonl
+    assert ledger.tsv_path.read_bytes() == before_tsv
+    ledger.append(make(2))  # space is back: recording goes on
+    assert [e.id for e in ledger.experiments()] == [1, 2]
+
+
+def test_disk_full_mid_line_is_cut_back(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger.append(make(1, "keep"))
+    before = ledger.jsonl_path.read_bytes()
+    real_write = os.write
+    calls = 0
+
+    def half_then_full(fd: int, data: bytes) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return real_write(fd, bytes(data[:10]))  # a short write ...
+        raise OSError(errno.ENOSPC, "No space left on device")  # ... then the disk is full
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", half_then_full)
+        with pytest.raises(LedgerError, match="disk full"):
+            ledger.append(make(2))
+    assert ledger.jsonl_path.read_bytes() == before
+
+
+def test_disk_full_on_tsv_keeps_the_jsonl_record(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger.append(make(1, "keep"))
+    before_tsv = ledger.tsv_path.read_bytes()
+    real_write = os.write
+    calls = 0
+
+    def jsonl_ok_then_full(fd: int, data: bytes) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return real_write(fd, data)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", jsonl_ok_then_full)
+        with pytest.raises(LedgerError, match="disk full"):
+            ledger.append(make(2))
+    assert [e.id for e in ledger.experiments()] == [1, 2]
+    assert ledger.tsv_path.read_bytes() == before_tsv  # the old table, whole; no temp left over
+    assert sorted(p.name for p in ledger.run_dir.iterdir()) == ["experiments.jsonl", "results.tsv"]
+
+
+def test_artifacts_are_written_atomically(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = ledger.write_artifact(7, "reply.txt", "first")
+    assert path == ledger.run_dir / "0007" / "reply.txt" and path.read_text() == "first"
+    assert ledger.write_artifact(7, "run.log", b"\x00\xff").read_bytes() == b"\x00\xff"
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", _enospc)
+        with pytest.raises(LedgerError, match="disk full"):
+            ledger.write_artifact(7, "reply.txt", "second")
+    assert path.read_text() == "first"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["reply.txt", "run.log"]
+    for bad in ("", "..", "a/b"):
+        with pytest.raises(ValueError):
+            ledger.write_artifact(7, bad, "x")
+    assert ledger.experiment_dir(12345).name == "12345"
+
+
+def test_state_and_session(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger.write_state({"phase": "training", "id": 3, "commit": SHA})
+    assert ledger.read_state() == {"phase": "training", "id": 3, "commit": SHA}
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", _enospc)
+        with pytest.raises(LedgerError):
+            ledger.write_state({"phase": "proposing", "id": 4})
+    assert ledger.read_state() == {"phase": "training", "id": 3, "commit": SHA}
+    ledger.write_state(None)
+    assert ledger.read_state() is None
+    ledger.write_state(None)  # idempotent
+
+    ledger.update_session(tag="mytag", base=PARENT)
+    assert ledger.update_session(ended="now") == {"tag": "mytag", "base": PARENT, "ended": "now"}
+    assert ledger.read_session() == {"tag": "mytag", "base": PARENT, "ended": "now"}
+    (ledger.run_dir / "state.json").write_text("{not json")
+    with pytest.raises(LedgerError, match="move it away"):
+        ledger.read_state()
+
+
+def test_unknown_fields_from_a_newer_writer_are_kept_in_extra(ledger: Ledger) -> None:
+    record = json.loads(ledger_module._to_line(make(1, "keep")))
+    record["noise_sigma"] = 0.002
+    ledger.run_dir.mkdir(parents=True)
+    ledger.jsonl_path.write_text(json.dumps(record) + "\n")
+    assert ledger.experiments()[0].extra == {"noise_sigma": 0.002}
+
+
+def test_tsv_row_and_memory_helpers() -> None:
+    assert tsv_row(make(1, "discard", math.nan, memory_gb=math.inf)) == (
+        "0123456\t0.000000\t0.0\tdiscard\texperiment 1"
+    )
+    assert peak_memory_gb({"peak_vram_mb": 45060.2}) == pytest.approx(44.0041, abs=1e-4)
+    assert peak_memory_gb({}) == 0.0
