@@ -19,19 +19,20 @@ import html
 import io
 import math
 import subprocess
-import textwrap
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 # A bare Figure renders with Agg and never touches pyplot's global backend or a display.
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.text import Annotation
 from matplotlib.transforms import blended_transform_factory
 
 from autoresearch.errors import WorkspaceError
+from autoresearch.ledger import Experiment, Ledger
 
 RUNS_DIR = "runs"
 TRAIN_FILE = "train.py"
@@ -85,53 +86,53 @@ class Summary:
 # --- reading the record --------------------------------------------------------------------
 
 
-def _sorted(experiments: Sequence[Any]) -> list[Any]:
+def _sorted(experiments: Sequence[Experiment]) -> list[Experiment]:
     return sorted(experiments, key=lambda e: e.id)
 
 
-def baseline_of(experiments: Sequence[Any]) -> Any | None:
+def baseline_of(experiments: Sequence[Experiment]) -> Experiment | None:
     """The first experiment: the unmodified train.py."""
     ordered = _sorted(experiments)
     return ordered[0] if ordered else None
 
 
-def best_of(experiments: Sequence[Any]) -> Any | None:
+def best_of(experiments: Sequence[Experiment]) -> Experiment | None:
     """The kept experiment with the lowest val_bpb (the earliest on a tie), or None."""
     kept = [e for e in _sorted(experiments) if e.status == "keep" and e.val_bpb is not None]
     return min(kept, key=lambda e: e.val_bpb) if kept else None
 
 
-def summarize(experiments: Sequence[Any]) -> Summary:
+def summarize(experiments: Sequence[Experiment]) -> Summary:
     """Counts, baseline, best and totals over the whole record."""
     base, best = baseline_of(experiments), best_of(experiments)
-    costs = [(e.extra or {}).get("cost_usd") for e in experiments]
+    costs = [
+        e.extra["cost_usd"] for e in experiments if (e.extra or {}).get("cost_usd") is not None
+    ]
     with_agent = [e for e in experiments if e.agent]
     return Summary(
         experiments=len(experiments),
-        counts={s: c for s, c in Counter(e.status for e in experiments).items()},
+        counts=dict(Counter(e.status for e in experiments)),
         baseline=base.val_bpb if base else None,
         best=best.val_bpb if best else None,
         best_id=best.id if best else None,
         train_seconds=sum(e.train_seconds or 0.0 for e in experiments),
         tokens_in=sum(int(e.agent.get("tokens_in") or 0) for e in with_agent),
         tokens_out=sum(int(e.agent.get("tokens_out") or 0) for e in with_agent),
-        cost_usd=sum(c for c in costs if c is not None)
-        if any(c is not None for c in costs)
-        else None,
+        cost_usd=sum(costs) if costs else None,
         cost_unknown=sum(1 for e in with_agent if (e.extra or {}).get("cost_usd") is None),
         started_at=min((e.started_at for e in experiments if e.started_at), default=None),
         ended_at=max((e.ended_at for e in experiments if e.ended_at), default=None),
     )
 
 
-def diff_pairs(experiments: Sequence[Any]) -> list[DiffKey]:
+def diff_pairs(experiments: Sequence[Experiment]) -> list[DiffKey]:
     """The (from, to) commits the report shows: baseline -> best, then each kept change."""
     base, best = baseline_of(experiments), best_of(experiments)
     pairs: list[DiffKey] = []
     if base and best and base.commit and best.commit and base.commit != best.commit:
         pairs.append((base.commit, best.commit))
     for e in _sorted(experiments):
-        if e.status == "keep" and e is not base and e.parent and e.commit:
+        if e.status == "keep" and e.id != base.id and e.parent and e.commit:
             pairs.append((e.parent, e.commit))
     return pairs
 
@@ -156,7 +157,12 @@ def git_diffs(workspace: Path, pairs: Sequence[DiffKey]) -> dict[DiffKey, str]:
 
 
 def _shorten(text: str | None, width: int = LABEL_CHARS) -> str:
-    return textwrap.shorten(" ".join((text or "").split()), width=width, placeholder="…")
+    """One line of at most `width` characters, cut at a word when one ends late enough."""
+    line = " ".join((text or "").split())
+    if len(line) <= width:
+        return line
+    cut = line.rfind(" ", 0, width)
+    return line[: cut if cut > width // 2 else width - 1].rstrip() + "…"
 
 
 def _title(tag: str, summary: Summary) -> str:
@@ -167,7 +173,7 @@ def _title(tag: str, summary: Summary) -> str:
     return f"{head}  ·  val_bpb {summary.baseline:.4f} → {summary.best:.4f} ({summary.delta:+.4f})"
 
 
-def plot_progress(experiments: Sequence[Any], tag: str) -> bytes:
+def plot_progress(experiments: Sequence[Experiment], tag: str) -> bytes:
     """The progress plot as PNG bytes.
 
     val_bpb per experiment id: discards as grey dots, keeps as green dots annotated with their
@@ -257,7 +263,7 @@ def plot_progress(experiments: Sequence[Any], tag: str) -> bytes:
     return buffer.getvalue()
 
 
-def _y_limits(scored: Sequence[Any], summary: Summary) -> tuple[float, float]:
+def _y_limits(scored: Sequence[Experiment], summary: Summary) -> tuple[float, float]:
     """Frame baseline to best with some room; wild discards go off the top, as upstream does."""
     values = [e.val_bpb for e in scored]
     if not values:
@@ -269,7 +275,7 @@ def _y_limits(scored: Sequence[Any], summary: Summary) -> tuple[float, float]:
     return bottom - 0.15 * span, top + 0.4 * span
 
 
-def _plot_running_best(ax: Any, ordered: Sequence[Any], kept: Sequence[Any]) -> None:
+def _plot_running_best(ax: Axes, ordered: Sequence[Experiment], kept: Sequence[Experiment]) -> None:
     if not kept:
         return
     xs, ys, best = [], [], None
@@ -284,7 +290,7 @@ def _plot_running_best(ax: Any, ordered: Sequence[Any], kept: Sequence[Any]) -> 
     )
 
 
-def _annotate_keeps(ax: Any, kept: Sequence[Any]) -> list[Any]:
+def _annotate_keeps(ax: Axes, kept: Sequence[Experiment]) -> list[Annotation]:
     """Label each keep up and to the right of its dot, as upstream does. Labels are parallel
     lines of text; where two would overprint, the earlier one is lifted (with a thin leader)
     until it clears every later one. Call after the axes' limits and layout are final."""
@@ -432,22 +438,23 @@ def _sha(commit: str | None) -> str:
     return _e(commit[:SHORT_SHA]) if commit else "—"
 
 
-def _table_html(experiments: Sequence[Any]) -> str:
+def _table_html(experiments: Sequence[Experiment]) -> str:
     rows = []
     for e in experiments:
         delta = None
         if e.val_bpb is not None and e.best_before is not None:
             delta = e.val_bpb - e.best_before
         status = e.status if e.status in STATUSES else "invalid"
+        fix = f' <span class="muted">(fix of #{int(e.fix_of)})</span>' if e.fix_of else ""
         rows.append(
             f'<tr id="exp-{int(e.id)}" class="{status}">'
             f'<td class="num">{int(e.id)}</td>'
             f'<td class="sha">{_sha(e.commit)}</td>'
             f'<td class="num">{_bpb(e.val_bpb)}</td>'
             f'<td class="num">{_delta_html(delta)}</td>'
-            f'<td class="num">{"" if e.memory_gb is None else f"{e.memory_gb:.1f}"}</td>'
+            f'<td class="num">{f"{e.memory_gb:.1f}" if e.memory_gb else ""}</td>'
             f'<td><span class="status s-{status}">{_e(e.status)}</span></td>'
-            f"<td>{_e(e.description)}</td>"
+            f"<td>{_e(e.description)}{fix}</td>"
             f"<td>{_e(e.crash_class)}</td></tr>"
         )
     head = (
@@ -484,11 +491,11 @@ def _diff_html(diff: str | None, pair: DiffKey) -> str:
     return f'<pre class="diff">{lines}</pre>'
 
 
-def _changes_html(experiments: Sequence[Any], diffs: Mapping[DiffKey, str]) -> str:
+def _changes_html(experiments: Sequence[Experiment], diffs: Mapping[DiffKey, str]) -> str:
     base = baseline_of(experiments)
     parts = []
     for e in experiments:
-        if e.status != "keep" or e is base:
+        if e.status != "keep" or (base is not None and e.id == base.id):
             continue
         delta = None
         if e.val_bpb is not None and e.best_before is not None:
@@ -503,7 +510,7 @@ def _changes_html(experiments: Sequence[Any], diffs: Mapping[DiffKey, str]) -> s
 
 
 def render_html(
-    experiments: Sequence[Any], tag: str, png: bytes, diffs: Mapping[DiffKey, str]
+    experiments: Sequence[Experiment], tag: str, png: bytes, diffs: Mapping[DiffKey, str]
 ) -> str:
     """The whole report page as one string: no remote resources, no scripts, all text escaped.
 
@@ -513,7 +520,7 @@ def render_html(
     ordered = _sorted(experiments)
     summary = summarize(ordered)
     base, best = baseline_of(ordered), best_of(ordered)
-    if base and best and base.commit and best.commit and base is not best:
+    if base and best and base.commit and best.commit and base.id != best.id:
         pair = (base.commit, best.commit)
         total = (
             f"<p class='muted'>{_sha(base.commit)} (#{base.id}) → {_sha(best.commit)} "
@@ -551,7 +558,7 @@ def render_html(
 
 
 def build_report(
-    experiments: Sequence[Any], tag: str, run_dir: Path, diffs: Mapping[DiffKey, str]
+    experiments: Sequence[Experiment], tag: str, run_dir: Path, diffs: Mapping[DiffKey, str]
 ) -> tuple[Path, Path]:
     """Write `run_dir/progress.png` and `run_dir/report.html`; return (png path, html path)."""
     png = plot_progress(experiments, tag)
@@ -567,8 +574,6 @@ def write_report(workspace: Path, tag: str) -> tuple[Path, Path]:
 
     Raises WorkspaceError when the run has no recorded experiments.
     """
-    from autoresearch.ledger import Ledger
-
     run_dir = workspace / RUNS_DIR / tag
     experiments = Ledger(run_dir).experiments()
     if not experiments:

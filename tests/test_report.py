@@ -6,12 +6,13 @@ import base64
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from autoresearch import report
+from autoresearch.errors import WorkspaceError
+from autoresearch.ledger import FIRST_ID, Experiment, Ledger
 
 TAG = "nov26"
 BASELINE_TRAIN = """\
@@ -45,31 +46,6 @@ SCRIPT = [
 ]
 
 
-@dataclass
-class FakeExperiment:
-    """The ledger's Experiment fields the report reads."""
-
-    id: int
-    status: str
-    description: str
-    commit: str | None
-    parent: str | None
-    val_bpb: float | None
-    memory_gb: float | None
-    best_before: float | None
-    threshold: float = 0.0
-    crash_class: str | None = None
-    exit_code: int | None = None
-    metrics: dict = field(default_factory=dict)
-    started_at: str | None = None
-    ended_at: str | None = None
-    train_seconds: float | None = None
-    agent: dict | None = None
-    attempt_ref: str | None = None
-    fix_of: int | None = None
-    extra: dict = field(default_factory=dict)
-
-
 def git(repo: Path, *args: str) -> str:
     done = subprocess.run(
         ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
@@ -81,8 +57,9 @@ def git(repo: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
-def build_session(workspace: Path) -> list[FakeExperiment]:
-    """A git repo where keeps are on the branch and other candidates only under attempt refs."""
+def build_session(workspace: Path) -> list[Experiment]:
+    """A git repo where keeps are on the branch and other candidates only under attempt refs,
+    and the session's record in runs/<tag>/ written through the ledger."""
     workspace.mkdir()
     git(workspace, "init", "-q", "-b", f"autoresearch/{TAG}")
     train = workspace / "train.py"
@@ -90,56 +67,62 @@ def build_session(workspace: Path) -> list[FakeExperiment]:
     git(workspace, "add", "train.py")
     git(workspace, "commit", "-q", "-m", "baseline")
     best_sha, best_bpb = git(workspace, "rev-parse", "HEAD"), None
-    experiments = []
+    ledger = Ledger(workspace / "runs" / TAG)
     for i, (status, description, bpb, edit) in enumerate(SCRIPT):
+        exp_id = FIRST_ID + i
         commit = best_sha if i == 0 else None
         if edit is not None:
             train.write_text(train.read_text().replace(*edit))
             git(workspace, "commit", "-q", "-am", description)
             commit = git(workspace, "rev-parse", "HEAD")
-            git(workspace, "update-ref", f"refs/autoresearch/{TAG}/attempts/{i:04d}", commit)
+            git(workspace, "update-ref", f"refs/autoresearch/{TAG}/attempts/{exp_id:04d}", commit)
             if status != "keep":
                 git(workspace, "reset", "-q", "--hard", best_sha)
-        experiments.append(
-            FakeExperiment(
-                id=i,
+        ledger.append(
+            Experiment(
+                id=exp_id,
                 status=status,
                 description=description,
                 commit=commit,
                 parent=best_sha,
                 val_bpb=bpb,
-                memory_gb=None if bpb is None else 12.5,
+                memory_gb=0.0 if bpb is None else 12.5,
                 best_before=best_bpb,
+                threshold=0.0,
                 crash_class="oom" if status == "crash" else None,
                 started_at=f"2025-11-26T0{i}:00:00+00:00",
                 ended_at=f"2025-11-26T0{i}:05:00+00:00",
                 train_seconds=None if status == "invalid" else 300.0,
-                agent=None if i == 0 else {"name": "openai", "tokens_in": 1000, "tokens_out": 200},
+                agent={} if i == 0 else {"name": "openai", "tokens_in": 1000, "tokens_out": 200},
                 extra={} if i == 0 else {"cost_usd": 0.01},
             )
         )
         if status == "keep":
             best_sha, best_bpb = commit, bpb
-    return experiments
+    return ledger.experiments()
+
+
+def experiment(exp_id: int, status: str, val_bpb: float | None) -> Experiment:
+    return Experiment(exp_id, status, "baseline", "a" * 40, "a" * 40, val_bpb, 10.0, None, 0.0)
 
 
 @pytest.fixture
-def session(tmp_path: Path) -> tuple[Path, list[FakeExperiment]]:
+def session(tmp_path: Path) -> tuple[Path, list[Experiment]]:
     workspace = tmp_path / "ws"
     return workspace, build_session(workspace)
 
 
 @pytest.fixture
-def written(session: tuple[Path, list[FakeExperiment]]) -> tuple[Path, Path, list[FakeExperiment]]:
+def written(session: tuple[Path, list[Experiment]]) -> tuple[Path, Path, list[Experiment]]:
     workspace, experiments = session
-    diffs = report.git_diffs(workspace, report.diff_pairs(experiments))
-    png, page = report.build_report(experiments, TAG, workspace / "runs" / TAG, diffs)
+    png, page = report.write_report(workspace, TAG)
     return png, page, experiments
 
 
 def test_files_are_written_and_png_is_valid(written):
     png, page, _ = written
-    assert png == page.parent / "progress.png" and page.name == "report.html"
+    assert png.parent == page.parent == png.parents[2] / "runs" / TAG
+    assert (png.name, page.name) == ("progress.png", "report.html")
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 30_000
@@ -181,7 +164,7 @@ def test_summary_counts_and_totals(written):
     _, page, experiments = written
     s = report.summarize(experiments)
     assert s.counts == {"keep": 3, "discard": 3, "crash": 1, "invalid": 1, "interrupted": 1}
-    assert (s.baseline, s.best, s.best_id) == (1.0, 0.9701, 6)
+    assert (s.baseline, s.best, s.best_id) == (1.0, 0.9701, FIRST_ID + 6)
     assert s.delta == pytest.approx(-0.0299)
     assert s.train_seconds == 8 * 300.0
     assert (s.tokens_in, s.tokens_out) == (8000, 1600)
@@ -205,22 +188,33 @@ def test_diffs_show_baseline_to_best_and_each_kept_change(written):
     assert "+WARMUP = 100" in second and "+LR" not in second
 
 
-def test_missing_commit_says_diff_not_available(written):
-    _, _, experiments = written
-    html = report.render_html(experiments, TAG, b"\x89PNG", diffs={})
-    assert "diff not available" in html
+def test_git_diffs_leaves_out_commits_git_does_not_have(session):
+    workspace, experiments = session
+    real = (experiments[0].commit, experiments[2].commit)
+    gone = (experiments[0].commit, "f" * 40)
+    diffs = report.git_diffs(workspace, [real, gone])
+    assert list(diffs) == [real] and "+LR = 0.04" in diffs[real]
+
+
+def test_report_without_experiments_says_what_to_do(tmp_path: Path):
+    with pytest.raises(WorkspaceError, match="no experiments recorded"):
+        report.write_report(tmp_path, TAG)
+
+
+def test_report_without_git_history_still_renders(session):
+    workspace, experiments = session
+    png, page = report.build_report(experiments, TAG, workspace / "elsewhere", diffs={})
+    assert page.read_text().count("diff not available") == 3  # baseline->best, two keeps
 
 
 def test_baseline_only_session(tmp_path: Path):
-    baseline = FakeExperiment(0, "keep", "baseline", "a" * 40, None, 1.0, 10.0, None)
-    png, page = report.build_report([baseline], TAG, tmp_path, diffs={})
+    png, page = report.build_report([experiment(1, "keep", 1.0)], TAG, tmp_path, diffs={})
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "baseline is still the best" in page.read_text()
 
 
 def test_crashed_baseline_still_renders(tmp_path: Path):
-    crashed = FakeExperiment(0, "crash", "baseline", "a" * 40, None, None, None, None)
-    png, page = report.build_report([crashed], TAG, tmp_path, diffs={})
+    png, page = report.build_report([experiment(1, "crash", None)], TAG, tmp_path, diffs={})
     assert png.stat().st_size > 0 and "s-crash" in page.read_text()
 
 
@@ -290,7 +284,7 @@ def with_probe(page: Path, tmp_path: Path, script: str = PROBE) -> Path:
 
 @needs_chromium
 def test_browser_loads_page_with_plot_and_no_console_errors(written, tmp_path: Path):
-    _, page, _ = written
+    _, page, experiments = written
     done = chromium(with_probe(page, tmp_path), tmp_path, "--dump-dom")
     assert done.returncode == 0, done.stderr[-2000:]
     title = re.search(r"<title>probe (\d+)x(\d+) failed (\d+)</title>", done.stdout)
@@ -298,7 +292,7 @@ def test_browser_loads_page_with_plot_and_no_console_errors(written, tmp_path: P
     assert (int(title.group(1)), int(title.group(2))) == (1920, 960)
     assert title.group(3) == "0"
     assert console_errors(done.stderr) == []
-    assert 'id="exp-8"' in done.stdout
+    assert f'id="exp-{experiments[-1].id}"' in done.stdout
 
 
 @needs_chromium
@@ -322,3 +316,16 @@ def test_browser_screenshot(written, tmp_path: Path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert console_errors(done.stderr) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "label"),
+    [
+        ("raise LR", "raise LR"),
+        ("  many\n spaces\there ", "many spaces here"),
+        ("word " * 20, "word word word word word word word word word…"),
+        ("x" * 60, "x" * 47 + "…"),
+    ],
+)
+def test_plot_labels_are_one_short_line(text: str, label: str):
+    assert report._shorten(text) == label
