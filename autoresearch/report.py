@@ -18,7 +18,9 @@ import base64
 import html
 import io
 import math
+import os
 import subprocess
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.text import Annotation
+from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 
 from autoresearch.errors import WorkspaceError
@@ -145,7 +148,8 @@ def git_diffs(workspace: Path, pairs: Sequence[DiffKey]) -> dict[DiffKey, str]:
             ["git", "diff", "--no-color", "--no-ext-diff", a, b, "--", TRAIN_FILE],
             cwd=workspace,
             capture_output=True,
-            text=True,
+            encoding="utf-8",
+            errors="replace",  # a stray byte in train.py must not cost the whole report
             check=False,
         )
         if done.returncode == 0:
@@ -167,7 +171,8 @@ def _shorten(text: str | None, width: int = LABEL_CHARS) -> str:
 
 def _title(tag: str, summary: Summary) -> str:
     kept = summary.counts.get("keep", 0)
-    head = f"autoresearch {tag}: {summary.experiments} experiments, {kept} kept"
+    n = summary.experiments
+    head = f"autoresearch {tag}: {n} experiment{'s' * (n != 1)}, {kept} kept"
     if summary.baseline is None or summary.best is None or summary.delta is None:
         return head
     return f"{head}  ·  val_bpb {summary.baseline:.4f} → {summary.best:.4f} ({summary.delta:+.4f})"
@@ -191,17 +196,19 @@ def plot_progress(experiments: Sequence[Experiment], tag: str) -> bytes:
     low, high = _y_limits(scored, summary)
     inside = [e for e in scored if e.status != "keep" and e.val_bpb <= high]
     above = [e for e in scored if e.status != "keep" and e.val_bpb > high]
-    failed = [e for e in ordered if e not in scored]
+    scored_ids = {e.id for e in scored}
+    failed = [e for e in ordered if e.id not in scored_ids]
 
-    ax.scatter(
-        [e.id for e in inside],
-        [e.val_bpb for e in inside],
-        c=GREY,
-        s=18,
-        alpha=0.7,
-        zorder=2,
-        label="discarded",
-    )
+    if inside:
+        ax.scatter(
+            [e.id for e in inside],
+            [e.val_bpb for e in inside],
+            c=GREY,
+            s=18,
+            alpha=0.7,
+            zorder=2,
+            label="discarded",
+        )
     if above:
         ax.scatter(
             [e.id for e in above],
@@ -214,17 +221,18 @@ def plot_progress(experiments: Sequence[Experiment], tag: str) -> bytes:
             clip_on=False,
             label="discarded, off the scale",
         )
-    _plot_running_best(ax, ordered, kept)
-    ax.scatter(
-        [e.id for e in kept],
-        [e.val_bpb for e in kept],
-        c=GREEN,
-        s=60,
-        edgecolors="black",
-        linewidths=0.6,
-        zorder=4,
-        label="kept",
-    )
+    if kept:
+        _plot_running_best(ax, ordered, kept)
+        ax.scatter(
+            [e.id for e in kept],
+            [e.val_bpb for e in kept],
+            c=GREEN,
+            s=60,
+            edgecolors="black",
+            linewidths=0.6,
+            zorder=4,
+            label="kept",
+        )
     for statuses, colour in ((("crash", "invalid"), RED), (("interrupted",), AMBER)):
         xs = [e.id for e in failed if e.status in statuses]
         if xs:
@@ -245,21 +253,26 @@ def plot_progress(experiments: Sequence[Experiment], tag: str) -> bytes:
         first, last = ordered[0].id, ordered[-1].id
         ax.set_xlim(first - 1, last + max(3.0, RIGHT_ROOM * (last - first)))
     ax.set_ylim(low, high)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("experiment #")
     ax.set_ylabel("val_bpb (lower is better)")
     ax.set_title(_title(tag, summary), fontsize=14, pad=14, parse_math=False)
     ax.grid(True, alpha=0.25)
     # Below the running best nothing is ever plotted, so the lower left corner stays free.
-    ax.legend(loc="lower left", framealpha=0.9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower left", framealpha=0.9)
     # Labels are placed in final pixels, and the layout makes room for them: place, lay out
     # again, and place once more in the slightly moved axes.
-    fig.tight_layout()
-    for label in _annotate_keeps(ax, kept):
-        label.remove()
-    fig.tight_layout()
-    _annotate_keeps(ax, kept)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    with warnings.catch_warnings():
+        # DejaVu Sans lacks CJK and emoji; such a label shows boxes, the page has the text.
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
+        for label in _annotate_keeps(ax, kept):
+            label.remove()
+        fig.tight_layout()
+        _annotate_keeps(ax, kept)
+        fig.savefig(buffer, format="png")
     return buffer.getvalue()
 
 
@@ -276,8 +289,6 @@ def _y_limits(scored: Sequence[Experiment], summary: Summary) -> tuple[float, fl
 
 
 def _plot_running_best(ax: Axes, ordered: Sequence[Experiment], kept: Sequence[Experiment]) -> None:
-    if not kept:
-        return
     xs, ys, best = [], [], None
     for e in ordered:
         if e.status == "keep" and e.val_bpb is not None and (best is None or e.val_bpb < best):
@@ -562,11 +573,20 @@ def build_report(
 ) -> tuple[Path, Path]:
     """Write `run_dir/progress.png` and `run_dir/report.html`; return (png path, html path)."""
     png = plot_progress(experiments, tag)
+    page = render_html(experiments, tag, png, diffs).encode("utf-8")
     run_dir.mkdir(parents=True, exist_ok=True)
     png_path, html_path = run_dir / PLOT_FILE, run_dir / REPORT_FILE
-    png_path.write_bytes(png)
-    html_path.write_text(render_html(experiments, tag, png, diffs), encoding="utf-8")
+    _replace(png_path, png)
+    _replace(html_path, page)
     return png_path, html_path
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write via a temporary file and rename, so a browser reloading mid-write sees the old
+    or the new file, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def write_report(workspace: Path, tag: str) -> tuple[Path, Path]:

@@ -329,3 +329,12 @@ def test_browser_screenshot(written, tmp_path: Path):
 )
 def test_plot_labels_are_one_short_line(text: str, label: str):
     assert report._shorten(text) == label
+
+
+def test_plot_takes_any_description_quietly(tmp_path: Path, recwarn):
+    """Mathtext characters, CJK and emoji neither break the plot nor spam warnings at night."""
+    odd = experiment(2, "keep", 0.9)
+    odd.description, odd.best_before = "lr $3e-4$ _x_ ^y^ 使用 RoPE 🚀", 1.0
+    png = report.plot_progress([experiment(1, "keep", 1.0), odd], "t$a^g_")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [w for w in recwarn if "Glyph" in str(w.message)]
