@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Protocol
 
 import openai
+from openai.types.chat import ChatCompletion
 
 from .edits import DESCRIPTION_MAX_CHARS, apply_reply, check_compiles, parse_reply
 from .errors import AgentError, EditError, UsageError
@@ -45,14 +46,18 @@ CLIENT_MAX_RETRIES = 4  # the openai client's retries of 429/5xx/timeouts, with 
 LOCAL_PLACEHOLDER_KEY = "not-needed"  # local servers ignore the key, the client wants one
 HISTORY_RECENT = 30  # experiments shown in full when the history is long (plus every keep)
 NOISE_SIGMAS = 2.0  # |Δ| within this many σ of the noise is labelled "within-noise"
-# Prompt trimming ladder, used when the endpoint says the context is too long:
+# Prompt trimming ladder, used when the endpoint says the context is too long: the history
+# goes first, then the crash log (a repair keeps at least FIX_MIN_CRASH_LINES of it).
 # (recent experiments shown, older keeps shown (None = all), crash-log lines shown).
 PROMPT_LEVELS: tuple[tuple[int, int | None, int], ...] = (
     (HISTORY_RECENT, None, 50),
     (10, 10, 50),
-    (3, 3, 20),
+    (3, 3, 50),
+    (0, 0, 50),
     (0, 0, 10),
+    (0, 0, 0),
 )
+FIX_MIN_CRASH_LINES = 10
 _CONTEXT_TOO_LONG = re.compile(
     r"context[ _-]?(length|size|window)|maximum context|too many tokens|prompt is too long",
     re.IGNORECASE,
@@ -232,7 +237,7 @@ def build_fix_messages(
     """The messages asking to repair a crashed candidate (edits apply to `failed_source`)."""
     recent, keeps, crash_lines = PROMPT_LEVELS[level]
     idea = next((h.description for h in reversed(ctx.history) if h.source == failed_source), None)
-    tail = _tail(crash_tail, max(crash_lines, 10))
+    tail = _tail(crash_tail, max(crash_lines, FIX_MIN_CRASH_LINES))
     parts = [
         "# The candidate train.py that crashed",
         f"Its idea: {idea}" if idea else "",
@@ -259,15 +264,14 @@ def history_table(
     """A markdown table of past experiments, oldest first.
 
     Shows everything when there are at most `recent` entries; otherwise the last `recent` plus
-    the earlier keeps (the last `keeps` of them, or all when None), with a line saying how many
+    the earlier keeps (the last `keeps` of them, or all when None), and a line saying how many
     were left out. With `noise` known, Δ is also given in units of σ and each row is labelled
     win / within-noise / loss / crash.
     """
     if not history:
         return "(no experiments yet)"
-    older, shown = history[: max(0, len(history) - recent)], history[len(history) - recent :]
-    if recent == 0:
-        older, shown = history, []
+    cut = max(0, len(history) - recent)
+    older, shown = history[:cut], history[cut:]
     older_keeps = [h for h in older if h.status == "keep"]
     if keeps is not None:
         older_keeps = older_keeps[-keeps:] if keeps else []
@@ -286,7 +290,7 @@ def history_table(
         lines.append("| " + " | ".join(cells) + " |")
     omitted = len(history) - len(rows)
     if omitted:
-        lines.append(f"\n({omitted} older non-kept experiments not shown.)")
+        lines.append(f"\n({omitted} older experiments not shown.)")
     return "\n".join(lines)
 
 
@@ -409,7 +413,9 @@ class OpenAIAgent:
             try:
                 completion = self._complete(model, messages)
             except _ContextTooLong:
-                level += 1
+                level += 1  # skip levels that would send the same prompt again
+                while level < len(PROMPT_LEVELS) and build(level) + turns == messages:
+                    level += 1
                 if level >= len(PROMPT_LEVELS):
                     raise AgentError(
                         f"The prompt is too long for {model} even without the history: "
@@ -474,7 +480,7 @@ class OpenAIAgent:
             self.model = models[0]
         return self.model
 
-    def _complete(self, model: str, messages: list[dict]):  # -> ChatCompletion
+    def _complete(self, model: str, messages: list[dict]) -> ChatCompletion:
         """One request; the client retries 429/5xx/timeouts itself. Maps failures to AgentError."""
         where = self.base_url or "the OpenAI API"
         try:
@@ -533,14 +539,14 @@ def resolve_api_key(api_key: str | None, base_url: str | None) -> str:
     )
 
 
-def _reply_text(completion) -> tuple[str, str]:
+def _reply_text(completion: ChatCompletion) -> tuple[str, str]:
     """(text, problem): problem is "" for a reply worth parsing, else what to tell the model."""
     if not completion.choices:
         return "", "The reply contained no message (no choices). Reply with the edit."
     choice = completion.choices[0]
     message = choice.message
     text = message.content or ""
-    if getattr(message, "refusal", None):
+    if message.refusal:
         return text, (
             f"You declined ({message.refusal}). This is a benign machine-learning experiment on "
             "a small language model: propose a change to train.py."
@@ -585,9 +591,14 @@ def _describe(exc: openai.APIError) -> str:
 # ============================================================================ tuner
 
 TUNER_SEED = "autoresearch-tuner"
+BETA_MIN_GAP = 0.001  # betas and momenta stop at 0.999: closer to 1 only averages longer
 _CONSTANT_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
-# Constants that do not change what is learned, or that point at things: never tuned.
-_NOT_TUNED = re.compile(r"SEED|EVERY|LOG|PRINT|VERBOSE|DEBUG|PATH|DIR|FILE|DTYPE|COMPILE|^DEVICE$")
+# Constants that do not change what is learned, that measure, or that point at things: never
+# tuned (UNTIMED_STEPS-like constants would buy training time outside the budget).
+_NOT_TUNED = re.compile(
+    r"(^|_)(SEED|EVERY|LOG|INTERVAL|PRINT|VERBOSE|DEBUG|PATH|DIR|FILE|DTYPE|COMPILE|UNTIMED)"
+    r"(_|$)|^DEVICE$"
+)
 _OOM = re.compile(r"out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.IGNORECASE)
 _WINDOW = re.compile(r"^[SL]+$")
 
@@ -717,7 +728,7 @@ def knob_steps(knob: Knob, direction: int) -> list[Value]:
 
     floats ×2 / ×1.5 up and ÷2 / ÷1.5 down (0.0 goes up to 0.1 or 0.05); names with RATIO or
     FRAC stay within [0, 1] and may go down to 0.0; names with BETA or MOMENTUM in (0, 1)
-    step on 1 - value instead; ints ×2 and ÷2, staying ≥ 1; booleans flip; window patterns
+    step on 1 - value instead, staying ≤ 1 - BETA_MIN_GAP; ints ×2 and ÷2, staying ≥ 1; booleans flip; window patterns
     move one layer to L (up) or to S (down), or to the shorter "SL" / "L".
     """
     v, name = knob.value, knob.name
@@ -735,7 +746,7 @@ def knob_steps(knob: Knob, direction: int) -> list[Value]:
         gap = 1 - v
         gaps = [gap / 2, gap / 1.5] if direction > 0 else [gap * 2, gap * 1.5]
         # round the gap, not the value: 0.99995 must not become 1.0
-        out: list[Value] = [float(f"{1 - _round(g):.12g}") for g in gaps if 0 < g < 1]
+        out: list[Value] = [float(f"{1 - _round(g):.12g}") for g in gaps if BETA_MIN_GAP <= g < 1]
     elif v == 0:
         out = [0.1, 0.05] if direction > 0 else []
     else:

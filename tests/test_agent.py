@@ -157,6 +157,20 @@ def test_refusing_or_empty_reply_is_a_failed_attempt(llm, bad):
     assert proposal.attempts == 2
 
 
+def test_truncated_reply_is_told_it_was_cut_off(llm):
+    llm.enqueue(GOOD_REPLY[:-40], finish_reason="length")
+    llm.enqueue(GOOD_REPLY)
+    proposal = openai_agent(llm).propose(make_ctx())
+    assert proposal.attempts == 2
+    assert "cut off at the output token limit" in llm.requests[1]["messages"][-1]["content"]
+
+
+def test_non_json_response_is_an_agent_error(llm):
+    llm.enqueue_raw(200, b"<html>not an API</html>")
+    with pytest.raises(AgentError, match="not JSON"):
+        openai_agent(llm).propose(make_ctx())
+
+
 def test_three_bad_replies_raise_invalid_proposal(llm):
     for _ in range(3):
         llm.enqueue(BAD_REPLY, prompt_tokens=100, completion_tokens=10)
@@ -247,21 +261,25 @@ def test_context_length_error_retries_with_a_shorter_prompt(llm):
     assert "log 0" in first and "log 45" in second  # history trimmed before the crash log
 
 
-def test_context_limit_trims_until_it_fits(llm):
+def test_context_limit_trims_history_then_crash_log_until_it_fits(llm):
     ctx = make_ctx(long_history(60), last_crash_tail="\n".join(f"log {i}" for i in range(50)))
-    chars = [sum(len(m["content"]) for m in build_messages(ctx, lv)) for lv in range(4)]
-    llm.context_limit = chars[2]  # only levels 2 and 3 fit
+    levels = range(len(PROMPT_LEVELS))
+    chars = [sum(len(m["content"]) for m in build_messages(ctx, lv)) for lv in levels]
+    llm.context_limit = chars[4]  # no history and a 10-line crash log is the first that fits
     llm.enqueue(GOOD_REPLY)
     proposal = openai_agent(llm).propose(ctx)
-    assert len(llm.requests) == 3
-    assert sum(len(m["content"]) for m in proposal.messages) == chars[2]
+    assert len(llm.requests) == 5
+    user = proposal.messages[1]["content"]
+    assert "experiment number" not in user
+    assert "log 40" in user and "log 39" not in user
 
 
 def test_prompt_too_long_even_without_history_is_an_agent_error(llm):
     llm.context_limit = 10
     with pytest.raises(AgentError, match="too long"):
         openai_agent(llm).propose(make_ctx())
-    assert len(llm.requests) == len(PROMPT_LEVELS)
+    # without history or crash log every level is the same prompt: sent once, not six times
+    assert len(llm.requests) == 1
 
 
 def test_api_key_is_sent_but_never_recorded(llm, monkeypatch):
@@ -331,7 +349,7 @@ def test_history_table_keeps_recent_and_all_keeps_when_long():
     table = history_table(long_history(60), noise=None)
     ids = [int(row.split("|")[1]) for row in table.splitlines()[2:] if row.startswith("| ")]
     assert ids == [0, 7, 14, 21, 28] + list(range(30, 60))
-    assert "(25 older non-kept experiments not shown.)" in table
+    assert "(25 older experiments not shown.)" in table
 
 
 def test_history_table_labels_against_noise():
@@ -389,7 +407,8 @@ def simulate(train_py: str, steps: int) -> tuple[list[HistoryEntry], list[str]]:
 
 
 def tuner_source() -> str:
-    return TEMPLATE.read_text() if TEMPLATE.exists() else TRAIN_PY
+    """The real template train.py when the checkout has it, else the stand-in."""
+    return TEMPLATE.read_text(encoding="utf-8") if TEMPLATE.exists() else TRAIN_PY
 
 
 def test_tuner_never_repeats_a_configuration_in_50_proposals():

@@ -231,3 +231,8 @@ def test_a_failed_edit_leaves_no_partial_result():
     with pytest.raises(EditError):
         apply_reply(original, reply)
     assert original == SOURCE
+
+
+def test_missing_description_gets_a_neutral_one():
+    reply = block("DEPTH = 8  # layers", "DEPTH = 10  # layers")
+    assert apply_reply(SOURCE, reply)[0] == "edit of train.py (no description given)"
