@@ -42,6 +42,7 @@ KILL_GRACE_S = 5.0  # seconds between SIGTERM and SIGKILL: room for the child to
 DRAIN_S = 2.0  # seconds to wait for the pipe to close once the child and its group are gone
 KILL_CONFIRM_S = 5.0  # seconds to wait until killed processes are really gone
 CANCEL_POLL_S = 0.2  # seconds: how soon a set cancel event is noticed
+MAX_WAIT_S = 60.0  # seconds: the longest single wait for output (bounds any timer arithmetic)
 TAIL_LINES = 50  # lines of output kept in RunResult.log_tail
 RECENT_LINES = 1000  # lines kept in memory to find the summary block and classify a crash
 MAX_LINE_BYTES = 1 << 20  # a "line" longer than this is cut, so a child can't exhaust memory
@@ -366,12 +367,10 @@ def _wait_gone(pids: Iterable[int], timeout: float) -> None:
 
 def _kill_leftovers(pgid: int, marker: bytes) -> int:
     """SIGKILL the group and every marked process; returns how many were found alive."""
+    alive = _run_processes(pgid, marker)
     _signal_group(pgid, signal.SIGKILL)
     killed: set[int] = set()
     for _ in range(5):  # a process may fork between the scan and the kill: look again
-        alive = _run_processes(pgid, marker)
-        if not alive:
-            break
         for pid in alive:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -379,6 +378,9 @@ def _kill_leftovers(pgid: int, marker: bytes) -> int:
                 continue
         killed |= alive
         _wait_gone(alive, KILL_CONFIRM_S)
+        alive = _run_processes(pgid, marker)
+        if not alive:
+            break
     return len(killed)
 
 
@@ -575,7 +577,7 @@ def _watch(
             elif now >= drain_until:
                 run.reader.stop()
             waits.append(max(drain_until - now, 0.0))
-        item = run.next_event(min(waits) if waits else DRAIN_S)
+        item = run.next_event(min([*waits, MAX_WAIT_S]))
         if isinstance(item, str):
             on_line(item)
 
@@ -635,7 +637,13 @@ def run_training(
             message = f"{HARNESS_PREFIX} could not start {command!r} in {workdir}: {error}"
             log.write((message + "\n").encode())
             return RunResult(None, {}, "other", 0.0, log_path, message, None)
-        run = _Run(proc, log, f"{RUN_MARKER_VAR}={marker}".encode())
+        try:
+            run = _Run(proc, log, f"{RUN_MARKER_VAR}={marker}".encode())
+        except BaseException:  # e.g. no thread could be started: never leave the child behind
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            proc.stdout.close()  # type: ignore[union-attr]
+            raise
         try:
             _watch(
                 run,

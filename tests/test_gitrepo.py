@@ -249,3 +249,11 @@ def test_no_fd_or_process_leak_over_many_sessions(repo_dir: Path) -> None:
     assert _children() == children
     with GitRepo(repo_dir) as repo:
         assert len(repo.list_refs("refs/autoresearch/t/attempts")) == 201
+
+
+def test_non_ascii_messages_and_content_round_trip(repo: GitRepo, repo_dir: Path) -> None:
+    source = "# Lernrate halbiert — λ = 0.5\nlr = 0.5\n"
+    (repo_dir / "train.py").write_text(source, encoding="utf-8")
+    sha = repo.commit_file("train.py", "exp 0003: λ halbiert, ☃")
+    assert repo.show_file(sha, "train.py") == source
+    assert repo.commits_between(f"{sha}~1", sha) == [(sha, "exp 0003: λ halbiert, ☃")]

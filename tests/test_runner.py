@@ -213,6 +213,28 @@ def test_carriage_return_progress_is_split_into_lines(tmp_path: Path) -> None:
     assert result.log_path.read_bytes().count(b"\r") == 3  # the log keeps the bytes as written
 
 
+def test_line_breaks_split_across_writes_and_a_last_line_without_newline(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, time\n"
+        "sys.stdout.write('first\\r'); sys.stdout.flush(); time.sleep(0.05)\n"
+        "sys.stdout.write('\\n---\\r\\nval_bpb: 1.25'); sys.stdout.flush()\n"
+    )
+    lines: list[str] = []
+    callers: set[int] = set()
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        callers.add(threading.get_ident())
+
+    result = run_training(
+        tmp_path, tmp_path / "run.log", env=dict(os.environ), timeout=30, on_line=on_line
+    )
+    assert lines == ["first", "---", "val_bpb: 1.25"]
+    assert result.ok and result.summary == {"val_bpb": 1.25}
+    assert callers == {threading.get_ident()}  # callbacks run in the caller's thread
+
+
 def test_syntax_error(tmp_path: Path) -> None:
     (tmp_path / "train.py").write_text("print('hi'\n")
     result = run_training(
