@@ -431,14 +431,16 @@ def _fetch_once(url: str, part: Path) -> None:
         raise _DownloadRetry(str(getattr(e, "reason", e)), network=True) from None
     with response:
         resumed = have > 0 and response.status == 206
-        if resumed and not (response.headers.get("Content-Range") or "").startswith(
-            f"bytes {have}-"
-        ):
-            resumed = False  # a range we did not ask for: start over
+        if resumed and not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+            part.unlink()
+            raise _DownloadRetry(
+                "server sent a range we did not ask for; restarting", network=False
+            )
+        if response.status == 206 and not have:
+            raise _DownloadRetry("server sent a partial answer to a plain request", network=False)
+        # a 200 answer to a Range request is the whole file: start over
         length = response.headers.get("Content-Length")
         expected = int(length) + (have if resumed else 0) if length is not None else None
-        if have and not resumed and response.status == 206:
-            raise _DownloadRetry("server answered an unexpected range", network=False)
         with open(part, "ab" if resumed else "wb") as f:
             while True:
                 try:
@@ -500,10 +502,15 @@ def _download_all(
 
 
 def _parquet_texts(
-    path: Path, start: int = 0, stop: int | None = None, *, data: bytes | None = None
+    path: Path,
+    start: int = 0,
+    stop: int | None = None,
+    *,
+    data: bytes | None = None,
+    hint: str = "",
 ) -> Iterator[list[str]]:
     """Batches of the non-empty `text` values of rows start..stop of a parquet file (read from
-    `data` instead of the file when given)."""
+    `data` instead of the file when given).  `hint` ends the error message."""
     import pyarrow as pa  # prepare-time only
     import pyarrow.parquet as pq
 
@@ -523,7 +530,7 @@ def _parquet_texts(
             if stop is not None and row >= stop:
                 break
     except (pa.ArrowException, OSError) as e:
-        raise PrepareError(f"cannot read {path}: {e}; delete it and prepare again") from None
+        raise PrepareError(f"cannot read {path}: {e}{hint}") from None
 
 
 def _capped(batches: Iterable[list[str]], max_bytes: int | None) -> Iterator[list[str]]:
@@ -575,7 +582,8 @@ def _hub_corpus(
     def reader(split: str) -> Callable[[], Iterator[list[str]]]:
         def batches() -> Iterator[list[str]]:
             for name, lo, hi in ranges[split]:
-                yield from _parquet_texts(downloads / name, lo, hi)
+                hint = "; delete it and prepare again to download it anew"
+                yield from _parquet_texts(downloads / name, lo, hi, hint=hint)
 
         if split == "train":
             return lambda: _capped(batches(), max_train_bytes)
@@ -617,12 +625,23 @@ def _hash_unit(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
 
 
+def _rank_by_hash(keys: Iterable[str]) -> list[str]:
+    return sorted(set(keys), key=lambda k: (_hash_unit(k), k))
+
+
+def _held_out_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """How many of `n` keys go to val and test: each a fraction of n, and at least one when the
+    fraction is positive and there are at least 3 keys."""
+    if n < 3:
+        return 0, 0
+    return tuple(max(1, round(f * n)) if f > 0 else 0 for f in (val_fraction, test_fraction))
+
+
 def split_by_hash(keys: Iterable[str], val_fraction: float, test_fraction: float) -> dict[str, str]:
-    """Assign every key to train/val/test by the rank of its sha256: deterministic, independent
-    of the order of `keys`, and (with at least 3 keys) at least one key in val and in test."""
-    ranked = sorted(set(keys), key=lambda k: (_hash_unit(k), k))
-    n_val = max(1, round(val_fraction * len(ranked))) if len(ranked) >= 3 else 0
-    n_test = max(1, round(test_fraction * len(ranked))) if len(ranked) >= 3 else 0
+    """Assign every key to train/val/test by the rank of its sha256: deterministic and independent
+    of the order of `keys`; the lowest-ranked keys go to val, the next ones to test."""
+    ranked = _rank_by_hash(keys)
+    n_val, n_test = _held_out_counts(len(ranked), val_fraction, test_fraction)
     split = {k: "val" for k in ranked[:n_val]}
     split.update({k: "test" for k in ranked[n_val : n_val + n_test]})
     split.update({k: "train" for k in ranked[n_val + n_test :]})
@@ -668,7 +687,7 @@ def _read_documents(path: Path) -> list[str] | None:
     if kind != ".jsonl":
         return [text] if text.strip() else []
     docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 is legal
         if not line.strip():
             continue
         try:
@@ -683,16 +702,87 @@ def _read_documents(path: Path) -> list[str] | None:
     return docs
 
 
-def _take_bytes(docs: list[str], max_bytes: int | None) -> tuple[list[str], int]:
-    """The leading documents of `docs` that fit in `max_bytes` UTF-8 bytes (at least one), and
-    the number of bytes they hold."""
-    total = 0
-    for i, doc in enumerate(docs):
-        size = len(doc.encode("utf-8"))
-        if max_bytes is not None and i and total + size > max_bytes:
-            return docs[:i], total
-        total += size
-    return docs, total
+@dataclass
+class _Collector:
+    """Gathers the documents of a files:/stdlib corpus per split, as lists of pieces, and stops
+    adding train documents once `max_train_bytes` UTF-8 bytes are in (always keeping one)."""
+
+    base: Path
+    doc_chars: int
+    max_train_bytes: int | None
+    units: dict[str, list[list[str]]] = field(default_factory=lambda: {s: [] for s in _SPLITS})
+    skipped: list[str] = field(default_factory=list)
+    train_bytes: int = 0
+    train_full: bool = False
+
+    def read(self, rel: str) -> list[str] | None:
+        docs = _read_documents(self.base / rel)
+        if docs is None:
+            self.skipped.append(rel)
+        return docs
+
+    def add(self, split: str, docs: list[str]) -> bool:
+        """Add documents to a split; False when the train cap left none of them in."""
+        if split == "train" and self.max_train_bytes is not None:
+            kept: list[str] = []
+            for doc in docs if not self.train_full else []:
+                size = len(doc.encode("utf-8"))
+                if self.train_bytes + size > self.max_train_bytes and self.train_bytes:
+                    self.train_full = True
+                    break
+                kept.append(doc)
+                self.train_bytes += size
+            docs = kept
+        elif split == "train":
+            self.train_bytes += sum(len(doc.encode("utf-8")) for doc in docs)
+        self.units[split] += [u for u in (cut_document(d, self.doc_chars) for d in docs) if u]
+        return bool(docs)
+
+
+def _split_by_piece(c: _Collector, rels: list[str], log: Callable[[str], None]) -> dict:
+    """Too few files to split by file: cut them into pieces and split the pieces by hash."""
+    log(f"only {len(rels)} file(s): splitting by document piece instead of by file")
+    keyed: dict[str, str] = {}
+    for rel in rels:
+        pieces = [p for doc in c.read(rel) or [] for p in cut_document(doc, c.doc_chars)]
+        keyed.update((f"{rel}#{i}", piece) for i, piece in enumerate(pieces))
+    where = split_by_hash(keyed, VAL_FRACTION, TEST_FRACTION)
+    for key, piece in keyed.items():
+        c.add(where[key], [piece])
+    return {"train": len(rels) - len(c.skipped), "val": 0, "test": 0}
+
+
+def _split_by_file(c: _Collector, rels: list[str], val_include: Sequence[str] | None) -> dict:
+    """Val is the files matching `val_include`, else the lowest-hash readable files; test the
+    next ones; train the rest, read in a seeded random order until the cap is reached."""
+    held: dict[str, list[str]] = {"val": [], "test": []}
+    candidates = rels
+    if val_include:
+        candidates = [r for r in rels if not _matches(r, val_include)]
+        for rel in (r for r in rels if _matches(r, val_include)):
+            if (docs := c.read(rel)) is not None:
+                c.add("val", docs)
+                held["val"].append(rel)
+    fractions = (0.0 if val_include else VAL_FRACTION, TEST_FRACTION)
+    n_val, n_test = _held_out_counts(len(candidates), *fractions)
+    ranked = _rank_by_hash(candidates)
+    for rel in ranked:
+        split = "val" if len(held["val"]) < n_val and not val_include else "test"
+        if split == "test" and len(held["test"]) >= n_test:
+            break
+        if (docs := c.read(rel)) is not None:
+            c.add(split, docs)
+            held[split].append(rel)
+    taken = {*held["val"], *held["test"], *c.skipped}
+    train = [r for r in ranked if r not in taken]
+    random.Random(SHUFFLE_SEED).shuffle(train)
+    n_train = 0
+    for rel in train:
+        if c.train_full:
+            break
+        if (docs := c.read(rel)) is not None and c.add("train", docs):
+            n_train += 1
+    return {"train": n_train, "val": len(held["val"]), "test": len(held["test"])}
 
 
 def _files_corpus(
@@ -705,90 +795,44 @@ def _files_corpus(
     log: Callable[[str], None],
 ) -> _Corpus:
     """Documents from local files, split by file (by document piece when there are fewer than
-    MIN_FILES_FOR_FILE_SPLIT files and no `val_include`).
+    MIN_FILES_FOR_FILE_SPLIT files and no `val_include`), so near-duplicate pieces of one file
+    never straddle splits.
 
     Each split's documents are shuffled with SHUFFLE_SEED; the pieces a long document is cut into
     stay in order, one after another, so a loader row that starts at a piece runs on into the
     rest of the same document.  Train files are read in a seeded random order until
-    `max_train_bytes` of text is reached, so a cap takes a random sample of files.
+    `max_train_bytes` of text is in, so a cap takes a random sample of files.
     """
-    if not root.exists():
-        raise PrepareError(f"{root} does not exist")
     rels = _walk(root, include, skip_dirs)
     globs = f" matching {', '.join(include)}" if include else ""
     if not rels:
         raise PrepareError(
             f"no .txt/.md/.py/.jsonl/.parquet files{globs} in {root}: nothing to prepare"
         )
-    base = root if root.is_dir() else root.parent
-    skipped: list[str] = []
-    units: dict[str, list[list[str]]] = {s: [] for s in _SPLITS}  # documents as lists of pieces
-    train_bytes, left_out = 0, 0
-
+    if val_include and not any(_matches(r, val_include) for r in rels):
+        raise PrepareError(
+            f"no files{globs} in {root} match --val-include {', '.join(val_include)}"
+        )
+    c = _Collector(root if root.is_dir() else root.parent, doc_chars, max_train_bytes)
     if len(rels) < MIN_FILES_FOR_FILE_SPLIT and not val_include:
-        log(f"only {len(rels)} file(s): splitting by document piece instead of by file")
-        keyed: list[tuple[str, str]] = []
-        for rel in rels:
-            docs = _read_documents(base / rel)
-            if docs is None:
-                skipped.append(rel)
-                continue
-            pieces = [p for doc in docs for p in cut_document(doc, doc_chars)]
-            keyed += [(f"{rel}#{i}", piece) for i, piece in enumerate(pieces)]
-        where = split_by_hash([key for key, _ in keyed], VAL_FRACTION, TEST_FRACTION)
-        for key, piece in keyed:
-            units[where.get(key, "train")].append([piece])
-        kept, train_bytes = _take_bytes([u[0] for u in units["train"]], max_train_bytes)
-        units["train"] = [[piece] for piece in kept]
-        files = {"train": len(rels), "val": 0, "test": 0}
+        files = _split_by_piece(c, rels, log)
     else:
-        if val_include:
-            where = {r: "val" for r in rels if _matches(r, val_include)}
-            if not where:
-                raise PrepareError(
-                    f"no files{globs} in {root} match --val-include {', '.join(val_include)}"
-                )
-            rest = split_by_hash([r for r in rels if r not in where], 0.0, TEST_FRACTION)
-            where.update({r: ("train" if s == "train" else "test") for r, s in rest.items()})
-        else:
-            where = split_by_hash(rels, VAL_FRACTION, TEST_FRACTION)
-        train_rels = [r for r in rels if where[r] == "train"]
-        random.Random(SHUFFLE_SEED).shuffle(train_rels)
-        for rel in [r for r in rels if where[r] != "train"] + train_rels:
-            full = max_train_bytes is not None and train_bytes >= max_train_bytes
-            if where[rel] == "train" and full:
-                left_out += 1
-                continue
-            docs = _read_documents(base / rel)
-            if docs is None:
-                skipped.append(rel)
-                continue
-            if where[rel] == "train":
-                room = None if max_train_bytes is None else max_train_bytes - train_bytes
-                docs, size = _take_bytes(docs, room if train_bytes else max_train_bytes)
-                if train_bytes and room is not None and size > room:
-                    train_bytes = max_train_bytes  # this file does not fit: the cap is reached
-                    left_out += 1
-                    continue
-                train_bytes += size
-            units[where[rel]] += [cut_document(doc, doc_chars) for doc in docs]
-        files = {s: sum(1 for r in rels if where[r] == s) for s in _SPLITS}
-
-    if skipped:
-        log(f"skipped {len(skipped)} file(s) that are not UTF-8 text, e.g. {skipped[0]}")
-    if left_out:
+        files = _split_by_file(c, rels, val_include)
+    if c.skipped:
+        log(f"skipped {len(c.skipped)} file(s) that are not UTF-8 text, e.g. {c.skipped[0]}")
+    left_out = len(rels) - len(c.skipped) - sum(files.values()) if files["val"] else 0
+    if c.train_full:
         log(f"max_train_bytes reached: {left_out} train file(s) left out")
     for split in _SPLITS:
-        units[split] = [u for u in units[split] if u]
-        random.Random(SHUFFLE_SEED).shuffle(units[split])
-        if not units[split]:
+        random.Random(SHUFFLE_SEED).shuffle(c.units[split])
+        if not c.units[split]:
             raise PrepareError(
                 f"the {split} split of {root} is empty: add more text (at least 3 files, or "
                 "one file with 3 documents) or adjust --include / --val-include"
             )
 
     def reader(split: str) -> Callable[[], Iterator[list[str]]]:
-        pieces = [p for unit in units[split] for p in unit]
+        pieces = [p for unit in c.units[split] for p in unit]
         step = ENCODE_BATCH_DOCS
         return lambda: (pieces[i : i + step] for i in range(0, len(pieces), step))
 
@@ -796,10 +840,10 @@ def _files_corpus(
         "root": str(root),
         "split_by": "file" if files["val"] else "document piece",
         "files": files,
-        "documents": {s: len(units[s]) for s in _SPLITS},
-        "train_text_bytes": train_bytes,
+        "documents": {s: len(c.units[s]) for s in _SPLITS},
+        "train_text_bytes": c.train_bytes,
         "train_files_left_out": left_out,
-        "skipped_files": skipped[:100],
+        "skipped_files": c.skipped[:100],
     }
     return _Corpus(splits={s: reader(s) for s in _SPLITS}, info=info)
 
@@ -873,6 +917,8 @@ def _plan(
         )
     if source.startswith("files:") and source[len("files:") :].strip():
         root = Path(source[len("files:") :].strip()).expanduser().resolve()
+        if not root.exists():
+            raise PrepareError(f"{root} does not exist")
         key = json.dumps([str(root), include, val_include])
         name = "files-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:10]
         args = {
