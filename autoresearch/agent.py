@@ -982,10 +982,21 @@ class ReplayAgent:
         self.position = 0
 
     def propose(self, ctx: Context) -> Proposal:
+        self._catch_up(ctx)
         return self._next(ctx.train_py)
 
     def fix(self, ctx: Context, failed_source: str, crash_tail: str) -> Proposal:
+        self._catch_up(ctx)
         return self._next(failed_source)
+
+    def _catch_up(self, ctx: Context) -> None:
+        """Skip the files already used by recorded experiments (after --resume).
+
+        Every experiment but the baseline consumed exactly one file, so a resumed session
+        replays from where the record ends: an attempt killed before it was recorded gets
+        its own file again.
+        """
+        self.position = max(self.position, len(ctx.history) - 1)
 
     def _next(self, base: str) -> Proposal:
         started = time.monotonic()

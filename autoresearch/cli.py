@@ -10,7 +10,6 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -44,7 +43,9 @@ class Device(str, Enum):
     cpu = "cpu"
 
 
-WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="Workspace directory (default: the current one).")
+WorkspaceOpt = typer.Option(
+    None, "--workspace", "-w", help="Workspace directory (default: the current one)."
+)
 TagOpt = typer.Option(None, "--tag", "-t", help="Session tag (default: the most recent session).")
 
 
@@ -56,86 +57,163 @@ def default_tag() -> str:
 @app.command()
 def prepare(
     source: str = typer.Option(
-        "climbmix", "--source", "-s",
+        "climbmix",
+        "--source",
+        "-s",
         help="climbmix | tinystories | stdlib (offline) | files:PATH (txt, md, py, jsonl, parquet, .gz)",
     ),
-    num_shards: int = typer.Option(10, "--num-shards", min=1, help="Training shards to download (climbmix, tinystories)."),
-    include: Optional[list[str]] = typer.Option(None, "--include", help="Glob of files to use (files:PATH); repeatable."),
-    val_include: Optional[list[str]] = typer.Option(
+    num_shards: int = typer.Option(
+        10, "--num-shards", min=1, help="Training shards to download (climbmix, tinystories)."
+    ),
+    include: list[str] | None = typer.Option(
+        None, "--include", help="Glob of files to use (files:PATH); repeatable."
+    ),
+    val_include: list[str] | None = typer.Option(
         None, "--val-include", help="Glob naming the validation files (files:PATH); repeatable."
     ),
-    max_train_mb: Optional[float] = typer.Option(None, "--max-train-mb", min=0.001, help="Cap on training text, MB."),
-    base_url: Optional[str] = typer.Option(None, "--base-url", help="Mirror to download shards from."),
+    max_train_mb: float | None = typer.Option(
+        None, "--max-train-mb", min=0.001, help="Cap on training text, MB."
+    ),
+    base_url: str | None = typer.Option(None, "--base-url", help="Mirror to download shards from."),
     workers: int = typer.Option(8, "--workers", min=1, max=64, help="Parallel downloads."),
-    workspace: Optional[Path] = WorkspaceOpt,
+    workspace: Path | None = WorkspaceOpt,
 ) -> None:
     """Download or collect text, train the tokenizer and write token shards (once)."""
     commands.prepare(
-        workspace=workspace, source=source, num_shards=num_shards, include=include,
-        val_include=val_include, max_train_mb=max_train_mb, base_url=base_url, workers=workers,
+        workspace=workspace,
+        source=source,
+        num_shards=num_shards,
+        include=include,
+        val_include=val_include,
+        max_train_mb=max_train_mb,
+        base_url=base_url,
+        workers=workers,
     )
 
 
 @app.command()
 def train(
-    preset: Optional[Preset] = typer.Option(None, "--preset", "-p", help="gpu or cpu (default: gpu when CUDA is available)."),
-    device: Optional[Device] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
-    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU index to use (sets CUDA_VISIBLE_DEVICES)."),
-    workspace: Optional[Path] = WorkspaceOpt,
+    preset: Preset | None = typer.Option(
+        None, "--preset", "-p", help="gpu or cpu (default: gpu when CUDA is available)."
+    ),
+    device: Device | None = typer.Option(
+        None, "--device", help="cuda or cpu (default: cuda when available)."
+    ),
+    gpu: str | None = typer.Option(
+        None, "--gpu", help="GPU index to use (sets CUDA_VISIBLE_DEVICES)."
+    ),
+    workspace: Path | None = WorkspaceOpt,
 ) -> None:
     """Run train.py once with a live progress bar and print its summary block."""
     code = commands.train_once(
-        workspace=workspace, preset=preset.value if preset else None,
-        device=device.value if device else None, gpu=gpu,
+        workspace=workspace,
+        preset=preset.value if preset else None,
+        device=device.value if device else None,
+        gpu=gpu,
     )
     raise typer.Exit(code)
 
 
 @app.command()
 def run(
-    tag: Optional[str] = typer.Option(None, "--tag", "-t", help="Session tag; the branch is autoresearch/<tag> (default: today's date, e.g. nov26)."),
-    agent: Optional[AgentName] = typer.Option(None, "--agent", "-a", help="openai (an endpoint), tuner (offline, no LLM) or replay. Default: openai when --model/--base-url is set, else tuner."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name at the endpoint."),
-    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
-    patches: Optional[Path] = typer.Option(None, "--patches", help="Directory of prepared replies (replay agent)."),
-    max_experiments: Optional[int] = typer.Option(None, "--max-experiments", "-n", min=1, help="Stop after this many experiments (the baseline counts)."),
-    max_hours: Optional[float] = typer.Option(None, "--max-hours", min=0.001, help="Stop starting experiments after this many hours."),
-    preset: Optional[Preset] = typer.Option(None, "--preset", "-p", help="gpu or cpu (default: gpu when CUDA is available)."),
-    device: Optional[Device] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
-    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU index to use (sets CUDA_VISIBLE_DEVICES)."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", min=1.0, help="Hard limit per run in seconds (default: 2 x TIME_BUDGET + 120)."),
-    stall_timeout: Optional[float] = typer.Option(None, "--stall-timeout", min=1.0, help="Kill a run that prints nothing for this many seconds."),
-    fix_attempts: int = typer.Option(1, "--fix-attempts", min=0, max=10, help="Repairs the agent may try after a crash."),
-    min_delta: float = typer.Option(0.0, "--min-delta", min=0.0, help="Keep only if val_bpb improves by more than this."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the tag's session after any stop, kill -9 included."),
+    tag: str | None = typer.Option(
+        None,
+        "--tag",
+        "-t",
+        help="Session tag; the branch is autoresearch/<tag> (default: today's date, e.g. nov26).",
+    ),
+    agent: AgentName | None = typer.Option(
+        None,
+        "--agent",
+        "-a",
+        help="openai (an endpoint), tuner (offline, no LLM) or replay. Default: openai when --model/--base-url is set, else tuner.",
+    ),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model name at the endpoint."),
+    base_url: str | None = typer.Option(
+        None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."
+    ),
+    patches: Path | None = typer.Option(
+        None, "--patches", help="Directory of prepared replies (replay agent)."
+    ),
+    max_experiments: int | None = typer.Option(
+        None,
+        "--max-experiments",
+        "-n",
+        min=1,
+        help="Stop after this many experiments (the baseline counts).",
+    ),
+    max_hours: float | None = typer.Option(
+        None, "--max-hours", min=0.001, help="Stop starting experiments after this many hours."
+    ),
+    preset: Preset | None = typer.Option(
+        None, "--preset", "-p", help="gpu or cpu (default: gpu when CUDA is available)."
+    ),
+    device: Device | None = typer.Option(
+        None, "--device", help="cuda or cpu (default: cuda when available)."
+    ),
+    gpu: str | None = typer.Option(
+        None, "--gpu", help="GPU index to use (sets CUDA_VISIBLE_DEVICES)."
+    ),
+    timeout: float | None = typer.Option(
+        None,
+        "--timeout",
+        min=1.0,
+        help="Hard limit per run in seconds (default: 2 x TIME_BUDGET + 120).",
+    ),
+    stall_timeout: float | None = typer.Option(
+        None,
+        "--stall-timeout",
+        min=1.0,
+        help="Kill a run that prints nothing for this many seconds.",
+    ),
+    fix_attempts: int = typer.Option(
+        1, "--fix-attempts", min=0, max=10, help="Repairs the agent may try after a crash."
+    ),
+    min_delta: float = typer.Option(
+        0.0, "--min-delta", min=0.0, help="Keep only if val_bpb improves by more than this."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the tag's session after any stop, kill -9 included."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only one line per experiment."),
-    workspace: Optional[Path] = WorkspaceOpt,
+    workspace: Path | None = WorkspaceOpt,
 ) -> None:
     """Run the research loop: propose, train, keep or revert, until a budget ends it."""
     if agent is AgentName.replay and patches is None:
         raise UsageError("--agent replay needs --patches DIR (a directory of prepared replies)")
     commands.run_session(
-        workspace=workspace, tag=tag or default_tag(), agent=agent.value if agent else None,
-        model=model, base_url=base_url, patches=patches, max_experiments=max_experiments,
-        max_hours=max_hours, preset=preset.value if preset else None,
-        device=device.value if device else None, gpu=gpu, timeout=timeout,
-        stall_timeout=stall_timeout, fix_attempts=fix_attempts, min_delta=min_delta,
-        resume=resume, quiet=quiet,
+        workspace=workspace,
+        tag=tag or default_tag(),
+        agent=agent.value if agent else None,
+        model=model,
+        base_url=base_url,
+        patches=patches,
+        max_experiments=max_experiments,
+        max_hours=max_hours,
+        preset=preset.value if preset else None,
+        device=device.value if device else None,
+        gpu=gpu,
+        timeout=timeout,
+        stall_timeout=stall_timeout,
+        fix_attempts=fix_attempts,
+        min_delta=min_delta,
+        resume=resume,
+        quiet=quiet,
     )
 
 
 @app.command()
 def status(
-    tag: Optional[str] = TagOpt,
+    tag: str | None = TagOpt,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-    workspace: Optional[Path] = WorkspaceOpt,
+    workspace: Path | None = WorkspaceOpt,
 ) -> None:
     """Best result, counts by status and the table of experiments."""
     commands.status(workspace=workspace, tag=tag, as_json=as_json)
 
 
 @app.command()
-def log(tag: Optional[str] = TagOpt, workspace: Optional[Path] = WorkspaceOpt) -> None:
+def log(tag: str | None = TagOpt, workspace: Path | None = WorkspaceOpt) -> None:
     """Accepted changes with val_bpb before → after."""
     commands.log(workspace=workspace, tag=tag)
 
@@ -143,8 +221,8 @@ def log(tag: Optional[str] = TagOpt, workspace: Optional[Path] = WorkspaceOpt) -
 @app.command()
 def show(
     exp_id: int = typer.Argument(..., metavar="N", help="Experiment number."),
-    tag: Optional[str] = TagOpt,
-    workspace: Optional[Path] = WorkspaceOpt,
+    tag: str | None = TagOpt,
+    workspace: Path | None = WorkspaceOpt,
 ) -> None:
     """One experiment: description, diff, metrics and the tail of its log."""
     commands.show(workspace=workspace, tag=tag, exp_id=exp_id)
@@ -157,27 +235,14 @@ def init(directory: Path = typer.Argument(..., help="Directory for the new works
 
 
 def main() -> None:
-    """Entry point: run the app, turning project errors into a message and an exit code."""
+    """Entry point: run the app, turning project errors into a message and an exit code.
+
+    Typer reports bad flags itself (exit 2); everything the commands raise from the
+    AutoresearchError family is printed here as one line, never as a traceback.
+    """
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
-        app(standalone_mode=False)
+        app()
     except AutoresearchError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err.print("aborted")
-        sys.exit(1)
-    except click_exceptions() as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-
-
-def click_exceptions() -> type[Exception]:
-    import click
-
-    return click.ClickException

@@ -42,7 +42,9 @@ def preset_constants(root: Path, preset: str) -> dict:
     """The preset's constants as prepare.py defines them (prepare.py is the one source)."""
     module = load_prepare(root)
     if preset not in module.PRESETS:
-        raise UsageError(f"unknown preset {preset!r}: prepare.py defines {', '.join(module.PRESETS)}")
+        raise UsageError(
+            f"unknown preset {preset!r}: prepare.py defines {', '.join(module.PRESETS)}"
+        )
     constants = dict(module.PRESETS[preset])
     override = os.environ.get("AUTORESEARCH_TIME_BUDGET")
     if override:
@@ -53,15 +55,27 @@ def preset_constants(root: Path, preset: str) -> dict:
 # ------------------------------------------------------------------ prepare / train / init
 
 
-def prepare(*, workspace: Path | None, source: str, num_shards: int, include: list[str] | None,
-            val_include: list[str] | None, max_train_mb: float | None, base_url: str | None,
-            workers: int) -> None:
+def prepare(
+    *,
+    workspace: Path | None,
+    source: str,
+    num_shards: int,
+    include: list[str] | None,
+    val_include: list[str] | None,
+    max_train_mb: float | None,
+    base_url: str | None,
+    workers: int,
+) -> None:
     root = find_workspace(workspace)
     module = load_prepare(root)
     try:
         module.run_prepare(
-            source, num_shards=num_shards, include=include or None, val_include=val_include or None,
-            base_url=base_url, workers=workers,
+            source,
+            num_shards=num_shards,
+            include=include or None,
+            val_include=val_include or None,
+            base_url=base_url,
+            workers=workers,
             max_train_bytes=int(max_train_mb * 1e6) if max_train_mb else None,
             log=lambda msg: out.print(msg, highlight=False, markup=False),
         )
@@ -69,7 +83,9 @@ def prepare(*, workspace: Path | None, source: str, num_shards: int, include: li
         raise DataError(str(exc)) from exc
 
 
-def train_once(*, workspace: Path | None, preset: str | None, device: str | None, gpu: str | None) -> int:
+def train_once(
+    *, workspace: Path | None, preset: str | None, device: str | None, gpu: str | None
+) -> int:
     """Run train.py once; returns its exit code (0 when it printed a valid summary)."""
     from .workspace import data_manifest
 
@@ -78,20 +94,32 @@ def train_once(*, workspace: Path | None, preset: str | None, device: str | None
     data_manifest()
     constants = preset_constants(root, preset)
     display = Display(out)
-    display.note(f"preset {preset} on {device}: " + ", ".join(f"{k} {v}" for k, v in constants.items()))
+    display.note(
+        f"preset {preset} on {device}: " + ", ".join(f"{k} {v}" for k, v in constants.items())
+    )
     log_path = root / RUNS_DIR / "train" / "run.log"
     display.training(0, "train.py", constants["TIME_BUDGET"])
     result = runner.run_training(
-        root, log_path,
+        root,
+        log_path,
         env=runner.child_env(dict(os.environ), preset=preset, device=device, gpu=gpu, extra=None),
         timeout=2 * constants["TIME_BUDGET"] + 120,
         on_step=display.step,
     )
-    display.result(Experiment(
-        id=0, status="keep" if result.ok else "crash", description="train.py", commit=None,
-        parent="", val_bpb=result.summary.get("val_bpb"), memory_gb=0.0, best_before=None,
-        threshold=0.0, crash_class=result.crash_class,
-    ))
+    display.result(
+        Experiment(
+            id=0,
+            status="keep" if result.ok else "crash",
+            description="train.py",
+            commit=None,
+            parent="",
+            val_bpb=result.summary.get("val_bpb"),
+            memory_gb=0.0,
+            best_before=None,
+            threshold=0.0,
+            crash_class=result.crash_class,
+        )
+    )
     if result.ok:
         out.print("---")
         for key, value in result.summary.items():
@@ -104,17 +132,34 @@ def train_once(*, workspace: Path | None, preset: str | None, device: str | None
 
 def init(directory: Path) -> None:
     root = init_workspace(directory)
-    out.print(f"workspace ready in {root}\nnext: cd {root} && autoresearch prepare && autoresearch run")
+    out.print(
+        f"workspace ready in {root}\nnext: cd {root} && autoresearch prepare && autoresearch run"
+    )
 
 
 # ------------------------------------------------------------------ run
 
 
-def run_session(*, workspace: Path | None, tag: str, agent: str | None, model: str | None,
-                base_url: str | None, patches: Path | None, max_experiments: int | None,
-                max_hours: float | None, preset: str | None, device: str | None, gpu: str | None,
-                timeout: float | None, stall_timeout: float | None, fix_attempts: int,
-                min_delta: float, resume: bool, quiet: bool) -> None:
+def run_session(
+    *,
+    workspace: Path | None,
+    tag: str,
+    agent: str | None,
+    model: str | None,
+    base_url: str | None,
+    patches: Path | None,
+    max_experiments: int | None,
+    max_hours: float | None,
+    preset: str | None,
+    device: str | None,
+    gpu: str | None,
+    timeout: float | None,
+    stall_timeout: float | None,
+    fix_attempts: int,
+    min_delta: float,
+    resume: bool,
+    quiet: bool,
+) -> None:
     from .agent import make_agent
     from .loop import Session, SessionOptions
 
@@ -122,21 +167,35 @@ def run_session(*, workspace: Path | None, tag: str, agent: str | None, model: s
         raise UsageError(f"--tag {tag!r}: use letters, digits, '-', '_' or '.' only")
     root = find_workspace(workspace)
     device, preset = resolve_device(device, preset)
-    base_url = base_url or os.environ.get("AUTORESEARCH_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+    base_url = (
+        base_url or os.environ.get("AUTORESEARCH_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+    )
     model = model or os.environ.get("AUTORESEARCH_MODEL")
     agent = agent or ("openai" if (base_url or model) else "tuner")
     if agent == "replay" and patches is None:
         raise UsageError("--agent replay needs --patches DIR (a directory of prepared replies)")
     constants = preset_constants(root, preset)
     agent_obj = make_agent(
-        agent, model=model, base_url=base_url, patches_dir=patches,
+        agent,
+        model=model,
+        base_url=base_url,
+        patches_dir=patches,
         api_key=os.environ.get("AUTORESEARCH_API_KEY") or os.environ.get("OPENAI_API_KEY"),
         timeout=120.0,
     )
     opts = SessionOptions(
-        tag=tag, preset=preset, device=device, time_budget=float(constants["TIME_BUDGET"]), gpu=gpu,
-        max_experiments=max_experiments, max_hours=max_hours, timeout=timeout,
-        stall_timeout=stall_timeout, fix_attempts=fix_attempts, min_delta=min_delta, resume=resume,
+        tag=tag,
+        preset=preset,
+        device=device,
+        time_budget=float(constants["TIME_BUDGET"]),
+        gpu=gpu,
+        max_experiments=max_experiments,
+        max_hours=max_hours,
+        timeout=timeout,
+        stall_timeout=stall_timeout,
+        fix_attempts=fix_attempts,
+        min_delta=min_delta,
+        resume=resume,
     )
     display = Display(out, quiet=quiet)
     display.note(
@@ -153,15 +212,19 @@ def session_ledger(root: Path, tag: str | None) -> Ledger:
     """The ledger of `tag`, or of the most recently started session."""
     runs = root / RUNS_DIR
     if tag is None:
-        candidates = sorted(
-            (p for p in runs.glob("*/experiments.jsonl")), key=lambda p: p.stat().st_mtime
-        ) if runs.is_dir() else []
+        candidates = (
+            sorted((p for p in runs.glob("*/experiments.jsonl")), key=lambda p: p.stat().st_mtime)
+            if runs.is_dir()
+            else []
+        )
         if not candidates:
             raise WorkspaceError(f"no sessions in {runs}: start one with `autoresearch run`")
         return Ledger(candidates[-1].parent)
     ledger = Ledger(runs / tag)
     if not (runs / tag / "experiments.jsonl").is_file():
-        known = sorted(p.parent.name for p in runs.glob("*/experiments.jsonl")) if runs.is_dir() else []
+        known = (
+            sorted(p.parent.name for p in runs.glob("*/experiments.jsonl")) if runs.is_dir() else []
+        )
         raise WorkspaceError(
             f"no session {tag!r} in {runs}" + (f" (sessions: {', '.join(known)})" if known else "")
         )
@@ -189,14 +252,28 @@ def status(*, workspace: Path | None, tag: str | None, as_json: bool) -> None:
             "branch": session.get("branch"),
             "end_reason": session.get("end_reason"),
             "baseline_bpb": baseline.val_bpb if baseline else None,
-            "best": {"id": best.id, "val_bpb": best.val_bpb, "commit": best.commit,
-                     "description": best.description} if best else None,
+            "best": {
+                "id": best.id,
+                "val_bpb": best.val_bpb,
+                "commit": best.commit,
+                "description": best.description,
+            }
+            if best
+            else None,
             "counts": _counts(exps),
             "gpu_busy_percent": busy,
             "experiments": [
-                {"id": e.id, "status": e.status, "val_bpb": e.val_bpb, "commit": e.commit,
-                 "description": e.description, "crash_class": e.crash_class,
-                 "memory_gb": e.memory_gb, "train_seconds": e.train_seconds, "agent": e.agent}
+                {
+                    "id": e.id,
+                    "status": e.status,
+                    "val_bpb": e.val_bpb,
+                    "commit": e.commit,
+                    "description": e.description,
+                    "crash_class": e.crash_class,
+                    "memory_gb": e.memory_gb,
+                    "train_seconds": e.train_seconds,
+                    "agent": e.agent,
+                }
                 for e in exps
             ],
         }
@@ -207,10 +284,12 @@ def status(*, workspace: Path | None, tag: str | None, as_json: bool) -> None:
         table.add_column(col, no_wrap=col != "description")
     for e in exps:
         table.add_row(
-            f"{e.id:04d}", (e.commit or "")[:7],
+            f"{e.id:04d}",
+            (e.commit or "")[:7],
             f"{e.val_bpb:.6f}" if e.val_bpb is not None else "—",
             format_delta(e),
-            f"[{STATUS_STYLE.get(e.status, '')}]{e.status}[/]" + (f" ({e.crash_class})" if e.crash_class else ""),
+            f"[{STATUS_STYLE.get(e.status, '')}]{e.status}[/]"
+            + (f" ({e.crash_class})" if e.crash_class else ""),
             e.description,
         )
     out.print(table)
@@ -246,7 +325,10 @@ def log(*, workspace: Path | None, tag: str | None) -> None:
         return
     for e in keeps:
         if e.best_before is None:
-            out.print(f"exp {e.id:04d} {(e.commit or '')[:7]} baseline val_bpb {e.val_bpb:.6f}", highlight=False)
+            out.print(
+                f"exp {e.id:04d} {(e.commit or '')[:7]} baseline val_bpb {e.val_bpb:.6f}",
+                highlight=False,
+            )
             continue
         out.print(
             f"exp {e.id:04d} {(e.commit or '')[:7]} val_bpb {e.best_before:.6f} → {e.val_bpb:.6f} "
@@ -260,9 +342,14 @@ def show(*, workspace: Path | None, tag: str | None, exp_id: int) -> None:
     ledger = session_ledger(root, tag)
     exp = ledger.get(exp_id)
     if exp is None:
-        raise UsageError(f"no experiment {exp_id} in session {ledger.run_dir.name} (see `autoresearch status`)")
+        raise UsageError(
+            f"no experiment {exp_id} in session {ledger.run_dir.name} (see `autoresearch status`)"
+        )
     out.print(result_line(exp), highlight=False, markup=False)
-    out.print(f"commit {exp.commit or '—'}  parent {exp.parent[:12]}  ref {exp.attempt_ref or '—'}", highlight=False)
+    out.print(
+        f"commit {exp.commit or '—'}  parent {exp.parent[:12]}  ref {exp.attempt_ref or '—'}",
+        highlight=False,
+    )
     if exp.agent:
         out.print("agent " + ", ".join(f"{k} {v}" for k, v in exp.agent.items()), highlight=False)
     if exp.extra.get("reason"):
@@ -281,4 +368,3 @@ def show(*, workspace: Path | None, tag: str | None, exp_id: int) -> None:
         out.rule("log tail")
         lines = run_log.read_text(encoding="utf-8", errors="replace").splitlines()
         out.print("\n".join(lines[-30:]), highlight=False, markup=False)
-

@@ -34,12 +34,18 @@ def format_delta(exp: Experiment) -> str:
 def result_line(exp: Experiment) -> str:
     """One plain line for a finished experiment (also used by `status`)."""
     bpb = f"val_bpb {exp.val_bpb:.6f}" if exp.val_bpb is not None else "val_bpb    —    "
-    extra = exp.crash_class or exp.extra.get("reason", "") if exp.status in ("crash", "invalid") else format_delta(exp)
+    extra = (
+        exp.crash_class or exp.extra.get("reason", "")
+        if exp.status in ("crash", "invalid")
+        else format_delta(exp)
+    )
     return f"exp {exp.id:04d} {exp.status:<11} {bpb}  {extra:<18} {exp.description}"
 
 
 class Display:
-    def __init__(self, console: Console | None = None, *, quiet: bool = False, live: bool | None = None) -> None:
+    def __init__(
+        self, console: Console | None = None, *, quiet: bool = False, live: bool | None = None
+    ) -> None:
         self.console = console or Console(stderr=False)
         self.quiet = quiet
         self.live = self.console.is_terminal if live is None else live
@@ -60,7 +66,9 @@ class Display:
         if self.quiet:
             return
         if not self.live:
-            self.console.print(f"exp {exp_id:04d} training: {description}", highlight=False, markup=False)
+            self.console.print(
+                f"exp {exp_id:04d} training: {description}", highlight=False, markup=False
+            )
             return
         self._progress = Progress(
             TextColumn(f"exp {exp_id:04d}"),
@@ -82,7 +90,9 @@ class Display:
             self._progress.update(self._task, completed=min(step.pct, 100.0), stats=stats)
         elif step.pct >= self._next_pct:
             self._next_pct = step.pct + 10.0
-            self.console.print(f"  step {step.step:05d} ({step.pct:.1f}%) | {stats}", highlight=False, markup=False)
+            self.console.print(
+                f"  step {step.step:05d} ({step.pct:.1f}%) | {stats}", highlight=False, markup=False
+            )
 
     def result(self, exp: Experiment) -> None:
         if self._progress is not None:

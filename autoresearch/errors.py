@@ -24,6 +24,8 @@ class WorkspaceError(AutoresearchError):
 class DataError(AutoresearchError):
     """Prepared data or tokenizer missing, unreadable or not matching its manifest."""
 
+    exit_code = 2
+
 
 class AgentError(AutoresearchError):
     """The agent could not produce a proposal (endpoint dead, no valid reply after retries)."""

@@ -36,7 +36,9 @@ from .workspace import RUNS_DIR, TRAIN_FILE, data_manifest
 BRANCH_PREFIX = "autoresearch/"
 STARTUP_ALLOWANCE_S = 120.0  # seconds allowed on top of 2 x TIME_BUDGET for imports, compile, eval
 CRASH_TAIL_LINES = 50
-AGENT_OUTAGE_RETRIES = 5  # consecutive endpoint failures (after the client's own retries) before stopping
+AGENT_OUTAGE_RETRIES = (
+    5  # consecutive endpoint failures (after the client's own retries) before stopping
+)
 AGENT_OUTAGE_WAIT_S = 30.0
 
 
@@ -109,7 +111,9 @@ class Session:
         self.repo = GitRepo(root)
         self.stop_requested = False
         self.cancel = threading.Event()
-        self._interruptible = False  # True while blocked in the agent: a second Ctrl-C may raise there
+        self._interruptible = (
+            False  # True while blocked in the agent: a second Ctrl-C may raise there
+        )
         self._sources: dict[str, str] = {}
         self._started = time.monotonic()
         self._train_wall = 0.0
@@ -122,6 +126,14 @@ class Session:
         try:
             pending = self._resume() if self.opts.resume else self._start()
             reason = self._loop(pending)
+        except KeyboardInterrupt:
+            # Second Ctrl-C while the agent was thinking: nothing was committed for it.
+            self.ledger.write_state(None)
+            self.ledger.update_session(ended=_now(), end_reason="interrupted")
+            raise SessionInterrupted(
+                "interrupted while proposing; nothing was committed. Continue with "
+                f"`autoresearch run --resume --tag {self.opts.tag}`"
+            ) from None
         finally:
             signal.signal(signal.SIGINT, previous)
             self.repo.close()
@@ -156,8 +168,12 @@ class Session:
         repo.create_branch(self.branch, base)
         repo.checkout(self.branch)
         self.ledger.update_session(
-            tag=self.opts.tag, branch=self.branch, base=base, started=_now(),
-            preset=self.opts.preset, agent=self.agent.name,
+            tag=self.opts.tag,
+            branch=self.branch,
+            base=base,
+            started=_now(),
+            preset=self.opts.preset,
+            agent=self.agent.name,
         )
         return None
 
@@ -195,13 +211,19 @@ class Session:
                 "commit or stash them, then resume"
             )
         # Only train.py can be dirty here, and only the session writes it: restore it.
-        target = pending["commit"] if pending and pending.get("commit") else self._best_commit(session)
+        target = (
+            pending["commit"] if pending and pending.get("commit") else self._best_commit(session)
+        )
         repo.checkout(self.branch, force=True)
         repo.reset_hard(target)
         self.ledger.rebuild_tsv()
         self.display.note(
             f"resuming {self.branch}: {len(done)} experiments recorded"
-            + (f", re-running experiment {pending['id']:04d}" if pending and pending.get("commit") else "")
+            + (
+                f", re-running experiment {pending['id']:04d}"
+                if pending and pending.get("commit")
+                else ""
+            )
         )
         return pending
 
@@ -217,8 +239,11 @@ class Session:
     def _loop(self, pending: dict | None) -> str:
         if pending and pending.get("commit"):
             self._train_and_judge(
-                pending["id"], pending["commit"], pending["description"],
-                agent_info=pending.get("agent", {}), fix_of=pending.get("fix_of"),
+                pending["id"],
+                pending["commit"],
+                pending["description"],
+                agent_info=pending.get("agent", {}),
+                fix_of=pending.get("fix_of"),
             )
         if not self.ledger.experiments():
             self._baseline()
@@ -284,13 +309,19 @@ class Session:
             duplicate = self._duplicate_of(proposal.source)
             if duplicate is not None:
                 self._record_invalid(
-                    exp_id, None, proposal=proposal,
+                    exp_id,
+                    None,
+                    proposal=proposal,
                     reason=f"train.py identical to experiment {duplicate:04d}",
                 )
                 return
             commit = self._commit_candidate(exp_id, proposal, fix_of)
             exp = self._train_and_judge(
-                exp_id, commit, proposal.description, agent_info=_agent_info(proposal), fix_of=fix_of
+                exp_id,
+                commit,
+                proposal.description,
+                agent_info=_agent_info(proposal),
+                fix_of=fix_of,
             )
             if exp.status != "crash" or fixes_left <= 0 or self.stop_requested:
                 return
@@ -310,8 +341,14 @@ class Session:
     def _commit_candidate(self, exp_id: int, proposal: Proposal, fix_of: int | None) -> str:
         best = self._best_commit()
         self.ledger.write_state(
-            {"phase": "committing", "id": exp_id, "description": proposal.description,
-             "parent": best, "fix_of": fix_of, "agent": _agent_info(proposal)}
+            {
+                "phase": "committing",
+                "id": exp_id,
+                "description": proposal.description,
+                "parent": best,
+                "fix_of": fix_of,
+                "agent": _agent_info(proposal),
+            }
         )
         self.ledger.write_artifact(exp_id, "prompt.json", _json(proposal.messages))
         self.ledger.write_artifact(exp_id, "reply.txt", proposal.reply)
@@ -323,14 +360,27 @@ class Session:
         return commit
 
     def _train_and_judge(
-        self, exp_id: int, commit: str, description: str, *, agent_info: dict,
-        fix_of: int | None, baseline: bool = False,
+        self,
+        exp_id: int,
+        commit: str,
+        description: str,
+        *,
+        agent_info: dict,
+        fix_of: int | None,
+        baseline: bool = False,
     ) -> Experiment:
         best = self.ledger.best()
         parent = self._best_commit()
         self.ledger.write_state(
-            {"phase": "training", "id": exp_id, "commit": commit, "description": description,
-             "parent": parent, "fix_of": fix_of, "agent": agent_info}
+            {
+                "phase": "training",
+                "id": exp_id,
+                "commit": commit,
+                "description": description,
+                "parent": parent,
+                "fix_of": fix_of,
+                "agent": agent_info,
+            }
         )
         self.display.training(exp_id, description, self.opts.time_budget)
         started = _now()
@@ -339,8 +389,11 @@ class Session:
             self.ledger.experiment_dir(exp_id) / "run.log",
             command=self.opts.command,
             env=runner.child_env(
-                dict(os.environ), preset=self.opts.preset, device=self.opts.device,
-                gpu=self.opts.gpu, extra=None,
+                dict(os.environ),
+                preset=self.opts.preset,
+                device=self.opts.device,
+                gpu=self.opts.gpu,
+                extra=None,
             ),
             timeout=self.opts.hard_timeout,
             stall_timeout=self.opts.stall_timeout,
@@ -351,17 +404,29 @@ class Session:
         best_bpb = best.val_bpb if best else None
         status, val_bpb = self._judge(result, best_bpb, baseline)
         exp = Experiment(
-            id=exp_id, status=status, description=description, commit=commit, parent=parent,
-            val_bpb=val_bpb, memory_gb=result.summary.get("peak_vram_mb", 0.0) / 1024,
-            best_before=best_bpb, threshold=self.opts.min_delta,
-            crash_class=result.crash_class, exit_code=result.exit_code,
-            metrics=dict(result.summary), started_at=started, ended_at=_now(),
-            train_seconds=result.wall_seconds, agent=agent_info,
+            id=exp_id,
+            status=status,
+            description=description,
+            commit=commit,
+            parent=parent,
+            val_bpb=val_bpb,
+            memory_gb=result.summary.get("peak_vram_mb", 0.0) / 1024,
+            best_before=best_bpb,
+            threshold=self.opts.min_delta,
+            crash_class=result.crash_class,
+            exit_code=result.exit_code,
+            metrics=dict(result.summary),
+            started_at=started,
+            ended_at=_now(),
+            train_seconds=result.wall_seconds,
+            agent=agent_info,
             attempt_ref=None if baseline else attempt_ref(self.opts.tag, exp_id),
             fix_of=fix_of,
-            extra={"log_tail": result.log_tail if status != "keep" else "",
-                   "gpu_busy_s": round(self._train_wall, 1),
-                   "session_s": round(time.monotonic() - self._started, 1)},
+            extra={
+                "log_tail": result.log_tail if status != "keep" else "",
+                "gpu_busy_s": round(self._train_wall, 1),
+                "session_s": round(time.monotonic() - self._started, 1),
+            },
         )
         self.ledger.append(exp)
         if status != "keep" and not baseline:
@@ -375,7 +440,9 @@ class Session:
             )
         return exp
 
-    def _judge(self, result: runner.RunResult, best_bpb: float | None, baseline: bool) -> tuple[str, float | None]:
+    def _judge(
+        self, result: runner.RunResult, best_bpb: float | None, baseline: bool
+    ) -> tuple[str, float | None]:
         if result.crash_class == "interrupted":
             return "interrupted", None
         if not result.ok:
@@ -388,15 +455,24 @@ class Session:
         return "discard", val_bpb
 
     def _record_invalid(
-        self, exp_id: int, exc: InvalidProposal | None, *, proposal: Proposal | None = None,
-        reason: str | None = None, fix_of: int | None = None,
+        self,
+        exp_id: int,
+        exc: InvalidProposal | None,
+        *,
+        proposal: Proposal | None = None,
+        reason: str | None = None,
+        fix_of: int | None = None,
     ) -> None:
         if exc is not None:
             self.ledger.write_artifact(exp_id, "prompt.json", _json(exc.messages))
             self.ledger.write_artifact(exp_id, "reply.txt", exc.reply)
             reason = str(exc)
-            info = {"name": self.agent.name, "attempts": exc.attempts,
-                    "tokens_in": exc.tokens_in, "tokens_out": exc.tokens_out}
+            info = {
+                "name": self.agent.name,
+                "attempts": exc.attempts,
+                "tokens_in": exc.tokens_in,
+                "tokens_out": exc.tokens_out,
+            }
             description = exc.description or "(no valid edit)"
         else:
             assert proposal is not None
@@ -406,10 +482,19 @@ class Session:
             description = proposal.description
         best = self.ledger.best()
         exp = Experiment(
-            id=exp_id, status="invalid", description=description, commit=None,
-            parent=self._best_commit(), val_bpb=None, memory_gb=0.0,
-            best_before=best.val_bpb if best else None, threshold=self.opts.min_delta,
-            started_at=_now(), ended_at=_now(), agent=info, fix_of=fix_of,
+            id=exp_id,
+            status="invalid",
+            description=description,
+            commit=None,
+            parent=self._best_commit(),
+            val_bpb=None,
+            memory_gb=0.0,
+            best_before=best.val_bpb if best else None,
+            threshold=self.opts.min_delta,
+            started_at=_now(),
+            ended_at=_now(),
+            agent=info,
+            fix_of=fix_of,
             extra={"reason": reason or ""},
         )
         self.ledger.append(exp)
@@ -427,10 +512,16 @@ class Session:
             delta = None
             if e.val_bpb is not None and e.best_before is not None:
                 delta = e.val_bpb - e.best_before
-            history.append(HistoryEntry(
-                id=e.id, status=e.status, val_bpb=e.val_bpb, delta=delta,
-                description=e.description, source=self._source(e.commit) if e.commit else None,
-            ))
+            history.append(
+                HistoryEntry(
+                    id=e.id,
+                    status=e.status,
+                    val_bpb=e.val_bpb,
+                    delta=delta,
+                    description=e.description,
+                    source=self._source(e.commit) if e.commit else None,
+                )
+            )
             if e.status == "keep":
                 best_so_far = e.val_bpb
         crashes = [e for e in exps if e.status == "crash"]
@@ -478,8 +569,14 @@ class Session:
 
 
 def _agent_info(p: Proposal) -> dict:
-    return {"name": p.agent, "model": p.model, "attempts": p.attempts,
-            "tokens_in": p.tokens_in, "tokens_out": p.tokens_out, "seconds": round(p.seconds, 2)}
+    return {
+        "name": p.agent,
+        "model": p.model,
+        "attempts": p.attempts,
+        "tokens_in": p.tokens_in,
+        "tokens_out": p.tokens_out,
+        "seconds": round(p.seconds, 2),
+    }
 
 
 def _json(obj: object) -> str:

@@ -62,7 +62,9 @@ def init_workspace(target: Path) -> Path:
             f"{target} already has {', '.join(existing)}: choose an empty or new directory"
         )
     if shutil.which("git") is None:
-        raise WorkspaceError("git is not installed: install git, then run `autoresearch init` again")
+        raise WorkspaceError(
+            "git is not installed: install git, then run `autoresearch init` again"
+        )
     target.mkdir(parents=True, exist_ok=True)
     for name in WORKSPACE_FILES:
         (target / name).write_text(template_text(name), encoding="utf-8")

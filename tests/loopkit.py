@@ -1,0 +1,111 @@
+"""Helpers for loop tests: a real workspace whose train.py is a fast stub trainer.
+
+The stub prints train.py's output contract in well under a second, with a val_bpb that is a
+smooth function of its constants, so the loop, git and the record are exercised for real
+while training costs nothing. The prepared-data check only needs a manifest to exist, so the
+cache holds a manifest and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from autoresearch.workspace import init_workspace
+
+STUB_TRAIN = '''\
+"""Stub trainer: prints the output contract; val_bpb depends on the constants below."""
+import math
+import sys
+import time
+
+LR = 0.04  # learning rate
+WIDTH = 64  # model width
+CRASH = False  # raise before training
+SLEEP = 0.0  # seconds per step
+
+
+def main():
+    if CRASH:
+        raise RuntimeError("simulated crash in train.py")
+    for i in range(3):
+        time.sleep(SLEEP)
+        print(f"step {i:05d} ({(i + 1) * 33.3:.1f}%) | loss {5 - i:.6f} | dt 10ms | "
+              f"tok/sec 1,000 | mfu 0.0% | remaining {2 - i}s", flush=True)
+    val = 1.0 + 10 * (LR - 0.08) ** 2 + abs(math.log2(WIDTH / 256)) / 100
+    print("---")
+    print(f"val_bpb:          {val:.6f}")
+    print("training_seconds: 0.1")
+    print("total_seconds:    0.2")
+    print("peak_vram_mb:     1024.0")
+    print("mfu_percent:      0.00")
+    print("total_tokens_M:   0.1")
+    print("num_steps:        3")
+    print(f"num_params_M:     {WIDTH / 100:.1f}")
+    print("depth:            2")
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def stub_bpb(lr: float = 0.04, width: int = 64) -> float:
+    """What the stub prints for these constants (rounded as printed)."""
+    import math
+
+    return round(1.0 + 10 * (lr - 0.08) ** 2 + abs(math.log2(width / 256)) / 100, 6)
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def make_workspace(root: Path, train_source: str = STUB_TRAIN) -> Path:
+    """A real workspace (git repo from `autoresearch init`) with `train_source` committed."""
+    ws = init_workspace(root)
+    (ws / "train.py").write_text(train_source, encoding="utf-8")
+    git(ws, "add", "train.py")
+    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "stub trainer")
+    return ws
+
+
+def fake_prepared_cache(cache: Path) -> Path:
+    """A cache whose active dataset has a manifest (enough for the loop's data check)."""
+    (cache / "stub").mkdir(parents=True, exist_ok=True)
+    (cache / "stub" / "manifest.json").write_text(json.dumps({"source": "stub"}))
+    (cache / "ACTIVE").write_text("stub\n")
+    return cache
+
+
+def reply(description: str, *edits: tuple[str, str]) -> str:
+    """An LLM reply: a description line and one SEARCH/REPLACE block per (search, replace)."""
+    blocks = "".join(
+        f"train.py\n```python\n<<<<<<< SEARCH\n{s}\n=======\n{r}\n>>>>>>> REPLACE\n```\n"
+        for s, r in edits
+    )
+    return f"{description}\n\n{blocks}"
+
+
+def results_rows(ws: Path, tag: str) -> list[list[str]]:
+    lines = (ws / "runs" / tag / "results.tsv").read_text().splitlines()
+    assert lines[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+    return [line.split("\t") for line in lines[1:]]
+
+
+def cli(
+    ws: Path, *args: str, env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """Run the real `autoresearch` CLI in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "autoresearch", *args, "--workspace", str(ws)],
+        cwd=ws,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,382 @@
+"""The research loop end to end: real git, real CLI subprocesses, the real openai client
+against a fake endpoint over HTTP, and a stub trainer standing in for the GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fakellm import FakeLLM
+from loopkit import (
+    STUB_TRAIN,
+    cli,
+    fake_prepared_cache,
+    git,
+    make_workspace,
+    reply,
+    results_rows,
+    stub_bpb,
+)
+
+TAG = "t1"
+BRANCH = f"autoresearch/{TAG}"
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    return make_workspace(tmp_path / "ws")
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    cache = fake_prepared_cache(tmp_path / "cache")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "OPENAI_"))}
+    return {**base, "AUTORESEARCH_CACHE": str(cache), "PYTHONPATH": str(Path(__file__).parents[1])}
+
+
+def run_llm(
+    ws: Path, env: dict, server: FakeLLM, n: int, *extra: str
+) -> subprocess.CompletedProcess:
+    return cli(
+        ws,
+        "run",
+        "--tag",
+        TAG,
+        "--agent",
+        "openai",
+        "--base-url",
+        server.base_url,
+        "--model",
+        "fake-model",
+        "--max-experiments",
+        str(n),
+        "--preset",
+        "cpu",
+        "--device",
+        "cpu",
+        *extra,
+        env={**env, "OPENAI_API_KEY": "sk-test-secret"},
+    )
+
+
+def assert_consistent(ws: Path, expected_head: str) -> None:
+    """Branch checked out at the expected commit, working tree clean."""
+    assert git(ws, "rev-parse", "--abbrev-ref", "HEAD") == BRANCH
+    assert git(ws, "rev-parse", "HEAD") == expected_head
+    assert git(ws, "status", "--porcelain") == ""
+
+
+def attempt(ws: Path, n: int) -> str:
+    return git(ws, "rev-parse", f"refs/autoresearch/{TAG}/attempts/{n:04d}")
+
+
+def records(ws: Path) -> list[dict]:
+    path = ws / "runs" / TAG / "experiments.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_scripted_session_step_by_step(ws: Path, env: dict) -> None:
+    """A good edit, a malformed reply then a fix, a crash and its repair, a worse result."""
+    base = git(ws, "rev-parse", "HEAD")
+    with FakeLLM() as server:
+        # 1. baseline + a good edit: kept.
+        server.enqueue(
+            reply("Raise LR to 0.06", ("LR = 0.04  # learning rate", "LR = 0.06  # learning rate"))
+        )
+        proc = run_llm(ws, env, server, 2)
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        head = git(ws, "rev-parse", "HEAD")
+        assert git(ws, "log", "-1", "--format=%s") == "exp 0002: Raise LR to 0.06"
+        assert git(ws, "rev-parse", "HEAD~1") == base
+        assert_consistent(ws, head)
+        assert attempt(ws, 2) == head
+        rows = results_rows(ws, TAG)
+        assert [(r[3], r[4]) for r in rows] == [("keep", "baseline"), ("keep", "Raise LR to 0.06")]
+        assert float(rows[0][1]) == pytest.approx(stub_bpb(0.04, 64))
+        assert float(rows[1][1]) == pytest.approx(stub_bpb(0.06, 64))
+        assert rows[1][0] == head[:7] and rows[1][2] == "1.0"
+
+        # 2. a malformed reply, then a corrected one: one experiment, kept.
+        server.enqueue(reply("Wider", ("WIDTH = 32  # nowhere in train.py", "WIDTH = 128")))
+        server.enqueue(
+            reply(
+                "Double WIDTH to 128", ("WIDTH = 64  # model width", "WIDTH = 128  # model width")
+            )
+        )
+        proc = run_llm(ws, env, server, 3, "--resume")
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        retry_prompt = json.dumps(server.requests[-1]["messages"])
+        assert "WIDTH = 32" in retry_prompt and "WIDTH = 64  # model width" in retry_prompt
+        head = git(ws, "rev-parse", "HEAD")
+        assert_consistent(ws, head)
+        assert [r[3] for r in results_rows(ws, TAG)] == ["keep", "keep", "keep"]
+        assert records(ws)[2]["agent"]["attempts"] == 2
+
+        # 3. a crash, then the agent's repair: crash recorded, repair kept.
+        server.enqueue(
+            reply(
+                "Try crashing",
+                ("CRASH = False  # raise before training", "CRASH = True  # raise before training"),
+            )
+        )
+        server.enqueue(
+            reply(
+                "Undo the crash and raise LR to 0.07",
+                ("CRASH = True  # raise before training", "CRASH = False  # raise before training"),
+                ("LR = 0.06  # learning rate", "LR = 0.07  # learning rate"),
+            )
+        )
+        proc = run_llm(ws, env, server, 5, "--resume")
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        assert "simulated crash in train.py" in json.dumps(server.requests[-1]["messages"])
+        rows = results_rows(ws, TAG)
+        assert [r[3] for r in rows] == ["keep", "keep", "keep", "crash", "keep"]
+        assert rows[3][1] == "0.000000"
+        recs = records(ws)
+        assert recs[3]["crash_class"] == "other" and recs[4]["fix_of"] == 4
+        assert "CRASH = True" in git(ws, "show", f"{attempt(ws, 4)}:train.py")
+        head = git(ws, "rev-parse", "HEAD")
+        assert head == attempt(ws, 5)
+        assert_consistent(ws, head)
+
+        # 4. a worse result: discarded, branch back at the best, attempt still reachable.
+        server.enqueue(
+            reply("LR to 0.5", ("LR = 0.07  # learning rate", "LR = 0.5  # learning rate"))
+        )
+        proc = run_llm(ws, env, server, 6, "--resume")
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        assert_consistent(ws, head)
+        assert [r[3] for r in results_rows(ws, TAG)][-1] == "discard"
+        assert "LR = 0.5" in git(ws, "show", f"{attempt(ws, 6)}:train.py")
+        assert "LR = 0.07" in (ws / "train.py").read_text()
+        assert server.pending() == 0
+    # Nothing secret reached the record.
+    assert "sk-test-secret" not in "".join(
+        p.read_text() for p in (ws / "runs").rglob("*") if p.is_file()
+    )
+    # The per-experiment artifacts exist.
+    exp6 = ws / "runs" / TAG / "0006"
+    assert {"patch.diff", "run.log", "prompt.json", "reply.txt"} <= {p.name for p in exp6.iterdir()}
+    assert "+LR = 0.5" in (exp6 / "patch.diff").read_text()
+
+
+def test_status_log_show(ws: Path, env: dict, tmp_path: Path) -> None:
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (patches / "01.txt").write_text(
+        reply("LR to 0.06", ("LR = 0.04  # learning rate", "LR = 0.06  # learning rate"))
+    )
+    (patches / "02.txt").write_text(
+        reply("LR to 0.5", ("LR = 0.06  # learning rate", "LR = 0.5  # learning rate"))
+    )
+    proc = cli(
+        ws,
+        "run",
+        "--tag",
+        TAG,
+        "--agent",
+        "replay",
+        "--patches",
+        str(patches),
+        "--preset",
+        "cpu",
+        "--device",
+        "cpu",
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "agent has no more proposals" in proc.stdout
+    status = cli(ws, "status", "--json", env=env)
+    data = json.loads(status.stdout)
+    assert data["counts"] == {"keep": 2, "discard": 1}
+    assert data["best"]["id"] == 2 and data["best"]["val_bpb"] == pytest.approx(stub_bpb(0.06))
+    log = cli(ws, "log", env=env).stdout
+    assert f"{stub_bpb(0.04):.6f} → {stub_bpb(0.06):.6f}" in log and "LR to 0.5" not in log
+    show = cli(ws, "show", "3", env=env).stdout
+    assert "+LR = 0.5" in show and "val_bpb" in show and "discard" in show
+
+
+def test_refusals_write_nothing(ws: Path, env: dict, tmp_path: Path) -> None:
+    base_args = ["run", "--tag", TAG, "--agent", "tuner", "--preset", "cpu", "--device", "cpu"]
+    # Dirty tree.
+    (ws / "train.py").write_text(STUB_TRAIN + "\n# local change\n")
+    proc = cli(ws, *base_args, env=env)
+    assert proc.returncode == 1 and "uncommitted changes" in proc.stderr
+    git(ws, "checkout", "train.py")
+    # Missing data.
+    proc = cli(ws, *base_args, env={**env, "AUTORESEARCH_CACHE": str(tmp_path / "empty")})
+    assert proc.returncode == 2 and "autoresearch prepare" in proc.stderr
+    # Bad flags.
+    for bad in (
+        ["--agent", "gpt"],
+        ["--preset", "tpu"],
+        ["--max-experiments", "0"],
+        ["--timeout", "-5"],
+    ):
+        proc = cli(ws, "run", "--tag", TAG, *bad, env=env)
+        assert proc.returncode == 2, (bad, proc.stderr)
+    proc = cli(ws, "run", "--tag", TAG, "--device", "cuda", env=env)
+    assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr
+    proc = cli(ws, "run", "--tag", "bad/tag", "--agent", "tuner", env=env)
+    assert proc.returncode == 2
+    # Resume of a session that never started.
+    proc = cli(ws, *base_args, "--resume", env=env)
+    assert proc.returncode == 1 and "nothing to resume" in proc.stderr
+    assert git(ws, "branch", "--list", "autoresearch/*") == ""
+    assert not (ws / "runs").exists() or not any((ws / "runs").iterdir())
+    assert git(ws, "status", "--porcelain") == ""
+    # An existing branch is refused without --resume.
+    proc = cli(ws, *base_args, "--max-experiments", "1", env=env)
+    assert proc.returncode == 0, proc.stderr
+    proc = cli(ws, *base_args, env=env)
+    assert proc.returncode == 1 and "--resume" in proc.stderr
+
+
+def _wait_for(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def _state(ws: Path) -> dict:
+    try:
+        return json.loads((ws / "runs" / TAG / "state.json").read_text()) or {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _start(ws: Path, env: dict, patches: Path, n: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "autoresearch",
+            "run",
+            "--tag",
+            TAG,
+            "--agent",
+            "replay",
+            "--patches",
+            str(patches),
+            "--max-experiments",
+            str(n),
+            "--preset",
+            "cpu",
+            "--device",
+            "cpu",
+            "--workspace",
+            str(ws),
+        ],
+        cwd=ws,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _patches(tmp_path: Path) -> Path:
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (patches / "01.txt").write_text(
+        reply("LR to 0.06", ("LR = 0.04  # learning rate", "LR = 0.06  # learning rate"))
+    )
+    (patches / "02.txt").write_text(
+        reply("WIDTH to 128", ("WIDTH = 64  # model width", "WIDTH = 128  # model width"))
+    )
+    (patches / "03.txt").write_text(
+        reply("LR to 0.07", ("LR = 0.06  # learning rate", "LR = 0.07  # learning rate"))
+    )
+    return patches
+
+
+def _check_final(ws: Path, n: int) -> None:
+    recs = records(ws)
+    assert [r["id"] for r in recs] == list(range(1, n + 1))  # nothing lost, nothing twice
+    assert len(results_rows(ws, TAG)) == n
+    best = [r for r in recs if r["status"] == "keep"][-1]
+    assert git(ws, "rev-parse", "HEAD") == best["commit"]
+    assert git(ws, "status", "--porcelain") == ""
+    for r in recs[1:]:
+        if r["commit"]:
+            assert attempt(ws, r["id"]) == r["commit"]
+
+
+def test_sigkill_mid_training_then_resume(ws: Path, env: dict, tmp_path: Path) -> None:
+    (ws / "train.py").write_text(STUB_TRAIN.replace("SLEEP = 0.0", "SLEEP = 0.5"))
+    git(ws, "commit", "-qam", "slow stub")
+    proc = _start(ws, env, _patches(tmp_path), 3)
+    _wait_for(lambda: _state(ws).get("phase") == "training" and _state(ws).get("id") == 2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(records(ws)) == 1
+    done = cli(
+        ws,
+        "run",
+        "--tag",
+        TAG,
+        "--agent",
+        "replay",
+        "--patches",
+        str(tmp_path / "patches"),
+        "--max-experiments",
+        "3",
+        "--preset",
+        "cpu",
+        "--device",
+        "cpu",
+        "--resume",
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "re-running experiment 0002" in done.stdout
+    _check_final(ws, 3)
+    assert [r["description"] for r in records(ws)] == ["baseline", "LR to 0.06", "WIDTH to 128"]
+
+
+def test_sigkill_mid_commit_then_resume(ws: Path, env: dict, tmp_path: Path) -> None:
+    """Kill the tool while git is writing the candidate commit (a hook holds it there)."""
+    hook = ws / ".git" / "hooks" / "reference-transaction"
+    entered = tmp_path / "hook-entered"
+    hook.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = prepared ] && grep -q committing "{ws}/runs/{TAG}/state.json" 2>/dev/null; then\n'
+        f'  touch "{entered}"; sleep 60\n'
+        "fi\n"
+    )
+    hook.chmod(0o755)
+    proc = _start(ws, env, _patches(tmp_path), 3)
+    _wait_for(entered.exists)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    hook.unlink()
+    assert _state(ws).get("phase") == "committing"
+    done = cli(
+        ws,
+        "run",
+        "--tag",
+        TAG,
+        "--agent",
+        "replay",
+        "--patches",
+        str(tmp_path / "patches"),
+        "--max-experiments",
+        "3",
+        "--preset",
+        "cpu",
+        "--device",
+        "cpu",
+        "--resume",
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    _check_final(ws, 3)
+    assert [r["description"] for r in records(ws)] == ["baseline", "LR to 0.06", "WIDTH to 128"]
