@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from . import commands
-from .errors import AutoresearchError, UsageError
+from .errors import AutoresearchError
 
 app = typer.Typer(
     help="Autonomous ML research: an agent edits train.py, trains for a fixed budget, "
@@ -126,7 +126,8 @@ def run(
         None,
         "--agent",
         "-a",
-        help="openai (an endpoint), tuner (offline, no LLM) or replay. Default: openai when --model/--base-url is set, else tuner.",
+        help="openai (an endpoint), tuner (offline, no LLM) or replay. "
+        "Default: openai when a model or base URL is configured, else tuner.",
     ),
     model: str | None = typer.Option(None, "--model", "-m", help="Model name at the endpoint."),
     base_url: str | None = typer.Option(
@@ -143,7 +144,10 @@ def run(
         help="Stop after this many experiments (the baseline counts).",
     ),
     max_hours: float | None = typer.Option(
-        None, "--max-hours", min=0.001, help="Stop starting experiments after this many hours."
+        None, "--max-hours", min=0.001, help="Start no experiment after this many hours."
+    ),
+    max_cost: float | None = typer.Option(
+        None, "--max-cost", min=0.0, help="Stop once the agent's tokens cost this many USD."
     ),
     preset: Preset | None = typer.Option(
         None, "--preset", "-p", help="gpu or cpu (default: gpu when CUDA is available)."
@@ -166,11 +170,18 @@ def run(
         min=1.0,
         help="Kill a run that prints nothing for this many seconds.",
     ),
-    fix_attempts: int = typer.Option(
-        1, "--fix-attempts", min=0, max=10, help="Repairs the agent may try after a crash."
+    fix_attempts: int | None = typer.Option(
+        None,
+        "--fix-attempts",
+        min=0,
+        max=10,
+        help="Repairs the agent may try after a crash (default 1).",
     ),
-    min_delta: float = typer.Option(
-        0.0, "--min-delta", min=0.0, help="Keep only if val_bpb improves by more than this."
+    min_delta: float | None = typer.Option(
+        None,
+        "--min-delta",
+        min=0.0,
+        help="Keep only if val_bpb beats the best by more than this (default 0).",
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the tag's session after any stop, kill -9 included."
@@ -178,28 +189,45 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only one line per experiment."),
     workspace: Path | None = WorkspaceOpt,
 ) -> None:
-    """Run the research loop: propose, train, keep or revert, until a budget ends it."""
-    if agent is AgentName.replay and patches is None:
-        raise UsageError("--agent replay needs --patches DIR (a directory of prepared replies)")
+    """Run the research loop: propose, train, keep or revert, until a budget ends it.
+
+    Settings not given as flags come from AUTORESEARCH_* variables, then from
+    [tool.autoresearch] in the workspace's pyproject.toml (see `autoresearch config`).
+    """
     commands.run_session(
         workspace=workspace,
         tag=tag or default_tag(),
-        agent=agent.value if agent else None,
-        model=model,
-        base_url=base_url,
+        flags={
+            "agent": agent.value if agent else None,
+            "model": model,
+            "base_url": base_url,
+            "max_experiments": max_experiments,
+            "max_hours": max_hours,
+            "max_cost": max_cost,
+            "preset": preset.value if preset else None,
+            "device": device.value if device else None,
+            "timeout": timeout,
+            "stall_timeout": stall_timeout,
+            "fix_attempts": fix_attempts,
+            "min_delta": min_delta,
+        },
         patches=patches,
-        max_experiments=max_experiments,
-        max_hours=max_hours,
-        preset=preset.value if preset else None,
-        device=device.value if device else None,
         gpu=gpu,
-        timeout=timeout,
-        stall_timeout=stall_timeout,
-        fix_attempts=fix_attempts,
-        min_delta=min_delta,
         resume=resume,
         quiet=quiet,
     )
+
+
+@app.command()
+def config(workspace: Path | None = WorkspaceOpt) -> None:
+    """Show each setting, its value and where it came from (flag > env > config > default)."""
+    commands.show_config(workspace=workspace)
+
+
+@app.command()
+def report(tag: str | None = TagOpt, workspace: Path | None = WorkspaceOpt) -> None:
+    """Write runs/<tag>/progress.png and a self-contained runs/<tag>/report.html."""
+    commands.report(workspace=workspace, tag=tag)
 
 
 @app.command()

@@ -15,12 +15,14 @@ from rich.console import Console
 from rich.table import Table
 
 from . import runner
+from .config import resolve
 from .display import STATUS_STYLE, Display, format_delta, result_line
 from .errors import DataError, UsageError, WorkspaceError
 from .ledger import Experiment, Ledger
 from .workspace import RUNS_DIR, find_workspace, init_workspace, load_prepare
 
 out = Console()
+AGENT_TIMEOUT_S = 600.0  # seconds one endpoint request may take (slow local models)
 
 
 # ------------------------------------------------------------------ settings
@@ -144,19 +146,9 @@ def run_session(
     *,
     workspace: Path | None,
     tag: str,
-    agent: str | None,
-    model: str | None,
-    base_url: str | None,
+    flags: dict[str, object | None],
     patches: Path | None,
-    max_experiments: int | None,
-    max_hours: float | None,
-    preset: str | None,
-    device: str | None,
     gpu: str | None,
-    timeout: float | None,
-    stall_timeout: float | None,
-    fix_attempts: int,
-    min_delta: float,
     resume: bool,
     quiet: bool,
 ) -> None:
@@ -166,22 +158,19 @@ def run_session(
     if not tag.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise UsageError(f"--tag {tag!r}: use letters, digits, '-', '_' or '.' only")
     root = find_workspace(workspace)
-    device, preset = resolve_device(device, preset)
-    base_url = (
-        base_url or os.environ.get("AUTORESEARCH_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
-    )
-    model = model or os.environ.get("AUTORESEARCH_MODEL")
-    agent = agent or ("openai" if (base_url or model) else "tuner")
+    settings = resolve(flags, root, os.environ)
+    agent = settings.agent_name
     if agent == "replay" and patches is None:
         raise UsageError("--agent replay needs --patches DIR (a directory of prepared replies)")
+    device, preset = resolve_device(_auto(settings.device), _auto(settings.preset))
     constants = preset_constants(root, preset)
     agent_obj = make_agent(
         agent,
-        model=model,
-        base_url=base_url,
+        model=settings.model,
+        base_url=settings.base_url,
         patches_dir=patches,
         api_key=os.environ.get("AUTORESEARCH_API_KEY") or os.environ.get("OPENAI_API_KEY"),
-        timeout=120.0,
+        timeout=AGENT_TIMEOUT_S,
     )
     opts = SessionOptions(
         tag=tag,
@@ -189,20 +178,53 @@ def run_session(
         device=device,
         time_budget=float(constants["TIME_BUDGET"]),
         gpu=gpu,
-        max_experiments=max_experiments,
-        max_hours=max_hours,
-        timeout=timeout,
-        stall_timeout=stall_timeout,
-        fix_attempts=fix_attempts,
-        min_delta=min_delta,
+        max_experiments=settings.max_experiments,
+        max_hours=settings.max_hours,
+        max_cost=settings.max_cost,
+        prices=settings.prices,
+        timeout=settings.timeout,
+        stall_timeout=settings.stall_timeout,
+        fix_attempts=settings.fix_attempts,
+        min_delta=settings.min_delta,
         resume=resume,
     )
     display = Display(out, quiet=quiet)
     display.note(
-        f"session {tag} on branch autoresearch/{tag}: agent {agent_obj.name}, preset {preset} on {device}, "
-        f"TIME_BUDGET {opts.time_budget:g}s, hard timeout {opts.hard_timeout:g}s"
+        f"session {tag} on branch autoresearch/{tag}: agent {agent_obj.name}"
+        + (f" ({settings.model})" if agent == "openai" and settings.model else "")
+        + f", preset {preset} on {device}, TIME_BUDGET {opts.time_budget:g}s, "
+        f"hard timeout {opts.hard_timeout:g}s"
     )
     Session(root, opts, agent_obj, display).run()
+
+
+def _auto(value: str | None) -> str | None:
+    return None if value in (None, "auto") else value
+
+
+def show_config(*, workspace: Path | None) -> None:
+    root = find_workspace(workspace)
+    settings = resolve({}, root, os.environ)
+    table = Table(title=f"settings for {root}", title_justify="left")
+    for col in ("setting", "value", "from"):
+        table.add_column(col)
+    for key, value, source in settings.rows():
+        table.add_row(key, "—" if value is None else str(value), source)
+    out.print(table)
+    out.print(
+        f"agent in use: {settings.agent_name}. Precedence: flag > environment > "
+        "pyproject.toml [tool.autoresearch] > default.",
+        highlight=False,
+    )
+
+
+def report(*, workspace: Path | None, tag: str | None) -> None:
+    from .report import write_report
+
+    root = find_workspace(workspace)
+    ledger = session_ledger(root, tag)
+    png, html = write_report(root, ledger.run_dir.name)
+    out.print(f"wrote {png}\nwrote {html}", highlight=False)
 
 
 # ------------------------------------------------------------------ reading the record

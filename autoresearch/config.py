@@ -43,8 +43,8 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # key -> default. None means "no limit" for the max_* keys, "the client's default" for
 # base_url, and "derived from the preset's time budget" for timeout.
 DEFAULTS: dict[str, object] = {
-    "agent": "openai",
-    "model": "gpt-4.1-mini",
+    "agent": None,  # None: openai when a model or base_url is set, else the offline tuner
+    "model": None,
     "base_url": None,
     "preset": "auto",
     "device": "auto",
@@ -52,6 +52,7 @@ DEFAULTS: dict[str, object] = {
     "max_hours": None,  # hours of wall time for the whole session
     "max_cost": None,  # USD of agent tokens; needs a known price for the model
     "timeout": None,  # seconds before a training run is killed
+    "stall_timeout": None,  # seconds without output before a training run is killed
     "fix_attempts": 1,  # times the agent may try to fix its own crashed edit
     "min_delta": 0.0,  # val_bpb a change must beat the best by to be kept
     "prices": {},  # model -> {"input": usd_per_1M, "output": usd_per_1M}
@@ -62,8 +63,8 @@ DEFAULTS: dict[str, object] = {
 class Settings:
     """Validated settings; `sources[key]` says where each value came from."""
 
-    agent: str
-    model: str
+    agent: str | None
+    model: str | None
     base_url: str | None
     preset: str
     device: str
@@ -71,10 +72,18 @@ class Settings:
     max_hours: float | None
     max_cost: float | None
     timeout: float | None
+    stall_timeout: float | None
     fix_attempts: int
     min_delta: float
     prices: dict[str, dict[str, float]]
     sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def agent_name(self) -> str:
+        """The agent to use: as set, else openai when an endpoint is configured, else tuner."""
+        if self.agent:
+            return self.agent
+        return "openai" if (self.model or self.base_url) else "tuner"
 
     def rows(self) -> list[tuple[str, object, str]]:
         """(key, value, source) for every setting, in the order of DEFAULTS."""
@@ -179,6 +188,7 @@ CHECKS: dict[str, Callable[[object], object]] = {
     "max_hours": _at_least(_number, 0.0, strict=True),
     "max_cost": _at_least(_number, 0.0),
     "timeout": _at_least(_number, 0.0, strict=True),
+    "stall_timeout": _at_least(_number, 0.0, strict=True),
     "fix_attempts": _at_least(_integer, 0),
     "min_delta": _at_least(_number, 0.0),
     "prices": _prices,

@@ -31,6 +31,7 @@ from .display import Display
 from .errors import AgentError, AutoresearchError, WorkspaceError
 from .gitrepo import GitRepo
 from .ledger import Experiment, Ledger
+from .pricing import cost_usd
 from .workspace import RUNS_DIR, TRAIN_FILE, data_manifest
 
 BRANCH_PREFIX = "autoresearch/"
@@ -57,6 +58,8 @@ class SessionOptions:
     gpu: str | None = None
     max_experiments: int | None = None
     max_hours: float | None = None
+    max_cost: float | None = None  # USD of agent tokens
+    prices: dict = field(default_factory=dict)  # overrides of pricing.PRICES
     timeout: float | None = None  # hard limit per run; None = 2 x time_budget + allowance
     stall_timeout: float | None = None
     fix_attempts: int = 1
@@ -275,6 +278,10 @@ class Session:
         n = len(self.ledger.experiments())
         if self.opts.max_experiments is not None and n >= self.opts.max_experiments:
             return f"reached --max-experiments {self.opts.max_experiments}"
+        if self.opts.max_cost is not None:
+            spent = sum(e.extra.get("cost_usd") or 0.0 for e in self.ledger.experiments())
+            if spent >= self.opts.max_cost:
+                return f"reached --max-cost {self.opts.max_cost:g} USD (spent {spent:.2f})"
         hours = (time.monotonic() - self._started) / 3600
         if self.opts.max_hours is not None and hours >= self.opts.max_hours:
             return f"reached --max-hours {self.opts.max_hours:g}"
@@ -423,6 +430,7 @@ class Session:
             attempt_ref=None if baseline else attempt_ref(self.opts.tag, exp_id),
             fix_of=fix_of,
             extra={
+                "cost_usd": self._cost(agent_info),
                 "log_tail": result.log_tail if status != "keep" else "",
                 "gpu_busy_s": round(self._train_wall, 1),
                 "session_s": round(time.monotonic() - self._started, 1),
@@ -469,6 +477,7 @@ class Session:
             reason = str(exc)
             info = {
                 "name": self.agent.name,
+                "model": exc.model,
                 "attempts": exc.attempts,
                 "tokens_in": exc.tokens_in,
                 "tokens_out": exc.tokens_out,
@@ -495,11 +504,22 @@ class Session:
             ended_at=_now(),
             agent=info,
             fix_of=fix_of,
-            extra={"reason": reason or ""},
+            extra={"reason": reason or "", "cost_usd": self._cost(info)},
         )
         self.ledger.append(exp)
         self.ledger.write_state(None)
         self.display.result(exp)
+
+    def _cost(self, agent_info: dict) -> float | None:
+        """USD for the agent's tokens; None when the model's price is unknown."""
+        if not agent_info.get("tokens_in") and not agent_info.get("tokens_out"):
+            return 0.0
+        return cost_usd(
+            agent_info.get("model"),
+            agent_info.get("tokens_in", 0),
+            agent_info.get("tokens_out", 0),
+            self.opts.prices,
+        )
 
     # ----------------------------------------------------------------- context
 
