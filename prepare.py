@@ -882,8 +882,12 @@ def _plan(
         "max_train_bytes": max_train_bytes,
         "tokenizer_chars": tokenizer_chars,
     }
-    include = sorted(include) if include else None
-    val_include = sorted(val_include) if val_include else None
+    # globs are a set: sorted so the dataset name does not depend on their order
+    include = sorted([include] if isinstance(include, str) else include) if include else None
+    if val_include:
+        val_include = sorted([val_include] if isinstance(val_include, str) else val_include)
+    else:
+        val_include = None
     if source in HUB_SOURCES:
         hub = HUB_SOURCES[source]
         if include or val_include:
@@ -955,7 +959,7 @@ def _take_chars(batches: Iterable[list[str]], max_chars: int) -> Iterator[str]:
 
 class _ShardWriter:
     """Writes tokenized documents of one split as uint16 `.bin` files plus the start offset of
-    every document (`.starts.npy`, uint32).  Each document is [BOS] + its tokens and lies whole
+    every document (`.starts.npy`, int64).  Each document is [BOS] + its tokens and lies whole
     in one file; train rolls over to a new file after `max_tokens`."""
 
     def __init__(self, directory: Path, split: str, bos: int, max_tokens: int | None) -> None:
@@ -990,7 +994,7 @@ class _ShardWriter:
         assert self._file is not None
         self._file.close()
         stem = self._stem()
-        starts = np.concatenate(self._starts).astype(np.uint32)
+        starts = np.concatenate(self._starts)
         np.save(self.directory / f"{stem}.starts.npy", starts)
         self.shards.append(
             {

@@ -433,6 +433,9 @@ def test_include_and_val_include_globs(tmp_path: Path) -> None:
     for rel, marker in markers.items():
         assert (marker in everything) == rel.startswith("sub/"), rel
 
+    same = prepare.run_prepare(f"files:{src}", include="sub/**", doc_chars=200, log=quiet)
+    assert same == only_sub  # a single glob may be a plain string
+
     pinned = prepare.run_prepare(f"files:{src}", val_include=["sub/**"], log=quiet)
     assert pinned != only_sub  # the globs are part of the dataset name
     val, rest = split_text(pinned, "val"), split_text(pinned, "train") + split_text(pinned, "test")
