@@ -119,12 +119,21 @@ class GitRepo:
         return rev
 
     def _relpath(self, path: Path | str) -> str:
-        """`path` relative to the top level, in git's spelling; must lie inside the tree."""
-        full = (self.path / path).resolve()
-        try:
-            return full.relative_to(self.path).as_posix()
-        except ValueError:
-            raise ValueError(f"{path} is outside the repository {self.path}") from None
+        """`path` relative to the top level, in git's spelling; must lie inside the tree.
+
+        Symlinks are not followed: a link is committed as the link git tracks.
+        """
+        given = Path(path)
+        if given.is_absolute():
+            given = Path(os.path.abspath(given))
+            if not given.is_relative_to(self.path):  # maybe reached through a linked directory
+                given = given.parent.resolve() / given.name
+            rel = given.relative_to(self.path) if given.is_relative_to(self.path) else None
+        else:
+            rel = Path(os.path.normpath(given))
+        if rel is None or rel.parts[:1] == ("..",) or str(rel) == ".":
+            raise ValueError(f"{path} is not a file inside the repository {self.path}")
+        return rel.as_posix()
 
     # --------------------------------------------------------------------------- state
 

@@ -257,3 +257,12 @@ def test_non_ascii_messages_and_content_round_trip(repo: GitRepo, repo_dir: Path
     sha = repo.commit_file("train.py", "exp 0003: λ halbiert, ☃")
     assert repo.show_file(sha, "train.py") == source
     assert repo.commits_between(f"{sha}~1", sha) == [(sha, "exp 0003: λ halbiert, ☃")]
+
+
+def test_paths_are_relative_to_the_top_level(repo: GitRepo, repo_dir: Path) -> None:
+    (repo_dir / "train.py").write_text("lr = 0.3\n")
+    sha = repo.commit_file(repo_dir / "train.py", "absolute path")
+    assert repo.show_file(sha, "./train.py") == "lr = 0.3\n"
+    for outside in ("../elsewhere.py", repo_dir.parent / "x.py", "."):
+        with pytest.raises(ValueError):
+            repo.commit_file(outside, "outside")
