@@ -20,9 +20,12 @@ import os
 import time
 from pathlib import Path
 
-import git
-
 from .errors import WorkspaceError
+
+# Without this, a missing git executable makes `import git` fail with an ImportError; quiet,
+# it surfaces at the first command, where it becomes a WorkspaceError saying to install git.
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+import git  # noqa: E402
 
 LOCK_RETRIES = 5  # attempts when another git process holds the index lock for a moment
 LOCK_RETRY_S = 0.2  # seconds between those attempts

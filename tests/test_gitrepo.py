@@ -266,3 +266,13 @@ def test_paths_are_relative_to_the_top_level(repo: GitRepo, repo_dir: Path) -> N
     for outside in ("../elsewhere.py", repo_dir.parent / "x.py", "."):
         with pytest.raises(ValueError):
             repo.commit_file(outside, "outside")
+
+
+def test_missing_git_executable_says_what_to_do(
+    repo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import git as gitpython
+
+    monkeypatch.setattr(gitpython.Git, "GIT_PYTHON_GIT_EXECUTABLE", "/nonexistent/git")
+    with pytest.raises(WorkspaceError, match="install git"):
+        GitRepo(repo_dir)
