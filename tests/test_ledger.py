@@ -6,6 +6,10 @@ import errno
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -271,3 +275,36 @@ def test_tsv_row_and_memory_helpers() -> None:
     )
     assert peak_memory_gb({"peak_vram_mb": 45060.2}) == pytest.approx(44.0041, abs=1e-4)
     assert peak_memory_gb({}) == 0.0
+
+
+APPENDER = """
+import sys
+from pathlib import Path
+from autoresearch.ledger import Experiment, Ledger
+
+ledger = Ledger(Path(sys.argv[1]))
+for i in range(1, 100_000):
+    ledger.append(Experiment(id=i, status="discard", description="x" * 2000, commit=None,
+                             parent="p", val_bpb=1.0, memory_gb=0.0, best_before=1.0,
+                             threshold=0.0))
+"""
+
+
+def test_real_kill_9_while_appending(ledger: Ledger) -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    child = subprocess.Popen([sys.executable, "-c", APPENDER, str(ledger.run_dir)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # wait for progress, then kill at a random instant
+            if ledger.jsonl_path.exists() and ledger.jsonl_path.stat().st_size > 50_000:
+                break
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+    ids = [e.id for e in ledger.experiments()]
+    assert len(ids) >= 20 and ids == list(range(1, len(ids) + 1))
+    ledger.append(make(len(ids) + 1))
+    assert [e.id for e in ledger.experiments()] == list(range(1, len(ids) + 2))
+    assert len(tsv_lines(ledger)) == len(ids) + 2
