@@ -576,7 +576,7 @@ def _watch(
                 drain_until = now + DRAIN_S
             elif now >= drain_until:
                 run.reader.stop()
-            waits.append(max(drain_until - now, 0.0))
+            waits.append(max(drain_until - now, CANCEL_POLL_S))
         item = run.next_event(min([*waits, MAX_WAIT_S]))
         if isinstance(item, str):
             on_line(item)
