@@ -349,3 +349,23 @@ def _ppid(proc_dir: Path) -> int:
     except FileNotFoundError:
         return -1
     return int(stat[stat.rfind(")") + 2 :].split()[1])
+
+
+def test_an_untraceable_escapee_holding_the_pipe_does_not_hang_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # New session and a scrubbed environment: the one descendant the harness cannot find.
+    # It keeps the pipe open; the run must still end once the child has exited.
+    monkeypatch.setattr(runner, "DRAIN_S", 0.3)
+    (tmp_path / "train.py").write_text(
+        "import os, subprocess, sys\n"
+        "p = subprocess.Popen(['sleep', '1000'], start_new_session=True,"
+        " env={'PATH': os.environ['PATH']})\n"
+        "open('pid', 'w').write(str(p.pid))\n"
+        "print('---'); print('val_bpb: 1.0')\n"
+    )
+    try:
+        result = run_training(tmp_path, tmp_path / "run.log", env=dict(os.environ), timeout=30)
+        assert result.ok and result.summary == {"val_bpb": 1.0}
+    finally:
+        os.kill(int((tmp_path / "pid").read_text()), 9)
