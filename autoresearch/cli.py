@@ -183,6 +183,18 @@ def run(
         min=0.0,
         help="Keep only if val_bpb beats the best by more than this (default 0).",
     ),
+    calibrate: int | None = typer.Option(
+        None,
+        "--calibrate",
+        min=1,
+        help="Runs of the baseline that measure the noise of val_bpb (default 3 on gpu, 2 on cpu).",
+    ),
+    max_repeats: int | None = typer.Option(
+        None,
+        "--max-repeats",
+        min=1,
+        help="Runs of a candidate whose gain is within noise (default 3 on gpu, 2 on cpu).",
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the tag's session after any stop, kill -9 included."
     ),
@@ -210,6 +222,8 @@ def run(
             "stall_timeout": stall_timeout,
             "fix_attempts": fix_attempts,
             "min_delta": min_delta,
+            "calibrate": calibrate,
+            "max_repeats": max_repeats,
         },
         patches=patches,
         gpu=gpu,

@@ -101,13 +101,18 @@ def train_once(
     )
     log_path = root / RUNS_DIR / "train" / "run.log"
     display.training(0, "train.py", constants["TIME_BUDGET"])
-    result = runner.run_training(
-        root,
-        log_path,
-        env=runner.child_env(dict(os.environ), preset=preset, device=device, gpu=gpu, extra=None),
-        timeout=2 * constants["TIME_BUDGET"] + 120,
-        on_step=display.step,
-    )
+    try:
+        result = runner.run_training(
+            root,
+            log_path,
+            env=runner.child_env(
+                dict(os.environ), preset=preset, device=device, gpu=gpu, extra=None
+            ),
+            timeout=2 * constants["TIME_BUDGET"] + 120,
+            on_step=display.step,
+        )
+    finally:
+        display.close()  # the live progress, also on Ctrl-C
     display.result(
         Experiment(
             id=0,
@@ -186,6 +191,8 @@ def run_session(
         stall_timeout=settings.stall_timeout,
         fix_attempts=settings.fix_attempts,
         min_delta=settings.min_delta,
+        calibrate=settings.calibrate or (3 if preset == "gpu" else 2),
+        max_repeats=settings.max_repeats or (3 if preset == "gpu" else 2),
         resume=resume,
     )
     display = Display(out, quiet=quiet)

@@ -55,6 +55,8 @@ DEFAULTS: dict[str, object] = {
     "stall_timeout": None,  # seconds without output before a training run is killed
     "fix_attempts": 1,  # times the agent may try to fix its own crashed edit
     "min_delta": 0.0,  # val_bpb a change must beat the best by to be kept
+    "calibrate": None,  # baseline runs to measure noise; None: 3 on the gpu preset, 2 on cpu
+    "max_repeats": None,  # runs of a within-noise candidate; None: 3 on gpu, 2 on cpu
     "prices": {},  # model -> {"input": usd_per_1M, "output": usd_per_1M}
 }
 
@@ -75,6 +77,8 @@ class Settings:
     stall_timeout: float | None
     fix_attempts: int
     min_delta: float
+    calibrate: int | None
+    max_repeats: int | None
     prices: dict[str, dict[str, float]]
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -191,6 +195,8 @@ CHECKS: dict[str, Callable[[object], object]] = {
     "stall_timeout": _at_least(_number, 0.0, strict=True),
     "fix_attempts": _at_least(_integer, 0),
     "min_delta": _at_least(_number, 0.0),
+    "calibrate": _at_least(_integer, 1),
+    "max_repeats": _at_least(_integer, 1),
     "prices": _prices,
 }
 # Settings that make no sense in one environment variable.

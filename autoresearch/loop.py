@@ -24,8 +24,9 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from statistics import fmean
 
-from . import runner
+from . import noise, runner
 from .agent import Agent, AgentExhausted, Context, HistoryEntry, InvalidProposal, Proposal
 from .display import Display
 from .errors import AgentError, AutoresearchError, WorkspaceError
@@ -41,6 +42,7 @@ AGENT_OUTAGE_RETRIES = (
     5  # consecutive endpoint failures (after the client's own retries) before stopping
 )
 AGENT_OUTAGE_WAIT_S = 30.0
+SEED_BASE = 1000  # run r of a commit trains with AUTORESEARCH_SEED = SEED_BASE + r
 
 
 class SessionInterrupted(AutoresearchError):
@@ -64,6 +66,9 @@ class SessionOptions:
     stall_timeout: float | None = None
     fix_attempts: int = 1
     min_delta: float = 0.0
+    calibrate: int = 1  # runs of the baseline to measure noise (the CLI uses 3 on GPU)
+    max_repeats: int = 3  # runs of a candidate whose gain is within noise
+    remeasure_every: int = 3  # keeps between re-measurements of the best (0 = never)
     resume: bool = False
     command: list[str] | None = None  # the training command; default: python train.py
 
@@ -120,6 +125,10 @@ class Session:
         self._sources: dict[str, str] = {}
         self._started = time.monotonic()
         self._train_wall = 0.0
+        self.measurements = noise.Measurements(self.ledger.run_dir)
+        self._keeps_since_measure = 0
+        self._last_result: runner.RunResult | None = None
+        self._last_summary: dict = {}
 
     # ----------------------------------------------------------------- setup
 
@@ -128,6 +137,7 @@ class Session:
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             pending = self._resume() if self.opts.resume else self._start()
+            self.display.session_start(self.opts, self.ledger.experiments(), agent=self.agent.name)
             reason = self._loop(pending)
         except KeyboardInterrupt:
             # Second Ctrl-C while the agent was thinking: nothing was committed for it.
@@ -138,6 +148,7 @@ class Session:
                 f"`autoresearch run --resume --tag {self.opts.tag}`"
             ) from None
         finally:
+            self.display.close()  # stop the live dashboard before any error is printed
             signal.signal(signal.SIGINT, previous)
             self.repo.close()
         self.ledger.update_session(ended=_now(), end_reason=reason)
@@ -247,6 +258,7 @@ class Session:
                 pending["description"],
                 agent_info=pending.get("agent", {}),
                 fix_of=pending.get("fix_of"),
+                baseline=not self.ledger.experiments(),
             )
         if not self.ledger.experiments():
             self._baseline()
@@ -257,6 +269,9 @@ class Session:
             reason = self._should_stop()
             if reason:
                 return reason
+            every = self.opts.remeasure_every
+            if every and self._keeps_since_measure >= every:
+                self._remeasure_incumbent()
             try:
                 self._experiment()
                 outages = 0
@@ -376,8 +391,10 @@ class Session:
         fix_of: int | None,
         baseline: bool = False,
     ) -> Experiment:
+        """Train `commit` as many times as the keep rule needs, then record the decision."""
         best = self.ledger.best()
         parent = self._best_commit()
+        incumbent = [] if baseline else self.measurements.values(parent)
         self.ledger.write_state(
             {
                 "phase": "training",
@@ -389,27 +406,37 @@ class Session:
                 "agent": agent_info,
             }
         )
-        self.display.training(exp_id, description, self.opts.time_budget)
         started = _now()
-        result = runner.run_training(
-            self.root,
-            self.ledger.experiment_dir(exp_id) / "run.log",
-            command=self.opts.command,
-            env=runner.child_env(
-                dict(os.environ),
-                preset=self.opts.preset,
-                device=self.opts.device,
-                gpu=self.opts.gpu,
-                extra=None,
-            ),
-            timeout=self.opts.hard_timeout,
-            stall_timeout=self.opts.stall_timeout,
-            on_step=self.display.step,
-            cancel=self.cancel,
-        )
-        self._train_wall += result.wall_seconds
-        best_bpb = best.val_bpb if best else None
-        status, val_bpb = self._judge(result, best_bpb, baseline)
+        wall = 0.0
+        needed = self.opts.calibrate if baseline else 1
+        verdict: noise.Verdict | None = None
+        while True:
+            values = self.measurements.values(commit)  # after --resume, finished runs count
+            if len(values) < needed:
+                purpose = "calibrate" if baseline else ("repeat" if values else "candidate")
+                result = self._train(exp_id, commit, description, len(values), purpose)
+                wall += result.wall_seconds
+                if not result.ok:
+                    status = "interrupted" if result.crash_class == "interrupted" else "crash"
+                    break
+                continue
+            if baseline:
+                status = "keep"
+                break
+            verdict = noise.judge(
+                values,
+                incumbent,
+                sigma=self.measurements.sigma(),
+                min_delta=self.opts.min_delta,
+                max_repeats=self.opts.max_repeats,
+            )
+            if verdict.decision != "repeat":
+                status = verdict.decision
+                break
+            needed += 1
+        values = self.measurements.values(commit)
+        val_bpb = fmean(values) if status in ("keep", "discard") else None
+        summary = self._last_summary
         exp = Experiment(
             id=exp_id,
             status=status,
@@ -417,21 +444,30 @@ class Session:
             commit=commit,
             parent=parent,
             val_bpb=val_bpb,
-            memory_gb=result.summary.get("peak_vram_mb", 0.0) / 1024,
-            best_before=best_bpb,
-            threshold=self.opts.min_delta,
-            crash_class=result.crash_class,
-            exit_code=result.exit_code,
-            metrics=dict(result.summary),
+            memory_gb=summary.get("peak_vram_mb", 0.0) / 1024,
+            best_before=None
+            if baseline
+            else (fmean(incumbent) if incumbent else best and best.val_bpb),
+            threshold=verdict.threshold if verdict else self.opts.min_delta,
+            crash_class=self._last_result.crash_class
+            if status in ("crash", "interrupted")
+            else None,
+            exit_code=self._last_result.exit_code,
+            metrics=dict(summary),
             started_at=started,
             ended_at=_now(),
-            train_seconds=result.wall_seconds,
+            train_seconds=round(wall, 2),
             agent=agent_info,
             attempt_ref=None if baseline else attempt_ref(self.opts.tag, exp_id),
             fix_of=fix_of,
             extra={
                 "cost_usd": self._cost(agent_info),
-                "log_tail": result.log_tail if status != "keep" else "",
+                "log_tail": self._last_result.log_tail
+                if status in ("crash", "interrupted")
+                else "",
+                "runs": values,
+                "incumbent_runs": len(incumbent),
+                "sigma": self.measurements.sigma(),
                 "gpu_busy_s": round(self._train_wall, 1),
                 "session_s": round(time.monotonic() - self._started, 1),
             },
@@ -446,21 +482,66 @@ class Session:
                 f"interrupted: experiment {exp_id:04d} killed, branch reset to the best commit; "
                 "continue with `autoresearch run --resume --tag " + self.opts.tag + "`"
             )
+        if status == "keep" and not baseline:
+            self._keeps_since_measure += 1
         return exp
 
-    def _judge(
-        self, result: runner.RunResult, best_bpb: float | None, baseline: bool
-    ) -> tuple[str, float | None]:
+    def _train(
+        self, exp_id: int, commit: str, description: str, run: int, purpose: str
+    ) -> runner.RunResult:
+        """One training run of the checked-out commit; a valid val_bpb becomes a measurement."""
+        seed = SEED_BASE + run
+        label = description if run == 0 else f"{description} ({purpose} run {run + 1})"
+        self.display.training(exp_id, label, self.opts.time_budget)
+        log_name = "run.log" if run == 0 else f"run-{run + 1}.log"
+        if purpose == "remeasure":
+            log_name = f"remeasure-{len(self.measurements.values(commit)) + 1}.log"
+        result = runner.run_training(
+            self.root,
+            self.ledger.experiment_dir(exp_id) / log_name,
+            command=self.opts.command,
+            env=runner.child_env(
+                dict(os.environ),
+                preset=self.opts.preset,
+                device=self.opts.device,
+                gpu=self.opts.gpu,
+                extra={"AUTORESEARCH_SEED": str(seed)},
+            ),
+            timeout=self.opts.hard_timeout,
+            stall_timeout=self.opts.stall_timeout,
+            on_step=self.display.step,
+            cancel=self.cancel,
+        )
+        self._train_wall += result.wall_seconds
+        self._last_result = result
+        self._last_summary = result.summary
+        if result.ok:
+            self.measurements.add(
+                commit, result.summary["val_bpb"], exp_id=exp_id, purpose=purpose, seed=seed
+            )
+        return result
+
+    def _remeasure_incumbent(self) -> None:
+        """Train the best commit once more, so "best" is a mean, not a lucky minimum."""
+        best = self.ledger.best()
+        if best is None or best.commit is None:
+            return
+        self._keeps_since_measure = 0
+        self.ledger.write_state({"phase": "remeasure", "id": best.id, "commit": best.commit})
+        self.display.note(f"re-measuring the best, exp {best.id:04d}, to keep its estimate honest")
+        result = self._train(best.id, best.commit, best.description, 1, "remeasure")
+        self.ledger.write_state(None)
         if result.crash_class == "interrupted":
-            return "interrupted", None
-        if not result.ok:
-            return "crash", None
-        val_bpb = result.summary["val_bpb"]
-        if baseline or best_bpb is None:
-            return "keep", val_bpb
-        if val_bpb < best_bpb - self.opts.min_delta:
-            return "keep", val_bpb
-        return "discard", val_bpb
+            raise SessionInterrupted(
+                "interrupted while re-measuring the best; continue with "
+                f"`autoresearch run --resume --tag {self.opts.tag}`"
+            )
+        mean = self.measurements.mean(best.commit)
+        if mean is not None:
+            self.display.note(
+                f"exp {best.id:04d} now measured {len(self.measurements.values(best.commit))}x: "
+                f"mean val_bpb {mean:.6f}"
+            )
 
     def _record_invalid(
         self,
