@@ -1,0 +1,156 @@
+"""The GPU benchmark protocol for train.py: prepare the `pycode` corpus, train, print a table.
+
+    python bench/trainer.py --runs 2                 # the protocol (gpu preset, 300 s each)
+    python bench/trainer.py --runs 1 --budget 60     # a shorter smoke run (not comparable)
+
+The `pycode` corpus is every .py file under this Python's site-packages, walked in sorted
+order; validation is every file under networkx/ (held out whole); train is capped at 800 MB
+and cut into documents of about 8,000 characters. It is prepared once into the cache
+(AUTORESEARCH_CACHE) and reused.
+
+Per run it measures, from the outside: startup (launch to the first step line), the
+steady-state tok/s and MFU (median over step lines after the first 10% of the budget),
+training seconds, evaluation (last step line to the summary), and the total wall time.
+Results are printed as a table and written as JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import site
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from autoresearch import runner  # noqa: E402
+
+PYCODE = {
+    "include": ["*.py"],
+    "val_include": ["networkx/**"],
+    "max_train_bytes": 800_000_000,
+    "doc_chars": 8000,
+}
+
+
+def prepare_pycode() -> float:
+    """Prepare (or reuse) the pycode corpus; returns the seconds it took."""
+    import prepare
+
+    started = time.monotonic()
+    prepare.run_prepare(f"files:{site.getsitepackages()[0]}", **PYCODE)
+    return time.monotonic() - started
+
+
+def card() -> dict:
+    info = {"python": platform.python_version()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["card"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    try:
+        info["driver"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["driver"] = "n/a"
+    return info
+
+
+def one_run(log_path: Path, budget: float | None) -> dict:
+    stamps: list[tuple[float, str]] = []
+    extra = {"AUTORESEARCH_TIME_BUDGET": str(budget)} if budget else None
+    env = runner.child_env(dict(os.environ), preset="gpu", device="cuda", gpu=None, extra=extra)
+    started = time.monotonic()
+    result = runner.run_training(
+        ROOT,
+        log_path,
+        env=env,
+        timeout=3600,
+        on_line=lambda line: stamps.append((time.monotonic() - started, line)),
+    )
+    steps = [(t, runner.parse_step(line)) for t, line in stamps]
+    steps = [(t, s) for t, s in steps if s is not None]
+    summary_at = next((t for t, line in stamps if line.strip() == "---"), None)
+    steady = [s for _, s in steps if s.pct >= 10.0]
+    row = {
+        "ok": result.ok,
+        "crash_class": result.crash_class,
+        "val_bpb": result.summary.get("val_bpb"),
+        "num_steps": result.summary.get("num_steps"),
+        "training_s": result.summary.get("training_seconds"),
+        "mfu_percent": result.summary.get("mfu_percent"),
+        "tok_per_s": statistics.median(s.tok_per_sec for s in steady) if steady else None,
+        "steady_mfu": statistics.median(s.mfu for s in steady) if steady else None,
+        "startup_s": steps[0][0] if steps else None,
+        "eval_s": summary_at - steps[-1][0] if steps and summary_at else None,
+        "total_s": result.wall_seconds,
+        "peak_vram_mb": result.summary.get("peak_vram_mb"),
+    }
+    if row["training_s"] is not None:
+        row["outside_s"] = row["total_s"] - row["training_s"]
+    return row
+
+
+def fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=None, help="override TIME_BUDGET (smoke)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--label", default="train.py")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    prep_s = prepare_pycode()
+    info = card()
+    rows = []
+    for i in range(args.runs):
+        row = one_run(args.out / f"run-{i + 1}.log", args.budget)
+        row["run"] = i + 1
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result = {
+        "label": args.label,
+        "date": time.strftime("%Y-%m-%d"),
+        "prepare_s": prep_s,
+        **info,
+        "budget": args.budget,
+        "rows": rows,
+    }
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    print(
+        f"\n{info.get('card', 'cpu')} | driver {info['driver']} | torch {info.get('torch')} | "
+        f"prepare {prep_s:.0f}s"
+    )
+    print(
+        "| run | val_bpb | steps | tok/s (steady) | MFU (steady) | training s | startup s | eval s | total s | outside s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['run']} | {fmt(r['val_bpb'], '.4f')} | {fmt(r['num_steps'], '.0f')} | "
+            f"{fmt(r['tok_per_s'], ',.0f')} | {fmt(r['steady_mfu'], '.1f')} % | "
+            f"{fmt(r['training_s'], '.1f')} | {fmt(r['startup_s'], '.1f')} | {fmt(r['eval_s'], '.1f')} | "
+            f"{fmt(r['total_s'], '.1f')} | {fmt(r.get('outside_s'), '.1f')} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
