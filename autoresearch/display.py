@@ -47,6 +47,7 @@ RECENT = 10  # experiments in the dashboard's table (fewer when the terminal is 
 NOTES = 3  # latest notes shown inside the dashboard
 PLAIN_STEP_EVERY_PCT = 10.0  # plain mode prints one step line per this much of the budget
 DASHBOARD_FIXED_LINES = 15  # dashboard lines besides the table's rows, to fit short terminals
+CTRL_C_ECHO_COLUMNS = 2  # right margin kept free for the terminal's "^C" echo
 
 STATUS_STYLE = {
     "keep": "bold green",
@@ -200,7 +201,11 @@ class Dashboard:
         self.closed = False  # the last frame: nothing runs any more
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        yield self.render(max_height=options.max_height)
+        # Two columns to spare: the terminal echoes Ctrl-C as "^C" where the cursor is, the
+        # end of the last line; on a full-width line that wraps, scrolls, and the next frame
+        # would be drawn one line low, leaving a stale top border behind.
+        width = max(1, options.max_width - CTRL_C_ECHO_COLUMNS)
+        yield from console.render(self.render(options.max_height), options.update_width(width))
 
     def render(self, max_height: int | None = None) -> RenderableType:
         now = self.clock()
