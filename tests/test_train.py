@@ -1,0 +1,258 @@
+"""train.py: the model's contract (shape, causality, windows), the optimizer, the schedule, the
+checkpoint, and one real end-to-end CPU run (marked slow) that must learn within its budget.
+
+All on the CPU with no network; the slow test prepares the offline `stdlib` corpus into its
+own cache and runs `python train.py` as the harness would.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from prepare_helpers import ROOT
+
+_saved_preset = os.environ.get("AUTORESEARCH_PRESET")
+os.environ["AUTORESEARCH_PRESET"] = "cpu"  # read once, when prepare is first imported
+try:
+    import train
+finally:
+    if _saved_preset is None:
+        del os.environ["AUTORESEARCH_PRESET"]
+    else:
+        os.environ["AUTORESEARCH_PRESET"] = _saved_preset
+
+pytestmark = pytest.mark.skipif(
+    train.PRESET != "cpu", reason="prepare was imported earlier under another preset"
+)
+
+SUMMARY_KEYS = [
+    "val_bpb",
+    "training_seconds",
+    "total_seconds",
+    "peak_vram_mb",
+    "mfu_percent",
+    "total_tokens_M",
+    "num_steps",
+    "num_params_M",
+    "depth",
+]
+STEP_LINE = re.compile(
+    r"^step (\d{5}) \((\d+\.\d)%\) \| loss (\d+\.\d{6}) \| dt (\d+)ms \| tok/sec ([\d,]+) "
+    r"\| mfu (\d+\.\d)% \| remaining (\d+)s$"
+)
+
+
+@pytest.fixture
+def model() -> train.GPT:
+    """The cpu-preset model with every weight perturbed, so that all paths carry signal (at
+    init the zeroed output projections make each block the identity)."""
+    torch.manual_seed(0)
+    model = train.build_model("cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def tokens(batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, train.VOCAB_SIZE, (batch, seq_len), generator=g)
+
+
+def test_forward_returns_logits_for_every_position(model: train.GPT) -> None:
+    x = tokens(2, 48)
+    logits = model(x)
+    assert logits.shape == (2, 48, train.VOCAB_SIZE)
+    assert logits.dtype == torch.float32
+    assert logits.abs().max() <= train.LOGIT_SOFTCAP
+    loss = model(x, tokens(2, 48, seed=1))
+    assert loss.ndim == 0 and math.isfinite(loss.item())
+
+
+def test_logits_at_t_ignore_tokens_after_t(model: train.GPT) -> None:
+    seq_len = train.MAX_SEQ_LEN  # full length, so the S layers' windows really slide
+    x = tokens(2, seq_len)
+    t = seq_len // 2 + 7
+    changed = x.clone()
+    changed[:, t + 1 :] = tokens(2, seq_len - t - 1, seed=3)
+    with torch.no_grad():
+        before, after = model(x), model(changed)
+    torch.testing.assert_close(before[:, : t + 1], after[:, : t + 1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before[:, t + 1 :], after[:, t + 1 :])
+
+
+def test_sliding_window_sees_only_the_last_window_keys() -> None:
+    seq_len, window = 64, 16
+    (mask,) = train.attention_masks([window], seq_len, torch.device("cpu"))
+    q, k, v = (
+        torch.randn(1, 2, seq_len, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)
+    )
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 0], v2[:, :, 0] = 5.0, -5.0  # change only the first key/value
+    out, out2 = train.attend(q, k, v, mask), train.attend(q, k2, v2, mask)
+    assert not torch.allclose(out[:, :, :window], out2[:, :, :window])
+    torch.testing.assert_close(out[:, :, window:], out2[:, :, window:])
+    assert train.attention_masks([seq_len], seq_len, torch.device("cpu")) == [None]
+
+
+def test_one_optimizer_step_lowers_the_loss_on_its_batch(model: train.GPT) -> None:
+    optimizers = train.build_optimizers(model, compile=False)
+    x, y = tokens(4, 64, seed=5), tokens(4, 64, seed=6)
+    loss_before = model(x, y)
+    loss_before.backward()
+    train.set_learning_rates(optimizers, progress=0.0, step=0)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        loss_after = model(x, y)
+    assert loss_after.item() < loss_before.item() - 0.01
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_every_parameter_has_exactly_one_optimizer(model: train.GPT) -> None:
+    optimizers = train.build_optimizers(model, compile=False)
+    owned = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    assert sorted(owned) == sorted(id(p) for p in model.parameters())
+    muon = next(opt for opt in optimizers if isinstance(opt, train.Muon))
+    assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 96), (2, 96, 32), (1, 40, 40)])
+def test_orthogonalize_pushes_singular_values_near_one(shape: tuple[int, int, int]) -> None:
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    s = torch.linalg.svdvals(train.orthogonalize(g))
+    assert s.min() > 0.5 and s.max() < 1.5
+
+
+def test_learning_rate_schedule_follows_training_time() -> None:
+    values = [train.lr_multiplier(p / 100) for p in range(101)]
+    peak_at = max(train.WARMUP_RATIO, 1e-9)
+    assert train.lr_multiplier(peak_at) == pytest.approx(1.0)
+    assert values[-1] == pytest.approx(train.FINAL_LR_FRAC)
+    after_peak = values[math.ceil(100 * peak_at) :]
+    assert all(a >= b for a, b in zip(after_peak[:-1], after_peak[1:], strict=True))
+
+
+def test_diverged_loss_exits_with_status_3(capsys: pytest.CaptureFixture[str]) -> None:
+    train.fail_if_diverged(5.0, step=3)  # a healthy loss passes
+    for bad in (float("nan"), float("inf"), 1e4):
+        with pytest.raises(SystemExit) as exc:
+            train.fail_if_diverged(bad, step=3)
+        assert exc.value.code == 3
+    assert "FAIL: training loss" in capsys.readouterr().out
+
+
+def test_checkpoint_rebuilds_the_same_model(model: train.GPT, tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    train.save_checkpoint(model, str(path))
+    rebuilt = train.load_model(str(path), "cpu")
+    x = tokens(1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+
+
+def test_flops_per_token_counts_matmuls_and_attention(model: train.GPT) -> None:
+    cfg = model.config
+    n_matmul = model.matmul_params()
+    assert n_matmul < sum(p.numel() for p in model.parameters())
+    attention = sum(12 * cfg.n_embd * w for w in model.windows)
+    assert model.flops_per_token(cfg.sequence_len) == 6 * n_matmul + attention
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: real data, a real subprocess, the real output contract
+# ---------------------------------------------------------------------------------------------
+
+
+def _env(cache: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
+    env.update(AUTORESEARCH_CACHE=str(cache), AUTORESEARCH_PRESET="cpu", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+UNIFORM_BPB = """
+import torch, prepare
+class Uniform(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros(*x.shape, prepare.VOCAB_SIZE)
+print(prepare.evaluate_bpb(Uniform(), 16, "cpu"))
+"""
+
+
+@pytest.fixture(scope="session")
+def stdlib_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    """The offline stdlib corpus prepared once per session, and the bits per byte of the uniform
+    model on the same scored validation tokens (log2(V) * tokens / bytes)."""
+    cache = tmp_path_factory.mktemp("train-cache")
+    prep = subprocess.run(
+        [sys.executable, "prepare.py", "--source", "stdlib"],
+        cwd=ROOT,
+        env=_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert prep.returncode == 0, prep.stdout + prep.stderr
+    uniform = subprocess.run(
+        [sys.executable, "-c", UNIFORM_BPB],
+        cwd=ROOT,
+        env=_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert uniform.returncode == 0, uniform.stderr
+    return cache, float(uniform.stdout.split()[-1])
+
+
+@pytest.mark.slow
+def test_cpu_run_learns_within_budget_and_prints_the_contract(
+    stdlib_cache: tuple[Path, float], tmp_path: Path
+) -> None:
+    cache, uniform_bpb = stdlib_cache
+    checkpoint = tmp_path / "final.pt"
+    start = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "train.py"],
+        cwd=ROOT,
+        env=_env(cache, AUTORESEARCH_DEVICE="cpu", AUTORESEARCH_CHECKPOINT=str(checkpoint)),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    wall = time.monotonic() - start
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert wall < 60, f"train.py took {wall:.1f}s"
+
+    lines = run.stdout.splitlines()
+    steps = [STEP_LINE.match(line) for line in lines if line.startswith("step ")]
+    assert len(steps) >= 5 and all(steps), [line for line in lines if line.startswith("step ")]
+    numbers = [int(m.group(1)) for m in steps]
+    assert numbers == sorted(numbers) and numbers[0] == 0
+    assert float(steps[-1].group(2)) == 100.0 and steps[-1].group(7) == "0"
+
+    summary_at = lines.index("---")
+    summary = dict(line.split(":", 1) for line in lines[summary_at + 1 :])
+    assert list(summary) == SUMMARY_KEYS
+    values = {key: float(value) for key, value in summary.items()}
+    assert math.isfinite(values["val_bpb"])
+    assert values["val_bpb"] < 0.8 * uniform_bpb, (values["val_bpb"], uniform_bpb)
+    assert values["training_seconds"] >= train.TIME_BUDGET
+    assert values["total_seconds"] >= values["training_seconds"]
+    assert values["num_steps"] == numbers[-1] + 1
+    assert values["peak_vram_mb"] == 0.0 and values["depth"] == train.DEPTH
+
+    rebuilt = train.load_model(str(checkpoint), "cpu")
+    assert sum(p.numel() for p in rebuilt.parameters()) / 1e6 == pytest.approx(
+        values["num_params_M"], abs=0.05
+    )
