@@ -271,6 +271,18 @@ def show(
 
 
 @app.command()
+def confirm(
+    tag: str | None = TagOpt,
+    device: Device | None = typer.Option(
+        None, "--device", help="cuda or cpu (default: cuda when available)."
+    ),
+    workspace: Path | None = WorkspaceOpt,
+) -> None:
+    """Evaluate the baseline and the best on the held-out test split (never seen by the loop)."""
+    commands.confirm(workspace=workspace, tag=tag, device=device.value if device else None)
+
+
+@app.command()
 def init(directory: Path = typer.Argument(..., help="Directory for the new workspace.")) -> None:
     """Create a workspace: a git repository with program.md, prepare.py, train.py."""
     commands.init(directory)

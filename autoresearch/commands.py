@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
@@ -23,6 +25,7 @@ from .workspace import RUNS_DIR, find_workspace, init_workspace, load_prepare
 
 out = Console()
 AGENT_TIMEOUT_S = 600.0  # seconds one endpoint request may take (slow local models)
+CONFIRM_TIMEOUT_S = 1800.0  # seconds one test-split evaluation may take
 
 
 # ------------------------------------------------------------------ settings
@@ -193,6 +196,7 @@ def run_session(
         min_delta=settings.min_delta,
         calibrate=settings.calibrate or (3 if preset == "gpu" else 2),
         max_repeats=settings.max_repeats or (3 if preset == "gpu" else 2),
+        sealed=settings.sealed,
         resume=resume,
     )
     display = Display(out, quiet=quiet)
@@ -201,12 +205,108 @@ def run_session(
         + (f" ({settings.model})" if agent == "openai" and settings.model else "")
         + f", preset {preset} on {device}, TIME_BUDGET {opts.time_budget:g}s, "
         f"hard timeout {opts.hard_timeout:g}s"
+        + ("" if opts.sealed else "; unsealed: val_bpb as train.py prints it")
     )
     Session(root, opts, agent_obj, display).run()
 
 
 def _auto(value: str | None) -> str | None:
     return None if value in (None, "auto") else value
+
+
+def confirm(*, workspace: Path | None, tag: str | None, device: str | None) -> None:
+    """Evaluate the baseline's and the best's checkpoints on the held-out test split."""
+    from .evaluator import evaluate_checkpoint
+    from .fingerprint import Fingerprinter
+    from .gitrepo import GitRepo
+
+    root = find_workspace(workspace)
+    ledger = session_ledger(root, tag)
+    tag = ledger.run_dir.name
+    session = ledger.read_session() or {}
+    if not session.get("fingerprints"):
+        raise WorkspaceError(
+            f"session {tag} was not sealed: `confirm` needs the checkpoints and data "
+            "fingerprints a sealed session keeps (run one with the default `sealed = true`)"
+        )
+    exps = ledger.experiments()
+    best = ledger.best()
+    if not exps or exps[0].status != "keep" or best is None:
+        raise WorkspaceError(f"session {tag} has no measured baseline: nothing to confirm")
+    preset = session["preset"]
+    device, _ = resolve_device(device, preset)
+    dataset = Path(session["dataset"])
+    prints = {k: v for k, v in session["fingerprints"].items() if k != "preset"}
+    Fingerprinter(root, dataset, preset, session.get("time_budget", 0.0)).check(
+        prints, tag=tag, when="by `autoresearch confirm`"
+    )
+    isolation = runner.network_isolation()
+    rows = []
+    for role, exp in (("baseline", exps[0]), ("best", best)):
+        if rows and exp.id == rows[0]["id"]:
+            break  # nothing was kept after the baseline
+        checkpoint = ledger.run_dir / "checkpoints" / f"{exp.id:04d}.pt"
+        if not checkpoint.is_file():
+            raise WorkspaceError(
+                f"no checkpoint kept for experiment {exp.id:04d} ({checkpoint} is missing): "
+                "confirm works on sessions run with sealed evaluation"
+            )
+        repo = GitRepo(root)
+        try:
+            source = repo.show_file(exp.commit, "train.py")
+        finally:
+            repo.close()
+        out.print(f"evaluating exp {exp.id:04d} ({role}) on the test split…", highlight=False)
+        with tempfile.TemporaryDirectory(prefix="autoresearch-confirm-") as tmp:
+            train_file = Path(tmp) / "train.py"
+            train_file.write_text(source, encoding="utf-8")
+            result = evaluate_checkpoint(
+                root,
+                checkpoint,
+                split="test",
+                preset=preset,
+                device=device,
+                timeout=CONFIRM_TIMEOUT_S,
+                log_path=ledger.run_dir / "confirm" / f"{exp.id:04d}.test.log",
+                fingerprints=prints,
+                train_file=train_file,
+                dataset=dataset,
+                prefix=isolation.prefix,
+            )
+        rows.append(
+            {
+                "id": exp.id,
+                "role": role,
+                "val_bpb": exp.val_bpb,
+                "test_bpb": result.val_bpb if result.ok else None,
+                "status": result.status,
+                "reason": result.reason,
+            }
+        )
+    _confirm_table(tag, rows)
+    ledger.update_session(confirm={"at": _now(), "split": "test", "rows": rows})
+
+
+def _confirm_table(tag: str, rows: list[dict]) -> None:
+    table = Table(title=f"session {tag}: held-out test split", title_justify="left")
+    for col in ("exp", "", "val_bpb", "test_bpb"):
+        table.add_column(col)
+
+    def num(x: float | None) -> str:
+        return "—" if x is None else f"{x:.6f}"
+
+    for r in rows:
+        test = num(r["test_bpb"]) if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
+        table.add_row(f"{r['id']:04d}", r["role"], num(r["val_bpb"]), test)
+    if len(rows) == 2 and all(r["val_bpb"] is not None and r["test_bpb"] is not None for r in rows):
+        dv = rows[1]["val_bpb"] - rows[0]["val_bpb"]
+        dt = rows[1]["test_bpb"] - rows[0]["test_bpb"]
+        table.add_row("", "Δ", f"{dv:+.6f}", f"{dt:+.6f}")
+    out.print(table)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def show_config(*, workspace: Path | None) -> None:

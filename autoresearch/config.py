@@ -58,6 +58,7 @@ DEFAULTS: dict[str, object] = {
     "calibrate": None,  # baseline runs to measure noise; None: 3 on the gpu preset, 2 on cpu
     "max_repeats": None,  # runs of a within-noise candidate; None: 3 on gpu, 2 on cpu
     "prices": {},  # model -> {"input": usd_per_1M, "output": usd_per_1M}
+    "sealed": True,  # val_bpb from the sealed evaluator (False: from train.py's own output)
 }
 
 
@@ -80,6 +81,7 @@ class Settings:
     calibrate: int | None
     max_repeats: int | None
     prices: dict[str, dict[str, float]]
+    sealed: bool = True
     sources: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -118,6 +120,17 @@ def _device(value: object) -> str:
     if not _DEVICE.match(text):
         raise ValueError("expected auto, cpu, mps, cuda or cuda:N")
     return text
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
 
 
 def _url(value: object) -> str:
@@ -198,6 +211,7 @@ CHECKS: dict[str, Callable[[object], object]] = {
     "calibrate": _at_least(_integer, 1),
     "max_repeats": _at_least(_integer, 1),
     "prices": _prices,
+    "sealed": _boolean,
 }
 # Settings that make no sense in one environment variable.
 NOT_FROM_ENV = frozenset({"prices"})

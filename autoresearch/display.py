@@ -55,6 +55,7 @@ STATUS_STYLE = {
     "crash": "bold red",
     "invalid": "yellow",
     "interrupted": "magenta",
+    "rejected": "red",
 }
 _STATUS_ORDER = {status: i for i, status in enumerate(STATUS_STYLE)}
 PHASE_STYLE = {"proposing": "cyan", "repairing": "yellow", "training": "bold blue"}
@@ -74,7 +75,7 @@ def result_line(exp: Experiment) -> str:
     bpb = f"val_bpb {exp.val_bpb:.6f}" if exp.val_bpb is not None else "val_bpb    —    "
     extra = (
         exp.crash_class or exp.extra.get("reason", "")
-        if exp.status in ("crash", "invalid")
+        if exp.status in ("crash", "invalid", "rejected")
         else format_delta(exp)
     )
     return _clean(f"exp {exp.id:04d} {exp.status:<11} {bpb}  {extra:<18} {exp.description}")
@@ -325,7 +326,7 @@ class Dashboard:
         table.add_column("time", justify="right", no_wrap=True)
         table.add_column("description", ratio=1, no_wrap=True, overflow="ellipsis")
         for e in record.experiments[-rows:]:
-            if e.status in ("crash", "invalid"):
+            if e.status in ("crash", "invalid", "rejected"):
                 delta = _clean(e.crash_class or "")
             elif _finite(e.val_bpb) and _finite(e.best_before):
                 delta = f"{e.val_bpb - e.best_before:+.6f}"

@@ -31,7 +31,7 @@ from typing import Any
 
 from .errors import AutoresearchError
 
-STATUSES = ("keep", "discard", "crash", "invalid", "interrupted")
+STATUSES = ("keep", "discard", "crash", "invalid", "interrupted", "rejected")
 TSV_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 JSONL_FILE = "experiments.jsonl"
 TORN_FILE = "experiments.jsonl.torn"  # torn last lines cut from the jsonl, kept for forensics
@@ -39,6 +39,7 @@ TSV_FILE = "results.tsv"
 STATE_FILE = "state.json"
 SESSION_FILE = "session.json"
 FIRST_ID = 1  # the baseline's id
+REJECTED_REASON_CHARS = 80  # of a rejection's reason appended to its results.tsv description
 
 
 class LedgerError(AutoresearchError):
@@ -113,13 +114,25 @@ def _parse_line(line: bytes) -> Experiment:
 
 
 def tsv_row(exp: Experiment) -> str:
-    """The results.tsv row of an experiment (upstream's columns and formats)."""
+    """The results.tsv row of an experiment (upstream's columns and formats).
+
+    `rejected` (the sealed evaluator caught the model looking ahead or train.py tampering
+    with the metric) is written as upstream's `crash`, with val_bpb 0.000000 and the reason
+    after the description, so tools that know only keep/discard/crash read it as a failed
+    run; experiments.jsonl keeps the status `rejected` and the full reason.
+    """
     commit = exp.commit[:7] if exp.commit else "-"
     val = exp.val_bpb
-    no_value = exp.status in ("crash", "invalid") or val is None or not math.isfinite(val)
+    failed = exp.status in ("crash", "invalid", "rejected")
+    no_value = failed or val is None or not math.isfinite(val)
     memory = exp.memory_gb if math.isfinite(exp.memory_gb) else 0.0
-    description = exp.description.replace("\t", " ").replace("\r", " ").replace("\n", " ")
-    return f"{commit}\t{0.0 if no_value else val:.6f}\t{memory:.1f}\t{exp.status}\t{description}"
+    status, description = exp.status, exp.description
+    if status == "rejected":
+        reason = str(exp.extra.get("reason", ""))
+        status = "crash"
+        description += f" (rejected: {reason[:REJECTED_REASON_CHARS]})" if reason else " (rejected)"
+    description = description.replace("\t", " ").replace("\r", " ").replace("\n", " ")
+    return f"{commit}\t{0.0 if no_value else val:.6f}\t{memory:.1f}\t{status}\t{description}"
 
 
 def peak_memory_gb(summary: dict[str, float]) -> float:

@@ -15,18 +15,20 @@ training; those build on this module.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import fmean
 
-from . import noise, runner
+from . import evaluator, fingerprint, noise, runner
 from .agent import Agent, AgentExhausted, Context, HistoryEntry, InvalidProposal, Proposal
 from .display import Display
 from .errors import AgentError, AutoresearchError, WorkspaceError
@@ -43,6 +45,10 @@ AGENT_OUTAGE_RETRIES = (
 )
 AGENT_OUTAGE_WAIT_S = 30.0
 SEED_BASE = 1000  # run r of a commit trains with AUTORESEARCH_SEED = SEED_BASE + r
+CHECKPOINT_FILE = "checkpoint.pt"  # in the experiment's folder while its runs are judged
+CHECKPOINTS_DIR = "checkpoints"  # runs/<tag>/checkpoints/NNNN.pt: the baseline's and the best's
+FAILED_AS = ("interrupted", "rejected")  # run failures recorded under their own status, not crash
+HARNESS_KILLS = ("timeout", "stall", "interrupted")  # crash classes of runs the harness ended
 
 
 class SessionInterrupted(AutoresearchError):
@@ -71,6 +77,9 @@ class SessionOptions:
     remeasure_every: int = 3  # keeps between re-measurements of the best (0 = never)
     resume: bool = False
     command: list[str] | None = None  # the training command; default: python train.py
+    # val_bpb from the sealed evaluator on train.py's checkpoint, with the data fingerprinted
+    # (the CLI's default); False trusts train.py's printed val_bpb, as upstream does
+    sealed: bool = False
 
     @property
     def hard_timeout(self) -> float:
@@ -96,6 +105,66 @@ def normalized_hash(source: str) -> str:
     """Hash of train.py ignoring trailing whitespace and blank lines (a no-op edit hashes the same)."""
     lines = [line.rstrip() for line in source.splitlines() if line.strip()]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def seed_only_change(old: str, new: str) -> list[str]:
+    """The seeds a candidate changes, when changing seeds is all it does; else [].
+
+    A seed is a name containing "seed" (any case): the value assigned to such a constant,
+    a keyword argument so named (`seed=...`) and the arguments of a call to such a function
+    (`torch.manual_seed(...)`). Both sources are compared as syntax trees with those values
+    blanked, so comments and formatting do not count as a change either.
+    """
+    try:
+        before, after = ast.parse(old), ast.parse(new)
+    except SyntaxError:
+        return []
+    if ast.dump(before) == ast.dump(after):
+        return []
+    old_seeds, new_seeds = _SeedBlanker(), _SeedBlanker()
+    if ast.dump(old_seeds.visit(before)) != ast.dump(new_seeds.visit(after)):
+        return []
+    changed = [n for n, v in new_seeds.values.items() if old_seeds.values.get(n) != v]
+    return changed or sorted(new_seeds.values)
+
+
+class _SeedBlanker(ast.NodeTransformer):
+    """Replaces every seed value by None, remembering the originals by name."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    def _blank(self, name: str, value: ast.AST) -> ast.Constant:
+        self.values.setdefault(name, ast.dump(value))
+        return ast.Constant(None)
+
+    def visit_Assign(self, node: ast.Assign) -> ast.AST:
+        names = [t.id for t in node.targets if isinstance(t, ast.Name) and _is_seed(t.id)]
+        if names:
+            node.value = self._blank(names[0], node.value)
+        return self.generic_visit(node)
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> ast.AST:
+        if isinstance(node.target, ast.Name) and _is_seed(node.target.id) and node.value:
+            node.value = self._blank(node.target.id, node.value)
+        return self.generic_visit(node)
+
+    def visit_keyword(self, node: ast.keyword) -> ast.AST:
+        if node.arg and _is_seed(node.arg):
+            node.value = self._blank(node.arg, node.value)
+        return self.generic_visit(node)
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        if _is_seed(name) and (node.args or node.keywords):
+            self._blank(name + "()", ast.Tuple(node.args, ast.Load()))
+            node.args, node.keywords = [], []
+        return self.generic_visit(node)
+
+
+def _is_seed(name: str) -> bool:
+    return "seed" in name.lower()
 
 
 def _now() -> str:
@@ -129,6 +198,10 @@ class Session:
         self._keeps_since_measure = 0
         self._last_result: runner.RunResult | None = None
         self._last_summary: dict = {}
+        self._isolation = runner.Isolation((), "")
+        self._sealed: dict = {}  # dataset and fingerprints, as recorded in session.json
+        self._eval_notes: dict = {}  # what the sealed evaluation said about the last run
+        self._fatal: fingerprint.FingerprintError | None = None  # stops after recording
 
     # ----------------------------------------------------------------- setup
 
@@ -178,6 +251,7 @@ class Session:
                 "choose another --tag, or move that directory away"
             )
         data_manifest()
+        sealing = self._sealing(None)
         base = repo.head()
         repo.create_branch(self.branch, base)
         repo.checkout(self.branch)
@@ -188,8 +262,44 @@ class Session:
             started=_now(),
             preset=self.opts.preset,
             agent=self.agent.name,
+            **sealing,
         )
         return None
+
+    def _sealing(self, session: dict | None) -> dict:
+        """Probe network isolation; in a sealed session, fingerprint (or, on resume, check)
+        what the metric depends on. Returns the fields for session.json."""
+        self._isolation = runner.network_isolation()
+        if not self._isolation.prefix:
+            self.display.note(self._isolation.note)
+        fields: dict = {"sealed": self.opts.sealed, "network_isolation": self._isolation.note}
+        if not self.opts.sealed:
+            return fields
+        session = session or {}
+        dataset = Path(session.get("dataset") or fingerprint.active_dataset())
+        prints = self._fingerprinter(dataset)
+        recorded = session.get("fingerprints")
+        if recorded:
+            prints.check(recorded, tag=self.opts.tag, when="on resume")
+        else:
+            recorded = prints.take()
+        self._sealed = {
+            "dataset": str(dataset),
+            "fingerprints": recorded,
+            "time_budget": self.opts.time_budget,
+        }
+        return {**fields, **self._sealed}
+
+    def _fingerprinter(self, dataset: Path) -> fingerprint.Fingerprinter:
+        return fingerprint.Fingerprinter(
+            self.root, dataset, self.opts.preset, self.opts.time_budget
+        )
+
+    def _check_fingerprints(self, when: str) -> None:
+        if self._sealed:
+            self._fingerprinter(Path(self._sealed["dataset"])).check(
+                self._sealed["fingerprints"], tag=self.opts.tag, when=when
+            )
 
     def _resume(self) -> dict | None:
         """Reconcile git with the record after any death; returns the experiment in flight."""
@@ -228,6 +338,7 @@ class Session:
         target = (
             pending["commit"] if pending and pending.get("commit") else self._best_commit(session)
         )
+        self.ledger.update_session(**self._sealing(session))
         repo.checkout(self.branch, force=True)
         repo.reset_hard(target)
         self.ledger.rebuild_tsv()
@@ -337,6 +448,16 @@ class Session:
                     reason=f"train.py identical to experiment {duplicate:04d}",
                 )
                 return
+            seeds = seed_only_change(self._source(self._best_commit()), proposal.source)
+            if seeds:
+                self._record_invalid(
+                    exp_id,
+                    None,
+                    proposal=proposal,
+                    reason=f"only the random seed changed ({', '.join(seeds)}): a new seed "
+                    "measures noise, not an idea",
+                )
+                return
             commit = self._commit_candidate(exp_id, proposal, fix_of)
             exp = self._train_and_judge(
                 exp_id,
@@ -417,7 +538,7 @@ class Session:
                 result = self._train(exp_id, commit, description, len(values), purpose)
                 wall += result.wall_seconds
                 if not result.ok:
-                    status = "interrupted" if result.crash_class == "interrupted" else "crash"
+                    status = result.crash_class if result.crash_class in FAILED_AS else "crash"
                     break
                 continue
             if baseline:
@@ -470,13 +591,17 @@ class Session:
                 "sigma": self.measurements.sigma(),
                 "gpu_busy_s": round(self._train_wall, 1),
                 "session_s": round(time.monotonic() - self._started, 1),
+                **self._eval_notes,
             },
         )
         self.ledger.append(exp)
         if status != "keep" and not baseline:
             self.repo.reset_hard(parent)
+        self._keep_checkpoint(exp_id if status == "keep" else None, exp_id)
         self.ledger.write_state(None)
         self.display.result(exp)
+        if self._fatal is not None:
+            raise self._fatal
         if status == "interrupted":
             raise SessionInterrupted(
                 f"interrupted: experiment {exp_id:04d} killed, branch reset to the best commit; "
@@ -489,23 +614,40 @@ class Session:
     def _train(
         self, exp_id: int, commit: str, description: str, run: int, purpose: str
     ) -> runner.RunResult:
-        """One training run of the checked-out commit; a valid val_bpb becomes a measurement."""
+        """One training run of the checked-out commit; a valid val_bpb becomes a measurement.
+
+        Sealed: the fingerprints are checked before and after the run, train.py saves its
+        model to the experiment's checkpoint, and the val_bpb measured is the sealed
+        evaluator's (see `_evaluate`).
+        """
         seed = SEED_BASE + run
         label = description if run == 0 else f"{description} ({purpose} run {run + 1})"
         self.display.training(exp_id, label, self.opts.time_budget)
         log_name = "run.log" if run == 0 else f"run-{run + 1}.log"
         if purpose == "remeasure":
             log_name = f"remeasure-{len(self.measurements.values(commit)) + 1}.log"
+        exp_dir = self.ledger.experiment_dir(exp_id)
+        checkpoint = exp_dir / CHECKPOINT_FILE
+        extra = {"AUTORESEARCH_SEED": str(seed)}
+        self._eval_notes = {}
+        if self.opts.sealed:
+            self._check_fingerprints(f"before experiment {exp_id:04d} trained")
+            checkpoint.unlink(missing_ok=True)
+            extra.update(self._sealed_env(), AUTORESEARCH_CHECKPOINT=str(checkpoint))
+            extra["AUTORESEARCH_SKIP_EVAL"] = "1"  # the evaluator measures; train.py need not
         result = runner.run_training(
             self.root,
-            self.ledger.experiment_dir(exp_id) / log_name,
-            command=self.opts.command,
+            exp_dir / log_name,
+            command=[
+                *self._isolation.prefix,
+                *(self.opts.command or [sys.executable, TRAIN_FILE]),
+            ],
             env=runner.child_env(
                 dict(os.environ),
                 preset=self.opts.preset,
                 device=self.opts.device,
                 gpu=self.opts.gpu,
-                extra={"AUTORESEARCH_SEED": str(seed)},
+                extra=extra,
             ),
             timeout=self.opts.hard_timeout,
             stall_timeout=self.opts.stall_timeout,
@@ -513,6 +655,10 @@ class Session:
             cancel=self.cancel,
         )
         self._train_wall += result.wall_seconds
+        if self.opts.sealed:
+            result = self._evaluate(exp_id, result, checkpoint, log_name)
+            if purpose == "remeasure":  # the best keeps the checkpoint it was kept with
+                checkpoint.unlink(missing_ok=True)
         self._last_result = result
         self._last_summary = result.summary
         if result.ok:
@@ -520,6 +666,80 @@ class Session:
                 commit, result.summary["val_bpb"], exp_id=exp_id, purpose=purpose, seed=seed
             )
         return result
+
+    def _sealed_env(self) -> dict[str, str]:
+        """The session's dataset, pinned for the children (ACTIVE may change under us)."""
+        dataset = Path(self._sealed["dataset"])
+        return {"AUTORESEARCH_CACHE": str(dataset.parent), "AUTORESEARCH_DATASET": dataset.name}
+
+    def _evaluate(
+        self, exp_id: int, result: runner.RunResult, checkpoint: Path, log_name: str
+    ) -> runner.RunResult:
+        """The run with val_bpb measured by the sealed evaluator, in a process of its own.
+
+        A run that exited 0 (on its own) is trained; its checkpoint is evaluated. The
+        fingerprints are checked after training and after evaluation (train.py's code runs in
+        both): a change is recorded as `rejected` and then stops the session.
+        """
+        trained = result.exit_code == 0 and result.crash_class not in HARNESS_KILLS
+        if not self._data_unchanged(f"after experiment {exp_id:04d} trained") or not trained:
+            checkpoint.unlink(missing_ok=True)
+            return self._rejected(result) if self._fatal else result
+        self.display.note(f"exp {exp_id:04d}: sealed evaluation of the checkpoint")
+        ev = evaluator.evaluate_checkpoint(
+            self.root,
+            checkpoint,
+            split="val",
+            preset=self.opts.preset,
+            device=self.opts.device,
+            gpu=self.opts.gpu,
+            timeout=self.opts.hard_timeout,
+            log_path=checkpoint.parent / log_name.replace(".log", ".eval.log"),
+            fingerprints=self._sealed["fingerprints"],
+            dataset=Path(self._sealed["dataset"]),
+            prefix=self._isolation.prefix,
+            cancel=self.cancel,
+        )
+        result, self._eval_notes = evaluator.sealed_outcome(result, ev)
+        if not self._data_unchanged(f"after experiment {exp_id:04d} was evaluated"):
+            result = self._rejected(result)
+        if not result.ok:
+            checkpoint.unlink(missing_ok=True)
+        return result
+
+    def _data_unchanged(self, when: str) -> bool:
+        """False (and the error kept for after the record is written) when a fingerprint moved."""
+        try:
+            self._check_fingerprints(when)
+        except fingerprint.FingerprintError as exc:
+            self._fatal = exc
+            return False
+        return True
+
+    def _rejected(self, result: runner.RunResult) -> runner.RunResult:
+        reason = f"the run changed what the metric depends on: {self._fatal}"
+        self._eval_notes = {**self._eval_notes, "reason": reason}
+        return replace(
+            result,
+            crash_class="rejected",
+            log_tail=result.log_tail + f"\n[autoresearch] {reason}",
+        )
+
+    def _keep_checkpoint(self, kept: int | None, exp_id: int) -> None:
+        """Move a kept experiment's checkpoint to runs/<tag>/checkpoints/ (for `confirm`),
+        delete the superseded best's unless it is the baseline's; delete any other."""
+        checkpoint = self.ledger.experiment_dir(exp_id) / CHECKPOINT_FILE
+        if kept is None or not checkpoint.is_file():
+            checkpoint.unlink(missing_ok=True)
+            return
+        folder = self.ledger.run_dir / CHECKPOINTS_DIR
+        folder.mkdir(exist_ok=True)
+        exps = self.ledger.experiments()
+        baseline = exps[0].id if exps else kept
+        for old in folder.glob("*.pt"):
+            if old.stem.isdigit() and int(old.stem) not in (baseline, kept):
+                old.unlink()
+        os.replace(checkpoint, folder / f"{kept:04d}.pt")
 
     def _remeasure_incumbent(self) -> None:
         """Train the best commit once more, so "best" is a mean, not a lucky minimum."""
@@ -531,6 +751,8 @@ class Session:
         self.display.note(f"re-measuring the best, exp {best.id:04d}, to keep its estimate honest")
         result = self._train(best.id, best.commit, best.description, 1, "remeasure")
         self.ledger.write_state(None)
+        if self._fatal is not None:
+            raise self._fatal
         if result.crash_class == "interrupted":
             raise SessionInterrupted(
                 "interrupted while re-measuring the best; continue with "

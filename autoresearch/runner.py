@@ -15,17 +15,20 @@ Guarantees of `run_training`:
   propagates);
 - a crashed run is data: `RunResult.crash_class` says what kind of crash, never an exception.
 
-What it does not do: sandbox the child (it runs with the user's rights), limit its memory, or
-decide whether a result is good.
+What it does not do: sandbox the child (it runs with the user's rights; `network_isolation`
+only takes its network away where the OS allows), limit its memory, or decide whether a result
+is good.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import queue
 import re
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -305,6 +308,53 @@ def child_env(
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Network isolation
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """How training children are cut off from the network on this machine."""
+
+    prefix: tuple[str, ...]  # put in front of the child's command; () when unavailable
+    note: str  # what was found, for session.json and the display
+
+
+NO_NETWORK = ("unshare", "--net", "--map-root-user")  # util-linux: a new, empty network namespace
+PROBE_TIMEOUT_S = 10.0
+
+
+@functools.cache
+def network_isolation() -> Isolation:
+    """Probe once whether this OS lets an unprivileged process drop its network.
+
+    On Linux with unprivileged user namespaces, `unshare --net --map-root-user CMD` runs CMD in
+    a network namespace of its own, with no interface but a down loopback: no connection in
+    or out, also to localhost. The command keeps the pid (unshare execs it), so the process
+    group, signals and /proc bookkeeping of `run_training` work unchanged. Elsewhere (macOS,
+    containers without user namespaces, no util-linux) the child keeps the network.
+    """
+    if not sys.platform.startswith("linux"):
+        return Isolation((), f"network isolation unavailable on {sys.platform}")
+    if shutil.which(NO_NETWORK[0]) is None:
+        return Isolation((), "network isolation unavailable: no `unshare` (util-linux)")
+    try:
+        proc = subprocess.run(
+            [*NO_NETWORK, "true"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=PROBE_TIMEOUT_S,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return Isolation((), f"network isolation unavailable: {error}")
+    if proc.returncode != 0:
+        reason = proc.stderr.decode(errors="replace").strip().splitlines()
+        return Isolation(
+            (), f"network isolation unavailable: {reason[-1] if reason else proc.returncode}"
+        )
+    return Isolation(NO_NETWORK, "training runs without network (unshare --net)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,12 @@ def ws(tmp_path: Path) -> Path:
 def env(tmp_path: Path) -> dict[str, str]:
     cache = fake_prepared_cache(tmp_path / "cache")
     base = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "OPENAI_"))}
-    return {**base, "AUTORESEARCH_CACHE": str(cache), "PYTHONPATH": str(Path(__file__).parents[1])}
+    return {
+        **base,
+        "AUTORESEARCH_CACHE": str(cache),
+        "AUTORESEARCH_SEALED": "0",  # the stub prints val_bpb and saves no checkpoint
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+    }
 
 
 def run_llm(

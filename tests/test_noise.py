@@ -70,6 +70,7 @@ def test_loop_repeats_within_noise_candidates(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path / "ws", NOISY_STUB)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "OPENAI_"))}
     env["AUTORESEARCH_CACHE"] = str(fake_prepared_cache(tmp_path / "cache"))
+    env["AUTORESEARCH_SEALED"] = "0"  # the stub prints val_bpb and saves no checkpoint
     patches = tmp_path / "patches"
     patches.mkdir()
     (patches / "1.txt").write_text(
