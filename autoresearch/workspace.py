@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-from importlib import resources
 from pathlib import Path
 
 from .errors import DataError, WorkspaceError
@@ -20,6 +19,7 @@ from .errors import DataError, WorkspaceError
 WORKSPACE_FILES = ("program.md", "prepare.py", "train.py")
 TRAIN_FILE = "train.py"
 RUNS_DIR = "runs"
+TEMPLATES = Path(__file__).parent / "templates"  # shipped as package data
 
 GITIGNORE = """\
 __pycache__/
@@ -31,7 +31,7 @@ runs/
 
 def template_text(name: str) -> str:
     """The pristine copy of a workspace file shipped with the package."""
-    return resources.files("autoresearch").joinpath("templates", name).read_text(encoding="utf-8")
+    return (TEMPLATES / name).read_text(encoding="utf-8")
 
 
 def find_workspace(path: Path | None = None) -> Path:
