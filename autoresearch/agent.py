@@ -105,6 +105,8 @@ class Proposal:
     tokens_out: int
     seconds: float
     agent: str  # the agent's name: openai | tuner | replay
+    wait_s: float = 0.0  # how long the loop waited for it (0 when it was ready in time)
+    rebased_from: str | None = None  # the best it was made on, when re-applied to a newer best
 
 
 class InvalidProposal(AgentError):
@@ -140,6 +142,9 @@ class AgentExhausted(AgentError):
 
 class Agent(Protocol):
     name: str
+    # True when proposing takes long enough to be worth doing while a run trains (an LLM);
+    # the loop then asks for the next proposal during training, against the best so far.
+    overlaps: bool
 
     def propose(self, ctx: Context) -> Proposal: ...
 
@@ -312,7 +317,9 @@ def _best_line(ctx: Context) -> str:
 
 
 def _verdict(h: HistoryEntry, noise: float) -> str:
-    if h.status == "crash" or (h.val_bpb is None and h.status not in ("invalid", "interrupted")):
+    if h.status == "crash" or (
+        h.val_bpb is None and h.status not in ("invalid", "interrupted", "running")
+    ):
         return "crash"
     if h.val_bpb is None:
         return h.status
@@ -362,6 +369,7 @@ class OpenAIAgent:
     """
 
     name = "openai"
+    overlaps = True
 
     def __init__(
         self,
@@ -817,6 +825,7 @@ class TunerAgent:
 
     name = "tuner"
     model = "tuner"
+    overlaps = False  # instant, and better with the latest result
 
     def propose(self, ctx: Context) -> Proposal:
         started = time.monotonic()
@@ -829,9 +838,10 @@ class TunerAgent:
         tried = _tried(ctx)
         current = {n: k.value for n, k in knobs.items()}
         moves, explored = _moves(ctx.history)
+        settled = [m for m in moves if m[2] != "running"]  # a run in flight has no result yet
         plan: list[tuple[str, int, bool]] = []  # (knob, direction, primary step only)
-        if moves:
-            name, direction, status = moves[-1]
+        if settled:
+            name, direction, status = settled[-1]
             plan.append((name, direction if status == "keep" else -direction, True))
         rng = random.Random(f"{TUNER_SEED}:{len(ctx.history)}")
         names = list(knobs)
@@ -970,6 +980,7 @@ class ReplayAgent:
 
     name = "replay"
     model = "replay"
+    overlaps = False  # each reply was written against the best of its time
 
     def __init__(self, patches_dir: Path) -> None:
         if not patches_dir.is_dir():

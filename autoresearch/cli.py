@@ -195,6 +195,11 @@ def run(
         min=1,
         help="Runs of a candidate whose gain is within noise (default 3 on gpu, 2 on cpu).",
     ),
+    overlap: bool = typer.Option(
+        True,
+        "--overlap/--no-overlap",
+        help="Let the agent propose the next experiment while the current one trains.",
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the tag's session after any stop, kill -9 included."
     ),
@@ -228,6 +233,7 @@ def run(
         patches=patches,
         gpu=gpu,
         resume=resume,
+        overlap=overlap,
         quiet=quiet,
     )
 

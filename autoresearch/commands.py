@@ -158,6 +158,7 @@ def run_session(
     patches: Path | None,
     gpu: str | None,
     resume: bool,
+    overlap: bool,
     quiet: bool,
 ) -> None:
     from .agent import make_agent
@@ -198,6 +199,7 @@ def run_session(
         max_repeats=settings.max_repeats or (3 if preset == "gpu" else 2),
         sealed=settings.sealed,
         resume=resume,
+        overlap=overlap,
     )
     display = Display(out, quiet=quiet)
     display.note(

@@ -20,9 +20,13 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +35,8 @@ from statistics import fmean
 from . import evaluator, fingerprint, noise, runner
 from .agent import Agent, AgentExhausted, Context, HistoryEntry, InvalidProposal, Proposal
 from .display import Display
-from .errors import AgentError, AutoresearchError, WorkspaceError
+from .edits import check_compiles
+from .errors import AgentError, AutoresearchError, EditError, WorkspaceError
 from .gitrepo import GitRepo
 from .ledger import Experiment, Ledger
 from .pricing import cost_usd
@@ -75,6 +80,7 @@ class SessionOptions:
     calibrate: int = 1  # runs of the baseline to measure noise (the CLI uses 3 on GPU)
     max_repeats: int = 3  # runs of a candidate whose gain is within noise
     remeasure_every: int = 3  # keeps between re-measurements of the best (0 = never)
+    overlap: bool = True  # propose the next experiment while the current one trains
     resume: bool = False
     command: list[str] | None = None  # the training command; default: python train.py
     # val_bpb from the sealed evaluator on train.py's checkpoint, with the data fingerprinted
@@ -202,6 +208,11 @@ class Session:
         self._sealed: dict = {}  # dataset and fingerprints, as recorded in session.json
         self._eval_notes: dict = {}  # what the sealed evaluation said about the last run
         self._fatal: fingerprint.FingerprintError | None = None  # stops after recording
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autoresearch-agent")
+        self._agent_lock = threading.Lock()
+        self._pending: tuple[Future, str] | None = (
+            None  # (proposal being made, best it was made on)
+        )
 
     # ----------------------------------------------------------------- setup
 
@@ -425,15 +436,93 @@ class Session:
 
     def _experiment(self) -> None:
         exp_id = self.ledger.next_id()
-        ctx = self._context()
         self.ledger.write_state({"phase": "proposing", "id": exp_id})
-        self.display.proposing(exp_id, self.agent.name)
         try:
-            proposal = self._ask(self.agent.propose, ctx)
+            proposal = self._next_proposal(exp_id)
         except InvalidProposal as exc:
             self._record_invalid(exp_id, exc)
             return
         self._try_candidate(exp_id, proposal, fix_of=None)
+
+    # ----------------------------------------------------------------- overlap
+
+    def _next_proposal(self, exp_id: int) -> Proposal:
+        """The proposal prepared while the last run trained, re-applied to the current best
+        if that moved; or a fresh one when there is none or it no longer applies."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            future, base = pending
+            waited = time.monotonic()
+            if not future.done():
+                self.display.proposing(exp_id, self.agent.name)
+            proposal = self._wait(future)
+            proposal.wait_s = round(time.monotonic() - waited, 2)
+            best = self._best_commit()
+            if base == best:
+                return proposal
+            rebased = self._rebase(proposal, base, best)
+            if rebased is not None:
+                return rebased
+            self.display.note("the prepared edit no longer applies to the new best: asking again")
+        self.display.proposing(exp_id, self.agent.name)
+        return self._ask(self.agent.propose, self._context())
+
+    def _prepare_next(self, running: str | None) -> None:
+        """Start proposing the next experiment in the background while a run trains.
+
+        The agent sees the current best and the history, with the candidate in flight listed
+        as `running`. Nothing is started when the session will end after this experiment.
+        """
+        if not (self.opts.overlap and getattr(self.agent, "overlaps", False)):
+            return
+        if self._pending is not None or self.stop_requested:
+            return
+        limit = self.opts.max_experiments
+        if limit is not None and self.ledger.next_id() + 1 > limit:
+            return
+        ctx = self._context()
+        if running is not None:
+            ctx.history.append(
+                HistoryEntry(
+                    id=self.ledger.next_id(),
+                    status="running",
+                    val_bpb=None,
+                    delta=None,
+                    description="(training now)",
+                    source=self._source(running),
+                )
+            )
+        future = self._executor.submit(self._locked, self.agent.propose, ctx)
+        self._pending = (future, self._best_commit())
+
+    def _rebase(self, proposal: Proposal, base: str, best: str) -> Proposal | None:
+        """Re-apply an edit made against `base` onto `best` (a three-way merge of train.py)."""
+        merged = three_way_merge(self._source(base), self._source(best), proposal.source)
+        if merged is None:
+            return None
+        try:
+            check_compiles(merged)
+        except EditError:
+            return None
+        proposal.source = merged
+        proposal.rebased_from = base
+        return proposal
+
+    def _wait(self, future: Future) -> Proposal:
+        """The background proposal's result; a second Ctrl-C interrupts the wait."""
+        self._interruptible = True
+        try:
+            while True:
+                try:
+                    return future.result(timeout=0.5)
+                except FutureTimeout:
+                    continue
+        finally:
+            self._interruptible = False
+
+    def _locked(self, call, *args):
+        with self._agent_lock:
+            return call(*args)
 
     def _try_candidate(self, exp_id: int, proposal: Proposal, fix_of: int | None) -> None:
         """Commit a proposal, train it, and repair crashes within --fix-attempts."""
@@ -527,6 +616,7 @@ class Session:
                 "agent": agent_info,
             }
         )
+        self._prepare_next(running=None if baseline else commit)
         started = _now()
         wall = 0.0
         needed = self.opts.calibrate if baseline else 1
@@ -854,7 +944,7 @@ class Session:
             history=history,
             best_bpb=best.val_bpb if best else best_so_far,
             last_crash_tail=crashes[-1].extra.get("log_tail") if crashes else None,
-            noise=None,
+            noise=self.measurements.sigma(),
         )
 
     def _source(self, commit: str) -> str:
@@ -886,9 +976,23 @@ class Session:
         """Call the agent; a second Ctrl-C interrupts it (nothing is committed yet)."""
         self._interruptible = True
         try:
-            return call(*args)
+            return self._locked(call, *args)
         finally:
             self._interruptible = False
+
+
+def three_way_merge(base: str, ours: str, theirs: str) -> str | None:
+    """`theirs`' changes to `base` applied to `ours` (git merge-file); None on a conflict."""
+    with tempfile.TemporaryDirectory(prefix="autoresearch-merge-") as tmp:
+        paths = []
+        for name, text in (("ours", ours), ("base", base), ("theirs", theirs)):
+            path = Path(tmp) / name
+            path.write_text(text, encoding="utf-8")
+            paths.append(str(path))
+        proc = subprocess.run(
+            ["git", "merge-file", "-p", "--quiet", *paths], capture_output=True, text=True
+        )
+    return proc.stdout if proc.returncode == 0 else None
 
 
 def _agent_info(p: Proposal) -> dict:
@@ -899,6 +1003,8 @@ def _agent_info(p: Proposal) -> dict:
         "tokens_in": p.tokens_in,
         "tokens_out": p.tokens_out,
         "seconds": round(p.seconds, 2),
+        "wait_s": p.wait_s,
+        "rebased_from": p.rebased_from,
     }
 
 
