@@ -1,0 +1,29 @@
+"""Shared fixtures. Test modules import their helpers (loopkit, fakellm, prepare_helpers)
+from this directory, which pytest puts on sys.path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def stdlib_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache with the offline stdlib corpus, prepared once per test session by the real
+    prepare.py (tokenizer training and token shards included)."""
+    cache = tmp_path_factory.mktemp("stdlib-cache")
+    proc = subprocess.run(
+        [sys.executable, "prepare.py", "--source", "stdlib"],
+        cwd=ROOT,
+        env={"AUTORESEARCH_CACHE": str(cache), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return cache
