@@ -318,7 +318,7 @@ def _best_line(ctx: Context) -> str:
 
 def _verdict(h: HistoryEntry, noise: float) -> str:
     if h.status == "crash" or (
-        h.val_bpb is None and h.status not in ("invalid", "interrupted", "running")
+        h.val_bpb is None and h.status not in ("invalid", "interrupted", "running", "rejected")
     ):
         return "crash"
     if h.val_bpb is None:

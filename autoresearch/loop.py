@@ -931,7 +931,7 @@ class Session:
                     status=e.status,
                     val_bpb=e.val_bpb,
                     delta=delta,
-                    description=e.description,
+                    description=_history_description(e),
                     source=self._source(e.commit) if e.commit else None,
                 )
             )
@@ -979,6 +979,14 @@ class Session:
             return self._locked(call, *args)
         finally:
             self._interruptible = False
+
+
+def _history_description(e: Experiment) -> str:
+    """What the agent reads for a past experiment: a refusal carries its reason."""
+    reason = e.extra.get("reason")
+    if e.status in ("invalid", "rejected") and reason:
+        return f"{e.description} ({e.status}: {' '.join(str(reason).split())[:160]})"
+    return e.description
 
 
 def three_way_merge(base: str, ours: str, theirs: str) -> str | None:

@@ -42,8 +42,8 @@ TRAIN_FILE = "train.py"
 PLOT_FILE = "progress.png"
 REPORT_FILE = "report.html"
 
-STATUSES = ("keep", "discard", "crash", "invalid", "interrupted")
-FAILED = ("crash", "invalid", "interrupted")  # statuses with no val_bpb worth plotting
+STATUSES = ("keep", "discard", "crash", "invalid", "interrupted", "rejected")
+FAILED = ("crash", "invalid", "interrupted", "rejected")  # statuses with no val_bpb to plot
 
 # Plot colours; the page's CSS uses the same greens and reds for the statuses.
 GREEN, DARK_GREEN, GREY, RED, AMBER = "#2ecc71", "#1a7a3a", "#b0b0b0", "#d62728", "#e69500"
@@ -233,7 +233,7 @@ def plot_progress(experiments: Sequence[Experiment], tag: str) -> bytes:
             zorder=4,
             label="kept",
         )
-    for statuses, colour in ((("crash", "invalid"), RED), (("interrupted",), AMBER)):
+    for statuses, colour in ((("crash", "invalid", "rejected"), RED), (("interrupted",), AMBER)):
         xs = [e.id for e in failed if e.status in statuses]
         if xs:
             ax.scatter(
@@ -367,7 +367,7 @@ th { background: #f6f6f6; position: sticky; top: 0; }
 td.num { text-align: right; white-space: nowrap; } td.sha { white-space: nowrap; }
 tr.keep td { background: #f0faf3; }
 .status { font-weight: 600; } .s-keep { color: var(--green); } .s-discard { color: var(--grey); }
-.s-crash, .s-invalid { color: var(--red); } .s-interrupted { color: var(--amber); }
+.s-crash, .s-invalid, .s-rejected { color: var(--red); } .s-interrupted { color: var(--amber); }
 .better { color: var(--green); } .worse { color: var(--red); }
 pre.diff { background: #fafafa; border: 1px solid var(--line); border-radius: 6px;
            padding: 8px 0; overflow-x: auto; font-size: 12.5px; line-height: 1.4; }
