@@ -391,3 +391,74 @@ def test_sigkill_mid_commit_then_resume(ws: Path, env: dict, tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr + done.stdout
     _check_final(ws, 3)
     assert [r["description"] for r in records(ws)] == ["baseline", "LR to 0.06", "WIDTH to 128"]
+
+
+def _start_logged(ws: Path, env: dict, patches: Path, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "autoresearch",
+                "run",
+                "--tag",
+                TAG,
+                "--agent",
+                "replay",
+                "--patches",
+                str(patches),
+                "--max-experiments",
+                "3",
+                "--preset",
+                "cpu",
+                "--device",
+                "cpu",
+                "--workspace",
+                str(ws),
+            ],
+            cwd=ws,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def test_ctrl_c_once_finishes_the_experiment_then_stops(
+    ws: Path, env: dict, tmp_path: Path
+) -> None:
+    (ws / "train.py").write_text(STUB_TRAIN.replace("SLEEP = 0.0", "SLEEP = 0.5"))
+    git(ws, "commit", "-qam", "slow stub")
+    log = tmp_path / "out.log"
+    proc = _start_logged(ws, env, _patches(tmp_path), log)
+    _wait_for(lambda: _state(ws).get("phase") == "training" and _state(ws).get("id") == 2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0, log.read_text()
+    recs = records(ws)
+    assert [r["id"] for r in recs] == [1, 2] and recs[1]["status"] == "keep"
+    assert "stopped by Ctrl-C" in log.read_text()
+    assert git(ws, "rev-parse", "HEAD") == recs[1]["commit"]
+    assert git(ws, "status", "--porcelain") == ""
+
+
+def test_ctrl_c_twice_kills_the_run_resets_and_records(ws: Path, env: dict, tmp_path: Path) -> None:
+    base = git(ws, "rev-parse", "HEAD")
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    slow = ("SLEEP = 0.0  # seconds per step", "SLEEP = 5.0  # seconds per step")
+    (patches / "01.txt").write_text(
+        reply("slow LR 0.06", ("LR = 0.04  # learning rate", "LR = 0.06  # learning rate"), slow)
+    )
+    log = tmp_path / "out.log"
+    proc = _start_logged(ws, env, patches, log)
+    _wait_for(lambda: _state(ws).get("phase") == "training" and _state(ws).get("id") == 2)
+    proc.send_signal(signal.SIGINT)
+    _wait_for(lambda: "Ctrl-C" in log.read_text())
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130, log.read_text()
+    recs = records(ws)
+    assert [r["status"] for r in recs] == ["keep", "interrupted"]
+    assert recs[1]["crash_class"] == "interrupted"
+    assert git(ws, "rev-parse", "HEAD") == base  # reset to the best: the baseline
+    assert git(ws, "status", "--porcelain") == ""
+    assert attempt(ws, 2) == recs[1]["commit"]  # the interrupted idea is still reachable
+    assert not _state(ws)
