@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
@@ -40,7 +41,7 @@ from .errors import AgentError, AutoresearchError, EditError, WorkspaceError
 from .gitrepo import GitRepo
 from .ledger import Experiment, Ledger
 from .pricing import cost_usd
-from .workspace import RUNS_DIR, TRAIN_FILE, data_manifest
+from .workspace import RUNS_DIR, TRAIN_FILE, cache_dir, data_manifest
 
 BRANCH_PREFIX = "autoresearch/"
 STARTUP_ALLOWANCE_S = 120.0  # seconds allowed on top of 2 x TIME_BUDGET for imports, compile, eval
@@ -718,7 +719,7 @@ class Session:
             log_name = f"remeasure-{len(self.measurements.values(commit)) + 1}.log"
         exp_dir = self.ledger.experiment_dir(exp_id)
         checkpoint = exp_dir / CHECKPOINT_FILE
-        extra = {"AUTORESEARCH_SEED": str(seed)}
+        extra = {"AUTORESEARCH_SEED": str(seed), **compile_cache_env(os.environ)}
         self._eval_notes = {}
         if self.opts.sealed:
             self._check_fingerprints(f"before experiment {exp_id:04d} trained")
@@ -979,6 +980,21 @@ class Session:
             return self._locked(call, *args)
         finally:
             self._interruptible = False
+
+
+def compile_cache_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """Keep torch.compile's caches between experiments, in the data cache, not in /tmp.
+
+    Most edits change constants, not shapes, so the next run finds its compiled graphs and
+    autotuning results on disk instead of compiling from scratch. A user's own setting wins.
+    """
+    if environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return {}
+    return {
+        "TORCHINDUCTOR_CACHE_DIR": str(cache_dir(dict(environ)) / "compile"),
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
+    }
 
 
 def _history_description(e: Experiment) -> str:
