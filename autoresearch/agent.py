@@ -518,7 +518,7 @@ class OpenAIAgent:
         except openai.APITimeoutError:
             raise AgentError(
                 f"{where} did not answer within {self._client.timeout}s "
-                f"({self._client.max_retries} retries); is it overloaded? Raise the timeout or wait."
+                f"({self._client.max_retries} retries); is it overloaded? Wait, or raise --agent-timeout."
             ) from None
         except openai.APIConnectionError:
             raise AgentError(

@@ -133,6 +133,12 @@ def run(
     base_url: str | None = typer.Option(
         None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."
     ),
+    agent_timeout: float | None = typer.Option(
+        None,
+        "--agent-timeout",
+        min=1.0,
+        help="Seconds one request to the endpoint may take before it is retried (default 600).",
+    ),
     patches: Path | None = typer.Option(
         None, "--patches", help="Directory of prepared replies (replay agent)."
     ),
@@ -218,6 +224,7 @@ def run(
             "agent": agent.value if agent else None,
             "model": model,
             "base_url": base_url,
+            "agent_timeout": agent_timeout,
             "max_experiments": max_experiments,
             "max_hours": max_hours,
             "max_cost": max_cost,

@@ -24,7 +24,6 @@ from .ledger import Experiment, Ledger
 from .workspace import RUNS_DIR, find_workspace, init_workspace, load_prepare
 
 out = Console()
-AGENT_TIMEOUT_S = 600.0  # seconds one endpoint request may take (slow local models)
 CONFIRM_TIMEOUT_S = 1800.0  # seconds one test-split evaluation may take
 
 
@@ -179,7 +178,7 @@ def run_session(
         base_url=settings.base_url,
         patches_dir=patches,
         api_key=os.environ.get("AUTORESEARCH_API_KEY") or os.environ.get("OPENAI_API_KEY"),
-        timeout=AGENT_TIMEOUT_S,
+        timeout=settings.agent_timeout,
     )
     opts = SessionOptions(
         tag=tag,

@@ -46,6 +46,7 @@ DEFAULTS: dict[str, object] = {
     "agent": None,  # None: openai when a model or base_url is set, else the offline tuner
     "model": None,
     "base_url": None,
+    "agent_timeout": 600.0,  # seconds one request to the endpoint may take (slow local models)
     "preset": "auto",
     "device": "auto",
     "max_experiments": None,  # experiments, baseline included
@@ -82,6 +83,7 @@ class Settings:
     max_repeats: int | None
     prices: dict[str, dict[str, float]]
     sealed: bool = True
+    agent_timeout: float = 600.0
     sources: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -199,6 +201,7 @@ CHECKS: dict[str, Callable[[object], object]] = {
     "agent": _choice(AGENTS),
     "model": _string,
     "base_url": _url,
+    "agent_timeout": _at_least(_number, 0.0, strict=True),
     "preset": _choice(PRESETS),
     "device": _device,
     "max_experiments": _at_least(_integer, 1),
