@@ -620,6 +620,7 @@ class Session:
         self._prepare_next(running=None if baseline else commit)
         started = _now()
         wall = 0.0
+        ran = False
         needed = self.opts.calibrate if baseline else 1
         verdict: noise.Verdict | None = None
         while True:
@@ -628,6 +629,7 @@ class Session:
                 purpose = "calibrate" if baseline else ("repeat" if values else "candidate")
                 result = self._train(exp_id, commit, description, len(values), purpose)
                 wall += result.wall_seconds
+                ran = True
                 if not result.ok:
                     status = result.crash_class if result.crash_class in FAILED_AS else "crash"
                     break
@@ -647,6 +649,8 @@ class Session:
                 break
             needed += 1
         values = self.measurements.values(commit)
+        if not ran:  # every run was measured before the session stopped (killed while recording)
+            self._recall_last_run(exp_id, values)
         val_bpb = fmean(values) if status in ("keep", "discard") else None
         summary = self._last_summary
         exp = Experiment(
@@ -668,7 +672,7 @@ class Session:
             metrics=dict(summary),
             started_at=started,
             ended_at=_now(),
-            train_seconds=round(wall, 2),
+            train_seconds=round(wall, 2) if ran else None,
             agent=agent_info,
             attempt_ref=None if baseline else attempt_ref(self.opts.tag, exp_id),
             fix_of=fix_of,
@@ -757,6 +761,30 @@ class Session:
                 commit, result.summary["val_bpb"], exp_id=exp_id, purpose=purpose, seed=seed
             )
         return result
+
+    def _recall_last_run(self, exp_id: int, values: list[float]) -> None:
+        """The last run of an experiment measured before a --resume, read back from its log:
+        every measured run exited 0, and its val_bpb is the measurement (train.py's printed
+        number, in a sealed session, is kept as reported_val_bpb, as `_evaluate` does)."""
+        log = self.ledger.experiment_dir(exp_id) / (
+            "run.log" if len(values) == 1 else f"run-{len(values)}.log"
+        )
+        text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
+        summary = runner.parse_summary(text)
+        printed = summary.get("val_bpb")
+        summary["val_bpb"] = values[-1]
+        if self.opts.sealed and printed is not None:
+            summary["reported_val_bpb"] = printed
+        self._last_summary, self._eval_notes = summary, {}
+        self._last_result = runner.RunResult(
+            exit_code=0,
+            summary=summary,
+            crash_class=None,
+            wall_seconds=0.0,
+            log_path=log,
+            log_tail="",
+            last_step=None,
+        )
 
     def _sealed_env(self) -> dict[str, str]:
         """The session's dataset, pinned for the children (ACTIVE may change under us)."""
