@@ -224,6 +224,7 @@ class Session:
             pending = self._resume() if self.opts.resume else self._start()
             self.display.session_start(self.opts, self.ledger.experiments(), agent=self.agent.name)
             reason = self._loop(pending)
+            self.ledger.write_state(None)  # e.g. the agent gave up while proposing
         except KeyboardInterrupt:
             # Second Ctrl-C while the agent was thinking: nothing was committed for it.
             self.ledger.write_state(None)
