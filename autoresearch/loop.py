@@ -336,10 +336,17 @@ class Session:
             ours.add(pending["commit"])
         tip = repo.branch_sha(self.branch)
         if tip not in ours:
+            best, saved = self._best_commit(session)[:12], f"{self.opts.tag}-by-hand"
+            move_back = (
+                f"git branch {saved} && git reset --hard {best}"
+                if repo.current_branch() == self.branch
+                else f"git branch {saved} {self.branch} && git branch -f {self.branch} {best}"
+            )
             raise WorkspaceError(
                 f"branch {self.branch} points at {tip[:12]}, a commit this session did not make "
-                f"(moved by hand?): move it back with `git branch -f {self.branch} "
-                f"{self._best_commit(session)[:12]}`, or start a new --tag"
+                f"(moved by hand?): keep that commit on a branch of its own and move "
+                f"{self.branch} back to the session's best with `{move_back}`, "
+                "or start a new --tag"
             )
         dirty = repo.dirty_paths()
         if dirty - {TRAIN_FILE}:
