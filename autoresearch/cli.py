@@ -76,6 +76,9 @@ def prepare(
     ),
     base_url: str | None = typer.Option(None, "--base-url", help="Mirror to download shards from."),
     workers: int = typer.Option(8, "--workers", min=1, max=64, help="Parallel downloads."),
+    force: bool = typer.Option(
+        False, "--force", help="Rebuild even if already prepared (damaged or missing files)."
+    ),
     workspace: Path | None = WorkspaceOpt,
 ) -> None:
     """Download or collect text, train the tokenizer and write token shards (once)."""
@@ -88,6 +91,7 @@ def prepare(
         max_train_mb=max_train_mb,
         base_url=base_url,
         workers=workers,
+        force=force,
     )
 
 

@@ -69,6 +69,7 @@ def prepare(
     max_train_mb: float | None,
     base_url: str | None,
     workers: int,
+    force: bool,
 ) -> None:
     root = find_workspace(workspace)
     module = load_prepare(root)
@@ -81,6 +82,7 @@ def prepare(
             base_url=base_url,
             workers=workers,
             max_train_bytes=int(max_train_mb * 1e6) if max_train_mb else None,
+            force=force,
             log=lambda msg: out.print(msg, highlight=False, markup=False),
         )
     except module.PrepareError as exc:
