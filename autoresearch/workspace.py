@@ -3,7 +3,8 @@
 Guarantees: `find_workspace` only returns a directory that has all three files and is a git
 repository; `init_workspace` never overwrites an existing file; `data_manifest` reads the
 prepared dataset's manifest without importing prepare.py (so no torch import, no side
-effects) and says what to run when the data is missing.
+effects), checks that every file it names exists, and says what to run when the data is
+missing.
 """
 
 from __future__ import annotations
@@ -109,9 +110,24 @@ def data_manifest(env: dict[str, str] | None = None) -> dict:
     if not manifest.is_file():
         raise DataError(f"dataset {name!r} in {root} has no manifest: {hint}")
     try:
-        return json.loads(manifest.read_text(encoding="utf-8"))
+        data = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"cannot read {manifest} ({exc}): {hint}") from exc
+    for file in _named_files(data):
+        if not (manifest.parent / file).is_file():
+            raise DataError(
+                f"{manifest.parent / file} is missing: run `autoresearch prepare --force` "
+                "(with the same --source and options)"
+            )
+    return data
+
+
+def _named_files(manifest: dict) -> list[str]:
+    """The files a manifest names: tokenizer, token_bytes and every split's shards."""
+    entries = [manifest.get("tokenizer"), manifest.get("token_bytes")]
+    for split in (manifest.get("splits") or {}).values():
+        entries += split.get("shards", []) if isinstance(split, dict) else []
+    return [e["file"] for e in entries if isinstance(e, dict) and isinstance(e.get("file"), str)]
 
 
 def load_prepare(root: Path):
