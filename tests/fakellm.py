@@ -14,6 +14,8 @@ Behaviour, guaranteed:
 - `POST /v1/chat/completions` pops the next scripted item (FIFO) and answers with it; when
   the queue is empty it answers 500 with `x-should-retry: false` and a message saying so, so a
   test that forgot to script a reply fails fast instead of hanging in client retries.
+  After `respond_with(make_reply, delay=...)` it answers `make_reply(request body)` instead
+  (a server that never runs dry, for benchmarks); scripted items still come first.
 - Every chat request's JSON body is appended to `requests` (and its headers to `headers`)
   before the reply is chosen, including requests answered with an error.
 - Replies carry `usage` with `prompt_tokens` (the characters of all message contents / 4,
@@ -36,6 +38,7 @@ import json
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -87,6 +90,7 @@ class FakeLLM:
         self.headers: list[dict[str, str]] = []
         self.usages: list[dict[str, int]] = []
         self._queue: deque[Scripted] = deque()
+        self._respond: tuple[Callable[[dict], str], float] | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
@@ -148,6 +152,11 @@ class FakeLLM:
         """The next reply is exactly these bytes (e.g. malformed JSON)."""
         self._push(Scripted(status=status, body=body, raw=True, headers=headers or {}))
 
+    def respond_with(self, make_reply: Callable[[dict], str], *, delay: float = 0.0) -> None:
+        """From now on, a request that finds the queue empty is answered, after `delay`
+        seconds, with the text `make_reply(request body)` (called under no lock)."""
+        self._respond = (make_reply, delay)
+
     def pending(self) -> int:
         """How many scripted replies are still queued."""
         with self._lock:
@@ -205,6 +214,9 @@ class FakeLLM:
             body_ = error_body(400, CONTEXT_LENGTH_MESSAGE, code="context_length_exceeded")
             return 400, {}, body_
         item = self._pop()
+        if item is None and self._respond is not None:
+            make_reply, delay = self._respond
+            item = Scripted(content=make_reply(body), delay=delay)
         if item is None:
             message = "fakellm: no reply enqueued for this request"
             return 500, {"x-should-retry": "false"}, error_body(500, message)
