@@ -127,6 +127,7 @@ def evaluate_checkpoint(
     gpu: str | None = None,
     prefix: Sequence[str] = (),
     cancel: threading.Event | None = None,
+    marker: str | None = None,
 ) -> EvalResult:
     """Evaluate `checkpoint` with train.py's `load_model` in a sealed child process.
 
@@ -189,6 +190,7 @@ def evaluate_checkpoint(
             timeout=timeout,
             on_line=lines.append,
             cancel=cancel,
+            marker=marker,
         )
     result = _parse_result(lines, nonce)
     tail = "\n".join(run.log_tail.splitlines()[-TAIL_LINES:])

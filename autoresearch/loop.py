@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -205,6 +206,7 @@ class Session:
         self._keeps_since_measure = 0
         self._last_result: runner.RunResult | None = None
         self._last_summary: dict = {}
+        self._run_marker: str | None = None  # marks the processes of the run in flight
         self._isolation = runner.Isolation((), "")
         self._sealed: dict = {}  # dataset and fingerprints, as recorded in session.json
         self._eval_notes: dict = {}  # what the sealed evaluation said about the last run
@@ -329,6 +331,10 @@ class Session:
             )
         repo.clear_stale_lock()
         state = self.ledger.read_state()
+        if state and state.get("run_marker"):
+            orphans = runner.kill_orphans(state["run_marker"])
+            if orphans:
+                self.display.note(f"killed {orphans} process(es) the stopped session left running")
         done = {e.id for e in self.ledger.experiments()}
         pending = state if state and state.get("id") not in done else None
         ours = {session["base"]} | {e.commit for e in self.ledger.experiments() if e.commit}
@@ -738,6 +744,9 @@ class Session:
             checkpoint.unlink(missing_ok=True)
             extra.update(self._sealed_env(), AUTORESEARCH_CHECKPOINT=str(checkpoint))
             extra["AUTORESEARCH_SKIP_EVAL"] = "1"  # the evaluator measures; train.py need not
+        marker = uuid.uuid4().hex  # recorded, so a resume can kill what a kill -9 left running
+        self.ledger.write_state({**(self.ledger.read_state() or {}), "run_marker": marker})
+        self._run_marker = marker
         result = runner.run_training(
             self.root,
             exp_dir / log_name,
@@ -756,6 +765,7 @@ class Session:
             stall_timeout=self.opts.stall_timeout,
             on_step=self.display.step,
             cancel=self.cancel,
+            marker=marker,
         )
         self._train_wall += result.wall_seconds
         if self.opts.sealed:
@@ -826,6 +836,7 @@ class Session:
             dataset=Path(self._sealed["dataset"]),
             prefix=self._isolation.prefix,
             cancel=self.cancel,
+            marker=self._run_marker,
         )
         result, self._eval_notes = evaluator.sealed_outcome(result, ev)
         if not self._data_unchanged(f"after experiment {exp_id:04d} was evaluated"):

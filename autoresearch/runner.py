@@ -434,6 +434,42 @@ def _kill_leftovers(pgid: int, marker: bytes) -> int:
     return len(killed)
 
 
+def kill_orphans(marker: str) -> int:
+    """SIGKILL every live process of an earlier run started with `marker`; returns how many.
+
+    For a harness killed with -9 mid-run: its children sit in their own process group and
+    would keep the GPU until their next print. Only processes whose environment carries this
+    run's marker are touched (Linux /proc; elsewhere nothing is found).
+    """
+    tag = f"{RUN_MARKER_VAR}={marker}".encode()
+    killed: set[int] = set()
+    for _ in range(5):  # a process may fork between the scan and the kill: look again
+        alive = _marked_processes(tag)
+        if not alive:
+            break
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
+        killed |= alive
+        _wait_gone(alive, KILL_CONFIRM_S)
+    return len(killed)
+
+
+def _marked_processes(tag: bytes) -> set[int]:
+    if not _PROC.is_dir():
+        return set()
+    me = os.getpid()
+    found = set()
+    for entry in _PROC.iterdir():
+        if entry.name.isdigit() and int(entry.name) != me:
+            state = _proc_state(int(entry.name))
+            if state is not None and state[0] not in "ZX" and _has_marker(int(entry.name), tag):
+                found.add(int(entry.name))
+    return found
+
+
 # ---------------------------------------------------------------------------------------------
 # The child and its two helper threads
 
@@ -643,6 +679,7 @@ def run_training(
     on_step: Callable[[Step], None] | None = None,
     on_line: Callable[[str], None] | None = None,
     cancel: threading.Event | None = None,
+    marker: str | None = None,
 ) -> RunResult:
     """Run one training child in `workdir` and describe what happened.
 
@@ -651,10 +688,12 @@ def run_training(
     the hard wall-clock limit from launch in seconds, startup included; `stall_timeout` the
     longest silence allowed. The log file is created (truncated) at `log_path`. Callbacks run
     in this thread; if one raises, the run is killed and cleaned up and the exception
-    propagates. A child that cannot be started is a result with exit_code None.
+    propagates. A child that cannot be started is a result with exit_code None. `marker`
+    (default: a fresh random one) is the value of the marker variable; a caller that records
+    it can find and kill the run's processes after its own death (`kill_orphans`).
     """
     command = list(command) if command is not None else [sys.executable, "train.py"]
-    marker = uuid.uuid4().hex
+    marker = marker or uuid.uuid4().hex
     log_path.parent.mkdir(parents=True, exist_ok=True)
     recent: deque[str] = deque(maxlen=RECENT_LINES)
     last_step: Step | None = None

@@ -321,6 +321,7 @@ def test_sigkill_mid_training_then_resume(ws: Path, env: dict, tmp_path: Path) -
     git(ws, "commit", "-qam", "slow stub")
     proc = _start(ws, env, _patches(tmp_path), 3)
     _wait_for(lambda: _state(ws).get("phase") == "training" and _state(ws).get("id") == 2)
+    _wait_for(lambda: "run_marker" in _state(ws))  # what a resume uses to kill leftovers
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert len(records(ws)) == 1

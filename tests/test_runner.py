@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -369,3 +371,34 @@ def test_an_untraceable_escapee_holding_the_pipe_does_not_hang_the_run(
         assert result.ok and result.summary == {"val_bpb": 1.0}
     finally:
         os.kill(int((tmp_path / "pid").read_text()), 9)
+
+
+def test_kill_orphans_finds_the_runs_of_a_killed_harness(tmp_path: Path) -> None:
+    """A harness killed with -9 leaves its silent child running; the marker it recorded finds it."""
+    harness = tmp_path / "harness.py"
+    harness.write_text(
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from autoresearch import runner\n"
+        "runner.run_training(Path(sys.argv[1]), Path(sys.argv[1]) / 'run.log',\n"
+        "    command=[sys.executable, '-c', 'import time; time.sleep(600)'],\n"
+        "    env=runner.child_env({'PATH': '/usr/bin:/bin'}, preset='cpu', device='cpu', gpu=None),\n"
+        "    timeout=600, marker=sys.argv[2])\n"
+    )
+    marker = "orphan-test-" + os.urandom(4).hex()
+    proc = subprocess.Popen(
+        [sys.executable, str(harness), str(tmp_path), marker],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    tag = f"{runner.RUN_MARKER_VAR}={marker}".encode()
+    deadline = time.monotonic() + 30
+    while not runner._marked_processes(tag):
+        assert time.monotonic() < deadline, "the child never started"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    orphans = runner._marked_processes(tag)
+    assert orphans  # the child outlived its harness
+    assert runner.kill_orphans(marker) == len(orphans)
+    assert not runner._marked_processes(tag)
+    assert runner.kill_orphans(marker) == 0
