@@ -57,13 +57,14 @@ def default_tag() -> str:
 @app.command()
 def prepare(
     source: str = typer.Option(
-        "climbmix",
+        None,
         "--source",
         "-s",
-        help="climbmix | tinystories | stdlib (offline) | files:PATH (txt, md, py, jsonl, parquet, .gz)",
+        help="climbmix (default) | tinystories | stdlib (offline) | files:PATH (txt, md, py, "
+        "jsonl, parquet, .gz). With --force and no --source: the active dataset's own.",
     ),
-    num_shards: int = typer.Option(
-        10, "--num-shards", min=1, help="Training shards to download (climbmix, tinystories)."
+    num_shards: int | None = typer.Option(
+        None, "--num-shards", min=1, help="Training shards to download (climbmix; default 10)."
     ),
     include: list[str] | None = typer.Option(
         None, "--include", help="Glob of files to use (files:PATH); repeatable."

@@ -21,7 +21,7 @@ from .config import resolve
 from .display import STATUS_STYLE, Display, format_delta, result_line
 from .errors import DataError, UsageError, WorkspaceError
 from .ledger import Experiment, Ledger
-from .workspace import RUNS_DIR, find_workspace, init_workspace, load_prepare
+from .workspace import RUNS_DIR, find_workspace, init_workspace, load_prepare, read_manifest
 
 out = Console()
 CONFIRM_TIMEOUT_S = 1800.0  # seconds one test-split evaluation may take
@@ -62,8 +62,8 @@ def preset_constants(root: Path, preset: str) -> dict:
 def prepare(
     *,
     workspace: Path | None,
-    source: str,
-    num_shards: int,
+    source: str | None,
+    num_shards: int | None,
     include: list[str] | None,
     val_include: list[str] | None,
     max_train_mb: float | None,
@@ -73,20 +73,53 @@ def prepare(
 ) -> None:
     root = find_workspace(workspace)
     module = load_prepare(root)
+    options = {
+        "num_shards": num_shards,
+        "include": include or None,
+        "val_include": val_include or None,
+        "max_train_bytes": int(max_train_mb * 1e6) if max_train_mb else None,
+    }
+    if source is None and force:
+        source, recorded = _active_dataset_args()
+        options = {**recorded, **{k: v for k, v in options.items() if v is not None}}
+        out.print(f"rebuilding the active dataset ({source})", highlight=False, markup=False)
     try:
         module.run_prepare(
-            source,
-            num_shards=num_shards,
-            include=include or None,
-            val_include=val_include or None,
+            source or "climbmix",
+            **{k: v for k, v in options.items() if v is not None},
             base_url=base_url,
             workers=workers,
-            max_train_bytes=int(max_train_mb * 1e6) if max_train_mb else None,
             force=force,
             log=lambda msg: out.print(msg, highlight=False, markup=False),
         )
     except module.PrepareError as exc:
         raise DataError(str(exc)) from exc
+
+
+def _active_dataset_args() -> tuple[str, dict]:
+    """The source and options the active dataset was prepared with, from its manifest, so
+    `prepare --force` rebuilds the same data; climbmix when nothing is prepared."""
+    try:
+        manifest = read_manifest()
+    except DataError:
+        return "climbmix", {}
+    args = manifest.get("args") or {}
+    source = args.get("source", "climbmix")
+    if source == "files":
+        source = f"files:{args['root']}"
+    options = {
+        key: args[key]
+        for key in (
+            "num_shards",
+            "include",
+            "val_include",
+            "max_train_bytes",
+            "doc_chars",
+            "tokenizer_chars",
+        )
+        if args.get(key) is not None
+    }
+    return source, options
 
 
 def train_once(

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import DataError, WorkspaceError
@@ -95,8 +96,8 @@ def cache_dir(env: dict[str, str] | None = None) -> Path:
     return Path(env.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch")
 
 
-def data_manifest(env: dict[str, str] | None = None) -> dict:
-    """The active dataset's manifest; DataError saying what to run when there is none."""
+def read_manifest(env: Mapping[str, str] | None = None) -> dict:
+    """The active dataset's manifest as written; DataError saying what to run when there is none."""
     env = os.environ if env is None else env
     root = cache_dir(env)
     name = env.get("AUTORESEARCH_DATASET")
@@ -113,11 +114,18 @@ def data_manifest(env: dict[str, str] | None = None) -> dict:
         data = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"cannot read {manifest} ({exc}): {hint}") from exc
+    data["_dir"] = str(manifest.parent)
+    return data
+
+
+def data_manifest(env: Mapping[str, str] | None = None) -> dict:
+    """The active dataset's manifest, once every file it names is there."""
+    data = read_manifest(env)
     for file in _named_files(data):
-        if not (manifest.parent / file).is_file():
+        if not (Path(data["_dir"]) / file).is_file():
             raise DataError(
-                f"{manifest.parent / file} is missing: run `autoresearch prepare --force` "
-                "(with the same --source and options)"
+                f"{Path(data['_dir']) / file} is missing: run `autoresearch prepare --force` "
+                "(it rebuilds the active dataset from its recorded source and options)"
             )
     return data
 
