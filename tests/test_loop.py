@@ -304,6 +304,27 @@ def _patches(tmp_path: Path) -> Path:
     return patches
 
 
+def _resume(ws: Path, env: dict, patches: Path, n: int) -> subprocess.CompletedProcess:
+    return cli(
+        ws,
+        "run",
+        "--tag",
+        TAG,
+        "--agent",
+        "replay",
+        "--patches",
+        str(patches),
+        "--max-experiments",
+        str(n),
+        "--preset",
+        "cpu",
+        "--device",
+        "cpu",
+        "--resume",
+        env=env,
+    )
+
+
 def _check_final(ws: Path, n: int) -> None:
     recs = records(ws)
     assert [r["id"] for r in recs] == list(range(1, n + 1))  # nothing lost, nothing twice
@@ -325,24 +346,7 @@ def test_sigkill_mid_training_then_resume(ws: Path, env: dict, tmp_path: Path) -
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert len(records(ws)) == 1
-    done = cli(
-        ws,
-        "run",
-        "--tag",
-        TAG,
-        "--agent",
-        "replay",
-        "--patches",
-        str(tmp_path / "patches"),
-        "--max-experiments",
-        "3",
-        "--preset",
-        "cpu",
-        "--device",
-        "cpu",
-        "--resume",
-        env=env,
-    )
+    done = _resume(ws, env, tmp_path / "patches", 3)
     assert done.returncode == 0, done.stderr + done.stdout
     assert "re-running experiment 0002" in done.stdout
     _check_final(ws, 3)
@@ -371,24 +375,7 @@ def test_sigkill_mid_commit_then_resume(ws: Path, env: dict, tmp_path: Path) -> 
     past = time.time() - 60  # the user resumes a while later: the locks are old by then
     for lock in locks:
         os.utime(lock, (past, past))
-    done = cli(
-        ws,
-        "run",
-        "--tag",
-        TAG,
-        "--agent",
-        "replay",
-        "--patches",
-        str(tmp_path / "patches"),
-        "--max-experiments",
-        "3",
-        "--preset",
-        "cpu",
-        "--device",
-        "cpu",
-        "--resume",
-        env=env,
-    )
+    done = _resume(ws, env, tmp_path / "patches", 3)
     assert done.returncode == 0, done.stderr + done.stdout
     _check_final(ws, 3)
     assert [r["description"] for r in records(ws)] == ["baseline", "LR to 0.06", "WIDTH to 128"]
