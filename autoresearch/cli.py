@@ -46,6 +46,11 @@ class Device(str, Enum):
 WorkspaceOpt = typer.Option(
     None, "--workspace", "-w", help="Workspace directory (default: the current one)."
 )
+PresetOpt = typer.Option(
+    None, "--preset", "-p", help="gpu or cpu (default: gpu when CUDA is available)."
+)
+DeviceOpt = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available).")
+GpuOpt = typer.Option(None, "--gpu", help="GPU index to use (sets CUDA_VISIBLE_DEVICES).")
 TagOpt = typer.Option(None, "--tag", "-t", help="Session tag (default: the most recent session).")
 
 
@@ -98,15 +103,9 @@ def prepare(
 
 @app.command()
 def train(
-    preset: Preset | None = typer.Option(
-        None, "--preset", "-p", help="gpu or cpu (default: gpu when CUDA is available)."
-    ),
-    device: Device | None = typer.Option(
-        None, "--device", help="cuda or cpu (default: cuda when available)."
-    ),
-    gpu: str | None = typer.Option(
-        None, "--gpu", help="GPU index to use (sets CUDA_VISIBLE_DEVICES)."
-    ),
+    preset: Preset | None = PresetOpt,
+    device: Device | None = DeviceOpt,
+    gpu: str | None = GpuOpt,
     workspace: Path | None = WorkspaceOpt,
 ) -> None:
     """Run train.py once with a live progress bar and print its summary block."""
@@ -160,15 +159,9 @@ def run(
     max_cost: float | None = typer.Option(
         None, "--max-cost", min=0.0, help="Stop once the agent's tokens cost this many USD."
     ),
-    preset: Preset | None = typer.Option(
-        None, "--preset", "-p", help="gpu or cpu (default: gpu when CUDA is available)."
-    ),
-    device: Device | None = typer.Option(
-        None, "--device", help="cuda or cpu (default: cuda when available)."
-    ),
-    gpu: str | None = typer.Option(
-        None, "--gpu", help="GPU index to use (sets CUDA_VISIBLE_DEVICES)."
-    ),
+    preset: Preset | None = PresetOpt,
+    device: Device | None = DeviceOpt,
+    gpu: str | None = GpuOpt,
     timeout: float | None = typer.Option(
         None,
         "--timeout",
@@ -291,9 +284,7 @@ def show(
 @app.command()
 def confirm(
     tag: str | None = TagOpt,
-    device: Device | None = typer.Option(
-        None, "--device", help="cuda or cpu (default: cuda when available)."
-    ),
+    device: Device | None = DeviceOpt,
     workspace: Path | None = WorkspaceOpt,
 ) -> None:
     """Evaluate the baseline and the best on the held-out test split (never seen by the loop)."""
