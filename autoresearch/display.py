@@ -78,7 +78,19 @@ def result_line(exp: Experiment) -> str:
         if exp.status in ("crash", "invalid", "rejected")
         else format_delta(exp)
     )
-    return _clean(f"exp {exp.id:04d} {exp.status:<11} {bpb}  {extra:<18} {exp.description}")
+    line = f"exp {exp.id:04d} {exp.status:<11} {bpb}  {extra:<18} {exp.description}"
+    return _clean(line + _noise_note(exp))
+
+
+def _noise_note(exp: Experiment) -> str:
+    """Why a lower val_bpb was still discarded: its gain did not clear the noise bar."""
+    if exp.status != "discard" or not _finite(exp.val_bpb) or not _finite(exp.best_before):
+        return ""
+    gain = exp.best_before - exp.val_bpb
+    if gain <= 0:
+        return ""
+    runs = len(exp.extra.get("runs") or []) or 1
+    return f"  [within noise: gain {gain:.6f} <= bar {exp.threshold:.6f} after {runs} run(s)]"
 
 
 def _clean(value: object) -> str:

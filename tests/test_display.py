@@ -431,3 +431,26 @@ def test_session_closes_the_dashboard_on_ctrl_c(workspace: Path) -> None:
     assert re.search(r"exp 0002\s+proposing\s+stub agent stopped", last_frame)
     assert "Ctrl-C" not in last_frame
     assert "\x1b[?25h" in d.console.file.getvalue()  # the cursor is shown again
+
+
+def test_a_lower_but_discarded_result_says_it_was_within_noise() -> None:
+    from autoresearch.display import result_line
+    from autoresearch.ledger import Experiment
+
+    exp = Experiment(
+        id=3,
+        status="discard",
+        description="FINAL_LR_FRAC 0.0 -> 0.1",
+        commit="c" * 40,
+        parent="p" * 40,
+        val_bpb=2.098,
+        memory_gb=0.0,
+        best_before=2.137,
+        threshold=0.045,
+        extra={"runs": [2.09, 2.106]},
+    )
+    line = result_line(exp)
+    assert "Δ -0.039000" in line
+    assert "[within noise: gain 0.039000 <= bar 0.045000 after 2 run(s)]" in line
+    worse = Experiment(**{**exp.__dict__, "val_bpb": 2.2})
+    assert "within noise" not in result_line(worse)
