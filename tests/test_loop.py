@@ -259,34 +259,46 @@ def _state(ws: Path) -> dict:
         return {}
 
 
-def _start(ws: Path, env: dict, patches: Path, n: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "autoresearch",
-            "run",
-            "--tag",
-            TAG,
-            "--agent",
-            "replay",
-            "--patches",
-            str(patches),
-            "--max-experiments",
-            str(n),
-            "--preset",
-            "cpu",
-            "--device",
-            "cpu",
-            "--workspace",
-            str(ws),
-        ],
-        cwd=ws,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+def _start(ws: Path, env: dict, patches: Path, n: int, log: Path | None = None) -> subprocess.Popen:
+    """The CLI running a replay session in its own process group; output to `log` if given."""
+    command = [
+        sys.executable,
+        "-m",
+        "autoresearch",
+        "run",
+        "--tag",
+        TAG,
+        "--agent",
+        "replay",
+        "--patches",
+        str(patches),
+        "--max-experiments",
+        str(n),
+        "--preset",
+        "cpu",
+        "--device",
+        "cpu",
+        "--workspace",
+        str(ws),
+    ]
+    if log is None:
+        return subprocess.Popen(
+            command,
+            cwd=ws,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            command,
+            cwd=ws,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _patches(tmp_path: Path) -> Path:
@@ -381,43 +393,13 @@ def test_sigkill_mid_commit_then_resume(ws: Path, env: dict, tmp_path: Path) -> 
     assert [r["description"] for r in records(ws)] == ["baseline", "LR to 0.06", "WIDTH to 128"]
 
 
-def _start_logged(ws: Path, env: dict, patches: Path, log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "autoresearch",
-                "run",
-                "--tag",
-                TAG,
-                "--agent",
-                "replay",
-                "--patches",
-                str(patches),
-                "--max-experiments",
-                "3",
-                "--preset",
-                "cpu",
-                "--device",
-                "cpu",
-                "--workspace",
-                str(ws),
-            ],
-            cwd=ws,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
 def test_ctrl_c_once_finishes_the_experiment_then_stops(
     ws: Path, env: dict, tmp_path: Path
 ) -> None:
     (ws / "train.py").write_text(STUB_TRAIN.replace("SLEEP = 0.0", "SLEEP = 0.5"))
     git(ws, "commit", "-qam", "slow stub")
     log = tmp_path / "out.log"
-    proc = _start_logged(ws, env, _patches(tmp_path), log)
+    proc = _start(ws, env, _patches(tmp_path), 3, log)
     _wait_for(lambda: _state(ws).get("phase") == "training" and _state(ws).get("id") == 2)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0, log.read_text()
@@ -437,7 +419,7 @@ def test_ctrl_c_twice_kills_the_run_resets_and_records(ws: Path, env: dict, tmp_
         reply("slow LR 0.06", ("LR = 0.04  # learning rate", "LR = 0.06  # learning rate"), slow)
     )
     log = tmp_path / "out.log"
-    proc = _start_logged(ws, env, patches, log)
+    proc = _start(ws, env, patches, 3, log)
     _wait_for(lambda: _state(ws).get("phase") == "training" and _state(ws).get("id") == 2)
     proc.send_signal(signal.SIGINT)
     _wait_for(lambda: "Ctrl-C" in log.read_text())
