@@ -96,35 +96,46 @@ def cache_dir(env: dict[str, str] | None = None) -> Path:
     return Path(env.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch")
 
 
-def read_manifest(env: Mapping[str, str] | None = None) -> dict:
-    """The active dataset's manifest as written; DataError saying what to run when there is none."""
-    env = os.environ if env is None else env
+PREPARE_HINT = (
+    "run `autoresearch prepare` (or `autoresearch prepare --source stdlib` offline) first"
+)
+
+
+def _manifest_path(env: Mapping[str, str]) -> Path:
+    """Where the active dataset's manifest must be; DataError saying what to run if nowhere."""
     root = cache_dir(env)
     name = env.get("AUTORESEARCH_DATASET")
     active = root / "ACTIVE"
     if not name and active.is_file():
         name = active.read_text(encoding="utf-8").strip()
-    hint = "run `autoresearch prepare` (or `autoresearch prepare --source stdlib` offline) first"
     if not name:
-        raise DataError(f"no prepared data in {root}: {hint}")
+        raise DataError(f"no prepared data in {root}: {PREPARE_HINT}")
     manifest = root / name / "manifest.json"
     if not manifest.is_file():
-        raise DataError(f"dataset {name!r} in {root} has no manifest: {hint}")
+        raise DataError(f"dataset {name!r} in {root} has no manifest: {PREPARE_HINT}")
+    return manifest
+
+
+def _load(manifest: Path) -> dict:
     try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
+        return json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read {manifest} ({exc}): {hint}") from exc
-    data["_dir"] = str(manifest.parent)
-    return data
+        raise DataError(f"cannot read {manifest} ({exc}): {PREPARE_HINT}") from exc
+
+
+def read_manifest(env: Mapping[str, str] | None = None) -> dict:
+    """The active dataset's manifest as written; DataError saying what to run when there is none."""
+    return _load(_manifest_path(os.environ if env is None else env))
 
 
 def data_manifest(env: Mapping[str, str] | None = None) -> dict:
     """The active dataset's manifest, once every file it names is there."""
-    data = read_manifest(env)
+    manifest = _manifest_path(os.environ if env is None else env)
+    data = _load(manifest)
     for file in _named_files(data):
-        if not (Path(data["_dir"]) / file).is_file():
+        if not (manifest.parent / file).is_file():
             raise DataError(
-                f"{Path(data['_dir']) / file} is missing: run `autoresearch prepare --force` "
+                f"{manifest.parent / file} is missing: run `autoresearch prepare --force` "
                 "(it rebuilds the active dataset from its recorded source and options)"
             )
     return data
