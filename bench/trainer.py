@@ -2,6 +2,7 @@
 
     python bench/trainer.py --runs 2                 # the protocol (gpu preset, 300 s each)
     python bench/trainer.py --runs 1 --budget 60     # a shorter smoke run (not comparable)
+    python bench/trainer.py --train old.py --train train.py --budget 90   # versions side by side
 
 The `pycode` corpus is every .py file under this Python's site-packages, walked in sorted
 order; validation is every file under networkx/ (held out whole); train is capped at 800 MB
@@ -12,6 +13,11 @@ Per run it measures, from the outside: startup (launch to the first step line), 
 steady-state tok/s and MFU (median over step lines after the first 10% of the budget),
 training seconds, evaluation (last step line to the summary), and the total wall time.
 Results are printed as a table and written as JSON to --out.
+
+Each version (--train, default ./train.py) runs in a directory of its own beside this
+repository's prepare.py, with a compile cache of its own (TORCHINDUCTOR_CACHE_DIR) that starts
+empty: its first run is cold, later runs are warm, and the table says which. Versions are run
+in turn (A B A B ...), so a drift of the machine over the call does not favour one of them.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import site
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,13 +79,16 @@ def card() -> dict:
     return info
 
 
-def one_run(log_path: Path, budget: float | None) -> dict:
+def one_run(workdir: Path, log_path: Path, budget: float | None, compile_cache: Path) -> dict:
     stamps: list[tuple[float, str]] = []
-    extra = {"AUTORESEARCH_TIME_BUDGET": str(budget)} if budget else None
+    cold = not any(compile_cache.iterdir()) if compile_cache.is_dir() else True
+    extra = {"TORCHINDUCTOR_CACHE_DIR": str(compile_cache)}
+    if budget:
+        extra["AUTORESEARCH_TIME_BUDGET"] = str(budget)
     env = runner.child_env(dict(os.environ), preset="gpu", device="cuda", gpu=None, extra=extra)
     started = time.monotonic()
     result = runner.run_training(
-        ROOT,
+        workdir,
         log_path,
         env=env,
         timeout=3600,
@@ -88,6 +99,7 @@ def one_run(log_path: Path, budget: float | None) -> dict:
     summary_at = next((t for t, line in stamps if line.strip() == "---"), None)
     steady = [s for _, s in steps if s.pct >= 10.0]
     row = {
+        "cache": "cold" if cold else "warm",
         "ok": result.ok,
         "crash_class": result.crash_class,
         "val_bpb": result.summary.get("val_bpb"),
@@ -106,6 +118,24 @@ def one_run(log_path: Path, budget: float | None) -> dict:
     return row
 
 
+def workdirs(trains: list[Path], work: Path) -> dict[str, Path]:
+    """One directory per version: its train.py beside a copy of this repository's prepare.py.
+    Versions are named by file stem (made unique with a number)."""
+    dirs: dict[str, Path] = {}
+    for train in trains:
+        if not train.is_file():
+            raise SystemExit(f"--train {train}: no such file")
+        name = train.stem
+        while name in dirs:
+            name = f"{train.stem}{len(dirs) + 1}"
+        workdir = work / name
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / "prepare.py", workdir / "prepare.py")
+        shutil.copyfile(train, workdir / "train.py")
+        dirs[name] = workdir
+    return dirs
+
+
 def fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
@@ -115,19 +145,34 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--budget", type=float, default=None, help="override TIME_BUDGET (smoke)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
-    parser.add_argument("--label", default="train.py")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "autoresearch-bench",
+        help="where the versions' directories and compile caches go (emptied first)",
+    )
+    parser.add_argument(
+        "--train",
+        type=Path,
+        action="append",
+        help="a version of train.py to measure (repeatable; default: this repository's)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(args.work, ignore_errors=True)
+    versions = workdirs(args.train or [ROOT / "train.py"], args.work)
     prep_s = prepare_pycode()
     info = card()
     rows = []
     for i in range(args.runs):
-        row = one_run(args.out / f"run-{i + 1}.log", args.budget)
-        row["run"] = i + 1
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for name, workdir in versions.items():
+            log = args.out / f"{name}-run{i + 1}.log"
+            row = one_run(workdir, log, args.budget, args.work / f"compile-{name}")
+            row.update(version=name, run=i + 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     result = {
-        "label": args.label,
+        "versions": list(versions),
         "date": time.strftime("%Y-%m-%d"),
         "prepare_s": prep_s,
         **info,
@@ -140,12 +185,14 @@ def main() -> None:
         f"prepare {prep_s:.0f}s"
     )
     print(
-        "| run | val_bpb | steps | tok/s (steady) | MFU (steady) | training s | startup s | eval s | total s | outside s |"
+        "| version | run | cache | val_bpb | steps | tok/s (steady) | MFU (steady) | training s "
+        "| startup s | eval s | total s | outside s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['run']} | {fmt(r['val_bpb'], '.4f')} | {fmt(r['num_steps'], '.0f')} | "
+            f"| {r['version']} | {r['run']} | {r['cache']} | {fmt(r['val_bpb'], '.4f')} | "
+            f"{fmt(r['num_steps'], '.0f')} | "
             f"{fmt(r['tok_per_s'], ',.0f')} | {fmt(r['steady_mfu'], '.1f')} % | "
             f"{fmt(r['training_s'], '.1f')} | {fmt(r['startup_s'], '.1f')} | {fmt(r['eval_s'], '.1f')} | "
             f"{fmt(r['total_s'], '.1f')} | {fmt(r.get('outside_s'), '.1f')} |"
