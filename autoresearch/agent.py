@@ -89,6 +89,7 @@ class Context:
     best_bpb: float | None = None
     last_crash_tail: str | None = None  # ≤ 50 lines of the last crash's log
     noise: float | None = None  # σ of val_bpb once known
+    preset: str | None = None  # prepare.py's active preset: the tuner skips the other's constants
 
 
 @dataclass
@@ -625,18 +626,20 @@ class Knob:
     pow2: bool = False  # written as 2**N
 
 
-def find_knobs(source: str) -> dict[str, Knob]:
+def find_knobs(source: str, preset: str | None = None) -> dict[str, Knob]:
     """The tunable literals among the module-level UPPERCASE constants, in source order.
 
     Tunable: int, float, bool, window-pattern strings (only S and L, e.g. "SSSL"), `2**N`, and
     tuples of numbers (one knob per element). A name assigned more than once at module level,
     negative numbers and other expressions are left alone. A source that does not parse has
-    no knobs.
+    no knobs. With `preset`, constants that do nothing under it are left out too: see
+    `preset_dead_names`.
     """
     try:
         tree = ast.parse(source)
     except SyntaxError:
         return {}
+    dead = preset_dead_names(tree, preset) if preset else set()
     offsets = _line_offsets(source)
     found: dict[str, list[Knob]] = {}
     counts: Counter[str] = Counter()
@@ -650,7 +653,7 @@ def find_knobs(source: str) -> dict[str, Knob]:
         if not isinstance(target, ast.Name) or not _CONSTANT_NAME.match(target.id):
             continue
         counts[target.id] += 1
-        if _NOT_TUNED.search(target.id):
+        if _NOT_TUNED.search(target.id) or target.id in dead:
             continue
         if isinstance(value, ast.Tuple):
             knobs = [
@@ -663,6 +666,49 @@ def find_knobs(source: str) -> dict[str, Knob]:
             if knob is not None:
                 found[target.id] = [knob]
     return {k.name: k for name, ks in found.items() if counts[name] == 1 for k in ks}
+
+
+def preset_dead_names(tree: ast.Module, preset: str) -> set[str]:
+    """Constants that cannot change a run under `preset`, from module-level blocks
+    `if PRESET == "name":` (either operand order): under that preset, the names the block
+    assigns are overwritten, so their first values are dead; under any other preset, the names
+    the block reads and nothing else at module level reads (e.g. CPU_DEPTH) are dead."""
+    dead: set[str] = set()
+    blocks = [stmt for stmt in tree.body if isinstance(stmt, ast.If)]
+    for block in blocks:
+        name = _preset_test(block.test)
+        if name is None:
+            continue
+        inside = [n for stmt in block.body for n in ast.walk(stmt) if isinstance(n, ast.Name)]
+        assigned = {n.id for n in inside if isinstance(n.ctx, ast.Store)}
+        if name == preset:
+            dead |= assigned
+            continue
+        read = {n.id for n in inside if isinstance(n.ctx, ast.Load)} - assigned
+        outside = {
+            n.id
+            for stmt in tree.body
+            if stmt is not block
+            for n in ast.walk(stmt)
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+        }
+        dead |= read - outside
+    return dead
+
+
+def _preset_test(test: ast.expr) -> str | None:
+    """ "name" for a test `PRESET == "name"` or `"name" == PRESET`; None otherwise."""
+    if not (
+        isinstance(test, ast.Compare)
+        and len(test.ops) == 1
+        and isinstance(test.ops[0], ast.Eq)
+        and len(test.comparators) == 1
+    ):
+        return None
+    sides = (test.left, test.comparators[0])
+    names = [s for s in sides if isinstance(s, ast.Name) and s.id == "PRESET"]
+    values = [s.value for s in sides if isinstance(s, ast.Constant) and isinstance(s.value, str)]
+    return values[0] if names and values else None
 
 
 def _line_offsets(source: str) -> list[int]:
@@ -706,16 +752,16 @@ def _knob(name: str, node: ast.expr, source: str, offsets: list[int]) -> Knob | 
     return Knob(name, value, start, end, source[start:end], pow2)
 
 
-def _values(source: str) -> dict[str, Value] | None:
+def _values(source: str, preset: str | None) -> dict[str, Value] | None:
     """The knob values of a source (None when it has none); cached, every proposal reads the
     whole history."""
-    items = _cached_values(source)
+    items = _cached_values(source, preset)
     return dict(items) if items else None
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_values(source: str) -> tuple[tuple[str, Value], ...]:
-    return tuple((n, k.value) for n, k in find_knobs(source).items())
+def _cached_values(source: str, preset: str | None) -> tuple[tuple[str, Value], ...]:
+    return tuple((n, k.value) for n, k in find_knobs(source, preset).items())
 
 
 def _config(values: dict[str, Value]) -> frozenset[tuple[str, str]]:
@@ -829,7 +875,7 @@ class TunerAgent:
 
     def propose(self, ctx: Context) -> Proposal:
         started = time.monotonic()
-        knobs = find_knobs(ctx.train_py)
+        knobs = find_knobs(ctx.train_py, ctx.preset)
         if not knobs:
             raise AgentExhausted(
                 "the tuner found no UPPERCASE numeric constants in train.py to change; use an "
@@ -837,7 +883,7 @@ class TunerAgent:
             )
         tried = _tried(ctx)
         current = {n: k.value for n, k in knobs.items()}
-        moves, explored = _moves(ctx.history)
+        moves, explored = _moves(ctx.history, ctx.preset)
         settled = [m for m in moves if m[2] != "running"]  # a run in flight has no result yet
         plan: list[tuple[str, int, bool]] = []  # (knob, direction, primary step only)
         if settled:
@@ -868,7 +914,7 @@ class TunerAgent:
         """Out of memory: halve the device batch size. Otherwise move the one changed knob
         halfway back toward the best's value. InvalidProposal when neither makes sense."""
         started = time.monotonic()
-        best, failed = find_knobs(ctx.train_py), find_knobs(failed_source)
+        best, failed = find_knobs(ctx.train_py, ctx.preset), find_knobs(failed_source, ctx.preset)
         tried = _tried(ctx)
         values = {n: k.value for n, k in failed.items()}
         if _OOM.search(crash_tail):
@@ -920,20 +966,22 @@ def _kind_rank(value: Value) -> int:
 def _tried(ctx: Context) -> set[frozenset[tuple[str, str]]]:
     tried = set()
     for src in [ctx.train_py] + [h.source for h in ctx.history if h.source]:
-        values = _values(src)
+        values = _values(src, ctx.preset)
         if values is not None:
             tried.add(_config(values))
     return tried
 
 
-def _moves(history: list[HistoryEntry]) -> tuple[list[tuple[str, int, str]], Counter[str]]:
+def _moves(
+    history: list[HistoryEntry], preset: str | None
+) -> tuple[list[tuple[str, int, str]], Counter[str]]:
     """Single-knob moves (knob, direction, status) relative to the best at the time, and how
     often each knob was changed at all."""
     moves: list[tuple[str, int, str]] = []
     explored: Counter[str] = Counter()
     parent: dict[str, Value] | None = None
     for h in history:
-        values = _values(h.source) if h.source else None
+        values = _values(h.source, preset) if h.source else None
         if values is None:
             continue
         if parent is None:

@@ -993,6 +993,7 @@ class Session:
             best_bpb=best.val_bpb if best else best_so_far,
             last_crash_tail=crashes[-1].extra.get("log_tail") if crashes else None,
             noise=self.measurements.sigma(),
+            preset=self.opts.preset,
         )
 
     def _source(self, commit: str) -> str:

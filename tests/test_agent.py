@@ -580,3 +580,37 @@ def test_replay_invalid_file_is_an_invalid_proposal_without_retry(tmp_path):
     assert exc.value.attempts == 1 and exc.value.reply == BAD_REPLY
     assert "1.txt" in str(exc.value)
     assert agent.propose(make_ctx()).description == "Raise MATRIX_LR to 0.06"
+
+
+@pytest.mark.parametrize(
+    ("preset", "used", "unused"),
+    [
+        ("gpu", {"DEPTH", "DEVICE_BATCH_SIZE"}, {"CPU_DEPTH", "CPU_DEVICE_BATCH_SIZE"}),
+        ("cpu", {"CPU_DEPTH", "CPU_DEVICE_BATCH_SIZE"}, {"DEPTH", "DEVICE_BATCH_SIZE"}),
+    ],
+)
+def test_tuner_leaves_out_constants_the_preset_does_not_use(preset, used, unused):
+    source = tuner_source()
+    if "CPU_DEPTH" not in source:
+        pytest.skip("the template train.py has no cpu-preset constants")
+    assert used | unused <= set(find_knobs(source))  # without a preset, all of them
+    knobs = find_knobs(source, preset)
+    assert used <= set(knobs) and not unused & set(knobs)
+    assert {"MATRIX_LR", "WINDOW_PATTERN"} <= set(knobs)  # shared by both presets
+    history = [HistoryEntry(0, "keep", 1.0, None, "baseline", source)]
+    for i in range(1, 25):
+        proposal = TunerAgent().propose(make_ctx(history, train_py=source, preset=preset))
+        changed = proposal.description.split(" ")[0].split("[")[0]
+        assert changed not in unused, proposal.description
+        history.append(HistoryEntry(i, "discard", 1.1, 0.1, proposal.description, proposal.source))
+
+
+def test_preset_blocks_are_read_in_either_operand_order():
+    source = (
+        "DEPTH = 8\nSMALL_DEPTH = 2\nLR = 0.1\n"
+        'if "small" == PRESET:\n    DEPTH = SMALL_DEPTH\n'
+        "if PRESET != 'big':\n    LR = 0.2\n"  # not an equality test: ignored
+    )
+    assert set(find_knobs(source, "small")) == {"SMALL_DEPTH", "LR"}
+    assert set(find_knobs(source, "big")) == {"DEPTH", "LR"}
+    assert set(find_knobs(source)) == {"DEPTH", "SMALL_DEPTH", "LR"}
