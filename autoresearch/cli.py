@@ -204,6 +204,11 @@ def run(
         "--overlap/--no-overlap",
         help="Let the agent propose the next experiment while the current one trains.",
     ),
+    warm_start: bool = typer.Option(
+        True,
+        "--warm-start/--no-warm-start",
+        help="Start the next training process (its `import torch`) while the last is evaluated.",
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the tag's session after any stop, kill -9 included."
     ),
@@ -239,6 +244,7 @@ def run(
         gpu=gpu,
         resume=resume,
         overlap=overlap,
+        warm_start=warm_start,
         quiet=quiet,
     )
 

@@ -194,6 +194,7 @@ def run_session(
     resume: bool,
     overlap: bool,
     quiet: bool,
+    warm_start: bool = True,
 ) -> None:
     from .agent import make_agent
     from .loop import Session, SessionOptions
@@ -234,6 +235,7 @@ def run_session(
         sealed=settings.sealed,
         resume=resume,
         overlap=overlap,
+        warm_start=warm_start,
     )
     display = Display(out, quiet=quiet)
     display.note(

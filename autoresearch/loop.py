@@ -83,6 +83,8 @@ class SessionOptions:
     max_repeats: int = 3  # runs of a candidate whose gain is within noise
     remeasure_every: int = 3  # keeps between re-measurements of the best (0 = never)
     overlap: bool = True  # propose the next experiment while the current one trains
+    # start the next training child (its `import torch`) while the last one is evaluated
+    warm_start: bool = True
     resume: bool = False
     command: list[str] | None = None  # the training command; default: python train.py
     # val_bpb from the sealed evaluator on train.py's checkpoint, with the data fingerprinted
@@ -207,6 +209,7 @@ class Session:
         self._last_result: runner.RunResult | None = None
         self._last_summary: dict = {}
         self._run_marker: str | None = None  # marks the processes of the run in flight
+        self._warm: runner.WarmChild | None = None  # the next run's interpreter, imports done
         self._isolation = runner.Isolation((), "")
         self._sealed: dict = {}  # dataset and fingerprints, as recorded in session.json
         self._eval_notes: dict = {}  # what the sealed evaluation said about the last run
@@ -236,6 +239,7 @@ class Session:
                 f"`autoresearch run --resume --tag {self.opts.tag}`"
             ) from None
         finally:
+            self._discard_warm()
             self.display.close()  # stop the live dashboard before any error is printed
             signal.signal(signal.SIGINT, previous)
             self.repo.close()
@@ -744,7 +748,9 @@ class Session:
             checkpoint.unlink(missing_ok=True)
             extra.update(self._sealed_env(), AUTORESEARCH_CHECKPOINT=str(checkpoint))
             extra["AUTORESEARCH_SKIP_EVAL"] = "1"  # the evaluator measures; train.py need not
-        marker = uuid.uuid4().hex  # recorded, so a resume can kill what a kill -9 left running
+        warm = self._take_warm()
+        # recorded, so a resume can kill what a kill -9 left running
+        marker = warm.marker if warm is not None else uuid.uuid4().hex
         self.ledger.write_state({**(self.ledger.read_state() or {}), "run_marker": marker})
         self._run_marker = marker
         result = runner.run_training(
@@ -766,8 +772,11 @@ class Session:
             on_step=self.display.step,
             cancel=self.cancel,
             marker=marker,
+            warm=warm,
         )
         self._train_wall += result.wall_seconds
+        if not self.cancel.is_set():
+            self._start_warm()  # imports for the next run while this one is evaluated
         if self.opts.sealed:
             result = self._evaluate(exp_id, result, checkpoint, log_name)
             if purpose == "remeasure":  # the best keeps the checkpoint it was kept with
@@ -779,6 +788,48 @@ class Session:
                 commit, result.summary["val_bpb"], exp_id=exp_id, purpose=purpose, seed=seed
             )
         return result
+
+    def _start_warm(self) -> None:
+        """Start the next run's interpreter now (runner.WarmChild), when the run command is
+        the default and the train.py just run imports torch or numpy and sets no environment
+        variables; its environment is the next run's minus the per-run variables."""
+        self._discard_warm()
+        if not self.opts.warm_start or self.opts.command is not None:
+            return
+        source = (self.root / TRAIN_FILE).read_text(encoding="utf-8", errors="replace")
+        preload = runner.warm_preload(source)
+        if not preload or not runner.warm_start_ok(source):
+            return
+        env = runner.child_env(
+            dict(os.environ),
+            preset=self.opts.preset,
+            device=self.opts.device,
+            gpu=self.opts.gpu,
+            extra=compile_cache_env(os.environ),
+        )
+        try:
+            self._warm = runner.WarmChild(
+                self.root, env, preload=preload, prefix=self._isolation.prefix
+            )
+        except OSError:  # no process could be started: the next run starts cold
+            self._warm = None
+
+    def _take_warm(self) -> runner.WarmChild | None:
+        """The warm child, if it may run the train.py now in the workspace (it may have been
+        started for the one before the candidate was checked out)."""
+        warm, self._warm = self._warm, None
+        if warm is None:
+            return None
+        source = (self.root / TRAIN_FILE).read_text(encoding="utf-8", errors="replace")
+        if self.opts.command is not None or not runner.warm_start_ok(source):
+            warm.discard()
+            return None
+        return warm
+
+    def _discard_warm(self) -> None:
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            warm.discard()
 
     def _recall_last_run(self, exp_id: int, values: list[float]) -> None:
         """The last run of an experiment measured before a --resume, read back from its log:

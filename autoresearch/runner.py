@@ -22,7 +22,9 @@ is good.
 
 from __future__ import annotations
 
+import ast
 import functools
+import json
 import math
 import os
 import queue
@@ -668,6 +670,163 @@ def _watch(
             on_line(item)
 
 
+# ---------------------------------------------------------------------------------------------
+# Warm starts: the interpreter and its slow imports, started before the run is due
+# ---------------------------------------------------------------------------------------------
+
+WARM_PRELOAD = ("torch", "numpy")  # packages worth importing ahead (torch: ~5 s on a GPU host)
+# imported ahead too when train.py calls torch.compile (the first compile imports them)
+WARM_COMPILER = ("torch._dynamo", "torch._inductor.compile_fx")
+WARM_DISCARD_S = 2.0  # after closing its stdin, how long a discarded warm child may take to exit
+_WARM_BOOT = """\
+import json, os, sys
+for _name in json.loads(sys.argv[1]):
+    try:
+        __import__(_name)
+    except Exception:  # the script's own import will say what is wrong
+        pass
+_line = sys.stdin.readline()
+if not _line.strip():
+    os._exit(0)
+_go = json.loads(_line)
+_null = os.open(os.devnull, os.O_RDONLY)
+os.dup2(_null, 0)
+os.close(_null)
+os.environ.clear()
+os.environ.update(_go["env"])
+sys.argv = [_go["script"]]
+del json, _name, _line, _go, _null
+import runpy
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+class WarmChild:
+    """A Python child started before its run is due: it imports `preload` (torch, for a
+    train.py that imports it), then waits for one line on its stdin that names the script and
+    the whole environment to run it with, and runs it as `__main__` (`runpy`), so train.py's
+    first line runs seconds after the go instead of after the imports.
+
+    What differs from `python script`: the preloaded modules are imported before the script's
+    first line, under the environment given here at start-up (`go` replaces the rest); so
+    `warm_start_ok` refuses a script that sets environment variables (which torch may read at
+    import). Tracebacks show two runpy frames above the script's. The child runs in its own
+    session with the run marker it will keep (`marker`), and exits by itself when its stdin
+    closes before a go, e.g. when the harness dies.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        env: Mapping[str, str],
+        *,
+        preload: Sequence[str] = WARM_PRELOAD,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.prefix = tuple(prefix)
+        self.marker = uuid.uuid4().hex
+        self.preload = tuple(preload)
+        self.created = time.monotonic()
+        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [*prefix, sys.executable, "-c", _WARM_BOOT, json.dumps(list(self.preload))],
+            cwd=workdir,
+            env={**env, RUN_MARKER_VAR: self.marker},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def go(self, script: str, env: Mapping[str, str]) -> subprocess.Popen[bytes] | None:
+        """Start the run; the child is the caller's from here on. None (and the child cleaned
+        up) when it died before it could be told."""
+        assert self.proc is not None and self.proc.stdin is not None, "a warm child runs once"
+        message = json.dumps({"script": script, "env": {**env, RUN_MARKER_VAR: self.marker}})
+        try:
+            self.proc.stdin.write((message + "\n").encode())
+            self.proc.stdin.close()
+        except OSError:  # BrokenPipeError: it is gone
+            self.discard()
+            return None
+        proc, self.proc = self.proc, None
+        return proc
+
+    def discard(self) -> None:
+        """End the child if it was not used: close its stdin (it exits), kill it if it lingers,
+        and anything it started (found by its marker)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(WARM_DISCARD_S)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)  # not reaped yet: the group id is its own
+            proc.wait()
+        kill_orphans(self.marker)  # a process a preloaded module started, if any (Linux)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def warm_preload(source: str) -> tuple[str, ...]:
+    """What a warm child imports for this train.py: the modules of WARM_PRELOAD's packages it
+    imports at module level (dotted, in its order), plus WARM_COMPILER when it calls
+    torch.compile; () when there is nothing worth preloading."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return ()
+    modules: list[str] = []
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Import):
+            modules += [alias.name for alias in stmt.names]
+        elif isinstance(stmt, ast.ImportFrom) and stmt.module and not stmt.level:
+            modules.append(stmt.module)
+    picked = [m for m in modules if m.split(".")[0] in WARM_PRELOAD]
+    if picked and "torch" in {m.split(".")[0] for m in picked} and "torch.compile" in source:
+        picked += WARM_COMPILER
+    return tuple(dict.fromkeys(picked))
+
+
+_ENV_WRITERS = {"putenv", "unsetenv", "update", "setdefault", "pop", "popitem", "clear"}
+
+
+def warm_start_ok(source: str) -> bool:
+    """Whether a train.py may run in a WarmChild: it parses and never writes the environment
+    (`os.environ[...] = `, `del os.environ[...]`, `os.environ.update(...)`, `os.putenv(...)`
+    and the like, anywhere in the file), since a variable it sets before `import torch` would
+    come too late for a preloaded torch."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            if _names_environ(node.value):
+                return False
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr in ("putenv", "unsetenv"):
+                return False
+            if node.func.attr in _ENV_WRITERS and _names_environ(node.func.value):
+                return False
+    return True
+
+
+def _names_environ(node: ast.expr) -> bool:
+    return (isinstance(node, ast.Attribute) and node.attr == "environ") or (
+        isinstance(node, ast.Name) and node.id == "environ"
+    )
+
+
 def run_training(
     workdir: Path,
     log_path: Path,
@@ -680,6 +839,7 @@ def run_training(
     on_line: Callable[[str], None] | None = None,
     cancel: threading.Event | None = None,
     marker: str | None = None,
+    warm: WarmChild | None = None,
 ) -> RunResult:
     """Run one training child in `workdir` and describe what happened.
 
@@ -691,8 +851,21 @@ def run_training(
     propagates. A child that cannot be started is a result with exit_code None. `marker`
     (default: a fresh random one) is the value of the marker variable; a caller that records
     it can find and kill the run's processes after its own death (`kill_orphans`).
+
+    `warm`: a WarmChild started in `workdir` to run the command's script instead of a new
+    process (`command` must then be `[*warm.prefix, sys.executable, script]`, and `marker` the
+    warm child's). Time counts from the go. A warm child that has died is discarded and the run
+    launched as usual.
     """
     command = list(command) if command is not None else [sys.executable, "train.py"]
+    if warm is not None:
+        assert command[:-1] == [*warm.prefix, sys.executable], "warm runs `python script`"
+        assert marker in (None, warm.marker), "a warm run keeps the warm child's marker"
+        if not warm.alive() or warm.workdir != Path(workdir):
+            warm.discard()
+            warm = None
+        else:
+            marker = warm.marker
     marker = marker or uuid.uuid4().hex
     log_path.parent.mkdir(parents=True, exist_ok=True)
     recent: deque[str] = deque(maxlen=RECENT_LINES)
@@ -712,16 +885,18 @@ def run_training(
     with open(log_path, "wb") as log:
         started = time.monotonic()
         try:
-            proc = subprocess.Popen(
-                command,
-                cwd=workdir,
-                env={**env, RUN_MARKER_VAR: marker},
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-            )
+            proc = warm.go(command[-1], env) if warm is not None else None
+            if proc is None:
+                proc = subprocess.Popen(
+                    command,
+                    cwd=workdir,
+                    env={**env, RUN_MARKER_VAR: marker},
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
         except OSError as error:
             message = f"{HARNESS_PREFIX} could not start {command!r} in {workdir}: {error}"
             log.write((message + "\n").encode())

@@ -432,3 +432,88 @@ def test_ctrl_c_twice_kills_the_run_resets_and_records(ws: Path, env: dict, tmp_
     assert git(ws, "status", "--porcelain") == ""
     assert attempt(ws, 2) == recs[1]["commit"]  # the interrupted idea is still reachable
     assert not _state(ws)
+
+
+WARM_BOOT_MARK = "runpy.run_path(sys.argv[0]"  # in the command line of a warm child only
+
+
+def _warm_children() -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if WARM_BOOT_MARK.encode() in cmdline:
+                found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds processes in /proc")
+@pytest.mark.parametrize("warm_flag", ["--warm-start", "--no-warm-start"])
+def test_later_runs_start_warm_and_no_warm_child_outlives_the_session(
+    tmp_path: Path, env: dict, warm_flag: str
+) -> None:
+    """A train.py that imports numpy: from the second run on, numpy is already imported when
+    its first line runs (the harness started the interpreter while the last run finished),
+    unless --no-warm-start; a train.py that sets an environment variable always starts cold."""
+    preloaded = (
+        "import sys\nPRELOADED = 'numpy' in sys.modules\nimport numpy  # noqa: E402\n"
+        + STUB_TRAIN.replace(
+            "    for i in range(3):", '    print(f"preloaded: {PRELOADED}")\n    for i in range(3):'
+        )
+    )
+    ws = make_workspace(tmp_path / "ws", preloaded)
+    before = set(_warm_children())
+    result = cli(
+        ws,
+        "run",
+        "--tag",
+        TAG,
+        "--agent",
+        "tuner",
+        "--max-experiments",
+        "3",
+        "--calibrate",
+        "1",
+        warm_flag,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    logs = sorted((ws / "runs" / TAG).glob("*/run*.log"))
+    seen = [
+        line.split(": ")[1]
+        for log in logs
+        for line in log.read_text().splitlines()
+        if line.startswith("preloaded: ")
+    ]
+    assert len(seen) >= 3
+    if warm_flag == "--warm-start":
+        assert seen[0] == "False" and set(seen[1:]) == {"True"}
+    else:
+        assert set(seen) == {"False"}
+    assert set(_warm_children()) <= before  # the last warm child was discarded
+
+    setenv = preloaded.replace(
+        "import numpy  # noqa: E402\n",
+        "import numpy  # noqa: E402\nimport os\nos.environ['X'] = '1'\n",
+    )
+    ws2 = make_workspace(tmp_path / "ws2", setenv)
+    result = cli(
+        ws2,
+        "run",
+        "--tag",
+        TAG,
+        "--agent",
+        "tuner",
+        "--max-experiments",
+        "2",
+        "--calibrate",
+        "1",
+        warm_flag,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = "".join(p.read_text() for p in (ws2 / "runs" / TAG).glob("*/run*.log"))
+    assert "preloaded: True" not in text and "preloaded: False" in text

@@ -402,3 +402,145 @@ def test_kill_orphans_finds_the_runs_of_a_killed_harness(tmp_path: Path) -> None
     assert runner.kill_orphans(marker) == len(orphans)
     assert not runner._marked_processes(tag)
     assert runner.kill_orphans(marker) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm starts: the same run, from an interpreter started (and its imports done) beforehand
+# ---------------------------------------------------------------------------------------------
+
+
+def warm_child(tmp_path: Path, preload: tuple[str, ...] = ("json",)) -> runner.WarmChild:
+    env = child_env(os.environ, preset="cpu", device="cpu", gpu=None, extra={"SPAWN_ONLY": "1"})
+    return runner.WarmChild(tmp_path, env, preload=preload)
+
+
+def run_warm(tmp_path: Path, stub: str, warm: runner.WarmChild, **extra: str) -> RunResult:
+    env = child_env(os.environ, preset="cpu", device="cpu", gpu=None, extra=extra)
+    return run_training(
+        tmp_path,
+        tmp_path / "run.log",
+        command=[sys.executable, str(STUBS / stub)],
+        env=env,
+        timeout=30,
+        marker=warm.marker,
+        warm=warm,
+    )
+
+
+def printed(result: RunResult, key: str) -> object:
+    line = next(x for x in result.log_path.read_text().splitlines() if x.startswith(key + " "))
+    return json.loads(line[len(key) + 1 :])
+
+
+def test_a_warm_run_runs_the_script_as_main_with_the_go_environment(tmp_path: Path) -> None:
+    warm = warm_child(tmp_path)
+    result = run_warm(tmp_path, "preloaded.py", warm, AT_GO="yes")
+    assert result.ok and result.summary["val_bpb"] == 1.0
+    assert printed(result, "PRELOADED") == ["json"]  # imported before the script's first line
+    run = printed(result, "RUN")
+    assert run == {"name": "__main__", "argv": [str(STUBS / "preloaded.py")], "stdin": ""}
+    env = printed(result, "ENV")
+    assert env["AT_GO"] == "yes" and "SPAWN_ONLY" not in env  # the go's environment, whole
+    assert env[runner.RUN_MARKER_VAR] == warm.marker
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert warm.proc is None  # the run owns the process now
+
+
+def test_without_warm_start_the_same_stub_sees_nothing_preloaded(tmp_path: Path) -> None:
+    result = run_stub(tmp_path, "preloaded.py")
+    assert result.ok and printed(result, "PRELOADED") == []
+    assert printed(result, "RUN")["name"] == "__main__"
+
+
+@pytest.mark.parametrize(
+    ("stub", "crash_class", "exit_code"),
+    [
+        ("ok_train.py", None, 0),
+        ("import_error.py", "import", 1),
+        ("oom.py", "oom", 1),
+        ("nan.py", "nan", 3),
+        ("no_summary.py", "no_summary", 0),
+        ("sigkill_self.py", "oom", -9),
+    ],
+)
+def test_a_warm_run_ends_and_is_classified_as_a_cold_one(
+    tmp_path: Path, stub: str, crash_class: str | None, exit_code: int
+) -> None:
+    cold = run_stub(tmp_path, stub)
+    warm = run_warm(tmp_path, stub, warm_child(tmp_path))
+    assert (cold.crash_class, cold.exit_code) == (crash_class, exit_code)
+    assert (warm.crash_class, warm.exit_code) == (crash_class, exit_code)
+    assert warm.summary == cold.summary
+
+
+def test_a_dead_warm_child_means_a_cold_launch(tmp_path: Path) -> None:
+    warm = warm_child(tmp_path)
+    assert warm.proc is not None
+    warm.proc.kill()
+    warm.proc.wait()
+    result = run_warm(tmp_path, "preloaded.py", warm)
+    assert result.ok and printed(result, "PRELOADED") == []  # a fresh interpreter ran it
+    assert printed(result, "ENV")[runner.RUN_MARKER_VAR] == warm.marker  # the recorded marker
+    assert warm.proc is None
+
+
+def test_a_warm_child_for_another_directory_is_not_used(tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    warm = warm_child(other)
+    pid = warm.proc.pid
+    result = run_warm(tmp_path, "preloaded.py", warm)
+    assert result.ok and printed(result, "PRELOADED") == []
+    assert warm.proc is None and not alive(pid)
+
+
+def test_a_discarded_or_orphaned_warm_child_exits(tmp_path: Path) -> None:
+    warm = warm_child(tmp_path, preload=("numpy",))
+    pid = warm.proc.pid
+    warm.discard()
+    assert warm.proc is None and not alive(pid)
+    # the harness dies: the child's stdin closes before any go, and it exits by itself
+    orphan = warm_child(tmp_path)
+    orphan.proc.stdin.close()
+    assert orphan.proc.wait(10) == 0
+    orphan.proc.stdout.close()
+
+
+def test_warm_preload_reads_module_level_imports() -> None:
+    assert runner.warm_preload("import torch\nimport numpy as np\nimport math\n") == (
+        "torch",
+        "numpy",
+    )
+    assert runner.warm_preload("import torch.nn as nn\nfrom torch.nn import functional\n") == (
+        "torch.nn",
+    )
+    compiled = "import torch\nmodel = torch.compile(model)\n"
+    assert runner.warm_preload(compiled) == ("torch", *runner.WARM_COMPILER)
+    assert runner.warm_preload("import math\nfrom .x import torch\n") == ()
+    assert runner.warm_preload("def f():\n    import torch\n") == ()  # not at module level
+    assert runner.warm_preload("import torch(\n") == ()
+
+
+def test_a_preload_that_fails_to_import_still_runs_the_script(tmp_path: Path) -> None:
+    warm = warm_child(tmp_path, preload=("json", "no_such_module_here"))
+    result = run_warm(tmp_path, "preloaded.py", warm)
+    assert result.ok and printed(result, "PRELOADED") == ["json"]
+
+
+@pytest.mark.parametrize(
+    ("source", "ok"),
+    [
+        ("import os\nx = os.environ.get('A', '1')\n", True),
+        ("import os\nif 'A' in os.environ: pass\n", True),
+        ("import os\nos.environ['A'] = '1'\nimport torch\n", False),
+        ("from os import environ\nenviron['A'] = '1'\n", False),
+        ("import os\nos.environ.update(A='1')\n", False),
+        ("import os\nos.environ.setdefault('A', '1')\n", False),
+        ("import os\ndel os.environ['A']\n", False),
+        ("import os\nos.putenv('A', '1')\n", False),
+        ("def main():\n    import os\n    os.environ.pop('A', None)\n", False),
+        ("syntax error(\n", False),
+    ],
+)
+def test_warm_start_ok_refuses_a_train_py_that_sets_the_environment(source: str, ok: bool) -> None:
+    assert runner.warm_start_ok(source) is ok
