@@ -753,6 +753,9 @@ class Session:
         marker = warm.marker if warm is not None else uuid.uuid4().hex
         self.ledger.write_state({**(self.ledger.read_state() or {}), "run_marker": marker})
         self._run_marker = marker
+        ahead = self.opts.device == "cuda"  # the card trains: the host has cores to spare
+        if ahead:
+            self._start_warm()  # the next run's imports, done long before they are needed
         result = runner.run_training(
             self.root,
             exp_dir / log_name,
@@ -775,8 +778,10 @@ class Session:
             warm=warm,
         )
         self._train_wall += result.wall_seconds
-        if not self.cancel.is_set():
-            self._start_warm()  # imports for the next run while this one is evaluated
+        if not ahead and not self.cancel.is_set():
+            # on the cpu preset the imports would slow the run itself: start them after it,
+            # while it is evaluated and recorded
+            self._start_warm()
         if self.opts.sealed:
             result = self._evaluate(exp_id, result, checkpoint, log_name)
             if purpose == "remeasure":  # the best keeps the checkpoint it was kept with
@@ -791,8 +796,9 @@ class Session:
 
     def _start_warm(self) -> None:
         """Start the next run's interpreter now (runner.WarmChild), when the run command is
-        the default and the train.py just run imports torch or numpy and sets no environment
-        variables; its environment is the next run's minus the per-run variables."""
+        the default and the train.py in the workspace imports torch or numpy and sets no
+        environment variables; its environment is the next run's minus the per-run variables.
+        On cuda it is started as a run starts, elsewhere once the run has exited."""
         self._discard_warm()
         if not self.opts.warm_start or self.opts.command is not None:
             return
