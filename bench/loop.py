@@ -3,6 +3,7 @@ each experiment costs outside its training budget, with an LLM endpoint that is 
 
     python bench/loop.py                                  # 6 experiments, replies take 60 s
     python bench/loop.py --compare                        # the same again with --no-overlap
+    python bench/loop.py --compare-warm                   # ... and again with --no-warm-start
     python bench/loop.py --budget 60 --reply-delay 12     # scaled down, same 300:60 ratio
     python bench/loop.py --preset cpu --reply-delay 5 --experiments 3 --compare   # CPU smoke
 
@@ -13,6 +14,7 @@ constant scaled by a small factor, so it always applies), and runs
 
     autoresearch run --agent openai --base-url <fake> --model fake --max-experiments N
                      --calibrate 1 --max-repeats 1 --overlap|--no-overlap
+                     [--no-warm-start]
 
 on the active prepared dataset (AUTORESEARCH_CACHE; `--prepare pycode` builds the benchmark
 protocol's corpus first). The CLI's plain output is read line by line and time-stamped on
@@ -139,7 +141,9 @@ def autoresearch(ws: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def run_session(ws: Path, args: argparse.Namespace, overlap: bool, log_path: Path) -> dict:
+def run_session(
+    ws: Path, args: argparse.Namespace, overlap: bool, warm: bool, log_path: Path
+) -> dict:
     """One session in a fresh workspace `ws`; returns what was measured."""
     subprocess.run(
         [sys.executable, "-m", "autoresearch", "init", str(ws)],
@@ -167,6 +171,7 @@ def run_session(ws: Path, args: argparse.Namespace, overlap: bool, log_path: Pat
         "--max-repeats",
         "1",
         "--overlap" if overlap else "--no-overlap",
+        "--warm-start" if warm else "--no-warm-start",
     ]
     if args.preset:
         command += ["--preset", args.preset]
@@ -201,7 +206,7 @@ def run_session(ws: Path, args: argparse.Namespace, overlap: bool, log_path: Pat
         r["evaluator"] = evaluator_report(ws / "runs" / TAG / f"{r['id']:04d}" / "run.eval.log")
     tl = timeline(lines)
     return {
-        "mode": "overlap" if overlap else "no-overlap",
+        "mode": mode_name(overlap, warm),
         "exit_code": exit_code,
         "cli_wall_s": round(wall, 2),
         "time_budget": session.get("time_budget"),
@@ -428,6 +433,10 @@ def print_session(s: dict) -> None:
         print("(*) its cycle includes a re-measurement of the best")
 
 
+def mode_name(overlap: bool, warm: bool) -> str:
+    return ("overlap" if overlap else "no-overlap") + ("" if warm else "-cold-starts")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiments", type=int, default=6, help="--max-experiments (6)")
@@ -438,6 +447,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=None, help="AUTORESEARCH_TIME_BUDGET")
     parser.add_argument("--compare", action="store_true", help="also run with --no-overlap")
     parser.add_argument("--no-overlap", action="store_true", help="only run with --no-overlap")
+    parser.add_argument("--compare-warm", action="store_true", help="also run with --no-warm-start")
     parser.add_argument(
         "--prepare",
         choices=("pycode",),
@@ -459,10 +469,14 @@ def main() -> None:
     sessions = []
     with tempfile.TemporaryDirectory(prefix="autoresearch-loopbench-") as tmp:
         parent = args.out if args.keep else Path(tmp)
-        for overlap in (True, False) if args.compare else (not args.no_overlap,):
-            mode = "overlap" if overlap else "no-overlap"
+        modes = [(overlap, True) for overlap in (True, False)] if args.compare else []
+        modes = modes or [(not args.no_overlap, True)]
+        if args.compare_warm:
+            modes.append((modes[0][0], False))
+        for overlap, warm in modes:
+            mode = mode_name(overlap, warm)
             ws = parent / f"ws-{mode}"
-            sessions.append(run_session(ws, args, overlap, args.out / f"{mode}.log"))
+            sessions.append(run_session(ws, args, overlap, warm, args.out / f"{mode}.log"))
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "experiments": args.experiments,
@@ -476,9 +490,11 @@ def main() -> None:
     (args.out / "loop.json").write_text(json.dumps(result, indent=2))
     for s in sessions:
         print_session(s)
-    if len(sessions) == 2:
-        busy = [s["status"].get("gpu_busy_percent") for s in sessions]
-        print(f"\nGPU-busy (status --json): overlap {fmt(busy[0])} %, no overlap {fmt(busy[1])} %")
+    if len(sessions) > 1:
+        busy = ", ".join(
+            f"{s['mode']} {fmt(s['status'].get('gpu_busy_percent'))} %" for s in sessions
+        )
+        print(f"\nGPU-busy (status --json): {busy}")
     print(f"\nwritten: {args.out / 'loop.json'}")
 
 
