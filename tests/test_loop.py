@@ -464,56 +464,33 @@ def test_later_runs_start_warm_and_no_warm_child_outlives_the_session(
             "    for i in range(3):", '    print(f"preloaded: {PRELOADED}")\n    for i in range(3):'
         )
     )
-    ws = make_workspace(tmp_path / "ws", preloaded)
     before = set(_warm_children())
-    result = cli(
-        ws,
-        "run",
-        "--tag",
-        TAG,
-        "--agent",
-        "tuner",
-        "--max-experiments",
-        "3",
-        "--calibrate",
-        "1",
-        warm_flag,
-        env=env,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    logs = sorted((ws / "runs" / TAG).glob("*/run*.log"))
-    seen = [
-        line.split(": ")[1]
-        for log in logs
-        for line in log.read_text().splitlines()
-        if line.startswith("preloaded: ")
-    ]
+    seen = _preloaded_per_run(make_workspace(tmp_path / "ws", preloaded), env, 3, warm_flag)
     assert len(seen) >= 3
     if warm_flag == "--warm-start":
-        assert seen[0] == "False" and set(seen[1:]) == {"True"}
+        assert seen[0] is False and set(seen[1:]) == {True}
     else:
-        assert set(seen) == {"False"}
+        assert set(seen) == {False}
     assert set(_warm_children()) <= before  # the last warm child was discarded
 
     setenv = preloaded.replace(
         "import numpy  # noqa: E402\n",
         "import numpy  # noqa: E402\nimport os\nos.environ['X'] = '1'\n",
     )
-    ws2 = make_workspace(tmp_path / "ws2", setenv)
+    seen = _preloaded_per_run(make_workspace(tmp_path / "ws2", setenv), env, 2, warm_flag)
+    assert len(seen) >= 2 and set(seen) == {False}
+
+
+def _preloaded_per_run(ws: Path, env: dict, n: int, *flags: str) -> list[bool]:
+    """Run a tuner session of `n` experiments; what each run printed on `preloaded: `."""
     result = cli(
-        ws2,
-        "run",
-        "--tag",
-        TAG,
-        "--agent",
-        "tuner",
-        "--max-experiments",
-        "2",
-        "--calibrate",
-        "1",
-        warm_flag,
-        env=env,
-    )
+        ws, "run", "--tag", TAG, "--agent", "tuner", "--max-experiments", str(n),
+        "--calibrate", "1", *flags, env=env,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    text = "".join(p.read_text() for p in (ws2 / "runs" / TAG).glob("*/run*.log"))
-    assert "preloaded: True" not in text and "preloaded: False" in text
+    return [
+        line == "preloaded: True"
+        for log in sorted((ws / "runs" / TAG).glob("*/run*.log"))
+        for line in log.read_text().splitlines()
+        if line.startswith("preloaded: ")
+    ]
