@@ -83,7 +83,7 @@ class SessionOptions:
     max_repeats: int = 3  # runs of a candidate whose gain is within noise
     remeasure_every: int = 3  # keeps between re-measurements of the best (0 = never)
     overlap: bool = True  # propose the next experiment while the current one trains
-    # start the next training child (its `import torch`) while the last one is evaluated
+    # start the next training child ahead, so its `import torch` is done when the run is due
     warm_start: bool = True
     resume: bool = False
     command: list[str] | None = None  # the training command; default: python train.py
@@ -821,13 +821,13 @@ class Session:
             self._warm = None
 
     def _take_warm(self) -> runner.WarmChild | None:
-        """The warm child, if it may run the train.py now in the workspace (it may have been
-        started for the one before the candidate was checked out)."""
+        """The warm child, if it may run the train.py now in the workspace (it was started
+        for the one before: the candidate checked out since may set environment variables)."""
         warm, self._warm = self._warm, None
         if warm is None:
             return None
         source = (self.root / TRAIN_FILE).read_text(encoding="utf-8", errors="replace")
-        if self.opts.command is not None or not runner.warm_start_ok(source):
+        if not runner.warm_start_ok(source):
             warm.discard()
             return None
         return warm

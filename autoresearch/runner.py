@@ -726,10 +726,8 @@ class WarmChild:
         self.workdir = Path(workdir)
         self.prefix = tuple(prefix)
         self.marker = uuid.uuid4().hex
-        self.preload = tuple(preload)
-        self.created = time.monotonic()
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [*prefix, sys.executable, "-c", _WARM_BOOT, json.dumps(list(self.preload))],
+            [*prefix, sys.executable, "-c", _WARM_BOOT, json.dumps(list(preload))],
             cwd=workdir,
             env={**env, RUN_MARKER_VAR: self.marker},
             stdin=subprocess.PIPE,
@@ -792,7 +790,7 @@ def warm_preload(source: str) -> tuple[str, ...]:
         elif isinstance(stmt, ast.ImportFrom) and stmt.module and not stmt.level:
             modules.append(stmt.module)
     picked = [m for m in modules if m.split(".")[0] in WARM_PRELOAD]
-    if picked and "torch" in {m.split(".")[0] for m in picked} and "torch.compile" in source:
+    if any(m.split(".")[0] == "torch" for m in picked) and "torch.compile" in source:
         picked += WARM_COMPILER
     return tuple(dict.fromkeys(picked))
 
