@@ -9,8 +9,9 @@ order; validation is every file under networkx/ (held out whole); train is cappe
 and cut into documents of about 8,000 characters. It is prepared once into the cache
 (AUTORESEARCH_CACHE) and reused.
 
-Per run it measures, from the outside: startup (launch to the first step line), the
-steady-state tok/s and MFU (median over step lines after the first 10% of the budget),
+Per run it measures, from the outside: startup (launch to the first step line), compile (the
+first step's dt: step 0 compiles the model and the optimizer steps), the steady-state tok/s
+and MFU (median over step lines after the first 10% of the budget),
 training seconds, evaluation (last step line to the summary), and the total wall time.
 Results are printed as a table and written as JSON to --out.
 
@@ -109,6 +110,8 @@ def one_run(workdir: Path, log_path: Path, budget: float | None, compile_cache: 
         "tok_per_s": statistics.median(s.tok_per_sec for s in steady) if steady else None,
         "steady_mfu": statistics.median(s.mfu for s in steady) if steady else None,
         "startup_s": steps[0][0] if steps else None,
+        # step 0 compiles the model and the optimizer steps: its dt is the compile time
+        "compile_s": steps[0][1].dt_ms / 1000 if steps and steps[0][1].step == 0 else None,
         "eval_s": summary_at - steps[-1][0] if steps and summary_at else None,
         "total_s": result.wall_seconds,
         "peak_vram_mb": result.summary.get("peak_vram_mb"),
@@ -186,15 +189,16 @@ def main() -> None:
     )
     print(
         "| version | run | cache | val_bpb | steps | tok/s (steady) | MFU (steady) | training s "
-        "| startup s | eval s | total s | outside s |"
+        "| startup s | compile s | eval s | total s | outside s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * 13 + "|")
     for r in rows:
         print(
             f"| {r['version']} | {r['run']} | {r['cache']} | {fmt(r['val_bpb'], '.4f')} | "
             f"{fmt(r['num_steps'], '.0f')} | "
             f"{fmt(r['tok_per_s'], ',.0f')} | {fmt(r['steady_mfu'], '.1f')} % | "
-            f"{fmt(r['training_s'], '.1f')} | {fmt(r['startup_s'], '.1f')} | {fmt(r['eval_s'], '.1f')} | "
+            f"{fmt(r['training_s'], '.1f')} | {fmt(r['startup_s'], '.1f')} | "
+            f"{fmt(r['compile_s'], '.1f')} | {fmt(r['eval_s'], '.1f')} | "
             f"{fmt(r['total_s'], '.1f')} | {fmt(r.get('outside_s'), '.1f')} |"
         )
 
