@@ -941,18 +941,7 @@ class TunerAgent:
 
     def _proposal(self, description: str, source: str, started: float) -> Proposal:
         check_compiles(source)  # a literal swapped for a literal: compiles by construction
-        return Proposal(
-            description=description,
-            source=source,
-            messages=[],
-            reply=description,
-            model=self.model,
-            attempts=1,
-            tokens_in=0,
-            tokens_out=0,
-            seconds=time.monotonic() - started,
-            agent=self.name,
-        )
+        return _local_proposal(self, description, source, started, [], description)
 
 
 def _kind_rank(value: Value) -> int:
@@ -1077,15 +1066,27 @@ class ReplayAgent:
                 reply=text,
                 model=self.model,
             ) from None
-        return Proposal(
-            description=description,
-            source=source,
-            messages=messages,
-            reply=text,
-            model=self.model,
-            attempts=1,
-            tokens_in=0,
-            tokens_out=0,
-            seconds=time.monotonic() - started,
-            agent=self.name,
-        )
+        return _local_proposal(self, description, source, started, messages, text)
+
+
+def _local_proposal(
+    agent: TunerAgent | ReplayAgent,
+    description: str,
+    source: str,
+    started: float,
+    messages: list[dict],
+    reply: str,
+) -> Proposal:
+    """A proposal made in one attempt without an LLM: no tokens, timed from `started`."""
+    return Proposal(
+        description=description,
+        source=source,
+        messages=messages,
+        reply=reply,
+        model=agent.model,
+        attempts=1,
+        tokens_in=0,
+        tokens_out=0,
+        seconds=time.monotonic() - started,
+        agent=agent.name,
+    )

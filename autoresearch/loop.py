@@ -763,13 +763,7 @@ class Session:
                 *self._isolation.prefix,
                 *(self.opts.command or [sys.executable, TRAIN_FILE]),
             ],
-            env=runner.child_env(
-                dict(os.environ),
-                preset=self.opts.preset,
-                device=self.opts.device,
-                gpu=self.opts.gpu,
-                extra=extra,
-            ),
+            env=self._child_env(extra),
             timeout=self.opts.hard_timeout,
             stall_timeout=self.opts.stall_timeout,
             on_step=self.display.step,
@@ -802,17 +796,11 @@ class Session:
         self._discard_warm()
         if not self.opts.warm_start or self.opts.command is not None:
             return
-        source = (self.root / TRAIN_FILE).read_text(encoding="utf-8", errors="replace")
+        source = self._workspace_train()
         preload = runner.warm_preload(source)
         if not preload or not runner.warm_start_ok(source):
             return
-        env = runner.child_env(
-            dict(os.environ),
-            preset=self.opts.preset,
-            device=self.opts.device,
-            gpu=self.opts.gpu,
-            extra=compile_cache_env(os.environ),
-        )
+        env = self._child_env(compile_cache_env(os.environ))
         try:
             self._warm = runner.WarmChild(
                 self.root, env, preload=preload, prefix=self._isolation.prefix
@@ -826,11 +814,23 @@ class Session:
         warm, self._warm = self._warm, None
         if warm is None:
             return None
-        source = (self.root / TRAIN_FILE).read_text(encoding="utf-8", errors="replace")
-        if not runner.warm_start_ok(source):
+        if not runner.warm_start_ok(self._workspace_train()):
             warm.discard()
             return None
         return warm
+
+    def _child_env(self, extra: dict[str, str]) -> dict[str, str]:
+        """A training child's environment: this process's minus secrets, plus `extra`."""
+        return runner.child_env(
+            dict(os.environ),
+            preset=self.opts.preset,
+            device=self.opts.device,
+            gpu=self.opts.gpu,
+            extra=extra,
+        )
+
+    def _workspace_train(self) -> str:
+        return (self.root / TRAIN_FILE).read_text(encoding="utf-8", errors="replace")
 
     def _discard_warm(self) -> None:
         warm, self._warm = self._warm, None

@@ -421,8 +421,16 @@ def _kill_leftovers(pgid: int, marker: bytes) -> int:
     """SIGKILL the group and every marked process; returns how many were found alive."""
     alive = _run_processes(pgid, marker)
     _signal_group(pgid, signal.SIGKILL)
+    return _kill_until_gone(alive, lambda: _run_processes(pgid, marker))
+
+
+def _kill_until_gone(alive: set[int], find: Callable[[], set[int]]) -> int:
+    """SIGKILL `alive`, then whatever `find` still finds, a few rounds (a process may fork
+    between a scan and the kill); returns how many were killed."""
     killed: set[int] = set()
-    for _ in range(5):  # a process may fork between the scan and the kill: look again
+    for _ in range(5):
+        if not alive:
+            break
         for pid in alive:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -430,9 +438,7 @@ def _kill_leftovers(pgid: int, marker: bytes) -> int:
                 continue
         killed |= alive
         _wait_gone(alive, KILL_CONFIRM_S)
-        alive = _run_processes(pgid, marker)
-        if not alive:
-            break
+        alive = find()
     return len(killed)
 
 
@@ -444,19 +450,7 @@ def kill_orphans(marker: str) -> int:
     run's marker are touched (Linux /proc; elsewhere nothing is found).
     """
     tag = f"{RUN_MARKER_VAR}={marker}".encode()
-    killed: set[int] = set()
-    for _ in range(5):  # a process may fork between the scan and the kill: look again
-        alive = _marked_processes(tag)
-        if not alive:
-            break
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                continue
-        killed |= alive
-        _wait_gone(alive, KILL_CONFIRM_S)
-    return len(killed)
+    return _kill_until_gone(_marked_processes(tag), lambda: _marked_processes(tag))
 
 
 def _marked_processes(tag: bytes) -> set[int]:
