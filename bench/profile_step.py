@@ -80,7 +80,7 @@ def main() -> None:
         model = raw.compile_regions()
     else:
         model = torch.compile(raw, dynamic=False)
-    optimizers = train.build_optimizers(raw, compile=True)
+    optimizers = train.build_optimizers(raw, fused=True)
     batch, seq = train.DEVICE_BATCH_SIZE, train.MAX_SEQ_LEN
     accum = train.TOTAL_BATCH_SIZE // (batch * seq)
     x = torch.randint(0, train.VOCAB_SIZE, (batch, seq), device=device)

@@ -104,7 +104,7 @@ def test_sliding_window_sees_only_the_last_window_keys() -> None:
 
 
 def test_one_optimizer_step_lowers_the_loss_on_its_batch(model: train.GPT) -> None:
-    optimizers = train.build_optimizers(model, compile=False)
+    optimizers = train.build_optimizers(model, fused=False)
     x, y = tokens(4, 64, seed=5), tokens(4, 64, seed=6)
     loss_before = model(x, y)
     loss_before.backward()
@@ -119,7 +119,7 @@ def test_one_optimizer_step_lowers_the_loss_on_its_batch(model: train.GPT) -> No
 
 
 def test_every_parameter_has_exactly_one_optimizer(model: train.GPT) -> None:
-    optimizers = train.build_optimizers(model, compile=False)
+    optimizers = train.build_optimizers(model, fused=False)
     owned = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
     assert sorted(owned) == sorted(id(p) for p in model.parameters())
     muon = next(opt for opt in optimizers if isinstance(opt, train.Muon))
