@@ -207,7 +207,7 @@ def run(
     warm_start: bool = typer.Option(
         True,
         "--warm-start/--no-warm-start",
-        help="Start the next training process (its `import torch`) while the last is evaluated.",
+        help="Start training and evaluator processes (their `import torch`) before they are due.",
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the tag's session after any stop, kill -9 included."

@@ -10,6 +10,14 @@ which prints one JSON line, `{"status": "ok", "val_bpb": ..., "num_params": ...,
 true, "seconds": ...}` (or a status `rejected`, `no_checkpoint` or `error` with a `reason`, and
 a non-zero exit).
 
+Started ahead (`start_warm`, what a session on cuda does as each run starts), the same process
+is launched with `--wait` and without the checkpoint: it reads the fingerprints from a first
+stdin line, does steps 1 and 2 and the imports (no GPU is touched), and blocks on a second
+line, the go, which the harness writes once the training child and all its processes are gone:
+the checkpoint, the train.py and the nonce (which thus never exists in a file). Nothing
+untrusted runs in the process before the go; a failure found before it is reported after it,
+with the go's nonce. Closing its stdin instead (the harness let it go, or died) ends it.
+
 What the evaluator process does, in this order:
 1. reads prepare.py once and checks its sha256 against the session's fingerprint; executes it
    twice from those bytes: a private copy, reachable by no module name, that computes the
@@ -74,6 +82,10 @@ import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from . import runner
 
 STATUSES = ("ok", "rejected", "no_checkpoint", "error")
 CRASH_CLASSES = ("no_checkpoint", "eval")  # crash classes the loop records for evaluator failures
@@ -128,6 +140,7 @@ def evaluate_checkpoint(
     prefix: Sequence[str] = (),
     cancel: threading.Event | None = None,
     marker: str | None = None,
+    warm: runner.Prestarted | None = None,
 ) -> EvalResult:
     """Evaluate `checkpoint` with train.py's `load_model` in a sealed child process.
 
@@ -137,10 +150,18 @@ def evaluate_checkpoint(
     `dataset` pins the prepared dataset's directory. `prefix` goes in front of the command
     (network isolation). The child runs like a training child (runner.run_training: its own
     process group, a hard `timeout`, a secret-free environment, its output in `log_path`).
+
+    `warm`: an evaluator from `start_warm`, used (its marker, not `marker`) when it was started
+    for the same arguments and is still alive, else discarded; it is consumed either way.
     """
     from . import runner  # the harness side only; the child never imports the package
 
+    if warm is not None and (not warm.alive() or warm.key != _warm_key(locals())):
+        warm.discard()
+        warm = None
     if not checkpoint.is_file():
+        if warm is not None:
+            warm.discard()
         return EvalResult(
             "no_checkpoint",
             None,
@@ -158,39 +179,26 @@ def evaluate_checkpoint(
         nonce_file.write_text(nonce)
         prints_file = Path(tmp) / "fingerprints.json"
         prints_file.write_text(json.dumps(dict(fingerprints or {})))
+        train = str(train_file or root / "train.py")
         args = [
-            "--workspace",
-            str(root),
-            "--train",
-            str(train_file or root / "train.py"),
-            "--checkpoint",
-            str(checkpoint),
-            "--split",
-            split,
-            "--preset",
-            preset,
-            "--device",
-            device,
-            "--nonce-file",
-            str(nonce_file),
-            "--fingerprints",
-            str(prints_file),
+            *_static_args(root, split, preset, device),
+            *("--train", train, "--checkpoint", str(checkpoint)),
+            *("--nonce-file", str(nonce_file), "--fingerprints", str(prints_file)),
         ]
-        # One compile thread: no worker pool left behind by the evaluator's os._exit.
-        extra = {"AUTORESEARCH_CHECKPOINT": "", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
-        if dataset is not None:
-            extra.update(AUTORESEARCH_CACHE=str(dataset.parent), AUTORESEARCH_DATASET=dataset.name)
-        env = runner.child_env(dict(os.environ), preset=preset, device=device, gpu=gpu, extra=extra)
+        if warm is not None:  # told the same by its go line; `args` if it dies before
+            warm.message = {"checkpoint": str(checkpoint), "train": train, "nonce": nonce}
+            marker = warm.marker
         lines: list[str] = []
         run = runner.run_training(
             root,
             log_path,
             command=[*prefix, *_child_command(root), *args],
-            env=env,
+            env=_child_env(preset, device, gpu, dataset),
             timeout=timeout,
             on_line=lines.append,
             cancel=cancel,
             marker=marker,
+            warm=warm,
         )
     result = _parse_result(lines, nonce)
     tail = "\n".join(run.log_tail.splitlines()[-TAIL_LINES:])
@@ -218,6 +226,63 @@ def evaluate_checkpoint(
         log_path=log_path,
         log_tail=tail,
     )
+
+
+def start_warm(
+    root: Path,
+    *,
+    split: str,
+    preset: str,
+    device: str,
+    fingerprints: Mapping[str, str] | None = None,
+    dataset: Path | None = None,
+    gpu: str | None = None,
+    prefix: Sequence[str] = (),
+    marker: str | None = None,
+) -> runner.Prestarted | None:
+    """The evaluator started before the checkpoint exists (for `evaluate_checkpoint(warm=)`):
+    it checks prepare.py and reads the split's data against `fingerprints`, imports torch and
+    takes its snapshots, then waits for the go, which brings the checkpoint, train.py and the
+    nonce; nothing untrusted runs in it before then. It touches no GPU until the go. None when
+    no process could be started."""
+    from . import runner
+
+    command = [*prefix, *_child_command(root), *_static_args(root, split, preset, device)]
+    try:
+        return runner.Prestarted(
+            [*command, "--wait"],
+            root,
+            _child_env(preset, device, gpu, dataset),
+            marker=marker,
+            first={"fingerprints": dict(fingerprints or {})},
+            key=_warm_key(locals()),
+        )
+    except OSError:
+        return None
+
+
+_WARM_KEY = ("root", "split", "preset", "device", "fingerprints", "dataset", "gpu", "prefix")
+
+
+def _warm_key(arguments: Mapping[str, object]) -> str:
+    """What a warm evaluator must have been started with to serve a call: these arguments."""
+    values = {k: arguments[k] for k in _WARM_KEY}
+    values["fingerprints"] = dict(values["fingerprints"] or {})
+    return json.dumps(values, sort_keys=True, default=str)  # paths as text, tuples as lists
+
+
+def _static_args(root: Path, split: str, preset: str, device: str) -> list[str]:
+    return ["--workspace", str(root), "--split", split, "--preset", preset, "--device", device]
+
+
+def _child_env(preset: str, device: str, gpu: str | None, dataset: Path | None) -> dict[str, str]:
+    from . import runner
+
+    # One compile thread: no worker pool left behind by the evaluator's os._exit.
+    extra = {"AUTORESEARCH_CHECKPOINT": "", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    if dataset is not None:
+        extra.update(AUTORESEARCH_CACHE=str(dataset.parent), AUTORESEARCH_DATASET=dataset.name)
+    return runner.child_env(dict(os.environ), preset=preset, device=device, gpu=gpu, extra=extra)
 
 
 def sealed_outcome(run, ev: EvalResult):
@@ -529,14 +594,29 @@ def _arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="autoresearch.evaluator", description=__doc__)
     parser.add_argument("--workspace", required=True, type=Path)
     parser.add_argument("--train", type=Path, help="train.py to import (default: the workspace's)")
-    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--checkpoint", type=Path, help="required unless --wait")
     parser.add_argument("--split", default="val")
     parser.add_argument("--preset", required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--nonce-file", type=Path)
     parser.add_argument("--fingerprints", type=Path)
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="started ahead: read the fingerprints from a first stdin line, get ready, then wait "
+        "for a go line with the checkpoint, train.py and the nonce",
+    )
+    args = parser.parse_args(argv)
+    if args.checkpoint is None and not args.wait:
+        parser.error("--checkpoint is required")
+    return args
+
+
+def _read_line() -> dict | None:
+    """One JSON object line from stdin; None when stdin closed first (the harness let go)."""
+    line = sys.stdin.buffer.readline()
+    return json.loads(line) if line.strip() else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -551,13 +631,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     flush, monotonic = sys.stdout.flush, time.perf_counter
 
     def emit(payload: dict, code: int):
+        payload["started_ahead"] = args.wait
         payload["nonce"] = nonce
         flush()
         write(out_fd, (dumps(payload) + "\n").encode())
         exit_now(code)
 
     try:
-        emit({"status": "ok", **_evaluate(args, monotonic)}, 0)
+        expected = {}
+        if args.wait:
+            first = _read_line()
+            if first is None:
+                exit_now(0)
+            expected = first["fingerprints"]
+        elif args.fingerprints:
+            expected = json.loads(args.fingerprints.read_text())
+        try:
+            ready, failure = _prepare(args, expected, monotonic), None
+        except (_Rejected, _Failed) as exc:  # said after the go, with the go's nonce
+            ready, failure = None, exc
+        if args.wait:  # the checkpoint exists now; nothing untrusted has run in this process
+            go = _read_line()
+            if go is None:
+                exit_now(0)
+            nonce = go["nonce"]
+            args.checkpoint = Path(go["checkpoint"])
+            args.train = Path(go["train"]) if go.get("train") else None
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)  # train.py gets no stdin, as in a cold start
+            os.close(null)
+        if failure is not None:
+            raise failure
+        assert ready is not None
+        emit({"status": "ok", **_score(args, ready, monotonic)}, 0)
     except _Rejected as exc:
         emit({"status": "rejected", "causal": exc.causal, "reason": str(exc)}, EXIT_REJECTED)
     except _Failed as exc:
@@ -565,10 +671,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1  # not reached: emit exits
 
 
-def _evaluate(args: argparse.Namespace, clock) -> dict:
+@dataclass
+class _Ready:
+    """What the evaluator loads before it needs the checkpoint (steps 1-2 and the snapshot)."""
+
+    trusted: types.ModuleType
+    data: _Data
+    torch: types.ModuleType
+    snapshot: _Snapshot
+    startup_seconds: float
+
+
+def _prepare(args: argparse.Namespace, expected: Mapping[str, str], clock) -> _Ready:
     started = clock()
     os.environ["AUTORESEARCH_PRESET"] = args.preset
-    expected = json.loads(args.fingerprints.read_text()) if args.fingerprints else {}
     prepare_path = args.workspace / "prepare.py"
     source = prepare_path.read_bytes()
     _expect("prepare.py", source, expected.get("prepare.py"))
@@ -584,7 +700,6 @@ def _evaluate(args: argparse.Namespace, clock) -> dict:
     import torch._dynamo  # noqa: F401  (wraps torch.manual_seed on import: before the snapshot)
     import torch.nn.functional as F
 
-    device = torch.device(args.device)
     snapshot = _Snapshot(
         {
             "builtins": (builtins, False),
@@ -599,7 +714,13 @@ def _evaluate(args: argparse.Namespace, clock) -> dict:
             "autoresearch.evaluator": (sys.modules[__name__], False),
         }
     )
+    return _Ready(trusted, data, torch, snapshot, clock() - started)
+
+
+def _score(args: argparse.Namespace, ready: _Ready, clock) -> dict:
     loaded = clock()
+    trusted, data, torch, snapshot = ready.trusted, ready.data, ready.torch, ready.snapshot
+    device = torch.device(args.device)
     train = _import_train(args.train or args.workspace / "train.py")
     model = _load_model(train, args.checkpoint, device, torch)
     num_params = sum(p.numel() for p in model.parameters())
@@ -632,7 +753,7 @@ def _evaluate(args: argparse.Namespace, clock) -> dict:
         "num_params": num_params,
         "causal": True,
         "seconds": round(seconds, 3),
-        "startup_seconds": round(loaded - started, 3),
+        "startup_seconds": round(ready.startup_seconds, 3),
         "load_seconds": round(eval_started - loaded, 3),
         "probed_batches": len(probed),
         "batch_size": batch_size,

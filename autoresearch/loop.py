@@ -83,8 +83,12 @@ class SessionOptions:
     max_repeats: int = 3  # runs of a candidate whose gain is within noise
     remeasure_every: int = 3  # keeps between re-measurements of the best (0 = never)
     overlap: bool = True  # propose the next experiment while the current one trains
-    # start the next training child ahead, so its `import torch` is done when the run is due
+    # start the next training child (and, on cuda, the run's sealed evaluator) ahead, so
+    # their `import torch` is done when they are due
     warm_start: bool = True
+    # start them as a run starts (True) or once it has exited (False); None: True on cuda,
+    # where the host's cores are idle while the card trains, False elsewhere
+    start_ahead: bool | None = None
     resume: bool = False
     command: list[str] | None = None  # the training command; default: python train.py
     # val_bpb from the sealed evaluator on train.py's checkpoint, with the data fingerprinted
@@ -210,6 +214,7 @@ class Session:
         self._last_summary: dict = {}
         self._run_marker: str | None = None  # marks the processes of the run in flight
         self._warm: runner.WarmChild | None = None  # the next run's interpreter, imports done
+        self._warm_eval: runner.Prestarted | None = None  # the run in flight's evaluator, ready
         self._isolation = runner.Isolation((), "")
         self._sealed: dict = {}  # dataset and fingerprints, as recorded in session.json
         self._eval_notes: dict = {}  # what the sealed evaluation said about the last run
@@ -240,6 +245,7 @@ class Session:
             ) from None
         finally:
             self._discard_warm()
+            self._discard_warm_eval()
             self.display.close()  # stop the live dashboard before any error is printed
             signal.signal(signal.SIGINT, previous)
             self.repo.close()
@@ -753,9 +759,12 @@ class Session:
         marker = warm.marker if warm is not None else uuid.uuid4().hex
         self.ledger.write_state({**(self.ledger.read_state() or {}), "run_marker": marker})
         self._run_marker = marker
-        ahead = self.opts.device == "cuda"  # the card trains: the host has cores to spare
+        ahead = self.opts.start_ahead
+        if ahead is None:
+            ahead = self.opts.device == "cuda"  # the card trains: the host has cores to spare
         if ahead:
             self._start_warm()  # the next run's imports, done long before they are needed
+            self._start_warm_eval()  # this run's evaluator, ready when the checkpoint is
         result = runner.run_training(
             self.root,
             exp_dir / log_name,
@@ -837,6 +846,27 @@ class Session:
         if warm is not None:
             warm.discard()
 
+    def _start_warm_eval(self) -> None:
+        """In a sealed session with warm starts, start the sealed evaluator as the run starts
+        (evaluator.start_warm): its imports and data checks are done when the checkpoint is."""
+        self._discard_warm_eval()
+        if self.opts.sealed and self.opts.warm_start:
+            self._warm_eval = evaluator.start_warm(
+                self.root,
+                split="val",
+                preset=self.opts.preset,
+                device=self.opts.device,
+                gpu=self.opts.gpu,
+                fingerprints=self._sealed["fingerprints"],
+                dataset=Path(self._sealed["dataset"]),
+                prefix=self._isolation.prefix,
+            )
+
+    def _discard_warm_eval(self) -> None:
+        warm, self._warm_eval = self._warm_eval, None
+        if warm is not None:
+            warm.discard()
+
     def _recall_last_run(self, exp_id: int, values: list[float]) -> None:
         """The last run of an experiment measured before a --resume, read back from its log:
         every measured run exited 0, and its val_bpb is the measurement (train.py's printed
@@ -876,7 +906,10 @@ class Session:
         both): a change is recorded as `rejected` and then stops the session.
         """
         trained = result.exit_code == 0 and result.crash_class not in HARNESS_KILLS
+        warm, self._warm_eval = self._warm_eval, None
         if not self._data_unchanged(f"after experiment {exp_id:04d} trained") or not trained:
+            if warm is not None:
+                warm.discard()
             checkpoint.unlink(missing_ok=True)
             return self._rejected(result) if self._fatal else result
         self.display.note(f"exp {exp_id:04d}: sealed evaluation of the checkpoint")
@@ -894,6 +927,7 @@ class Session:
             prefix=self._isolation.prefix,
             cancel=self.cancel,
             marker=self._run_marker,
+            warm=warm,
         )
         result, self._eval_notes = evaluator.sealed_outcome(result, ev)
         if not self._data_unchanged(f"after experiment {exp_id:04d} was evaluated"):

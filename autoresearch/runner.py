@@ -695,33 +695,32 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-class WarmChild:
-    """A Python child started before its run is due: it imports `preload` (torch, for a
-    train.py that imports it), then waits for one line on its stdin that names the script and
-    the whole environment to run it with, and runs it as `__main__` (`runpy`), so train.py's
-    first line runs seconds after the go instead of after the imports.
-
-    What differs from `python script`: the preloaded modules are imported before the script's
-    first line, under the environment given here at start-up (`go` replaces the rest); so
-    `warm_start_ok` refuses a script that sets environment variables (which torch may read at
-    import). Tracebacks show two runpy frames above the script's. The child runs in its own
-    session with the run marker it will keep (`marker`), and exits by itself when its stdin
-    closes before a go, e.g. when the harness dies.
-    """
+class Prestarted:
+    """A child started before it is due, in its own session with the run marker it will keep
+    (`marker`), that does its slow start-up and then waits for one JSON line on its stdin: the
+    go. Its stdin closing before a go (`discard`, or the harness dying) makes it exit.
+    `run_training(warm=...)` sends the go with `launch` and watches the child from there;
+    `message` is what `launch` sends unless a subclass builds it from the run's command.
+    `first`: a JSON line written at start-up, before the go (what the child needs to start);
+    `key`: what it was started for, for its user to compare before using it."""
 
     def __init__(
         self,
+        command: Sequence[str],
         workdir: Path,
         env: Mapping[str, str],
         *,
-        preload: Sequence[str] = WARM_PRELOAD,
-        prefix: Sequence[str] = (),
+        marker: str | None = None,
+        first: Mapping | None = None,
+        key: object = None,
     ) -> None:
+        self.command = list(command)
+        self.key = key
         self.workdir = Path(workdir)
-        self.prefix = tuple(prefix)
-        self.marker = uuid.uuid4().hex
+        self.marker = marker or uuid.uuid4().hex
+        self.message: Mapping | None = None
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [*prefix, sys.executable, "-c", _WARM_BOOT, json.dumps(list(preload))],
+            self.command,
             cwd=workdir,
             env={**env, RUN_MARKER_VAR: self.marker},
             stdin=subprocess.PIPE,
@@ -730,23 +729,39 @@ class WarmChild:
             start_new_session=True,
             close_fds=True,
         )
+        if first is not None and not self._write(first, close=False):
+            self.discard()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def go(self, script: str, env: Mapping[str, str]) -> subprocess.Popen[bytes] | None:
-        """Start the run; the child is the caller's from here on. None (and the child cleaned
-        up) when it died before it could be told."""
+    def launch(
+        self, command: Sequence[str], env: Mapping[str, str]
+    ) -> subprocess.Popen[bytes] | None:
+        """Send the go (`message`); the child is the caller's from here on. None (and the child
+        cleaned up) when it died before it could be told."""
+        assert self.message is not None, "set the go message first"
+        return self._go(self.message)
+
+    def _go(self, message: Mapping) -> subprocess.Popen[bytes] | None:
         assert self.proc is not None and self.proc.stdin is not None, "a warm child runs once"
-        message = json.dumps({"script": script, "env": {**env, RUN_MARKER_VAR: self.marker}})
-        try:
-            self.proc.stdin.write((message + "\n").encode())
-            self.proc.stdin.close()
-        except OSError:  # BrokenPipeError: it is gone
+        if not self._write(message, close=True):
             self.discard()
             return None
         proc, self.proc = self.proc, None
         return proc
+
+    def _write(self, message: Mapping, *, close: bool) -> bool:
+        assert self.proc is not None and self.proc.stdin is not None
+        try:
+            self.proc.stdin.write((json.dumps(message) + "\n").encode())
+            if close:
+                self.proc.stdin.close()
+            else:
+                self.proc.stdin.flush()
+        except OSError:  # BrokenPipeError: it is gone
+            return False
+        return True
 
     def discard(self) -> None:
         """End the child if it was not used: close its stdin (it exits), kill it if it lingers,
@@ -767,6 +782,41 @@ class WarmChild:
         kill_orphans(self.marker)  # a process a preloaded module started, if any (Linux)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+class WarmChild(Prestarted):
+    """A Python child started before its run is due: it imports `preload` (torch, for a
+    train.py that imports it), then waits for one line on its stdin that names the script and
+    the whole environment to run it with, and runs it as `__main__` (`runpy`), so train.py's
+    first line runs seconds after the go instead of after the imports.
+
+    What differs from `python script`: the preloaded modules are imported before the script's
+    first line, under the environment given here at start-up (`go` replaces the rest); so
+    `warm_start_ok` refuses a script that sets environment variables (which torch may read at
+    import). Tracebacks show two runpy frames above the script's.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        env: Mapping[str, str],
+        *,
+        preload: Sequence[str] = WARM_PRELOAD,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        self.prefix = tuple(prefix)
+        boot = [*prefix, sys.executable, "-c", _WARM_BOOT, json.dumps(list(preload))]
+        super().__init__(boot, workdir, env)
+
+    def go(self, script: str, env: Mapping[str, str]) -> subprocess.Popen[bytes] | None:
+        """Run `script` with `env` (the whole environment)."""
+        return self._go({"script": script, "env": {**env, RUN_MARKER_VAR: self.marker}})
+
+    def launch(
+        self, command: Sequence[str], env: Mapping[str, str]
+    ) -> subprocess.Popen[bytes] | None:
+        assert list(command[:-1]) == [*self.prefix, sys.executable], "warm runs `python script`"
+        return self.go(command[-1], env)
 
 
 def warm_preload(source: str) -> tuple[str, ...]:
@@ -831,7 +881,7 @@ def run_training(
     on_line: Callable[[str], None] | None = None,
     cancel: threading.Event | None = None,
     marker: str | None = None,
-    warm: WarmChild | None = None,
+    warm: Prestarted | None = None,
 ) -> RunResult:
     """Run one training child in `workdir` and describe what happened.
 
@@ -844,14 +894,13 @@ def run_training(
     (default: a fresh random one) is the value of the marker variable; a caller that records
     it can find and kill the run's processes after its own death (`kill_orphans`).
 
-    `warm`: a WarmChild started in `workdir` to run the command's script instead of a new
-    process (`command` must then be `[*warm.prefix, sys.executable, script]`, and `marker` the
-    warm child's). Time counts from the go. A warm child that has died is discarded and the run
-    launched as usual.
+    `warm`: a child started ahead in `workdir` (a WarmChild, or another Prestarted) that runs
+    the command instead of a new process (for a WarmChild, `command` must be
+    `[*warm.prefix, sys.executable, script]`); `marker` must be None or the warm child's. Time
+    counts from the go. A warm child that has died is discarded and `command` launched as usual.
     """
     command = list(command) if command is not None else [sys.executable, "train.py"]
     if warm is not None:
-        assert command[:-1] == [*warm.prefix, sys.executable], "warm runs `python script`"
         assert marker in (None, warm.marker), "a warm run keeps the warm child's marker"
         if not warm.alive() or warm.workdir != Path(workdir):
             warm.discard()
@@ -877,7 +926,7 @@ def run_training(
     with open(log_path, "wb") as log:
         started = time.monotonic()
         try:
-            proc = warm.go(command[-1], env) if warm is not None else None
+            proc = warm.launch(command, env) if warm is not None else None
             if proc is None:
                 proc = subprocess.Popen(
                     command,

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from loopkit import git, make_workspace, results_rows
 from autoresearch import runner
 from autoresearch.agent import AgentExhausted, Context, Proposal
 from autoresearch.display import Display
-from autoresearch.evaluator import evaluate_checkpoint
+from autoresearch.evaluator import evaluate_checkpoint, start_warm
 from autoresearch.fingerprint import Fingerprinter, FingerprintError, active_dataset
 from autoresearch.ledger import Experiment, tsv_row
 from autoresearch.loop import Session, SessionOptions, seed_only_change
@@ -263,6 +264,15 @@ def _checkpoint(ws: Path, source: str, tmp_path: Path) -> tuple[Path, Path]:
 def _evaluate(ws: Path, train: Path, checkpoint: Path, tmp_path: Path, **kw):
     dataset = active_dataset()
     prints = Fingerprinter(ws, dataset, "cpu", 5.0).take()
+    if kw.pop("ahead", False):  # the evaluator started before the go, as a session on cuda does
+        kw["warm"] = start_warm(
+            ws,
+            split=kw.get("split", "val"),
+            preset="cpu",
+            device="cpu",
+            fingerprints=kw.get("fingerprints", prints),
+            dataset=dataset,
+        )
     return evaluate_checkpoint(
         ws,
         checkpoint,
@@ -286,8 +296,74 @@ def test_honest_checkpoint_is_measured_and_probed(cache: Path, ws: Path, tmp_pat
     assert result.num_params == 8192 * 16 + 16 * 8192 + 8192
     assert 3.0 < result.val_bpb < 6.0  # an untrained bigram: about uniform over 8192 tokens
     assert result.seconds is not None and result.wall_seconds >= result.seconds
+    assert _result_line(result.log_path)["started_ahead"] is False
 
 
+EVALUATOR_WAITING = b"autoresearch.evaluator"  # in an evaluator's command line...
+WAIT_FLAG = b"--wait"  # ...and this in one started ahead
+
+
+def _waiting_evaluators() -> set[int]:
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                args = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if WAIT_FLAG in args and any(EVALUATOR_WAITING in a for a in args):
+                found.add(int(proc.name))
+    return found
+
+
+def _result_line(log: Path | None) -> dict:
+    assert log is not None
+    lines = [line for line in log.read_text().splitlines() if line.startswith('{"status"')]
+    assert len(lines) == 1, log.read_text()
+    return json.loads(lines[0])
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds processes in /proc")
+def test_an_evaluator_started_ahead_measures_the_same(
+    cache: Path, ws: Path, tmp_path: Path
+) -> None:
+    """Started before the checkpoint exists, it reads the data and imports torch, then scores
+    the checkpoint named in its go line; the same number as a cold start. One started for
+    other arguments (here the test split) is not used, and no waiting evaluator is left."""
+    before = _waiting_evaluators()
+    train, checkpoint = _checkpoint(ws, STUB, tmp_path)
+    cold = _evaluate(ws, train, checkpoint, tmp_path)
+    warm = _evaluate(ws, train, checkpoint, tmp_path, ahead=True)
+    assert warm.status == "ok", warm
+    assert warm.val_bpb == cold.val_bpb and warm.num_params == cold.num_params
+    assert _result_line(warm.log_path)["started_ahead"] is True
+
+    other = start_warm(ws, split="test", preset="cpu", device="cpu", dataset=active_dataset())
+    assert other is not None and other.alive()
+    result = _evaluate(ws, train, checkpoint, tmp_path, warm=other)
+    assert result.status == "ok" and result.val_bpb == cold.val_bpb
+    assert _result_line(result.log_path)["started_ahead"] is False
+    assert not other.alive()
+    assert _waiting_evaluators() <= before
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds processes in /proc")
+def test_an_evaluator_started_ahead_exits_when_let_go(cache: Path, ws: Path) -> None:
+    """Discarded (its stdin closed, as when the harness dies) before the go, it exits."""
+    before = _waiting_evaluators()
+    warm = start_warm(ws, split="val", preset="cpu", device="cpu", dataset=active_dataset())
+    assert warm is not None and warm.proc is not None
+    proc = warm.proc
+    deadline = time.monotonic() + 30  # its command line shows once its exec is complete
+    while _waiting_evaluators() - before != {proc.pid} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _waiting_evaluators() - before == {proc.pid}
+    warm.discard()
+    assert proc.poll() is not None and not warm.alive()
+    assert _waiting_evaluators() <= before
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["cold", "started-ahead"])
 @pytest.mark.parametrize(
     ("change", "words"),
     [
@@ -298,10 +374,10 @@ def test_honest_checkpoint_is_measured_and_probed(cache: Path, ws: Path, tmp_pat
     ids=["peek-ahead", "mix-rows", "patch-evaluate_bpb"],
 )
 def test_cheating_models_are_rejected(
-    cache: Path, ws: Path, tmp_path: Path, change: tuple[str, str], words: str
+    cache: Path, ws: Path, tmp_path: Path, change: tuple[str, str], words: str, ahead: bool
 ) -> None:
     train, checkpoint = _checkpoint(ws, edit(STUB, change), tmp_path)
-    result = _evaluate(ws, train, checkpoint, tmp_path)
+    result = _evaluate(ws, train, checkpoint, tmp_path, ahead=ahead)
     assert result.status == "rejected", result
     assert words in result.reason
     assert result.val_bpb is None
@@ -355,11 +431,16 @@ def test_missing_or_unloadable_checkpoint(cache: Path, ws: Path, tmp_path: Path)
     assert broken.status == "no_checkpoint" and "load_model" in broken.reason
 
 
-def test_evaluator_refuses_a_changed_prepare(cache: Path, ws: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ahead", [False, True], ids=["cold", "started-ahead"])
+def test_evaluator_refuses_a_changed_prepare(
+    cache: Path, ws: Path, tmp_path: Path, ahead: bool
+) -> None:
+    """Started ahead, it finds the change before the go and says so after it (with the go's
+    nonce, so the harness reads the reason)."""
     train, checkpoint = _checkpoint(ws, STUB, tmp_path)
     prints = Fingerprinter(ws, active_dataset(), "cpu", 5.0).take()
     (ws / "prepare.py").write_text((ws / "prepare.py").read_text() + "\nEVAL_TOKENS = 256\n")
-    result = _evaluate(ws, train, checkpoint, tmp_path, fingerprints=prints)
+    result = _evaluate(ws, train, checkpoint, tmp_path, fingerprints=prints, ahead=ahead)
     assert result.status == "error" and "prepare.py does not match" in result.reason
 
 
@@ -420,6 +501,29 @@ def test_exploits_in_a_session_do_not_pay(private_cache: Path, ws: Path) -> None
     assert not list((ws / "runs" / TAG).glob("*/checkpoint.pt"))
     session_json = json.loads((ws / "runs" / TAG / "session.json").read_text())
     assert session_json["sealed"] is True and "data/val.bin" in session_json["fingerprints"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds processes in /proc")
+def test_a_session_starting_evaluators_ahead(cache: Path, ws: Path) -> None:
+    """With start_ahead (the default on cuda) each run's evaluator starts with the run: the
+    records are what a cold evaluator gives, and no waiting evaluator outlives the session."""
+    before = _waiting_evaluators()
+    steps = [
+        ("more steps", lambda s: edit(s, MORE_STEPS)),
+        ("peek at the next token", lambda s: edit(s, PEEK_AHEAD)),
+        ("no checkpoint", lambda s: edit(s, NO_CHECKPOINT)),
+    ]
+    session(ws, Scripted(steps), start_ahead=True).run()
+    recs = {r["description"]: r for r in records(ws)}
+    assert recs["baseline"]["status"] == "keep" and recs["more steps"]["status"] == "keep"
+    assert recs["more steps"]["val_bpb"] < recs["baseline"]["val_bpb"] - 0.1
+    peek = recs["peek at the next token"]
+    assert peek["status"] == "rejected" and "looks ahead" in peek["extra"]["reason"]
+    assert recs["no checkpoint"]["crash_class"] == "no_checkpoint"
+    eval_logs = sorted((ws / "runs" / TAG).glob("*/run.eval.log"))
+    assert len(eval_logs) == 3  # the run without a checkpoint was not evaluated
+    assert all(_result_line(log)["started_ahead"] is True for log in eval_logs)
+    assert _waiting_evaluators() <= before
 
 
 def test_prepare_edited_between_runs_stops_the_session(cache: Path, ws: Path) -> None:
