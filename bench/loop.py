@@ -5,6 +5,7 @@ each experiment costs outside its training budget, with an LLM endpoint that is 
     python bench/loop.py --compare                        # the same again with --no-overlap
     python bench/loop.py --compare-warm                   # ... and again with --no-warm-start
     python bench/loop.py --budget 60 --reply-delay 12     # scaled down, same 300:60 ratio
+    python bench/loop.py --graph-edit-every 3             # every 3rd edit misses the compile cache
     python bench/loop.py --preset cpu --reply-delay 5 --experiments 3 --compare   # CPU smoke
 
 Per session it creates a fresh workspace (`autoresearch init` in a temporary directory),
@@ -62,6 +63,9 @@ TAG = "bench"
 # Knobs the fake agent scales, alternately: two lines apart in the template, so an edit of one
 # made while the other's experiment trains still merges onto the new best if that is kept.
 KNOBS = ("MATRIX_LR", "UNEMBEDDING_LR")
+# With --graph-edit-every K, every K-th reply scales this instead: a constant compiled into the
+# model's graph, so that run misses the compile cache (a cold compile inside a warm session).
+GRAPH_KNOB = "LOGIT_SOFTCAP"
 # Small steps, each knob in turn through these; an edit that happened to return to an earlier
 # train.py would only be recorded `invalid` (a duplicate), never break the session.
 FACTORS = (1.1, 0.9, 1.2, 0.8, 1.15, 0.85, 1.05, 0.95)
@@ -80,17 +84,20 @@ EXTRA_RUN = re.compile(r"\((calibrate|repeat|remeasure) run \d+\)$")
 # --------------------------------------------------------------------------- the fake agent
 
 
-def edit_reply(train_py: str, n: int) -> str:
+def edit_reply(train_py: str, n: int, graph_every: int = 0) -> str:
     """The n-th reply (0-based): a description line and one SEARCH/REPLACE block that scales
-    a learning-rate constant of `train_py` by a small factor. Raises ValueError when train.py
-    has none of KNOBS."""
-    for knob in KNOBS[n % len(KNOBS) :] + KNOBS[: n % len(KNOBS)]:
+    a learning-rate constant of `train_py` by a small factor, or GRAPH_KNOB on every
+    `graph_every`-th reply. Raises ValueError when train.py has none of the knobs."""
+    graph = graph_every > 0 and (n + 1) % graph_every == 0
+    knobs = (GRAPH_KNOB,) if graph else KNOBS[n % len(KNOBS) :] + KNOBS[: n % len(KNOBS)]
+    for knob in knobs:
         match = re.search(rf"^{knob} = ([0-9.eE+-]+)(.*)$", train_py, re.M)
         if match:
             break
     else:
-        raise ValueError(f"train.py assigns none of {', '.join(KNOBS)} at the top level")
-    factor = FACTORS[(n // len(KNOBS)) % len(FACTORS)]
+        raise ValueError(f"train.py assigns none of {', '.join(knobs)} at the top level")
+    turn = (n + 1) // graph_every - 1 if graph else n // len(KNOBS)
+    factor = FACTORS[turn % len(FACTORS)]
     new = float(f"{float(match[1]) * factor:.4g}")
     return (
         f"Scale {knob} by {factor:g} ({match[1]} -> {new!r})\n\n"
@@ -110,11 +117,13 @@ def train_py_of(request: dict) -> str:
     return ""
 
 
-def fake_endpoint(delay: float) -> FakeLLM:
+def fake_endpoint(delay: float, graph_every: int = 0) -> FakeLLM:
     """A started fake endpoint answering every request with the next edit after `delay` s."""
     counter = itertools.count()
     server = FakeLLM(model="fake")
-    server.respond_with(lambda body: edit_reply(train_py_of(body), next(counter)), delay=delay)
+    server.respond_with(
+        lambda body: edit_reply(train_py_of(body), next(counter), graph_every), delay=delay
+    )
     return server.start()
 
 
@@ -176,7 +185,10 @@ def run_session(
     if args.preset:
         command += ["--preset", args.preset]
     lines: list[tuple[float, str]] = []
-    with fake_endpoint(args.reply_delay) as server, open(log_path, "w") as log:
+    with (
+        fake_endpoint(args.reply_delay, args.graph_edit_every) as server,
+        open(log_path, "w") as log,
+    ):
         command += ["--base-url", server.base_url]
         started = time.monotonic()
         proc = subprocess.Popen(
@@ -308,6 +320,7 @@ def rows(records: list[dict], tl: dict, overlap: bool) -> list[dict]:
             "eval_seconds": metrics.get("eval_seconds"),
             # a re-measurement of the best ran inside this cycle (counted in its outside time)
             "after_remeasure": r["id"] in after_remeasure,
+            "graph_edit": r["description"].startswith(f"Scale {GRAPH_KNOB} "),
         }
         ev = r.get("evaluator") or {}
         if ev.get("seconds") is not None and eval_wall is not None:
@@ -387,7 +400,9 @@ def print_session(s: dict) -> None:
     print("|---" * 10 + "|")
     for r in s["rows"]:
         print(
-            f"| {r['id']:04d} | {r['status']}{' (*)' if r['after_remeasure'] else ''} | {fmt(r['wait_s'])} | {fmt(r['cycle_s'])} | "
+            f"| {r['id']:04d} | {r['status']}{' (*)' if r['after_remeasure'] else ''}"
+            f"{' (graph edit)' if r.get('graph_edit') else ''} | {fmt(r['wait_s'])} | "
+            f"{fmt(r['cycle_s'])} | "
             f"{fmt(r['child_s'])} | {fmt(r['training_s'])} | {fmt(r['startup_s'])} | "
             f"{fmt(r['eval_wall_s'])} | {fmt(r.get('harness_s'))} | {fmt(r.get('outside_s'))} |"
         )
@@ -413,16 +428,23 @@ def print_session(s: dict) -> None:
             f">= {TARGET_TRAINING_PERCENT:g} %)"
         )
     outside = [r.get("outside_s") for r in s["rows"]]
+    rest = [r for r in s["rows"][1:] if not r.get("graph_edit")]  # warm compile caches
     if outside and outside[0] is not None:
-        warm = medians(s["rows"][1:])["outside_s"] if s["rows"][1:] else None
+        warm = medians(rest)["outside_s"] if rest else None
         print(
             f"outside training: first {fmt(outside[0])} s (target cold <= "
             f"{TARGET_OUTSIDE[0]:g}), median of the rest {fmt(warm)} s (target warm <= "
             f"{TARGET_OUTSIDE[1]:g})"
         )
-    candidates = medians(s["rows"][1:])
-    if s["rows"][1:]:
-        print("\nwhere the outside time goes (median of experiments after the first, s):")
+    for r in s["rows"][1:]:
+        if r.get("graph_edit"):
+            print(
+                f"exp {r['id']:04d} changed the model's graph (a cold compile in a warm session):"
+                f" outside {fmt(r.get('outside_s'))} s, launch -> first step {fmt(r['startup_s'])} s"
+            )
+    candidates = medians(rest)
+    if rest:
+        print("\nwhere the outside time goes (median of the rest, s):")
         for key, what in BREAKDOWN:
             print(f"  {fmt(candidates[key]):>6}  {what}")
         print(f"  {fmt(candidates['outside_s']):>6}  outside (cycle - wait - training_seconds)")
@@ -445,6 +467,13 @@ def main() -> None:
         "--preset", choices=("gpu", "cpu"), default=None, help="default: gpu with CUDA"
     )
     parser.add_argument("--budget", type=float, default=None, help="AUTORESEARCH_TIME_BUDGET")
+    parser.add_argument(
+        "--graph-edit-every",
+        type=int,
+        default=0,
+        metavar="K",
+        help=f"every K-th reply scales {GRAPH_KNOB}: that run compiles cold (0: never)",
+    )
     parser.add_argument("--compare", action="store_true", help="also run with --no-overlap")
     parser.add_argument("--no-overlap", action="store_true", help="only run with --no-overlap")
     parser.add_argument("--compare-warm", action="store_true", help="also run with --no-warm-start")

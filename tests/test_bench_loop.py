@@ -29,6 +29,21 @@ def test_successive_replies_apply_and_never_repeat_a_train_py() -> None:
         source = new
 
 
+def test_every_kth_reply_edits_a_constant_of_the_compiled_graph() -> None:
+    source = (TEMPLATES / "train.py").read_text()
+    knobs = []
+    for n in range(7):
+        _, new = apply_reply(source, bench_loop.edit_reply(source, n, graph_every=3))
+        changed = [a for a, b in zip(source.splitlines(), new.splitlines(), strict=True) if a != b]
+        assert len(changed) == 1
+        knobs.append(changed[0].split(" = ")[0])
+        source = new
+    lr = bench_loop.KNOBS
+    graph = bench_loop.GRAPH_KNOB
+    assert knobs == [lr[0], lr[1], graph, lr[1], lr[0], graph, lr[0]]
+    assert "LOGIT_SOFTCAP = 14.85  #" in source  # 15 x 1.1 x 0.9: the factors in turn
+
+
 def test_the_fake_endpoint_edits_the_train_py_of_the_real_prompt() -> None:
     template = (TEMPLATES / "train.py").read_text()
     ctx = Context(program=(TEMPLATES / "program.md").read_text(), train_py=template)
