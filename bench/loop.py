@@ -324,12 +324,15 @@ def rows(records: list[dict], tl: dict, overlap: bool) -> list[dict]:
         }
         ev = r.get("evaluator") or {}
         if ev.get("seconds") is not None and eval_wall is not None:
-            row["eval_imports_s"] = ev.get("startup_seconds")  # data, fingerprints, torch
+            # data, fingerprints, torch: done while the run trained when it started ahead
+            ahead = bool(ev.get("started_ahead"))
+            row["eval_ahead_s"] = ev["startup_seconds"] if ahead else 0.0
+            row["eval_imports_s"] = 0.0 if ahead else ev["startup_seconds"]
             row["eval_load_s"] = ev.get("load_seconds")  # import train.py, load checkpoint
             row["eval_metric_s"] = ev["seconds"]  # evaluate_bpb with the causality probes
             row["eval_rest_s"] = _round(
-                eval_wall - ev["seconds"] - ev["startup_seconds"] - ev["load_seconds"]
-            )  # interpreter start, the evaluator's imports before its clock, exit
+                eval_wall - ev["seconds"] - row["eval_imports_s"] - ev["load_seconds"]
+            )  # interpreter start (or the go), the imports before its clock, exit
         if child is not None and training is not None and row["startup_s"] is not None:
             # after the first step line: untimed steps, checkpoint save, interpreter exit
             row["tail_s"] = _round(child - row["startup_s"] - training)
@@ -349,7 +352,7 @@ BREAKDOWN = (  # where outside_s goes: these add up to it
     ("startup_s", "train.py launch -> first step line (imports, data, model, compile, step 0)"),
     ("tail_s", "first step line -> train.py exit, minus training_seconds (untimed steps, save)"),
     ("eval_rest_s", "evaluator: interpreter start and exit"),
-    ("eval_imports_s", "evaluator: data, fingerprints, torch import"),
+    ("eval_imports_s", "evaluator: data, fingerprints, torch import (0: started ahead)"),
     ("eval_load_s", "evaluator: import train.py, load the checkpoint"),
     ("eval_metric_s", "evaluator: evaluate_bpb with causality probes"),
     ("harness_s", "harness: git, fingerprints, record, prompt (cycle - wait - child - eval)"),
@@ -448,6 +451,12 @@ def print_session(s: dict) -> None:
         for key, what in BREAKDOWN:
             print(f"  {fmt(candidates[key]):>6}  {what}")
         print(f"  {fmt(candidates['outside_s']):>6}  outside (cycle - wait - training_seconds)")
+        ahead = [r["eval_ahead_s"] for r in rest if r.get("eval_ahead_s")]
+        if ahead:
+            print(
+                f"  (and {fmt(statistics.median(ahead))} s of the evaluator's start-up done while "
+                "the run trained: it started ahead)"
+            )
     for run in s["timeline"]["runs"]:
         if EXTRA_RUN.search(run["label"]):
             print(f"also trained: exp {run['id']:04d} {run['label']}")
