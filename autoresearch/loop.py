@@ -341,8 +341,9 @@ class Session:
             )
         repo.clear_stale_lock()
         state = self.ledger.read_state()
-        if state and state.get("run_marker"):
-            orphans = runner.kill_orphans(state["run_marker"])
+        if state:
+            markers = [state[k] for k in ("run_marker", "eval_marker") if state.get(k)]
+            orphans = sum(runner.kill_orphans(marker) for marker in markers)
             if orphans:
                 self.display.note(f"killed {orphans} process(es) the stopped session left running")
         done = {e.id for e in self.ledger.experiments()}
@@ -861,6 +862,9 @@ class Session:
                 dataset=Path(self._sealed["dataset"]),
                 prefix=self._isolation.prefix,
             )
+        if self._warm_eval is not None:  # its own marker: a resume kills it too
+            state = self.ledger.read_state() or {}
+            self.ledger.write_state({**state, "eval_marker": self._warm_eval.marker})
 
     def _discard_warm_eval(self) -> None:
         warm, self._warm_eval = self._warm_eval, None

@@ -526,6 +526,26 @@ def test_a_session_starting_evaluators_ahead(cache: Path, ws: Path) -> None:
     assert _waiting_evaluators() <= before
 
 
+def test_resume_kills_an_evaluator_a_killed_session_left(cache: Path, ws: Path) -> None:
+    """A session killed with -9 during an evaluation leaves the evaluator (started ahead, under
+    a marker of its own, recorded as eval_marker) running; the resume kills it."""
+    session(ws, Scripted([])).run()  # the baseline, so there is a session to resume
+    marker = "eval-orphan-" + os.urandom(4).hex()
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"],
+        env={**os.environ, runner.RUN_MARKER_VAR: marker},
+        start_new_session=True,
+    )
+    try:
+        ledger_state = ws / "runs" / TAG / "state.json"
+        ledger_state.write_text(json.dumps({"phase": "training", "id": 1, "eval_marker": marker}))
+        session(ws, Scripted([]), resume=True).run()
+        assert orphan.wait(timeout=30) == -9  # SIGKILLed by the resume
+    finally:
+        orphan.kill()
+        orphan.wait()
+
+
 def test_prepare_edited_between_runs_stops_the_session(cache: Path, ws: Path) -> None:
     def tamper(source: str) -> str:
         prepare = ws / "prepare.py"
