@@ -17,11 +17,18 @@ from rich.console import Console
 from rich.table import Table
 
 from . import runner
-from .config import resolve
+from .config import Settings, resolve
 from .display import STATUS_STYLE, Display, format_delta, result_line
 from .errors import DataError, UsageError, WorkspaceError
 from .ledger import Experiment, Ledger
-from .workspace import RUNS_DIR, find_workspace, init_workspace, load_prepare, read_manifest
+from .workspace import (
+    RUNS_DIR,
+    TRAIN_FILE,
+    find_workspace,
+    init_workspace,
+    load_prepare,
+    read_manifest,
+)
 
 out = Console()
 CONFIRM_TIMEOUT_S = 1800.0  # seconds one test-split evaluation may take
@@ -196,9 +203,6 @@ def run_session(
     quiet: bool,
     warm_start: bool = True,
 ) -> None:
-    from .agent import make_agent
-    from .loop import Session, SessionOptions
-
     if not tag.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise UsageError(f"--tag {tag!r}: use letters, digits, '-', '_' or '.' only")
     root = find_workspace(workspace)
@@ -206,6 +210,54 @@ def run_session(
     agent = settings.agent_name
     if agent == "replay" and patches is None:
         raise UsageError("--agent replay needs --patches DIR (a directory of prepared replies)")
+    first = _first_warm_child(root, gpu) if warm_start else None
+    try:
+        _run_session(root, tag, settings, patches, gpu, resume, overlap, quiet, warm_start, first)
+    finally:
+        if first is not None:  # a no-op once the session has taken it
+            first.discard(grace=0.0)  # an error before the first run is not kept waiting
+
+
+def _first_warm_child(root: Path, gpu: str | None) -> runner.WarmChild | None:
+    """The first run's interpreter, started before this process imports torch to pick the
+    device (seconds on a GPU host), so that the two imports overlap. Its environment is the
+    run's but for AUTORESEARCH_PRESET and AUTORESEARCH_DEVICE, which the go brings (torch
+    does not read them at import)."""
+    from .loop import compile_cache_env
+
+    try:
+        source = (root / TRAIN_FILE).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    preload = runner.warm_preload(source)
+    if not preload or not runner.warm_start_ok(source):
+        return None
+    extra = compile_cache_env(os.environ)
+    env = runner.child_env(dict(os.environ), preset="", device="", gpu=gpu, extra=extra)
+    try:
+        return runner.WarmChild(
+            root, env, preload=preload, prefix=runner.network_isolation().prefix
+        )
+    except OSError:
+        return None
+
+
+def _run_session(
+    root: Path,
+    tag: str,
+    settings: Settings,
+    patches: Path | None,
+    gpu: str | None,
+    resume: bool,
+    overlap: bool,
+    quiet: bool,
+    warm_start: bool,
+    first: runner.WarmChild | None,
+) -> None:
+    from .agent import make_agent
+    from .loop import Session, SessionOptions
+
+    agent = settings.agent_name
     device, preset = resolve_device(_auto(settings.device), _auto(settings.preset))
     constants = preset_constants(root, preset)
     agent_obj = make_agent(
@@ -245,7 +297,7 @@ def run_session(
         f"hard timeout {opts.hard_timeout:g}s"
         + ("" if opts.sealed else "; unsealed: val_bpb as train.py prints it")
     )
-    Session(root, opts, agent_obj, display).run()
+    Session(root, opts, agent_obj, display, warm=first).run()
 
 
 def _auto(value: str | None) -> str | None:

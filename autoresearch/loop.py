@@ -192,7 +192,17 @@ def _tail(text: str, n: int = CRASH_TAIL_LINES) -> str:
 class Session:
     """A research session on one workspace and tag. Use `run()` once."""
 
-    def __init__(self, root: Path, opts: SessionOptions, agent: Agent, display: Display) -> None:
+    def __init__(
+        self,
+        root: Path,
+        opts: SessionOptions,
+        agent: Agent,
+        display: Display,
+        *,
+        warm: runner.WarmChild | None = None,
+    ) -> None:
+        """`warm`: the first run's interpreter, started by the caller in `root` before it
+        imported torch itself (commands.run_session); the session owns it from here on."""
         self.root = root
         self.opts = opts
         self.agent = agent
@@ -213,7 +223,7 @@ class Session:
         self._last_result: runner.RunResult | None = None
         self._last_summary: dict = {}
         self._run_marker: str | None = None  # marks the processes of the run in flight
-        self._warm: runner.WarmChild | None = None  # the next run's interpreter, imports done
+        self._warm: runner.WarmChild | None = warm  # the next run's interpreter, imports done
         self._warm_eval: runner.Prestarted | None = None  # the run in flight's evaluator, ready
         self._isolation = runner.Isolation((), "")
         self._sealed: dict = {}  # dataset and fingerprints, as recorded in session.json

@@ -763,9 +763,9 @@ class Prestarted:
             return False
         return True
 
-    def discard(self) -> None:
-        """End the child if it was not used: close its stdin (it exits), kill it if it lingers,
-        and anything it started (found by its marker)."""
+    def discard(self, grace: float = WARM_DISCARD_S) -> None:
+        """End the child if it was not used: close its stdin (it exits), kill it if it lingers
+        `grace` s, and anything it started (found by its marker)."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
@@ -775,7 +775,7 @@ class Prestarted:
         except OSError:
             pass
         try:
-            proc.wait(WARM_DISCARD_S)
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
             _signal_group(proc.pid, signal.SIGKILL)  # not reaped yet: the group id is its own
             proc.wait()

@@ -24,6 +24,9 @@ from loopkit import (
     stub_bpb,
 )
 
+from autoresearch import commands
+from autoresearch.errors import UsageError
+
 TAG = "t1"
 BRANCH = f"autoresearch/{TAG}"
 
@@ -455,9 +458,10 @@ def _warm_children() -> list[int]:
 def test_later_runs_start_warm_and_no_warm_child_outlives_the_session(
     tmp_path: Path, env: dict, warm_flag: str
 ) -> None:
-    """A train.py that imports numpy: from the second run on, numpy is already imported when
-    its first line runs (the harness started the interpreter while the last run finished),
-    unless --no-warm-start; a train.py that sets an environment variable always starts cold."""
+    """A train.py that imports numpy: numpy is already imported when its first line runs
+    (the CLI started the first run's interpreter before its own `import torch`, the session
+    each later one while the last run finished), unless --no-warm-start; a train.py that sets
+    an environment variable always starts cold."""
     preloaded = (
         "import sys\nPRELOADED = 'numpy' in sys.modules\nimport numpy  # noqa: E402\n"
         + STUB_TRAIN.replace(
@@ -468,7 +472,7 @@ def test_later_runs_start_warm_and_no_warm_child_outlives_the_session(
     seen = _preloaded_per_run(make_workspace(tmp_path / "ws", preloaded), env, 3, warm_flag)
     assert len(seen) >= 3
     if warm_flag == "--warm-start":
-        assert seen[0] is False and set(seen[1:]) == {True}
+        assert set(seen) == {True}  # the first run too
     else:
         assert set(seen) == {False}
     assert set(_warm_children()) <= before  # the last warm child was discarded
@@ -479,6 +483,39 @@ def test_later_runs_start_warm_and_no_warm_child_outlives_the_session(
     )
     seen = _preloaded_per_run(make_workspace(tmp_path / "ws2", setenv), env, 2, warm_flag)
     assert len(seen) >= 2 and set(seen) == {False}
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds processes in /proc")
+def test_an_error_before_the_first_run_leaves_no_warm_child(
+    tmp_path: Path, env: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI starts the first run's interpreter before it picks the device; a usage error
+    found after that (here --device cuda on a machine without one) ends it at once. In this
+    process, so that a child left waiting would still have its stdin open and be found."""
+    if _torch_sees_cuda():
+        pytest.skip("this machine has a CUDA device")
+    preloaded = "import numpy  # noqa: F401\n" + STUB_TRAIN
+    ws = make_workspace(tmp_path / "ws", preloaded)
+    monkeypatch.setattr(os, "environ", dict(env))
+    before = set(_warm_children())
+    with pytest.raises(UsageError, match="no CUDA GPU"):
+        commands.run_session(
+            workspace=ws,
+            tag=TAG,
+            flags={"agent": "tuner", "device": "cuda"},
+            patches=None,
+            gpu=None,
+            resume=False,
+            overlap=True,
+            quiet=True,
+        )
+    assert set(_warm_children()) <= before
+
+
+def _torch_sees_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _preloaded_per_run(ws: Path, env: dict, n: int, *flags: str) -> list[bool]:
