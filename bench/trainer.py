@@ -15,6 +15,10 @@ and MFU (median over step lines after the first 10% of the budget),
 training seconds, evaluation (last step line to the summary), and the total wall time.
 Results are printed as a table and written as JSON to --out.
 
+With --doc-eval, each run also saves its checkpoint, and bench/doc_eval.py scores it the way
+upstream autoresearch scores val_bpb (BOS-aligned rows of packed documents) beside this
+project's metric, on the same weights: the doc_bpb and stream_bpb columns.
+
 Each version (--train, default ./train.py) runs in a directory of its own beside this
 repository's prepare.py, with a compile cache of its own (TORCHINDUCTOR_CACHE_DIR) that starts
 empty: its first run is cold, later runs are warm, and the table says which. Versions are run
@@ -80,12 +84,18 @@ def card() -> dict:
     return info
 
 
-def one_run(workdir: Path, log_path: Path, budget: float | None, compile_cache: Path) -> dict:
+def one_run(
+    workdir: Path, log_path: Path, budget: float | None, compile_cache: Path, doc_eval: bool
+) -> dict:
     stamps: list[tuple[float, str]] = []
     cold = not any(compile_cache.iterdir()) if compile_cache.is_dir() else True
     extra = {"TORCHINDUCTOR_CACHE_DIR": str(compile_cache)}
     if budget:
         extra["AUTORESEARCH_TIME_BUDGET"] = str(budget)
+    checkpoint = workdir / "checkpoint.pt"
+    if doc_eval:
+        checkpoint.unlink(missing_ok=True)
+        extra["AUTORESEARCH_CHECKPOINT"] = str(checkpoint)
     env = runner.child_env(dict(os.environ), preset="gpu", device="cuda", gpu=None, extra=extra)
     started = time.monotonic()
     result = runner.run_training(
@@ -118,7 +128,28 @@ def one_run(workdir: Path, log_path: Path, budget: float | None, compile_cache: 
     }
     if row["training_s"] is not None:
         row["outside_s"] = row["total_s"] - row["training_s"]
+    if doc_eval and checkpoint.is_file():
+        row.update(score_both_ways(workdir, checkpoint, env, log_path.with_suffix(".doc.log")))
     return row
+
+
+def score_both_ways(workdir: Path, checkpoint: Path, env: dict, log_path: Path) -> dict:
+    """bench/doc_eval.py on the run's checkpoint: {"doc_bpb": ..., "stream_bpb": ...}."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "doc_eval.py"), "--checkpoint", str(checkpoint)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    log_path.write_text(proc.stdout + proc.stderr)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        print(f"doc_eval failed (exit {proc.returncode}); see {log_path}", flush=True)
+        return {}
+    scores = json.loads(lines[-1])
+    return {"doc_bpb": scores["doc_bpb"], "stream_bpb": scores["stream_bpb"]}
 
 
 def workdirs(trains: list[Path], work: Path) -> dict[str, Path]:
@@ -160,6 +191,11 @@ def main() -> None:
         action="append",
         help="a version of train.py to measure (repeatable; default: this repository's)",
     )
+    parser.add_argument(
+        "--doc-eval",
+        action="store_true",
+        help="also score each run's checkpoint as upstream does (bench/doc_eval.py)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(args.work, ignore_errors=True)
@@ -170,7 +206,8 @@ def main() -> None:
     for i in range(args.runs):
         for name, workdir in versions.items():
             log = args.out / f"{name}-run{i + 1}.log"
-            row = one_run(workdir, log, args.budget, args.work / f"compile-{name}")
+            compile_cache = args.work / f"compile-{name}"
+            row = one_run(workdir, log, args.budget, compile_cache, args.doc_eval)
             row.update(version=name, run=i + 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -201,6 +238,17 @@ def main() -> None:
             f"{fmt(r['compile_s'], '.1f')} | {fmt(r['eval_s'], '.1f')} | "
             f"{fmt(r['total_s'], '.1f')} | {fmt(r.get('outside_s'), '.1f')} |"
         )
+    if any("doc_bpb" in r for r in rows):
+        print("\nthe same checkpoints scored two ways (bench/doc_eval.py):")
+        print(
+            "| version | run | this project's val_bpb (stream rows) | upstream's way (BOS-aligned) |"
+        )
+        print("|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| {r['version']} | {r['run']} | {fmt(r.get('stream_bpb'), '.4f')} | "
+                f"{fmt(r.get('doc_bpb'), '.4f')} |"
+            )
 
 
 if __name__ == "__main__":
