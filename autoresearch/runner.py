@@ -714,13 +714,12 @@ class Prestarted:
         first: Mapping | None = None,
         key: object = None,
     ) -> None:
-        self.command = list(command)
         self.key = key
         self.workdir = Path(workdir)
         self.marker = marker or uuid.uuid4().hex
         self.message: Mapping | None = None
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            self.command,
+            list(command),
             cwd=workdir,
             env={**env, RUN_MARKER_VAR: self.marker},
             stdin=subprocess.PIPE,
