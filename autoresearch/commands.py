@@ -17,18 +17,11 @@ from rich.console import Console
 from rich.table import Table
 
 from . import runner
-from .config import Settings, resolve
+from .config import resolve
 from .display import STATUS_STYLE, Display, format_delta, result_line
 from .errors import DataError, UsageError, WorkspaceError
 from .ledger import Experiment, Ledger
-from .workspace import (
-    RUNS_DIR,
-    TRAIN_FILE,
-    find_workspace,
-    init_workspace,
-    load_prepare,
-    read_manifest,
-)
+from .workspace import RUNS_DIR, find_workspace, init_workspace, load_prepare, read_manifest
 
 out = Console()
 CONFIRM_TIMEOUT_S = 1800.0  # seconds one test-split evaluation may take
@@ -203,6 +196,9 @@ def run_session(
     quiet: bool,
     warm_start: bool = True,
 ) -> None:
+    from .agent import make_agent
+    from .loop import Session, SessionOptions
+
     if not tag.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise UsageError(f"--tag {tag!r}: use letters, digits, '-', '_' or '.' only")
     root = find_workspace(workspace)
@@ -212,7 +208,46 @@ def run_session(
         raise UsageError("--agent replay needs --patches DIR (a directory of prepared replies)")
     first = _first_warm_child(root, gpu) if warm_start else None
     try:
-        _run_session(root, tag, settings, patches, gpu, resume, overlap, quiet, warm_start, first)
+        device, preset = resolve_device(_auto(settings.device), _auto(settings.preset))
+        constants = preset_constants(root, preset)
+        agent_obj = make_agent(
+            agent,
+            model=settings.model,
+            base_url=settings.base_url,
+            patches_dir=patches,
+            api_key=os.environ.get("AUTORESEARCH_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+            timeout=settings.agent_timeout,
+        )
+        opts = SessionOptions(
+            tag=tag,
+            preset=preset,
+            device=device,
+            time_budget=float(constants["TIME_BUDGET"]),
+            gpu=gpu,
+            max_experiments=settings.max_experiments,
+            max_hours=settings.max_hours,
+            max_cost=settings.max_cost,
+            prices=settings.prices,
+            timeout=settings.timeout,
+            stall_timeout=settings.stall_timeout,
+            fix_attempts=settings.fix_attempts,
+            min_delta=settings.min_delta,
+            calibrate=settings.calibrate or (3 if preset == "gpu" else 2),
+            max_repeats=settings.max_repeats or (3 if preset == "gpu" else 2),
+            sealed=settings.sealed,
+            resume=resume,
+            overlap=overlap,
+            warm_start=warm_start,
+        )
+        display = Display(out, quiet=quiet)
+        display.note(
+            f"session {tag} on branch autoresearch/{tag}: agent {agent_obj.name}"
+            + (f" ({settings.model})" if agent == "openai" and settings.model else "")
+            + f", preset {preset} on {device}, TIME_BUDGET {opts.time_budget:g}s, "
+            f"hard timeout {opts.hard_timeout:g}s"
+            + ("" if opts.sealed else "; unsealed: val_bpb as train.py prints it")
+        )
+        Session(root, opts, agent_obj, display, warm=first).run()
     finally:
         if first is not None:  # a no-op once the session has taken it
             first.discard(grace=0.0)  # an error before the first run is not kept waiting
@@ -223,81 +258,11 @@ def _first_warm_child(root: Path, gpu: str | None) -> runner.WarmChild | None:
     device (seconds on a GPU host), so that the two imports overlap. Its environment is the
     run's but for AUTORESEARCH_PRESET and AUTORESEARCH_DEVICE, which the go brings (torch
     does not read them at import)."""
-    from .loop import compile_cache_env
+    from .loop import compile_cache_env, warm_child_for
 
-    try:
-        source = (root / TRAIN_FILE).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    preload = runner.warm_preload(source)
-    if not preload or not runner.warm_start_ok(source):
-        return None
     extra = compile_cache_env(os.environ)
     env = runner.child_env(dict(os.environ), preset="", device="", gpu=gpu, extra=extra)
-    try:
-        return runner.WarmChild(
-            root, env, preload=preload, prefix=runner.network_isolation().prefix
-        )
-    except OSError:
-        return None
-
-
-def _run_session(
-    root: Path,
-    tag: str,
-    settings: Settings,
-    patches: Path | None,
-    gpu: str | None,
-    resume: bool,
-    overlap: bool,
-    quiet: bool,
-    warm_start: bool,
-    first: runner.WarmChild | None,
-) -> None:
-    from .agent import make_agent
-    from .loop import Session, SessionOptions
-
-    agent = settings.agent_name
-    device, preset = resolve_device(_auto(settings.device), _auto(settings.preset))
-    constants = preset_constants(root, preset)
-    agent_obj = make_agent(
-        agent,
-        model=settings.model,
-        base_url=settings.base_url,
-        patches_dir=patches,
-        api_key=os.environ.get("AUTORESEARCH_API_KEY") or os.environ.get("OPENAI_API_KEY"),
-        timeout=settings.agent_timeout,
-    )
-    opts = SessionOptions(
-        tag=tag,
-        preset=preset,
-        device=device,
-        time_budget=float(constants["TIME_BUDGET"]),
-        gpu=gpu,
-        max_experiments=settings.max_experiments,
-        max_hours=settings.max_hours,
-        max_cost=settings.max_cost,
-        prices=settings.prices,
-        timeout=settings.timeout,
-        stall_timeout=settings.stall_timeout,
-        fix_attempts=settings.fix_attempts,
-        min_delta=settings.min_delta,
-        calibrate=settings.calibrate or (3 if preset == "gpu" else 2),
-        max_repeats=settings.max_repeats or (3 if preset == "gpu" else 2),
-        sealed=settings.sealed,
-        resume=resume,
-        overlap=overlap,
-        warm_start=warm_start,
-    )
-    display = Display(out, quiet=quiet)
-    display.note(
-        f"session {tag} on branch autoresearch/{tag}: agent {agent_obj.name}"
-        + (f" ({settings.model})" if agent == "openai" and settings.model else "")
-        + f", preset {preset} on {device}, TIME_BUDGET {opts.time_budget:g}s, "
-        f"hard timeout {opts.hard_timeout:g}s"
-        + ("" if opts.sealed else "; unsealed: val_bpb as train.py prints it")
-    )
-    Session(root, opts, agent_obj, display, warm=first).run()
+    return warm_child_for(root, env, runner.network_isolation().prefix)
 
 
 def _auto(value: str | None) -> str | None:

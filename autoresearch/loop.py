@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
@@ -816,17 +816,8 @@ class Session:
         self._discard_warm()
         if not self.opts.warm_start or self.opts.command is not None:
             return
-        source = self._workspace_train()
-        preload = runner.warm_preload(source)
-        if not preload or not runner.warm_start_ok(source):
-            return
         env = self._child_env(compile_cache_env(os.environ))
-        try:
-            self._warm = runner.WarmChild(
-                self.root, env, preload=preload, prefix=self._isolation.prefix
-            )
-        except OSError:  # no process could be started: the next run starts cold
-            self._warm = None
+        self._warm = warm_child_for(self.root, env, self._isolation.prefix)
 
     def _take_warm(self) -> runner.WarmChild | None:
         """The warm child, if it may run the train.py now in the workspace (it was started
@@ -1133,6 +1124,25 @@ class Session:
             return self._locked(call, *args)
         finally:
             self._interruptible = False
+
+
+def warm_child_for(
+    root: Path, env: Mapping[str, str], prefix: Sequence[str]
+) -> runner.WarmChild | None:
+    """A WarmChild for the train.py in `root` (the default command), or None when it imports
+    nothing worth preloading, writes the environment, or no process could be started (the run
+    then starts cold)."""
+    try:
+        source = (root / TRAIN_FILE).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    preload = runner.warm_preload(source)
+    if not preload or not runner.warm_start_ok(source):
+        return None
+    try:
+        return runner.WarmChild(root, env, preload=preload, prefix=prefix)
+    except OSError:
+        return None
 
 
 def compile_cache_env(environ: Mapping[str, str]) -> dict[str, str]:
