@@ -264,26 +264,8 @@ def _state(ws: Path) -> dict:
 
 def _start(ws: Path, env: dict, patches: Path, n: int, log: Path | None = None) -> subprocess.Popen:
     """The CLI running a replay session in its own process group; output to `log` if given."""
-    command = [
-        sys.executable,
-        "-m",
-        "autoresearch",
-        "run",
-        "--tag",
-        TAG,
-        "--agent",
-        "replay",
-        "--patches",
-        str(patches),
-        "--max-experiments",
-        str(n),
-        "--preset",
-        "cpu",
-        "--device",
-        "cpu",
-        "--workspace",
-        str(ws),
-    ]
+    command = [sys.executable, "-m", "autoresearch", *_replay_args(patches, n)]
+    command += ["--workspace", str(ws)]
     if log is None:
         return subprocess.Popen(
             command,
@@ -320,8 +302,12 @@ def _patches(tmp_path: Path) -> Path:
 
 
 def _resume(ws: Path, env: dict, patches: Path, n: int) -> subprocess.CompletedProcess:
-    return cli(
-        ws,
+    return cli(ws, *_replay_args(patches, n), "--resume", env=env)
+
+
+def _replay_args(patches: Path, n: int) -> list[str]:
+    """`autoresearch run` with the replay agent on the cpu preset, as the kill tests run it."""
+    return [
         "run",
         "--tag",
         TAG,
@@ -335,9 +321,7 @@ def _resume(ws: Path, env: dict, patches: Path, n: int) -> subprocess.CompletedP
         "cpu",
         "--device",
         "cpu",
-        "--resume",
-        env=env,
-    )
+    ]
 
 
 def _check_final(ws: Path, n: int) -> None:
