@@ -3,6 +3,7 @@
     python bench/trainer.py --runs 2                 # the protocol (gpu preset, 300 s each)
     python bench/trainer.py --runs 1 --budget 60     # a shorter smoke run (not comparable)
     python bench/trainer.py --train old.py --train train.py --budget 90   # versions side by side
+    python bench/trainer.py --train a.py --train b.py --gpus 2            # ... one per GPU at once
 
 The `pycode` corpus is every .py file under this Python's site-packages, walked in sorted
 order; validation is every file under networkx/ (held out whole); train is capped at 800 MB
@@ -23,6 +24,11 @@ Each version (--train, default ./train.py) runs in a directory of its own beside
 repository's prepare.py, with a compile cache of its own (TORCHINDUCTOR_CACHE_DIR) that starts
 empty: its first run is cold, later runs are warm, and the table says which. Versions are run
 in turn (A B A B ...), so a drift of the machine over the call does not favour one of them.
+
+With --gpus N, up to N runs go at once, each on a GPU of its own (CUDA_VISIBLE_DEVICES), taken
+in the same order. Each version then keeps one compile cache per GPU, so its first run on a GPU
+is cold and only later runs there are warm. Same-model cards of one host: compare val_bpb across
+them freely, and tok/s with the GPU column in view.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import queue
 import shutil
 import site
 import statistics
@@ -38,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,25 +86,30 @@ def card() -> dict:
             capture_output=True,
             text=True,
             check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+        ).stdout.splitlines()[0]  # one line per card; the cards of one host share a driver
+    except (OSError, subprocess.CalledProcessError, IndexError):
         info["driver"] = "n/a"
     return info
 
 
 def one_run(
-    workdir: Path, log_path: Path, budget: float | None, compile_cache: Path, doc_eval: bool
+    workdir: Path,
+    log_path: Path,
+    budget: float | None,
+    compile_cache: Path,
+    doc_eval: bool,
+    gpu: str | None = None,
 ) -> dict:
     stamps: list[tuple[float, str]] = []
     cold = not any(compile_cache.iterdir()) if compile_cache.is_dir() else True
     extra = {"TORCHINDUCTOR_CACHE_DIR": str(compile_cache)}
     if budget:
         extra["AUTORESEARCH_TIME_BUDGET"] = str(budget)
-    checkpoint = workdir / "checkpoint.pt"
+    checkpoint = log_path.with_suffix(".pt")  # runs of one version may go at once
     if doc_eval:
         checkpoint.unlink(missing_ok=True)
         extra["AUTORESEARCH_CHECKPOINT"] = str(checkpoint)
-    env = runner.child_env(dict(os.environ), preset="gpu", device="cuda", gpu=None, extra=extra)
+    env = runner.child_env(dict(os.environ), preset="gpu", device="cuda", gpu=gpu, extra=extra)
     started = time.monotonic()
     result = runner.run_training(
         workdir,
@@ -125,11 +138,13 @@ def one_run(
         "eval_s": summary_at - steps[-1][0] if steps and summary_at else None,
         "total_s": result.wall_seconds,
         "peak_vram_mb": result.summary.get("peak_vram_mb"),
+        "gpu": gpu,
     }
     if row["training_s"] is not None:
         row["outside_s"] = row["total_s"] - row["training_s"]
     if doc_eval and checkpoint.is_file():
         row.update(score_both_ways(workdir, checkpoint, env, log_path.with_suffix(".doc.log")))
+        checkpoint.unlink()
     return row
 
 
@@ -170,6 +185,38 @@ def workdirs(trains: list[Path], work: Path) -> dict[str, Path]:
     return dirs
 
 
+def run_all(versions: dict[str, Path], args: argparse.Namespace) -> list[dict]:
+    """Every run of every version, A B A B ..., at most args.gpus at once; rows in that order."""
+    jobs = [(name, i + 1) for i in range(args.runs) for name in versions]
+    gpus = list(range(args.gpus)) if args.gpus > 1 else [None]
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for gpu in gpus:
+        free.put(gpu)
+
+    def job(name: str, run: int) -> dict:
+        gpu = free.get()
+        try:
+            cache = f"compile-{name}" if gpu is None else f"compile-{name}-gpu{gpu}"
+            row = one_run(
+                versions[name],
+                args.out / f"{name}-run{run}.log",
+                args.budget,
+                args.work / cache,
+                args.doc_eval,
+                gpu=None if gpu is None else str(gpu),
+            )
+        finally:
+            free.put(gpu)
+        row.update(version=name, run=run)
+        print(json.dumps(row), flush=True)
+        return row
+
+    # the pool's queue is first in, first out: jobs start in order, each on the next free GPU
+    with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
+        futures = [pool.submit(job, name, run) for name, run in jobs]
+        return [f.result() for f in futures]
+
+
 def fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
@@ -192,6 +239,12 @@ def main() -> None:
         help="a version of train.py to measure (repeatable; default: this repository's)",
     )
     parser.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="run up to this many runs at once, one per GPU (default 1: in turn, GPU as given)",
+    )
+    parser.add_argument(
         "--doc-eval",
         action="store_true",
         help="also score each run's checkpoint as upstream does (bench/doc_eval.py)",
@@ -202,21 +255,14 @@ def main() -> None:
     versions = workdirs(args.train or [ROOT / "train.py"], args.work)
     prep_s = prepare_pycode()
     info = card()
-    rows = []
-    for i in range(args.runs):
-        for name, workdir in versions.items():
-            log = args.out / f"{name}-run{i + 1}.log"
-            compile_cache = args.work / f"compile-{name}"
-            row = one_run(workdir, log, args.budget, compile_cache, args.doc_eval)
-            row.update(version=name, run=i + 1)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    rows = run_all(versions, args)
     result = {
         "versions": list(versions),
         "date": time.strftime("%Y-%m-%d"),
         "prepare_s": prep_s,
         **info,
         "budget": args.budget,
+        "gpus": args.gpus,
         "rows": rows,
     }
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
@@ -225,13 +271,14 @@ def main() -> None:
         f"prepare {prep_s:.0f}s"
     )
     print(
-        "| version | run | cache | val_bpb | steps | tok/s (steady) | MFU (steady) | training s "
-        "| startup s | compile s | eval s | total s | outside s |"
+        "| version | run | gpu | cache | val_bpb | steps | tok/s (steady) | MFU (steady) "
+        "| training s | startup s | compile s | eval s | total s | outside s |"
     )
-    print("|---" * 13 + "|")
+    print("|---" * 14 + "|")
     for r in rows:
         print(
-            f"| {r['version']} | {r['run']} | {r['cache']} | {fmt(r['val_bpb'], '.4f')} | "
+            f"| {r['version']} | {r['run']} | {r['gpu'] or '—'} | {r['cache']} | "
+            f"{fmt(r['val_bpb'], '.4f')} | "
             f"{fmt(r['num_steps'], '.0f')} | "
             f"{fmt(r['tok_per_s'], ',.0f')} | {fmt(r['steady_mfu'], '.1f')} % | "
             f"{fmt(r['training_s'], '.1f')} | {fmt(r['startup_s'], '.1f')} | "

@@ -1,0 +1,97 @@
+"""bench/trainer.py's scheduling: versions run in turn, or one per GPU at once with --gpus,
+each run a real subprocess of a stub train.py that records the GPU and compile cache it was
+given (the GPU itself is the one part that cannot run here)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_trainer", ROOT / "bench" / "trainer.py")
+trainer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(trainer)
+
+# Follows the output contract; appends what it was given, and when it ran, to $TRACE.
+STUB = """
+import json, os, time
+start = time.time()
+print("step 00000 (0.0%) | loss 9.0 | dt 500ms | tok/sec 1,000 | mfu 1.0% | remaining 1s")
+time.sleep(1.0)
+print("step 00001 (50.0%) | loss 5.0 | dt 300ms | tok/sec 2,000 | mfu 2.0% | remaining 0s")
+print("---")
+print("val_bpb:          VAL")
+print("training_seconds: 1.0")
+print("num_steps:        2")
+with open(os.environ["TRACE"], "a") as f:
+    f.write(json.dumps({
+        "version": os.path.basename(os.getcwd()),
+        "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "cache": os.path.basename(os.environ["TORCHINDUCTOR_CACHE_DIR"]),
+        "start": start,
+        "end": time.time(),
+    }) + "\\n")
+"""
+
+
+def _versions(tmp_path: Path, names: dict[str, float]) -> dict[str, Path]:
+    trains = []
+    for name, val in names.items():
+        path = tmp_path / "src" / f"{name}.py"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(STUB.replace("VAL", str(val)))
+        trains.append(path)
+    return trainer.workdirs(trains, tmp_path / "work")
+
+
+def _run(tmp_path: Path, monkeypatch, gpus: int, runs: int) -> tuple[list[dict], list[dict]]:
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("TRACE", str(trace))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    versions = _versions(tmp_path, {"a": 0.9, "b": 0.8, "c": 0.7})
+    out = tmp_path / "out"
+    out.mkdir()
+    args = argparse.Namespace(
+        runs=runs, gpus=gpus, out=out, work=tmp_path / "work", budget=None, doc_eval=False
+    )
+    rows = trainer.run_all(versions, args)
+    return rows, [json.loads(line) for line in trace.read_text().splitlines()]
+
+
+def test_one_gpu_runs_versions_in_turn(tmp_path, monkeypatch) -> None:
+    rows, trace = _run(tmp_path, monkeypatch, gpus=1, runs=2)
+    assert [(r["version"], r["run"]) for r in rows] == [
+        ("a", 1), ("b", 1), ("c", 1), ("a", 2), ("b", 2), ("c", 2)
+    ]  # fmt: skip
+    assert [r["val_bpb"] for r in rows] == [0.9, 0.8, 0.7, 0.9, 0.8, 0.7]
+    assert [t["version"] for t in trace] == ["a", "b", "c", "a", "b", "c"]
+    assert all(t["gpu"] is None for t in trace)  # the GPU is left as the caller gave it
+    assert [t["cache"] for t in trace[:3]] == ["compile-a", "compile-b", "compile-c"]
+    ordered = sorted(trace, key=lambda t: t["start"])
+    for before, after in zip(ordered, ordered[1:], strict=False):  # never two at once
+        assert before["end"] <= after["start"]
+    assert all(r["cache"] == "cold" for r in rows[:3])  # the stub writes no cache: all cold
+    assert all(r["startup_s"] is not None and r["training_s"] == 1.0 for r in rows)
+
+
+@pytest.mark.parametrize("gpus", [2, 3])
+def test_gpus_run_at_once_each_on_a_gpu_of_its_own(tmp_path, monkeypatch, gpus) -> None:
+    rows, trace = _run(tmp_path, monkeypatch, gpus=gpus, runs=2)
+    # rows come back in job order whatever order the runs finished in
+    assert [(r["version"], r["run"]) for r in rows] == [
+        ("a", 1), ("b", 1), ("c", 1), ("a", 2), ("b", 2), ("c", 2)
+    ]  # fmt: skip
+    assert [r["val_bpb"] for r in rows] == [0.9, 0.8, 0.7, 0.9, 0.8, 0.7]
+    assert {r["gpu"] for r in rows} == {str(g) for g in range(gpus)}
+    for t in trace:  # a compile cache per version and GPU: concurrent runs never share one
+        assert t["cache"] == f"compile-{t['version']}-gpu{t['gpu']}"
+    most = 0
+    for t in trace:  # never two at once on one GPU, never more than `gpus` at once
+        overlapping = [u for u in trace if u["start"] < t["end"] and t["start"] < u["end"]]
+        assert len({u["gpu"] for u in overlapping}) == len(overlapping)
+        most = max(most, len(overlapping))
+    assert most == gpus
