@@ -53,7 +53,7 @@ DEPTH = 8  # transformer blocks
 ASPECT_RATIO = 64  # width = DEPTH * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
 HEAD_DIM = 128  # channels per attention head
 WINDOW_PATTERN = "L"  # per layer, cycled: S = half of MAX_SEQ_LEN, L = all; last layer is L
-TOTAL_BATCH_SIZE = 2**19  # tokens per optimizer step (gradient accumulation reaches it)
+TOTAL_BATCH_SIZE = 2**18  # tokens per optimizer step (gradient accumulation reaches it)
 DEVICE_BATCH_SIZE = 128  # sequences per forward/backward pass
 MATRIX_LR = 0.04  # Muon learning rate for the 2D matrices inside the blocks
 EMBEDDING_LR = 0.6  # AdamW, token and value embeddings (tuned at width 768, see adam_lr_scale)
