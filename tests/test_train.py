@@ -256,3 +256,37 @@ def test_cpu_run_learns_within_budget_and_prints_the_contract(
     assert sum(p.numel() for p in rebuilt.parameters()) / 1e6 == pytest.approx(
         values["num_params_M"], abs=0.05
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "budget",
+    [
+        "30",  # caught one step late, while step 2 is queued: the run stops there
+        "0.01",  # step 1 is the last: caught after the loop, before any summary
+    ],
+)
+def test_a_run_whose_loss_turns_nan_exits_3_without_a_summary(
+    stdlib_cache: tuple[Path, float], tmp_path: Path, budget: str
+) -> None:
+    """The loss is read one step late (train.py never waits for the step it just queued), so
+    a nan is caught at the next step or, on the last step, after the loop."""
+    cache, _ = stdlib_cache
+    source = (ROOT / "train.py").read_text()
+    assert "\nMATRIX_LR = " in source
+    # a nan learning rate: step 0's loss is finite, every weight Muon touches is nan after it
+    (tmp_path / "train.py").write_text(
+        source.replace("\nMATRIX_LR = ", '\nMATRIX_LR = float("nan")  # ', 1)
+    )
+    (tmp_path / "prepare.py").write_text((ROOT / "prepare.py").read_text())
+    run = subprocess.run(
+        [sys.executable, "train.py"],
+        cwd=tmp_path,
+        env=_env(cache, AUTORESEARCH_DEVICE="cpu", AUTORESEARCH_TIME_BUDGET=budget),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 3, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "FAIL: training loss nan at step 1 " in run.stdout
+    assert "---" not in run.stdout.splitlines()
