@@ -97,6 +97,23 @@ def results_rows(ws: Path, tag: str) -> list[list[str]]:
     return [line.split("\t") for line in lines[1:]]
 
 
+def run_args(tag: str, *extra: str, n: int | None = None) -> list[str]:
+    """`autoresearch run` tagged `tag` on the cpu preset and device, then `extra`; with n, for
+    at most n experiments."""
+    limit = [] if n is None else ["--max-experiments", str(n)]
+    return ["run", "--tag", tag, *limit, "--preset", "cpu", "--device", "cpu", *extra]
+
+
+def openai_args(base_url: str) -> list[str]:
+    """The openai agent, talking to a fake endpoint."""
+    return ["--agent", "openai", "--base-url", base_url, "--model", "fake-model"]
+
+
+def replay_args(patches: Path) -> list[str]:
+    """The replay agent, proposing the patch files in `patches` in order."""
+    return ["--agent", "replay", "--patches", str(patches)]
+
+
 def cli(
     ws: Path, *args: str, env: dict[str, str], timeout: float = 120
 ) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from fakellm import FakeLLM
-from loopkit import STUB_TRAIN, cli, fake_prepared_cache, git, make_workspace, reply
+from loopkit import STUB_TRAIN, cli, fake_prepared_cache, git, make_workspace, reply, run_args
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -37,26 +37,10 @@ def test_max_cost_stops_the_session_and_is_recorded(tmp_path: Path) -> None:
             server.enqueue(
                 reply(f"LR {lr}", ("LR = 0.04  # learning rate", f"LR = {lr}  # learning rate"))
             )
-        proc = cli(
-            ws,
-            "run",
-            "--tag",
-            "c",
-            "--base-url",
-            server.base_url,
-            "--model",
-            "fake-model",
-            "--max-cost",
-            "0.5",
-            "--max-experiments",
-            "10",
-            "--preset",
-            "cpu",
-            "--device",
-            "cpu",
-            "--no-overlap",
-            env=_env(tmp_path),
-        )
+        # no --agent: a base URL makes the openai agent the default
+        endpoint = ["--base-url", server.base_url, "--model", "fake-model"]
+        args = run_args("c", *endpoint, "--max-cost", "0.5", "--no-overlap", n=10)
+        proc = cli(ws, *args, env=_env(tmp_path))
         assert proc.returncode == 0, proc.stderr + proc.stdout
         assert len(server.requests) == 1  # the budget was spent by the first proposal
     recs = [json.loads(line) for line in (ws / "runs/c/experiments.jsonl").read_text().splitlines()]
@@ -68,21 +52,7 @@ def test_max_cost_stops_the_session_and_is_recorded(tmp_path: Path) -> None:
 def test_max_hours_stops_the_session_and_is_recorded(tmp_path: Path) -> None:
     # The baseline trains for 4.5 s, past the 3.6 s that 0.001 hours allow.
     ws = make_workspace(tmp_path / "ws", STUB_TRAIN.replace("SLEEP = 0.0", "SLEEP = 1.5"))
-    proc = cli(
-        ws,
-        "run",
-        "--tag",
-        "h",
-        "--agent",
-        "tuner",
-        "--max-hours",
-        "0.001",
-        "--preset",
-        "cpu",
-        "--device",
-        "cpu",
-        env=_env(tmp_path),
-    )
+    proc = cli(ws, *run_args("h", "--agent", "tuner", "--max-hours", "0.001"), env=_env(tmp_path))
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert len((ws / "runs/h/experiments.jsonl").read_text().splitlines()) == 1  # the baseline
     assert _session(ws, "h")["end_reason"] == "reached --max-hours 0.001"

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import loopkit
 import pytest
 from fakellm import FakeLLM
 from loopkit import (
@@ -92,30 +93,15 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 def run_args(n: int, *extra: str) -> list[str]:
-    return [
-        "run",
-        "--tag",
-        TAG,
-        "--max-experiments",
-        str(n),
-        "--preset",
-        "cpu",
-        "--device",
-        "cpu",
-        "--calibrate",
-        "1",
-        *extra,
-    ]
+    return loopkit.run_args(TAG, "--calibrate", "1", *extra, n=n)
 
 
 def llm_args(server_url: str, n: int, *extra: str) -> list[str]:
-    return run_args(
-        n, "--agent", "openai", "--base-url", server_url, "--model", "fake-model", *extra
-    )
+    return run_args(n, *loopkit.openai_args(server_url), *extra)
 
 
 def replay_args(patches: Path, n: int, *extra: str) -> list[str]:
-    return run_args(n, "--agent", "replay", "--patches", str(patches), *extra)
+    return run_args(n, *loopkit.replay_args(patches), *extra)
 
 
 def tuned_cli(
@@ -635,8 +621,7 @@ NONSENSE = {
 def test_nonsense_numbers_are_refused(ws: Path, env: dict, case: str) -> None:
     args, extra_env, words = NONSENSE[case]
     head = git(ws, "rev-parse", "HEAD")
-    base = ["run", "--tag", TAG, "--agent", "tuner", "--preset", "cpu", "--device", "cpu"]
-    proc = cli(ws, *base, *args, env={**env, **extra_env})
+    proc = cli(ws, *loopkit.run_args(TAG, "--agent", "tuner", *args), env={**env, **extra_env})
     assert proc.returncode == 2, proc.stderr + proc.stdout
     assert words in proc.stderr and "Traceback" not in proc.stderr
     assert_nothing_written(ws, head)

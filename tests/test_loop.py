@@ -19,8 +19,11 @@ from loopkit import (
     fake_prepared_cache,
     git,
     make_workspace,
+    openai_args,
+    replay_args,
     reply,
     results_rows,
+    run_args,
     stub_bpb,
 )
 
@@ -51,27 +54,9 @@ def env(tmp_path: Path) -> dict[str, str]:
 def run_llm(
     ws: Path, env: dict, server: FakeLLM, n: int, *extra: str
 ) -> subprocess.CompletedProcess:
-    return cli(
-        ws,
-        "run",
-        "--tag",
-        TAG,
-        "--agent",
-        "openai",
-        "--base-url",
-        server.base_url,
-        "--model",
-        "fake-model",
-        "--max-experiments",
-        str(n),
-        "--preset",
-        "cpu",
-        "--device",
-        "cpu",
-        "--no-overlap",  # one request at a time, so the script's order is the loop's order
-        *extra,
-        env={**env, "OPENAI_API_KEY": "sk-test-secret"},
-    )
+    # --no-overlap: one request at a time, so the script's order is the loop's order
+    args = run_args(TAG, *openai_args(server.base_url), "--no-overlap", *extra, n=n)
+    return cli(ws, *args, env={**env, "OPENAI_API_KEY": "sk-test-secret"})
 
 
 def assert_consistent(ws: Path, expected_head: str) -> None:
@@ -184,21 +169,7 @@ def test_status_log_show(ws: Path, env: dict, tmp_path: Path) -> None:
     (patches / "02.txt").write_text(
         reply("LR to 0.5", ("LR = 0.06  # learning rate", "LR = 0.5  # learning rate"))
     )
-    proc = cli(
-        ws,
-        "run",
-        "--tag",
-        TAG,
-        "--agent",
-        "replay",
-        "--patches",
-        str(patches),
-        "--preset",
-        "cpu",
-        "--device",
-        "cpu",
-        env=env,
-    )
+    proc = cli(ws, *run_args(TAG, *replay_args(patches)), env=env)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "agent has no more proposals" in proc.stdout
     status = cli(ws, "status", "--json", env=env)
@@ -212,7 +183,7 @@ def test_status_log_show(ws: Path, env: dict, tmp_path: Path) -> None:
 
 
 def test_refusals_write_nothing(ws: Path, env: dict, tmp_path: Path) -> None:
-    base_args = ["run", "--tag", TAG, "--agent", "tuner", "--preset", "cpu", "--device", "cpu"]
+    base_args = run_args(TAG, "--agent", "tuner")
     # Dirty tree.
     (ws / "train.py").write_text(STUB_TRAIN + "\n# local change\n")
     proc = cli(ws, *base_args, env=env)
@@ -264,7 +235,7 @@ def _state(ws: Path) -> dict:
 
 def _start(ws: Path, env: dict, patches: Path, n: int, log: Path | None = None) -> subprocess.Popen:
     """The CLI running a replay session in its own process group; output to `log` if given."""
-    command = [sys.executable, "-m", "autoresearch", *_replay_args(patches, n)]
+    command = [sys.executable, "-m", "autoresearch", *run_args(TAG, *replay_args(patches), n=n)]
     command += ["--workspace", str(ws)]
     if log is None:
         return subprocess.Popen(
@@ -302,26 +273,7 @@ def _patches(tmp_path: Path) -> Path:
 
 
 def _resume(ws: Path, env: dict, patches: Path, n: int) -> subprocess.CompletedProcess:
-    return cli(ws, *_replay_args(patches, n), "--resume", env=env)
-
-
-def _replay_args(patches: Path, n: int) -> list[str]:
-    """`autoresearch run` with the replay agent on the cpu preset, as the kill tests run it."""
-    return [
-        "run",
-        "--tag",
-        TAG,
-        "--agent",
-        "replay",
-        "--patches",
-        str(patches),
-        "--max-experiments",
-        str(n),
-        "--preset",
-        "cpu",
-        "--device",
-        "cpu",
-    ]
+    return cli(ws, *run_args(TAG, *replay_args(patches), n=n), "--resume", env=env)
 
 
 def _check_final(ws: Path, n: int) -> None:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from loopkit import cli, fake_prepared_cache, git, make_workspace, reply
+from loopkit import cli, fake_prepared_cache, git, make_workspace, replay_args, reply, run_args
 
 from autoresearch.noise import Measurements, judge, threshold
 
@@ -85,25 +85,8 @@ def test_loop_repeats_within_noise_candidates(tmp_path: Path) -> None:
             ("GAIN = 0.0  # how much better than the baseline this train.py is", "GAIN = 0.01"),
         )
     )
-    proc = cli(
-        ws,
-        "run",
-        "--tag",
-        "n",
-        "--agent",
-        "replay",
-        "--patches",
-        str(patches),
-        "--preset",
-        "cpu",
-        "--device",
-        "cpu",
-        "--calibrate",
-        "3",
-        "--max-repeats",
-        "3",
-        env=env,
-    )
+    args = run_args("n", *replay_args(patches), "--calibrate", "3", "--max-repeats", "3")
+    proc = cli(ws, *args, env=env)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     recs = [json.loads(line) for line in (ws / "runs/n/experiments.jsonl").read_text().splitlines()]
     baseline, tiny, real = recs

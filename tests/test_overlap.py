@@ -8,7 +8,16 @@ import os
 from pathlib import Path
 
 from fakellm import FakeLLM
-from loopkit import STUB_TRAIN, cli, fake_prepared_cache, git, make_workspace, reply
+from loopkit import (
+    STUB_TRAIN,
+    cli,
+    fake_prepared_cache,
+    git,
+    make_workspace,
+    openai_args,
+    reply,
+    run_args,
+)
 
 LR = "LR = {}  # learning rate"
 WIDTH = "WIDTH = {}  # model width"
@@ -34,27 +43,8 @@ def test_next_edit_is_prepared_during_training_and_rebased(tmp_path: Path) -> No
         server.enqueue(reply("WIDTH to 256", (WIDTH.format(64), WIDTH.format(256))))
         # ... so it is asked again, against exp 3.
         server.enqueue(reply("WIDTH to 256 again", (WIDTH.format(128), WIDTH.format(256))))
-        proc = cli(
-            ws,
-            "run",
-            "--tag",
-            "o",
-            "--agent",
-            "openai",
-            "--base-url",
-            server.base_url,
-            "--model",
-            "fake-model",
-            "--max-experiments",
-            "4",
-            "--preset",
-            "cpu",
-            "--device",
-            "cpu",
-            "--calibrate",
-            "1",
-            env=env,
-        )
+        args = run_args("o", *openai_args(server.base_url), "--calibrate", "1", n=4)
+        proc = cli(ws, *args, env=env)
         assert proc.returncode == 0, proc.stderr + proc.stdout
         assert server.pending() == 0 and len(server.requests) == 4
         prompts = [json.dumps(r["messages"]) for r in server.requests]
