@@ -376,15 +376,18 @@ def test_ctrl_c_twice_kills_the_run_resets_and_records(ws: Path, env: dict, tmp_
 WARM_BOOT_MARK = "runpy.run_path(sys.argv[0]"  # in the command line of a warm child only
 
 
-def _warm_children() -> list[int]:
+def _warm_children(under: Path) -> list[int]:
+    """Warm children whose working directory is below `under` (another test session's on the
+    same machine are not this test's)."""
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 cmdline = (proc / "cmdline").read_bytes()
+                cwd = (proc / "cwd").resolve(strict=True)
             except OSError:
                 continue
-            if WARM_BOOT_MARK.encode() in cmdline:
+            if WARM_BOOT_MARK.encode() in cmdline and cwd.is_relative_to(under.resolve()):
                 found.append(int(proc.name))
     return found
 
@@ -404,14 +407,13 @@ def test_later_runs_start_warm_and_no_warm_child_outlives_the_session(
             "    for i in range(3):", '    print(f"preloaded: {PRELOADED}")\n    for i in range(3):'
         )
     )
-    before = set(_warm_children())
     seen = _preloaded_per_run(make_workspace(tmp_path / "ws", preloaded), env, 3, warm_flag)
     assert len(seen) >= 3
     if warm_flag == "--warm-start":
         assert set(seen) == {True}  # the first run too
     else:
         assert set(seen) == {False}
-    assert set(_warm_children()) <= before  # the last warm child was discarded
+    assert _warm_children(tmp_path) == []  # the last warm child was discarded
 
     setenv = preloaded.replace(
         "import numpy  # noqa: E402\n",
@@ -433,7 +435,6 @@ def test_an_error_before_the_first_run_leaves_no_warm_child(
     preloaded = "import numpy  # noqa: F401\n" + STUB_TRAIN
     ws = make_workspace(tmp_path / "ws", preloaded)
     monkeypatch.setattr(os, "environ", dict(env))
-    before = set(_warm_children())
     with pytest.raises(UsageError, match="no CUDA GPU"):
         commands.run_session(
             workspace=ws,
@@ -445,7 +446,7 @@ def test_an_error_before_the_first_run_leaves_no_warm_child(
             overlap=True,
             quiet=True,
         )
-    assert set(_warm_children()) <= before
+    assert _warm_children(tmp_path) == []
 
 
 def _torch_sees_cuda() -> bool:
