@@ -548,13 +548,14 @@ def main() -> None:
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        # Each step reads the loss of the step before, which waits for that step only: the
-        # card never idles while this one is queued, and dt summed over steps is the card's
-        # time. Step 0 compiles, so it waits for itself and its dt is the compile.
-        read, pending = (loss, None) if step == 0 else (pending, loss.detach())
+        if step < UNTIMED_STEPS:  # wait for this step (step 0's dt is then the compile)
+            read, read_step, pending = loss, step, None
+        else:  # wait for the step before only: the card never idles while this one is queued,
+            # and dt summed over the steps is still the card's time
+            read, read_step, pending = pending, step - 1, loss.detach()
         if read is not None:
             loss_value = read.item()
-            fail_if_diverged(loss_value, step if step == 0 else step - 1)
+            fail_if_diverged(loss_value, read_step)
             smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
             losses_read += 1
         dt = time.perf_counter() - t0
