@@ -4,6 +4,7 @@
     python bench/trainer.py --runs 1 --budget 60     # a shorter smoke run (not comparable)
     python bench/trainer.py --train old.py --train train.py --budget 90   # versions side by side
     python bench/trainer.py --train a.py --train b.py --gpus 2            # ... one per GPU at once
+    python bench/trainer.py --train train.py --variant bs18:TOTAL_BATCH_SIZE=2**18 --gpus 2
 
 The `pycode` corpus is every .py file under this Python's site-packages, walked in sorted
 order; validation is every file under networkx/ (held out whole); train is capped at 800 MB
@@ -24,6 +25,8 @@ Each version (--train, default ./train.py) runs in a directory of its own beside
 repository's prepare.py, with a compile cache of its own (TORCHINDUCTOR_CACHE_DIR) that starts
 empty: its first run is cold, later runs are warm, and the table says which. Versions are run
 in turn (A B A B ...), so a drift of the machine over the call does not favour one of them.
+A --variant NAME:CONST=TEXT[,CONST=TEXT...] is this repository's train.py with the values of those
+module-level constants replaced by the texts, so a sweep of constants needs no files.
 
 With --gpus N, up to N runs go at once, each on a GPU of its own (CUDA_VISIBLE_DEVICES), taken
 in the same order. Each version then keeps one compile cache per GPU, so its first run on a GPU
@@ -34,10 +37,12 @@ them freely, and tok/s with the GPU column in view.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
 import queue
+import re
 import shutil
 import site
 import statistics
@@ -167,22 +172,75 @@ def score_both_ways(workdir: Path, checkpoint: Path, env: dict, log_path: Path) 
     return {"doc_bpb": scores["doc_bpb"], "stream_bpb": scores["stream_bpb"]}
 
 
-def workdirs(trains: list[Path], work: Path) -> dict[str, Path]:
-    """One directory per version: its train.py beside a copy of this repository's prepare.py.
-    Versions are named by file stem (made unique with a number)."""
+def value_span(source: str, const: str) -> tuple[int, int] | None:
+    """Byte offsets in `source` (UTF-8) of the value of `const`, if a module-level statement
+    `CONST = value` assigns it once."""
+    values = [
+        stmt.value
+        for stmt in ast.parse(source).body
+        if isinstance(stmt, ast.Assign)
+        and [getattr(t, "id", None) for t in stmt.targets] == [const]
+    ]
+    if len(values) != 1:
+        return None
+    line_starts = [0]
+    for line in source.encode().splitlines(keepends=True):
+        line_starts.append(line_starts[-1] + len(line))
+    value = values[0]
+    assert value.end_lineno is not None and value.end_col_offset is not None
+    start = line_starts[value.lineno - 1] + value.col_offset  # ast columns count UTF-8 bytes
+    return start, line_starts[value.end_lineno - 1] + value.end_col_offset
+
+
+def variant(spec: str, source: str) -> tuple[str, str]:
+    """--variant NAME:CONST=TEXT[,CONST=TEXT...]: (NAME, `source` with the value of each CONST
+    replaced by its TEXT). A TEXT may hold commas, as in a tuple."""
+    name, _, settings = spec.partition(":")
+    if not name or not settings:
+        raise SystemExit(f"--variant {spec!r}: expected NAME:CONST=TEXT[,CONST=TEXT...]")
+    for setting in re.split(r",\s*(?=[A-Za-z_]\w*\s*=)", settings):
+        const, eq, text = (part.strip() for part in setting.partition("="))
+        span = value_span(source, const) if eq else None
+        if span is None:
+            raise SystemExit(
+                f"--variant {spec!r}: {const!r} is not a constant train.py assigns once"
+            )
+        data = source.encode()
+        source = (data[: span[0]] + text.encode() + data[span[1] :]).decode()
+        try:
+            ast.parse(source)
+        except SyntaxError as exc:
+            raise SystemExit(f"--variant {spec!r}: train.py no longer parses ({exc.msg})") from None
+    return name, source
+
+
+def workdirs(versions: list[tuple[str, str]], work: Path) -> dict[str, Path]:
+    """One directory per version (name, train.py source): its train.py beside a copy of this
+    repository's prepare.py. Names are made unique with a number."""
     dirs: dict[str, Path] = {}
-    for train in trains:
-        if not train.is_file():
-            raise SystemExit(f"--train {train}: no such file")
-        name = train.stem
+    for stem, source in versions:
+        name = stem
         while name in dirs:
-            name = f"{train.stem}{len(dirs) + 1}"
+            name = f"{stem}{len(dirs) + 1}"
         workdir = work / name
         workdir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(ROOT / "prepare.py", workdir / "prepare.py")
-        shutil.copyfile(train, workdir / "train.py")
+        (workdir / "train.py").write_text(source)
         dirs[name] = workdir
     return dirs
+
+
+def versions_of(trains: list[Path] | None, variants: list[str] | None) -> list[tuple[str, str]]:
+    """The --train files (named by stem), then the --variant versions of this repository's
+    train.py; with neither, this repository's train.py."""
+    versions = []
+    for train in trains or []:
+        if not train.is_file():
+            raise SystemExit(f"--train {train}: no such file")
+        versions.append((train.stem, train.read_text()))
+    base = (ROOT / "train.py").read_text()
+    versions += [variant(spec, base) for spec in variants or []]
+    return versions or [("train", base)]
 
 
 def run_all(versions: dict[str, Path], args: argparse.Namespace) -> list[dict]:
@@ -239,6 +297,12 @@ def main() -> None:
         help="a version of train.py to measure (repeatable; default: this repository's)",
     )
     parser.add_argument(
+        "--variant",
+        action="append",
+        help="NAME:CONST=TEXT[,CONST=TEXT...]: this repository's train.py with those constants "
+        "set (repeatable)",
+    )
+    parser.add_argument(
         "--gpus",
         type=int,
         default=1,
@@ -252,7 +316,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(args.work, ignore_errors=True)
-    versions = workdirs(args.train or [ROOT / "train.py"], args.work)
+    versions = workdirs(versions_of(args.train, args.variant), args.work)
     prep_s = prepare_pycode()
     info = card()
     rows = run_all(versions, args)

@@ -5,6 +5,7 @@ given (the GPU itself is the one part that cannot run here)."""
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 from pathlib import Path
@@ -45,7 +46,7 @@ def _versions(tmp_path: Path, names: dict[str, float]) -> dict[str, Path]:
         path.parent.mkdir(exist_ok=True)
         path.write_text(STUB.replace("VAL", str(val)))
         trains.append(path)
-    return trainer.workdirs(trains, tmp_path / "work")
+    return trainer.workdirs(trainer.versions_of(trains, None), tmp_path / "work")
 
 
 def _run(tmp_path: Path, monkeypatch, gpus: int, runs: int) -> tuple[list[dict], list[dict]]:
@@ -95,3 +96,45 @@ def test_gpus_run_at_once_each_on_a_gpu_of_its_own(tmp_path, monkeypatch, gpus) 
         assert len({u["gpu"] for u in overlapping}) == len(overlapping)
         most = max(most, len(overlapping))
     assert most == gpus
+
+
+def _constants(source: str) -> dict[str, str]:
+    """The module-level NAME = value assignments of a source, values as written."""
+    tree = ast.parse(source)
+    return {
+        stmt.targets[0].id: ast.unparse(stmt.value)
+        for stmt in tree.body
+        if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name)
+    }
+
+
+def test_a_variant_is_train_py_with_its_constants_set() -> None:
+    base = (ROOT / "train.py").read_text()
+    name, source = trainer.variant(
+        "small:TOTAL_BATCH_SIZE=2**17, DEVICE_BATCH_SIZE=64,MUON_MOMENTUM=(0.9, 0.95, 300)", base
+    )
+    assert name == "small"
+    before, after = _constants(base), _constants(source)
+    assert after["TOTAL_BATCH_SIZE"] == "2 ** 17" and after["DEVICE_BATCH_SIZE"] == "64"
+    assert after["MUON_MOMENTUM"] == "(0.9, 0.95, 300)"
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {"TOTAL_BATCH_SIZE", "DEVICE_BATCH_SIZE", "MUON_MOMENTUM"}
+    assert len(source.splitlines()) == len(base.splitlines())  # comments and layout kept
+    versions = trainer.versions_of([], ["a:SEED=1", "b:SEED=2"])
+    assert [(n, _constants(s)["SEED"]) for n, s in versions] == [("a", "1"), ("b", "2")]
+    assert trainer.versions_of(None, None) == [("train", base)]
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("bs18", "expected NAME:CONST=TEXT"),
+        ("x:NOT_A_CONSTANT=1", "'NOT_A_CONSTANT' is not a constant train.py assigns once"),
+        ("x:TOTAL_BATCH_SIZE", "'TOTAL_BATCH_SIZE' is not a constant"),
+        ("x:SEED=1,EVAL_TOKENS=5", "'EVAL_TOKENS' is not a constant"),  # prepare.py's
+        ("x:DEPTH=8 +", "no longer parses"),
+    ],
+)
+def test_a_bad_variant_is_refused_before_anything_runs(spec: str, words: str) -> None:
+    with pytest.raises(SystemExit, match=words):
+        trainer.variant(spec, (ROOT / "train.py").read_text())
