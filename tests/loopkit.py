@@ -9,6 +9,7 @@ cache holds a manifest and nothing else.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,22 @@ def git(cwd: Path, *args: str) -> str:
     return subprocess.run(
         ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
     ).stdout.strip()
+
+
+def alive(pid: int) -> bool:
+    """True while the process runs; zombies (dead, awaiting their reaper) count as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rfind(")") + 2] not in "ZX"
+
+
+def closed_port() -> int:
+    """A localhost TCP port that nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_workspace(root: Path, train_source: str = STUB_TRAIN) -> Path:

@@ -10,7 +10,6 @@ import gzip
 import io
 import json
 import random
-import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -93,13 +92,6 @@ def write_mixed_corpus(root: Path) -> dict[str, str]:
     (root / "__pycache__").mkdir()
     (root / "__pycache__" / "x.py").write_text("ZQIGNOREDCACHE " + paragraphs(15, 2))
     return markers
-
-
-def closed_port() -> int:
-    """A localhost TCP port that nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FakeHub:

@@ -23,7 +23,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,9 @@ import pytest
 from fakellm import FakeLLM
 from loopkit import (
     STUB_TRAIN,
+    alive,
     cli,
+    closed_port,
     fake_prepared_cache,
     git,
     make_workspace,
@@ -202,21 +203,6 @@ def assert_nothing_written(ws: Path, head: str) -> None:
     assert not (ws / "runs").exists()
     assert git(ws, "rev-parse", "HEAD") == head
     assert git(ws, "status", "--porcelain") == ""
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def alive(pid: int) -> bool:
-    """True while the process runs; zombies count as gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rfind(")") + 2] not in "ZX"
 
 
 # ------------------------------------------------------------------------------ LLM endpoint

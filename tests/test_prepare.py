@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from loopkit import closed_port
 from prepare_helpers import (
     ROOT,
     FakeHub,
-    closed_port,
     paragraphs,
     parquet_bytes,
     write_mixed_corpus,

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from loopkit import alive
 
 from autoresearch import runner
 from autoresearch.runner import (
@@ -45,15 +46,6 @@ def run_stub(
         timeout=timeout,
         **kwargs,  # type: ignore[arg-type]
     )
-
-
-def alive(pid: int) -> bool:
-    """True while the process runs; zombies (dead, awaiting their reaper) count as gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rfind(")") + 2] not in "ZX"
 
 
 def open_fds() -> int:

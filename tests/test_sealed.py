@@ -23,7 +23,7 @@ import pytest
 from loopkit import git, make_workspace, results_rows
 
 from autoresearch import runner
-from autoresearch.agent import AgentExhausted, Context, Proposal
+from autoresearch.agent import AgentExhausted, Context, Proposal, _local_proposal
 from autoresearch.display import Display
 from autoresearch.evaluator import evaluate_checkpoint, start_warm
 from autoresearch.fingerprint import Fingerprinter, FingerprintError, active_dataset
@@ -167,6 +167,7 @@ class Scripted:
     """An agent that applies the next scripted edit to the best train.py."""
 
     name = "scripted"
+    model = "none"
     fix = None
 
     def __init__(self, steps: list[tuple[str, Callable[[str], str]]]) -> None:
@@ -176,18 +177,7 @@ class Scripted:
         if not self.steps:
             raise AgentExhausted("script done")
         description, change = self.steps.pop(0)
-        return Proposal(
-            description=description,
-            source=change(ctx.train_py),
-            messages=[],
-            reply="",
-            model="none",
-            attempts=1,
-            tokens_in=0,
-            tokens_out=0,
-            seconds=0.0,
-            agent=self.name,
-        )
+        return _local_proposal(self, description, change(ctx.train_py), time.monotonic(), [], "")
 
 
 def session(ws: Path, agent: Scripted, **options) -> Session:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
 from loopkit import fake_prepared_cache, git, make_workspace
 
-from autoresearch.agent import Context, Proposal
+from autoresearch.agent import Context, Proposal, _local_proposal
 from autoresearch.display import Display
 from autoresearch.loop import Session, SessionOptions
 
@@ -79,6 +80,7 @@ class CountingAgent:
     """Stands in for the LLM: every proposal sets ITER to a new value."""
 
     name = "counting"
+    model = "none"
 
     def __init__(self) -> None:
         self.n = 0
@@ -86,18 +88,7 @@ class CountingAgent:
     def propose(self, ctx: Context) -> Proposal:
         self.n += 1
         source = re.sub(r"^ITER = \d+", f"ITER = {self.n}", ctx.train_py, flags=re.M)
-        return Proposal(
-            description=f"iteration {self.n}",
-            source=source,
-            messages=[],
-            reply="",
-            model="none",
-            attempts=1,
-            tokens_in=0,
-            tokens_out=0,
-            seconds=0.0,
-            agent=self.name,
-        )
+        return _local_proposal(self, f"iteration {self.n}", source, time.monotonic(), [], "")
 
     fix = None  # never asked: the stub never crashes
 
