@@ -28,10 +28,12 @@ in turn (A B A B ...), so a drift of the machine over the call does not favour o
 A --variant NAME:CONST=TEXT[,CONST=TEXT...] is this repository's train.py with the values of those
 module-level constants replaced by the texts, so a sweep of constants needs no files.
 
-With --gpus N, up to N runs go at once, each on a GPU of its own (CUDA_VISIBLE_DEVICES), taken
-in the same order. Each version then keeps one compile cache per GPU, so its first run on a GPU
-is cold and only later runs there are warm. Same-model cards of one host: compare val_bpb across
-them freely, and tok/s with the GPU column in view.
+With --gpus N, N runs go at once, each on a GPU of its own (CUDA_VISIBLE_DEVICES): run r
+(from 0) of the v-th version on GPU (v + r) mod N, so each version meets min(runs, N) cards.
+Each version keeps one compile cache per GPU, so its first run on a GPU is cold and only later
+runs there are warm. Same-model cards of one host differ by up to ~3 % in tok/s: compare
+val_bpb across them freely, and tok/s with the GPU column in view. A last table gives each
+version's mean and range over its runs.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ import ast
 import json
 import os
 import platform
-import queue
 import re
 import shutil
 import site
@@ -244,16 +245,21 @@ def versions_of(trains: list[Path] | None, variants: list[str] | None) -> list[t
 
 
 def run_all(versions: dict[str, Path], args: argparse.Namespace) -> list[dict]:
-    """Every run of every version, A B A B ..., at most args.gpus at once; rows in that order."""
-    jobs = [(name, i + 1) for i in range(args.runs) for name in versions]
-    gpus = list(range(args.gpus)) if args.gpus > 1 else [None]
-    free: queue.SimpleQueue = queue.SimpleQueue()
-    for gpu in gpus:
-        free.put(gpu)
+    """Every run of every version, A B A B ..., at most args.gpus at once; rows in that order.
 
-    def job(name: str, run: int) -> dict:
-        gpu = free.get()
-        try:
+    With several GPUs, run r (from 0) of the v-th version goes to GPU (v + r) mod args.gpus,
+    and each GPU takes its runs in that order: every version meets min(runs, gpus) cards, so a
+    slow card does not weigh on one version alone."""
+    names = list(versions)
+    jobs = [(name, r + 1) for r in range(args.runs) for name in names]
+    gpus = list(range(args.gpus)) if args.gpus > 1 else [None]
+    lanes: dict = {gpu: [] for gpu in gpus}
+    for name, run in jobs:
+        lanes[gpus[(names.index(name) + run - 1) % len(gpus)]].append((name, run))
+    rows: dict[tuple[str, int], dict] = {}
+
+    def lane(gpu) -> None:
+        for name, run in lanes[gpu]:
             cache = f"compile-{name}" if gpu is None else f"compile-{name}-gpu{gpu}"
             row = one_run(
                 versions[name],
@@ -263,16 +269,29 @@ def run_all(versions: dict[str, Path], args: argparse.Namespace) -> list[dict]:
                 args.doc_eval,
                 gpu=None if gpu is None else str(gpu),
             )
-        finally:
-            free.put(gpu)
-        row.update(version=name, run=run)
-        print(json.dumps(row), flush=True)
-        return row
+            row.update(version=name, run=run)
+            print(json.dumps(row), flush=True)
+            rows[name, run] = row
 
-    # the pool's queue is first in, first out: jobs start in order, each on the next free GPU
     with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
-        futures = [pool.submit(job, name, run) for name, run in jobs]
-        return [f.result() for f in futures]
+        for future in [pool.submit(lane, gpu) for gpu in gpus]:
+            future.result()
+    return [rows[job] for job in jobs]
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per version, in first-seen order: the runs that finished, and the mean and range of
+    val_bpb (and doc_bpb with --doc-eval) and steady tok/s over them, with the cards used."""
+    out = []
+    for name in dict.fromkeys(r["version"] for r in rows):
+        ok = [r for r in rows if r["version"] == name and r.get("val_bpb") is not None]
+        entry = {"version": name, "runs": len(ok), "gpus": sorted({str(r["gpu"]) for r in ok})}
+        for key in ("val_bpb", "doc_bpb", "tok_per_s"):
+            values = [r[key] for r in ok if r.get(key) is not None]
+            if values:
+                entry[key] = (sum(values) / len(values), min(values), max(values))
+        out.append(entry)
+    return out
 
 
 def fmt(value, spec: str) -> str:
@@ -348,6 +367,17 @@ def main() -> None:
             f"{fmt(r['training_s'], '.1f')} | {fmt(r['startup_s'], '.1f')} | "
             f"{fmt(r['compile_s'], '.1f')} | {fmt(r['eval_s'], '.1f')} | "
             f"{fmt(r['total_s'], '.1f')} | {fmt(r.get('outside_s'), '.1f')} |"
+        )
+    print("\nper version, over its runs: mean (min–max)")
+    print("| version | runs | gpus | val_bpb | upstream's way | tok/s (steady) |")
+    print("|---|---|---|---|---|---|")
+    for e in summary(rows):
+        cells = [
+            "—" if key not in e else f"{e[key][0]:{spec}} ({e[key][1]:{spec}}–{e[key][2]:{spec}})"
+            for key, spec in (("val_bpb", ".4f"), ("doc_bpb", ".4f"), ("tok_per_s", ",.0f"))
+        ]
+        print(
+            f"| {e['version']} | {e['runs']} | {', '.join(e['gpus'])} | " + " | ".join(cells) + " |"
         )
     if any("doc_bpb" in r for r in rows):
         print("\nthe same checkpoints scored two ways (bench/doc_eval.py):")

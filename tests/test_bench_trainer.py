@@ -87,7 +87,9 @@ def test_gpus_run_at_once_each_on_a_gpu_of_its_own(tmp_path, monkeypatch, gpus) 
         ("a", 1), ("b", 1), ("c", 1), ("a", 2), ("b", 2), ("c", 2)
     ]  # fmt: skip
     assert [r["val_bpb"] for r in rows] == [0.9, 0.8, 0.7, 0.9, 0.8, 0.7]
-    assert {r["gpu"] for r in rows} == {str(g) for g in range(gpus)}
+    # run r of the v-th version on GPU (v + r) mod gpus: each version meets two cards
+    assert [r["gpu"] for r in rows] == [str((v + r) % gpus) for r in range(2) for v in range(3)]
+    assert all(len({r["gpu"] for r in rows if r["version"] == v}) == 2 for v in "abc")
     for t in trace:  # a compile cache per version and GPU: concurrent runs never share one
         assert t["cache"] == f"compile-{t['version']}-gpu{t['gpu']}"
     most = 0
@@ -96,6 +98,21 @@ def test_gpus_run_at_once_each_on_a_gpu_of_its_own(tmp_path, monkeypatch, gpus) 
         assert len({u["gpu"] for u in overlapping}) == len(overlapping)
         most = max(most, len(overlapping))
     assert most == gpus
+
+
+def test_summary_gives_each_version_its_mean_and_range_over_the_runs_that_finished() -> None:
+    rows = [
+        {"version": "b", "run": 1, "gpu": "1", "val_bpb": 0.76, "tok_per_s": 1.60e6},
+        {"version": "a", "run": 1, "gpu": "0", "val_bpb": 0.78, "tok_per_s": 1.70e6},
+        {"version": "b", "run": 2, "gpu": "0", "val_bpb": 0.77, "tok_per_s": 1.64e6},
+        {"version": "a", "run": 2, "gpu": "1", "val_bpb": None, "tok_per_s": None},  # crashed
+    ]
+    b, a = trainer.summary(rows)
+    assert (b["version"], b["runs"], b["gpus"]) == ("b", 2, ["0", "1"])
+    assert b["val_bpb"] == pytest.approx((0.765, 0.76, 0.77))
+    assert b["tok_per_s"] == pytest.approx((1.62e6, 1.60e6, 1.64e6))
+    assert "doc_bpb" not in b  # not scored upstream's way: no column to average
+    assert (a["runs"], a["gpus"], a["val_bpb"]) == (1, ["0"], (0.78, 0.78, 0.78))
 
 
 def _constants(source: str) -> dict[str, str]:
