@@ -174,6 +174,13 @@ def run(
         min=1.0,
         help="Kill a run that prints nothing for this many seconds.",
     ),
+    budget_grace: float | None = typer.Option(
+        None,
+        "--budget-grace",
+        min=0.0,
+        help="Seconds a run may take past TIME_BUDGET from its first step line to its exit; "
+        "a run that takes longer is a crash, over_budget (default: the larger of 30 s and 10% of TIME_BUDGET).",
+    ),
     fix_attempts: int | None = typer.Option(
         None,
         "--fix-attempts",
@@ -235,6 +242,7 @@ def run(
             "device": device.value if device else None,
             "timeout": timeout,
             "stall_timeout": stall_timeout,
+            "budget_grace": budget_grace,
             "fix_attempts": fix_attempts,
             "min_delta": min_delta,
             "calibrate": calibrate,

@@ -230,6 +230,7 @@ def run_session(
             prices=settings.prices,
             timeout=settings.timeout,
             stall_timeout=settings.stall_timeout,
+            budget_grace=settings.budget_grace,
             fix_attempts=settings.fix_attempts,
             min_delta=settings.min_delta,
             calibrate=settings.calibrate or (3 if preset == "gpu" else 2),

@@ -54,6 +54,9 @@ DEFAULTS: dict[str, object] = {
     "max_cost": None,  # USD of agent tokens; needs a known price for the model
     "timeout": None,  # seconds before a training run is killed
     "stall_timeout": None,  # seconds without output before a training run is killed
+    # seconds a run may take past TIME_BUDGET from its first step line to its exit;
+    # None: max(30, 10 % of TIME_BUDGET)
+    "budget_grace": None,
     "fix_attempts": 1,  # times the agent may try to fix its own crashed edit
     "min_delta": 0.0,  # val_bpb a change must beat the best by to be kept
     "calibrate": None,  # baseline runs to measure noise; None: 3 on the gpu preset, 2 on cpu
@@ -84,6 +87,7 @@ class Settings:
     prices: dict[str, dict[str, float]]
     sealed: bool = True
     agent_timeout: float = 600.0
+    budget_grace: float | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -209,6 +213,7 @@ CHECKS: dict[str, Callable[[object], object]] = {
     "max_cost": _at_least(_number, 0.0),
     "timeout": _at_least(_number, 0.0, strict=True),
     "stall_timeout": _at_least(_number, 0.0, strict=True),
+    "budget_grace": _at_least(_number, 0.0),
     "fix_attempts": _at_least(_integer, 0),
     "min_delta": _at_least(_number, 0.0),
     "calibrate": _at_least(_integer, 1),

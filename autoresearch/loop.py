@@ -55,7 +55,9 @@ SEED_BASE = 1000  # run r of a commit trains with AUTORESEARCH_SEED = SEED_BASE 
 CHECKPOINT_FILE = "checkpoint.pt"  # in the experiment's folder while its runs are judged
 CHECKPOINTS_DIR = "checkpoints"  # runs/<tag>/checkpoints/NNNN.pt: the baseline's and the best's
 FAILED_AS = ("interrupted", "rejected")  # run failures recorded under their own status, not crash
-HARNESS_KILLS = ("timeout", "stall", "interrupted")  # crash classes of runs the harness ended
+# crash classes of runs whose checkpoint is not evaluated: the harness ended them, or they
+# trained past the budget
+NOT_EVALUATED = ("timeout", "stall", "interrupted", "over_budget")
 
 
 class SessionInterrupted(AutoresearchError):
@@ -76,6 +78,9 @@ class SessionOptions:
     max_cost: float | None = None  # USD of agent tokens
     prices: dict = field(default_factory=dict)  # overrides of pricing.PRICES
     timeout: float | None = None  # hard limit per run; None = 2 x time_budget + allowance
+    # seconds a run may take past time_budget from its first step line to its exit (runner.Budget);
+    # None = runner.budget_grace(time_budget)
+    budget_grace: float | None = None
     stall_timeout: float | None = None
     fix_attempts: int = 1
     min_delta: float = 0.0
@@ -98,6 +103,18 @@ class SessionOptions:
     @property
     def hard_timeout(self) -> float:
         return self.timeout or 2 * self.time_budget + STARTUP_ALLOWANCE_S
+
+    @property
+    def budget(self) -> runner.Budget:
+        """What each run is held to. Sealed, train.py skips its own evaluation, so the clock
+        runs to the child's exit; unsealed, to its last step line."""
+        grace = self.budget_grace
+        return runner.Budget(
+            self.time_budget,
+            runner.budget_grace(self.time_budget) if grace is None else grace,
+            STARTUP_ALLOWANCE_S,
+            until_exit=self.sealed,
+        )
 
 
 @dataclass
@@ -790,6 +807,7 @@ class Session:
             cancel=self.cancel,
             marker=marker,
             warm=warm,
+            budget=self.opts.budget,
         )
         self._train_wall += result.wall_seconds
         if not ahead and not self.cancel.is_set():
@@ -910,7 +928,7 @@ class Session:
         fingerprints are checked after training and after evaluation (train.py's code runs in
         both): a change is recorded as `rejected` and then stops the session.
         """
-        trained = result.exit_code == 0 and result.crash_class not in HARNESS_KILLS
+        trained = result.exit_code == 0 and result.crash_class not in NOT_EVALUATED
         warm, self._warm_eval = self._warm_eval, None
         if not self._data_unchanged(f"after experiment {exp_id:04d} trained") or not trained:
             if warm is not None:

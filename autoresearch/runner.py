@@ -65,6 +65,7 @@ CRASH_CLASSES = (
     "timeout",
     "stall",
     "interrupted",
+    "over_budget",
     "no_summary",
     "other",
 )
@@ -87,6 +88,51 @@ class Step:
     tok_per_sec: float
     mfu: float
     remaining_s: float
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The training time a run is held to: `seconds` (TIME_BUDGET) plus `grace`.
+
+    The harness's clock starts at the run's first step line (train.py prints it after step 0,
+    whose compile is not training time) and stops at the child's exit (`until_exit`, for a
+    sealed session, whose evaluator scores the checkpoint in a process of its own) or else at
+    its last step line (train.py's own evaluation follows it). A run that prints no step line
+    is timed from launch, with `startup` more allowed. A run that exits 0 after more than the
+    limit is `over_budget`: whatever it measured does not count.
+    """
+
+    seconds: float
+    grace: float
+    startup: float
+    until_exit: bool = True
+
+    def overrun(
+        self, launched: float, first_step: float | None, last_step: float | None, exited: float
+    ) -> str | None:
+        """What the run did past its limit, from monotonic times; None when within it."""
+        limit = self.seconds + self.grace
+        if first_step is None:
+            start, since, limit = launched, "launch", limit + self.startup
+        else:
+            start, since = first_step, "its first step line"
+        if self.until_exit or last_step is None:
+            end, until = exited, "its exit"
+        else:
+            end, until = last_step, "its last step line"
+        if end - start <= limit:
+            return None
+        return (
+            f"over budget: {end - start:.1f} s from {since} to {until}, past the {limit:g} s "
+            f"allowed (TIME_BUDGET {self.seconds:g} s + {limit - self.seconds:g} s); "
+            "the result does not count"
+        )
+
+
+def budget_grace(seconds: float) -> float:
+    """What a run may take past TIME_BUDGET between its first step line and its exit: the
+    untimed steps after the first, saving the checkpoint, the interpreter's exit."""
+    return max(30.0, 0.1 * seconds)
 
 
 @dataclass
@@ -881,6 +927,7 @@ def run_training(
     cancel: threading.Event | None = None,
     marker: str | None = None,
     warm: Prestarted | None = None,
+    budget: Budget | None = None,
 ) -> RunResult:
     """Run one training child in `workdir` and describe what happened.
 
@@ -897,6 +944,9 @@ def run_training(
     the command instead of a new process (for a WarmChild, `command` must be
     `[*warm.prefix, sys.executable, script]`); `marker` must be None or the warm child's. Time
     counts from the go. A warm child that has died is discarded and `command` launched as usual.
+
+    `budget`: the training time the run is held to (see Budget); a run that exits 0 past it is
+    the crash class `over_budget`, with a line in its log saying by how much.
     """
     command = list(command) if command is not None else [sys.executable, "train.py"]
     if warm is not None:
@@ -910,15 +960,19 @@ def run_training(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     recent: deque[str] = deque(maxlen=RECENT_LINES)
     last_step: Step | None = None
+    first_step_at: float | None = None  # monotonic times of the first and the last step line
+    last_step_at: float | None = None
 
     def handle_line(line: str) -> None:
-        nonlocal last_step
+        nonlocal last_step, first_step_at, last_step_at
         recent.append(line[:MAX_KEPT_LINE_CHARS])
         if on_line is not None:
             on_line(line)
         step = parse_step(line)
         if step is not None:
             last_step = step
+            last_step_at = time.monotonic()
+            first_step_at = first_step_at or last_step_at
             if on_step is not None:
                 on_step(step)
 
@@ -959,9 +1013,15 @@ def run_training(
             )
         finally:
             run.finish()
-        wall = (run.exited_at or time.monotonic()) - started
+        exited = run.exited_at or time.monotonic()
+        wall = exited - started
         text = "\n".join(recent)
         footer = _footer(run, timeout=timeout, stall_timeout=stall_timeout, wall=wall)
+        overrun = None
+        if budget is not None and run.kill_reason is None and proc.returncode == 0:
+            overrun = budget.overrun(started, first_step_at, last_step_at, exited)
+            if overrun is not None:
+                footer.append(f"{HARNESS_PREFIX} {overrun}")
         if footer and run.reader.log_error is None:
             log.write(("\n" + "\n".join(footer) + "\n").encode())
     recent.extend(footer)
@@ -969,8 +1029,8 @@ def run_training(
     summary = parse_summary(text)
     exit_code = proc.returncode
     val_bpb = summary.get("val_bpb")
-    crash_class = None
-    if (
+    crash_class = "over_budget" if overrun is not None else None
+    if crash_class is None and (
         run.kill_reason is not None
         or exit_code != 0
         or val_bpb is None

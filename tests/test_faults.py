@@ -354,6 +354,27 @@ def test_training_fault_is_recorded_as_crash(
         assert crash["exit_code"] in (-signal.SIGTERM, -signal.SIGKILL)
 
 
+def test_a_run_past_its_budget_is_a_crash(ws: Path, env: dict, tmp_path: Path) -> None:
+    """A candidate that trains 3 s from its first step line to its exit, against TIME_BUDGET
+    1 s and --budget-grace 0.5: recorded `crash`, class `over_budget`, though it exited 0 with
+    a val_bpb (the best of the session had it counted); the reason in its log tail."""
+    slow = f'    print("{STEP_LINE}", flush=True)\n    time.sleep(3)'
+    patches = write_patches(tmp_path, reply("train for longer", (CRASH_LINES, slow)))
+    env = {**env, "AUTORESEARCH_TIME_BUDGET": "1"}
+    args = replay_args(patches, 2, "--fix-attempts", "0", "--budget-grace", "0.5")
+    proc = cli(ws, *args, env=env)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    recs = assert_sound(ws, 2)
+    assert [r["status"] for r in recs] == ["keep", "crash"]
+    over = recs[1]
+    assert over["crash_class"] == "over_budget" and over["val_bpb"] is None
+    assert "over budget: " in over["extra"]["log_tail"]
+    assert "past the 1.5 s allowed (TIME_BUDGET 1 s + 0.5 s)" in over["extra"]["log_tail"]
+    assert f"val_bpb:          {stub_bpb():.6f}" in (run_dir(ws) / "0002" / "run.log").read_text()
+    row = results_rows(ws, TAG)[1]
+    assert (row[1], row[3]) == ("0.000000", "crash")
+
+
 def test_baseline_with_a_syntax_error_ends_the_session(tmp_path: Path, env: dict) -> None:
     """A train.py the person committed that does not parse: the baseline is recorded as a
     `syntax` crash and the session stops, the branch at the base."""
@@ -598,6 +619,7 @@ NONSENSE = {
     "fix-attempts=11": (["--fix-attempts", "11"], {}, "--fix-attempts"),
     "min-delta=-0.5": (["--min-delta", "-0.5"], {}, "--min-delta"),
     "agent-timeout=0": (["--agent-timeout", "0"], {}, "--agent-timeout"),
+    "budget-grace=-1": (["--budget-grace", "-1"], {}, "--budget-grace"),
     "env-max-cost=abc": ([], {"AUTORESEARCH_MAX_COST": "abc"}, "AUTORESEARCH_MAX_COST"),
     "env-max-hours=nan": ([], {"AUTORESEARCH_MAX_HOURS": "nan"}, "AUTORESEARCH_MAX_HOURS"),
 }

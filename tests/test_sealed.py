@@ -143,6 +143,12 @@ NO_CHECKPOINT = (
     "    if checkpoint:\n        save_checkpoint(model, checkpoint)\n",
     "    pass  # the checkpoint is not saved\n",
 )
+TRAIN_PAST_BUDGET = (
+    "    checkpoint = os.environ.get",
+    "    import time\n"
+    "    time.sleep(8)  # past TIME_BUDGET (5 s) + the grace (1 s) before the checkpoint\n"
+    "    checkpoint = os.environ.get",
+)
 SEED_ONLY = ("SEED = 42  # model init", "SEED = 43  # model init")
 MORE_STEPS = ("STEPS = 6  # optimizer steps", "STEPS = 40  # optimizer steps")
 WRITE_VAL = (
@@ -491,6 +497,22 @@ def test_exploits_in_a_session_do_not_pay(private_cache: Path, ws: Path) -> None
     assert not list((ws / "runs" / TAG).glob("*/checkpoint.pt"))
     session_json = json.loads((ws / "runs" / TAG / "session.json").read_text())
     assert session_json["sealed"] is True and "data/val.bin" in session_json["fingerprints"]
+
+
+def test_training_past_the_budget_is_not_evaluated(cache: Path, ws: Path) -> None:
+    """A candidate that keeps going 8 s after its last step, against TIME_BUDGET 5 s and a 1 s
+    grace: `crash`, class `over_budget`, its checkpoint never evaluated nor kept."""
+    steps = [("train past the budget", lambda s: edit(s, TRAIN_PAST_BUDGET))]
+    result = session(ws, Scripted(steps), budget_grace=1.0).run()
+    assert result.reason == "agent has no more proposals (script done)"
+    base, late = records(ws)
+    assert base["status"] == "keep" and base["extra"]["eval_wall_s"] > 0
+    assert (late["status"], late["crash_class"]) == ("crash", "over_budget")
+    assert "[autoresearch] over budget: " in late["extra"]["log_tail"]
+    assert "past the 6 s allowed (TIME_BUDGET 5 s + 1 s)" in late["extra"]["log_tail"]
+    assert "eval_wall_s" not in late["extra"] and late["val_bpb"] is None
+    assert not list((ws / "runs" / TAG).glob("*/checkpoint.pt"))
+    assert git(ws, "rev-parse", "HEAD") == base["commit"]
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds processes in /proc")
