@@ -298,6 +298,53 @@ def fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def tables(rows: list[dict], info: dict, prep_s: float) -> str:
+    """The printed result: the card line, one row per run, the per-version summary and, with
+    --doc-eval, the two metrics side by side (markdown tables)."""
+    lines = [
+        f"\n{info.get('card', 'cpu')} | driver {info['driver']} | torch {info.get('torch')} | "
+        f"prepare {prep_s:.0f}s",
+        "| version | run | gpu | cache | val_bpb | steps | tok/s (steady) | MFU (steady) "
+        "| training s | startup s | compile s | eval s | total s | outside s |",
+        "|---" * 14 + "|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['version']} | {r['run']} | {r['gpu'] or '—'} | {r['cache']} | "
+            f"{fmt(r['val_bpb'], '.4f')} | "
+            f"{fmt(r['num_steps'], '.0f')} | "
+            f"{fmt(r['tok_per_s'], ',.0f')} | {fmt(r['steady_mfu'], '.1f')} % | "
+            f"{fmt(r['training_s'], '.1f')} | {fmt(r['startup_s'], '.1f')} | "
+            f"{fmt(r['compile_s'], '.1f')} | {fmt(r['eval_s'], '.1f')} | "
+            f"{fmt(r['total_s'], '.1f')} | {fmt(r.get('outside_s'), '.1f')} |"
+        )
+    lines += [
+        "\nper version, over its runs: mean (min–max)",
+        "| version | runs | gpus | val_bpb | upstream's way | tok/s (steady) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in summary(rows):
+        cells = [
+            "—" if key not in e else f"{e[key][0]:{spec}} ({e[key][1]:{spec}}–{e[key][2]:{spec}})"
+            for key, spec in (("val_bpb", ".4f"), ("doc_bpb", ".4f"), ("tok_per_s", ",.0f"))
+        ]
+        lines.append(
+            f"| {e['version']} | {e['runs']} | {', '.join(e['gpus'])} | " + " | ".join(cells) + " |"
+        )
+    if any("doc_bpb" in r for r in rows):
+        lines += [
+            "\nthe same checkpoints scored two ways (bench/doc_eval.py):",
+            "| version | run | this project's val_bpb (stream rows) | upstream's way (BOS-aligned) |",
+            "|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['version']} | {r['run']} | {fmt(r.get('stream_bpb'), '.4f')} | "
+                f"{fmt(r.get('doc_bpb'), '.4f')} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=2)
@@ -349,47 +396,7 @@ def main() -> None:
         "rows": rows,
     }
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
-    print(
-        f"\n{info.get('card', 'cpu')} | driver {info['driver']} | torch {info.get('torch')} | "
-        f"prepare {prep_s:.0f}s"
-    )
-    print(
-        "| version | run | gpu | cache | val_bpb | steps | tok/s (steady) | MFU (steady) "
-        "| training s | startup s | compile s | eval s | total s | outside s |"
-    )
-    print("|---" * 14 + "|")
-    for r in rows:
-        print(
-            f"| {r['version']} | {r['run']} | {r['gpu'] or '—'} | {r['cache']} | "
-            f"{fmt(r['val_bpb'], '.4f')} | "
-            f"{fmt(r['num_steps'], '.0f')} | "
-            f"{fmt(r['tok_per_s'], ',.0f')} | {fmt(r['steady_mfu'], '.1f')} % | "
-            f"{fmt(r['training_s'], '.1f')} | {fmt(r['startup_s'], '.1f')} | "
-            f"{fmt(r['compile_s'], '.1f')} | {fmt(r['eval_s'], '.1f')} | "
-            f"{fmt(r['total_s'], '.1f')} | {fmt(r.get('outside_s'), '.1f')} |"
-        )
-    print("\nper version, over its runs: mean (min–max)")
-    print("| version | runs | gpus | val_bpb | upstream's way | tok/s (steady) |")
-    print("|---|---|---|---|---|---|")
-    for e in summary(rows):
-        cells = [
-            "—" if key not in e else f"{e[key][0]:{spec}} ({e[key][1]:{spec}}–{e[key][2]:{spec}})"
-            for key, spec in (("val_bpb", ".4f"), ("doc_bpb", ".4f"), ("tok_per_s", ",.0f"))
-        ]
-        print(
-            f"| {e['version']} | {e['runs']} | {', '.join(e['gpus'])} | " + " | ".join(cells) + " |"
-        )
-    if any("doc_bpb" in r for r in rows):
-        print("\nthe same checkpoints scored two ways (bench/doc_eval.py):")
-        print(
-            "| version | run | this project's val_bpb (stream rows) | upstream's way (BOS-aligned) |"
-        )
-        print("|---|---|---|---|")
-        for r in rows:
-            print(
-                f"| {r['version']} | {r['run']} | {fmt(r.get('stream_bpb'), '.4f')} | "
-                f"{fmt(r.get('doc_bpb'), '.4f')} |"
-            )
+    print(tables(rows, info, prep_s))
 
 
 if __name__ == "__main__":

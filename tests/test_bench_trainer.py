@@ -115,6 +115,27 @@ def test_summary_gives_each_version_its_mean_and_range_over_the_runs_that_finish
     assert (a["runs"], a["gpus"], a["val_bpb"]) == (1, ["0"], (0.78, 0.78, 0.78))
 
 
+def test_the_printed_tables_give_each_run_and_each_versions_summary(tmp_path, monkeypatch) -> None:
+    rows, _ = _run(tmp_path, monkeypatch, gpus=2, runs=2)
+    text = trainer.tables(rows, {"card": "NVIDIA H200", "driver": "580.1", "torch": "2.11"}, 39.2)
+    lines = text.splitlines()
+    assert "NVIDIA H200 | driver 580.1 | torch 2.11 | prepare 39s" in lines
+    runs = [line for line in lines if line.startswith(("| a |", "| b |", "| c |"))]
+    assert [line.split(" | ")[:5] for line in runs[:6]] == [
+        ["| a", "1", "0", "cold", "0.9000"],
+        ["| b", "1", "1", "cold", "0.8000"],
+        ["| c", "1", "0", "cold", "0.7000"],
+        ["| a", "2", "1", "cold", "0.9000"],
+        ["| b", "2", "0", "cold", "0.8000"],
+        ["| c", "2", "1", "cold", "0.7000"],
+    ]
+    assert runs[6:] == [  # per version: two runs on two cards, no doc_bpb without --doc-eval
+        f"| {v} | 2 | 0, 1 | {val} ({val}–{val}) | — | 2,000 (2,000–2,000) |"
+        for v, val in (("a", "0.9000"), ("b", "0.8000"), ("c", "0.7000"))
+    ]
+    assert "scored two ways" not in text
+
+
 def _constants(source: str) -> dict[str, str]:
     """The module-level NAME = value assignments of a source, values as written."""
     tree = ast.parse(source)
