@@ -98,8 +98,9 @@ class Budget:
     whose compile is not training time) and stops at the child's exit (`until_exit`, for a
     sealed session, whose evaluator scores the checkpoint in a process of its own) or else at
     its last step line (train.py's own evaluation follows it). A run that prints no step line
-    is timed from launch, with `startup` more allowed. A run that exits 0 after more than the
-    limit is `over_budget`: whatever it measured does not count.
+    is timed from launch, with `startup` more allowed. A run past the limit is `over_budget`,
+    whatever it measured: stopped when it gets there (sealed), or when a step line comes past
+    it (unsealed), else judged when it exits.
     """
 
     seconds: float
@@ -107,15 +108,37 @@ class Budget:
     startup: float
     until_exit: bool = True
 
+    def _clock(self, launched: float, first_step: float | None) -> tuple[float, str, float]:
+        """(when the clock started, what started it, the seconds allowed from then)."""
+        limit = self.seconds + self.grace
+        if first_step is None:
+            return launched, "launch", limit + self.startup
+        return first_step, "its first step line", limit
+
+    def deadline(
+        self, launched: float, first_step: float | None, last_step: float | None
+    ) -> float | None:
+        """When to stop a run still going (monotonic), or None: not before it exits."""
+        start, _, limit = self._clock(launched, first_step)
+        if self.until_exit:
+            return start + limit
+        if first_step is not None and last_step is not None and last_step > start + limit:
+            return last_step  # a step line past the limit: it is still training
+        return None
+
+    def stopped(self, launched: float, first_step: float | None) -> str:
+        """The log line for a run stopped at its deadline."""
+        _, since, limit = self._clock(launched, first_step)
+        return (
+            f"over budget: still running {limit:g} s after {since} (TIME_BUDGET "
+            f"{self.seconds:g} s + {limit - self.seconds:g} s); killed, the result does not count"
+        )
+
     def overrun(
         self, launched: float, first_step: float | None, last_step: float | None, exited: float
     ) -> str | None:
-        """What the run did past its limit, from monotonic times; None when within it."""
-        limit = self.seconds + self.grace
-        if first_step is None:
-            start, since, limit = launched, "launch", limit + self.startup
-        else:
-            start, since = first_step, "its first step line"
+        """The log line for a run that exited past its limit; None when within it."""
+        start, since, limit = self._clock(launched, first_step)
         if self.until_exit or last_step is None:
             end, until = exited, "its exit"
         else:
@@ -669,8 +692,10 @@ def _watch(
     stall_timeout: float | None,
     cancel: threading.Event | None,
     on_line: Callable[[str], None],
+    deadline: Callable[[], float | None] | None = None,
 ) -> None:
-    """Pass lines on until the child has exited and its output has ended; enforce the limits."""
+    """Pass lines on until the child has exited and its output has ended; enforce the limits
+    (`deadline`: when the run is over its training budget, asked again after every line)."""
     killed_at: float | None = None
     drain_until: float | None = None
     while not (run.exited and run.eof):
@@ -678,17 +703,22 @@ def _watch(
         waits = []
         if not run.exited and run.kill_reason is None:
             reason = None
+            over_at = deadline() if deadline is not None else None
             if cancel is not None and cancel.is_set():
                 reason = "interrupted"
             elif now >= started + timeout:
                 reason = "timeout"
             elif stall_timeout is not None and now >= run.reader.last_output + stall_timeout:
                 reason = "stall"
+            elif over_at is not None and now >= over_at:
+                reason = "over_budget"
             if reason is not None:
                 run.terminate(reason)
                 killed_at = now
             else:
                 waits.append(started + timeout - now)
+                if over_at is not None:
+                    waits.append(over_at - now)
                 if stall_timeout is not None:
                     waits.append(run.reader.last_output + stall_timeout - now)
                 if cancel is not None:
@@ -945,8 +975,8 @@ def run_training(
     `[*warm.prefix, sys.executable, script]`); `marker` must be None or the warm child's. Time
     counts from the go. A warm child that has died is discarded and `command` launched as usual.
 
-    `budget`: the training time the run is held to (see Budget); a run that exits 0 past it is
-    the crash class `over_budget`, with a line in its log saying by how much.
+    `budget`: the training time the run is held to (see Budget); a run past it is stopped or
+    judged as Budget says, the crash class `over_budget`, with a line in its log saying why.
     """
     command = list(command) if command is not None else [sys.executable, "train.py"]
     if warm is not None:
@@ -1010,6 +1040,9 @@ def run_training(
                 stall_timeout=stall_timeout,
                 cancel=cancel,
                 on_line=handle_line,
+                deadline=None
+                if budget is None
+                else lambda: budget.deadline(started, first_step_at, last_step_at),
             )
         finally:
             run.finish()
@@ -1018,10 +1051,12 @@ def run_training(
         text = "\n".join(recent)
         footer = _footer(run, timeout=timeout, stall_timeout=stall_timeout, wall=wall)
         overrun = None
-        if budget is not None and run.kill_reason is None and proc.returncode == 0:
+        if budget is not None and run.kill_reason == "over_budget":
+            overrun = budget.stopped(started, first_step_at)
+        elif budget is not None and run.kill_reason is None and proc.returncode == 0:
             overrun = budget.overrun(started, first_step_at, last_step_at, exited)
-            if overrun is not None:
-                footer.append(f"{HARNESS_PREFIX} {overrun}")
+        if overrun is not None:
+            footer.append(f"{HARNESS_PREFIX} {overrun}")
         if footer and run.reader.log_error is None:
             log.write(("\n" + "\n".join(footer) + "\n").encode())
     recent.extend(footer)

@@ -355,9 +355,9 @@ def test_training_fault_is_recorded_as_crash(
 
 
 def test_a_run_past_its_budget_is_a_crash(ws: Path, env: dict, tmp_path: Path) -> None:
-    """A candidate that trains 3 s from its first step line to its exit, against TIME_BUDGET
-    1 s and --budget-grace 0.5: recorded `crash`, class `over_budget`, though it exited 0 with
-    a val_bpb (the best of the session had it counted); the reason in its log tail."""
+    """A candidate whose step lines go on 3 s after its first one, against TIME_BUDGET 1 s and
+    --budget-grace 0.5 (unsealed: train.py's own val_bpb would count): recorded `crash`, class
+    `over_budget`, the reason in its log tail; the branch back at the baseline."""
     slow = f'    print("{STEP_LINE}", flush=True)\n    time.sleep(3)'
     patches = write_patches(tmp_path, reply("train for longer", (CRASH_LINES, slow)))
     env = {**env, "AUTORESEARCH_TIME_BUDGET": "1"}
@@ -369,8 +369,8 @@ def test_a_run_past_its_budget_is_a_crash(ws: Path, env: dict, tmp_path: Path) -
     over = recs[1]
     assert over["crash_class"] == "over_budget" and over["val_bpb"] is None
     assert "over budget: " in over["extra"]["log_tail"]
-    assert "past the 1.5 s allowed (TIME_BUDGET 1 s + 0.5 s)" in over["extra"]["log_tail"]
-    assert f"val_bpb:          {stub_bpb():.6f}" in (run_dir(ws) / "0002" / "run.log").read_text()
+    assert "(TIME_BUDGET 1 s + 0.5 s)" in over["extra"]["log_tail"]
+    assert git(ws, "rev-parse", "HEAD") == recs[0]["commit"]
     row = results_rows(ws, TAG)[1]
     assert (row[1], row[3]) == ("0.000000", "crash")
 

@@ -270,18 +270,27 @@ def test_hard_timeout_kills_a_busy_child(tmp_path: Path) -> None:
     assert "timeout: still running" in result.log_tail
 
 
-def test_budget_overrun_is_measured_from_the_first_step_line() -> None:
+def test_budget_is_counted_from_the_first_step_line() -> None:
     budget = runner.Budget(10.0, 3.0, 20.0)  # 13 s from the first step line, 33 s from launch
+    assert budget.deadline(0.0, 5.0, 6.0) == 18.0
+    assert budget.deadline(0.0, None, None) == 33.0  # no step line yet: from launch
+    assert budget.stopped(0.0, 5.0) == (
+        "over budget: still running 13 s after its first step line (TIME_BUDGET 10 s + 3 s); "
+        "killed, the result does not count"
+    )
+    assert "still running 33 s after launch (TIME_BUDGET 10 s + 23 s)" in budget.stopped(0.0, None)
     assert budget.overrun(0.0, 5.0, 17.0, 17.9) is None
     assert budget.overrun(0.0, 5.0, 17.0, 18.5) == (
         "over budget: 13.5 s from its first step line to its exit, past the 13 s allowed "
         "(TIME_BUDGET 10 s + 3 s); the result does not count"
     )
-    assert budget.overrun(0.0, None, None, 32.9) is None  # no step line: from launch
-    assert "33.5 s from launch to its exit, past the 33 s allowed (TIME_BUDGET 10 s + 23 s)" in (
-        budget.overrun(0.0, None, None, 33.5) or ""
-    )
-    unsealed = runner.Budget(10.0, 3.0, 20.0, until_exit=False)  # train.py evaluates after
+    assert budget.overrun(0.0, None, None, 32.9) is None
+    assert "33.5 s from launch to its exit" in (budget.overrun(0.0, None, None, 33.5) or "")
+    # unsealed, train.py evaluates itself after its last step line: that time is not counted,
+    # and the run is stopped only once a step line comes past the limit
+    unsealed = runner.Budget(10.0, 3.0, 20.0, until_exit=False)
+    assert unsealed.deadline(0.0, 5.0, 17.9) is None and unsealed.deadline(0.0, None, None) is None
+    assert unsealed.deadline(0.0, 5.0, 18.5) == 18.5  # at once
     assert unsealed.overrun(0.0, 5.0, 17.9, 60.0) is None
     assert "13.5 s from its first step line to its last step line" in (
         unsealed.overrun(0.0, 5.0, 18.5, 19.0) or ""
@@ -290,32 +299,42 @@ def test_budget_overrun_is_measured_from_the_first_step_line() -> None:
 
 
 @pytest.mark.parametrize(
-    ("timing", "until_exit", "over"),
+    ("timing", "until_exit", "stopped"),
     [
         (("0", "0.1", "0"), True, None),
-        (("2.5", "0.1", "0"), True, None),  # a slow start (the compile) is not training
-        (("0", "2.5", "0"), True, "from its first step line to its exit"),
-        (("0", "0.1", "2.5"), True, "from its first step line to its exit"),
+        (("1.5", "0.2", "0"), True, None),  # a slow start (the compile) is not training
         (("0", "0.1", "2.5"), False, None),  # unsealed: its own evaluation follows
-        (("1", "1.5", "0", "--no-steps"), True, "from launch to its exit"),
+        (("0", "4", "0"), True, "after its first step line"),
+        (("0", "0.1", "4"), True, "after its first step line"),  # sealed: nothing after counts
+        (("0", "3", "4"), False, "after its first step line"),  # a step line past the limit
+        (("1", "4", "0", "--no-steps"), True, "after launch"),
     ],
-    ids=["within", "slow-start", "trained-past", "work-after", "own-eval-after", "no-step-lines"],
+    ids=[
+        "within",
+        "slow-start",
+        "own-eval-after",
+        "trained-past",
+        "work-after",
+        "unsealed-step-past",
+        "no-step-lines",
+    ],
 )
 def test_a_run_is_held_to_its_budget(
-    tmp_path: Path, timing: tuple[str, ...], until_exit: bool, over: str | None
+    tmp_path: Path, timing: tuple[str, ...], until_exit: bool, stopped: str | None
 ) -> None:
-    """Allowed 1.5 s of training (2 s from launch without step lines); a run past it exits 0
-    with its summary and is still `over_budget`, with the harness's line in its log."""
+    """Allowed 1.5 s from the first step line (2 s from launch until there is one): a run past
+    it is stopped there, `over_budget`, with the harness's line in its log."""
     budget = runner.Budget(1.0, 0.5, 0.5, until_exit=until_exit)
     result = run_stub(tmp_path, "slow_train.py", *timing, budget=budget)
-    assert result.exit_code == 0 and result.summary["val_bpb"] == 1.0
-    if over is None:
-        assert result.ok and result.crash_class is None
+    if stopped is None:
+        assert result.ok and result.crash_class is None and result.summary["val_bpb"] == 1.0
         assert "over budget" not in result.log_path.read_text()
     else:
         assert not result.ok and result.crash_class == "over_budget"
-        assert "[autoresearch] over budget: " in result.log_tail
-        assert over in result.log_path.read_text()
+        assert result.exit_code == -15 and "val_bpb" not in result.summary
+        assert "[autoresearch] over budget: still running" in result.log_tail
+        assert stopped in result.log_path.read_text()
+        assert result.wall_seconds < 1 + 4 + 0.5  # stopped, not left to finish
 
 
 def test_sigterm_ignored_escalates_to_sigkill(tmp_path: Path) -> None:

@@ -501,7 +501,8 @@ def test_exploits_in_a_session_do_not_pay(private_cache: Path, ws: Path) -> None
 
 def test_training_past_the_budget_is_not_evaluated(cache: Path, ws: Path) -> None:
     """A candidate that keeps going 8 s after its last step, against TIME_BUDGET 5 s and a 1 s
-    grace: `crash`, class `over_budget`, its checkpoint never evaluated nor kept."""
+    grace: stopped 6 s after its first step line, `crash`, class `over_budget`, never
+    evaluated."""
     steps = [("train past the budget", lambda s: edit(s, TRAIN_PAST_BUDGET))]
     result = session(ws, Scripted(steps), budget_grace=1.0).run()
     assert result.reason == "agent has no more proposals (script done)"
@@ -509,7 +510,11 @@ def test_training_past_the_budget_is_not_evaluated(cache: Path, ws: Path) -> Non
     assert base["status"] == "keep" and base["extra"]["eval_wall_s"] > 0
     assert (late["status"], late["crash_class"]) == ("crash", "over_budget")
     assert "[autoresearch] over budget: " in late["extra"]["log_tail"]
-    assert "past the 6 s allowed (TIME_BUDGET 5 s + 1 s)" in late["extra"]["log_tail"]
+    assert (
+        "still running 6 s after its first step line (TIME_BUDGET 5 s + 1 s); killed"
+        in (late["extra"]["log_tail"])
+    )
+    assert late["exit_code"] == -15
     assert "eval_wall_s" not in late["extra"] and late["val_bpb"] is None
     assert not list((ws / "runs" / TAG).glob("*/checkpoint.pt"))
     assert git(ws, "rev-parse", "HEAD") == base["commit"]
