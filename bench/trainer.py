@@ -250,12 +250,12 @@ def run_all(versions: dict[str, Path], args: argparse.Namespace) -> list[dict]:
     With several GPUs, run r (from 0) of the v-th version goes to GPU (v + r) mod args.gpus,
     and each GPU takes its runs in that order: every version meets min(runs, gpus) cards, so a
     slow card does not weigh on one version alone."""
-    names = list(versions)
-    jobs = [(name, r + 1) for r in range(args.runs) for name in names]
+    jobs = [(name, r + 1) for r in range(args.runs) for name in versions]
     gpus = list(range(args.gpus)) if args.gpus > 1 else [None]
     lanes: dict = {gpu: [] for gpu in gpus}
-    for name, run in jobs:
-        lanes[gpus[(names.index(name) + run - 1) % len(gpus)]].append((name, run))
+    for r in range(args.runs):
+        for v, name in enumerate(versions):
+            lanes[gpus[(v + r) % len(gpus)]].append((name, r + 1))
     rows: dict[tuple[str, int], dict] = {}
 
     def lane(gpu) -> None:
