@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from prepare_helpers import ROOT
 
 _saved_preset = os.environ.get("AUTORESEARCH_PRESET")
@@ -65,6 +66,12 @@ def model() -> train.GPT:
 def tokens(batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, train.VOCAB_SIZE, (batch, seq_len), generator=g)
+
+
+def test_template_copy_is_identical() -> None:
+    """`autoresearch init` writes the template; the repository's own train.py is the same file."""
+    template = ROOT / "autoresearch" / "templates" / "train.py"
+    assert (ROOT / "train.py").read_bytes() == template.read_bytes()
 
 
 def test_forward_returns_logits_for_every_position(model: train.GPT) -> None:
@@ -116,6 +123,43 @@ def test_one_optimizer_step_lowers_the_loss_on_its_batch(model: train.GPT) -> No
         loss_after = model(x, y)
     assert loss_after.item() < loss_before.item() - 0.01
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("cap", [15.0, 40.0, 60.0])  # 60: past the fixed-shift limit
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcap_cross_entropy_matches_cross_entropy_on_capped_logits(
+    cap: float, dtype: torch.dtype
+) -> None:
+    """The hand-written loss and backward against autograd through F.cross_entropy, with
+    logits spread past the cap and ignored (-1) targets mixed in."""
+    g = torch.Generator().manual_seed(0)
+    logits = (25 * torch.randn(48, 300, generator=g)).to(dtype).requires_grad_()
+    targets = torch.randint(0, 300, (48,), generator=g)
+    targets[::5] = -1
+    loss = train.SoftcapCrossEntropy.apply(logits, targets, cap)
+    (ours,) = torch.autograd.grad(loss, logits)
+    capped = cap * torch.tanh(logits.float() / cap)
+    expected = F.cross_entropy(capped, targets, ignore_index=-1)
+    (theirs,) = torch.autograd.grad(expected, logits)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    rtol = 1e-4 if dtype == torch.float32 else 2**-7  # bf16: one rounding step apart at most
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=rtol, atol=1e-9)
+    assert (ours[::5] == 0).all() and ours[1::5].abs().sum() > 0
+
+
+def test_softcap_cross_entropy_ignores_a_batch_of_nothing_but_ignored_targets() -> None:
+    logits = torch.randn(4, 10, requires_grad=True)
+    loss = train.SoftcapCrossEntropy.apply(logits, torch.full((4,), -1), 15.0)
+    loss.backward()
+    assert loss.item() == 0.0 and (logits.grad == 0).all()
+
+
+def test_model_loss_is_the_mean_cross_entropy_of_its_logits(model: train.GPT) -> None:
+    x, y = tokens(2, 32, seed=3), tokens(2, 32, seed=4)
+    with torch.no_grad():
+        logits, loss = model(x), model(x, y)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), y.flatten()))
 
 
 def test_every_parameter_has_exactly_one_optimizer(model: train.GPT) -> None:

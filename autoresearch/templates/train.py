@@ -226,6 +226,42 @@ class Block(nn.Module):
         return x + self.mlp(norm(x))
 
 
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of cap * tanh(logits / cap) over the targets that are not -1, from
+    (N, V) logits in any float dtype. Same value and gradient as F.cross_entropy on the capped
+    fp32 logits, but it keeps only the raw logits and one log-sum-exp per row for the backward,
+    which recomputes the rest: compiled, the forward is one reduction over the logits and the
+    backward one elementwise pass, with no (N, V) fp32 tensor written to memory. The capped
+    logits lie in [-cap, cap], so for cap <= 40 the log-sum-exp can shift by cap instead of by
+    the row's maximum (every exp(s - cap) >= e^-80 is a normal fp32 number): one pass over the
+    row instead of two."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
+        capped = cap * torch.tanh(logits.float() / cap)
+        if cap <= 40:
+            lse = cap + torch.log(torch.exp(capped - cap).sum(dim=-1))
+        else:
+            lse = torch.logsumexp(capped, dim=-1)
+        valid = targets != -1
+        hit = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
+        count = valid.sum().clamp(min=1)
+        loss = torch.where(valid, lse - cap * torch.tanh(hit / cap), 0.0).sum() / count
+        ctx.save_for_backward(logits, targets, lse, count)
+        ctx.cap = cap
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse, count = ctx.saved_tensors
+        t = torch.tanh(logits.float() / ctx.cap)
+        probs = torch.exp(ctx.cap * t - lse.unsqueeze(-1))
+        columns = torch.arange(logits.size(-1), device=logits.device)
+        onehot = (columns == targets.unsqueeze(-1)).float()
+        scale = torch.where(targets != -1, grad / count, 0.0).unsqueeze(-1)
+        return ((probs - onehot) * (1 - t * t) * scale).to(logits.dtype), None, None
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -278,14 +314,11 @@ class GPT(nn.Module):
             x = x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, masks[i])
-        logits = self.lm_head(norm(x)).float()
+        logits = self.lm_head(norm(x))
         cap = self.config.softcap
-        logits = cap * torch.tanh(logits / cap)
         if targets is None:
-            return logits
-        return F.cross_entropy(
-            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
-        )
+            return cap * torch.tanh(logits.float() / cap)
+        return SoftcapCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), cap)
 
     def matmul_params(self) -> int:
         """Parameters used in matrix products: everything but embeddings and scalars."""
