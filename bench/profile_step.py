@@ -51,6 +51,18 @@ def load_train(path: Path):
     return module
 
 
+def print_compile_times(top: int) -> None:
+    """The compiler's own timers after step 0, largest first. They nest (a phase's time
+    includes the phases it calls), so the rows do not add up to the step's time."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    totals = sorted(((sum(v), k) for k, v in compilation_time_metrics.items()), reverse=True)
+    print(f"\n| compile phase (top {top}, nested) | s |\n|---|---|")
+    for seconds, name in totals[:top]:
+        print(f"| {name} | {seconds:.2f} |")
+    print(flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", type=Path, default=ROOT / "train.py")
@@ -69,6 +81,7 @@ def main() -> None:
     device = torch.device("cuda")
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("high")
+    torch._inductor.config.triton.autotune_pointwise = False
     backends = [
         torch.nn.attention.SDPBackend.CUDNN_ATTENTION,
         torch.nn.attention.SDPBackend.FLASH_ATTENTION,
@@ -100,6 +113,7 @@ def main() -> None:
     started = time.perf_counter()
     step(0)
     print(f"first step (compile): {time.perf_counter() - started:.1f}s", flush=True)
+    print_compile_times(args.top)
     for i in range(1, args.warmup):
         step(i)
     torch.cuda.synchronize()
