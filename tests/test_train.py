@@ -162,6 +162,29 @@ def test_model_loss_is_the_mean_cross_entropy_of_its_logits(model: train.GPT) ->
     torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), y.flatten()))
 
 
+def test_compiled_model_takes_the_fused_loss_with_the_eager_gradients(model: train.GPT) -> None:
+    """Under torch.compile the model's loss is SoftcapCrossEntropy (in the graph as one
+    autograd function), eagerly F.cross_entropy; loss and gradients agree. Dynamo alone traces
+    here (no inductor), which is what picks the branch."""
+    graphs = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x, y = tokens(2, 32, seed=7), tokens(2, 32, seed=8)
+    eager_loss = model(x, y)
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    compiled_loss = torch.compile(model, backend=capture, dynamic=False)(x, y)
+    compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+    targets = [node.target for gm in graphs for node in gm.graph.nodes]
+    assert torch.ops.higher_order.autograd_function_apply in targets
+    assert F.cross_entropy not in targets
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for ours, theirs in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
 def test_every_parameter_has_exactly_one_optimizer(model: train.GPT) -> None:
     optimizers = train.build_optimizers(model, fused=False)
     owned = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
