@@ -5,9 +5,10 @@
 
 Builds train.py's model and optimizers exactly as its main() does (same compile settings),
 runs warm-up steps on random tokens (timing does not depend on the data), then profiles
-`--steps` optimizer steps and prints: the wall time per step, the CUDA kernel time per step
-grouped by kind (matmul, attention, fused elementwise, embedding, optimizer, copies), and the
-kernels that take the most time. Needs a CUDA device; no prepared data is read.
+`--steps` optimizer steps and prints: the compiler's phase timers for step 0, the wall time per
+step, the CUDA kernel time per step grouped by kind (matmul, attention, cross-entropy, fused
+elementwise, embedding, optimizer, copies), and the kernels that take the most time. Needs a
+CUDA device; no prepared data is read.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KINDS = (  # (kind, substrings of a kernel name), first match wins
     ("attention", ("flash", "cudnn", "fmha", "attention", "flex", "sdpa")),
     ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "wgmma", "matmul", "mm_")),
-    ("cross-entropy", ("log_softmax", "nll_loss")),
+    ("cross-entropy", ("log_softmax", "nll_loss", "tanh")),  # tanh: the logit softcap's kernels
     ("embedding", ("embedding", "index", "scatter", "gather")),
     ("optimizer", ("adam", "foreach", "multi_tensor")),
     ("fused elementwise", ("triton",)),  # generated kernels: norms, activations, casts
