@@ -82,7 +82,8 @@ def main() -> None:
     device = torch.device("cuda")
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("high")
-    torch._inductor.config.triton.autotune_pointwise = False
+    if hasattr(train, "configure_compiler"):  # as its main() does on CUDA
+        train.configure_compiler()
     backends = [
         torch.nn.attention.SDPBackend.CUDNN_ATTENTION,
         torch.nn.attention.SDPBackend.FLASH_ATTENTION,

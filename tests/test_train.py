@@ -235,6 +235,62 @@ def test_flops_per_token_counts_matmuls_and_attention(model: train.GPT) -> None:
     assert model.flops_per_token(cfg.sequence_len) == 6 * n_matmul + attention
 
 
+COMPILED_LOSS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch, train
+from torch._dynamo.utils import counters
+train.configure_compiler()
+logits = torch.linspace(-30, 30, 8 * 50).reshape(8, 50).requires_grad_()
+targets = torch.arange(8) * 5
+loss = torch.compile(lambda z, t: train.SoftcapCrossEntropy.apply(z, t, 15.0))(logits, targets)
+loss.backward()
+print(sorted(k for k in counters["aot_autograd"] if k.startswith("autograd_cache")))
+print(float(logits.grad.abs().sum()))
+"""
+
+
+@pytest.mark.slow
+def test_compiled_fused_loss_is_cached_and_an_edit_to_its_backward_is_not_served_stale(
+    tmp_path: Path,
+) -> None:
+    """configure_compiler() lets the compile cache keep the graph with SoftcapCrossEntropy (a
+    warm start then skips the joint trace), and the cache key covers the hand-written backward:
+    a copy of train.py whose backward doubles the gradient misses the cache and gets its own."""
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    source = (ROOT / "train.py").read_text()
+    old = "return ((probs - onehot) * (1 - t * t) * scale).to(logits.dtype), None, None"
+    assert old in source
+    (edited / "train.py").write_text(source.replace(old, old.replace("* scale)", "* 2 * scale)")))
+    (edited / "prepare.py").write_bytes((ROOT / "prepare.py").read_bytes())
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")},
+        "AUTORESEARCH_PRESET": "cpu",
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+    }
+
+    def run(directory: Path) -> tuple[str, float]:
+        done = subprocess.run(
+            [sys.executable, "-c", COMPILED_LOSS, str(directory)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        counters, grad = done.stdout.strip().splitlines()[-2:]
+        return counters, float(grad)
+
+    first, grad = run(ROOT)
+    assert first == "['autograd_cache_miss', 'autograd_cache_saved']"
+    again, grad_again = run(ROOT)
+    assert again == "['autograd_cache_hit']" and grad_again == grad
+    other, grad_other = run(edited)
+    assert other == "['autograd_cache_miss', 'autograd_cache_saved']"
+    assert grad_other == pytest.approx(2 * grad)
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: real data, a real subprocess, the real output contract
 # ---------------------------------------------------------------------------------------------

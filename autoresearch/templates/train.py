@@ -537,6 +537,21 @@ def fail_if_diverged(loss: float, step: int) -> None:
     sys.exit(3)
 
 
+def configure_compiler() -> None:
+    """torch.compile settings for this process (main() on CUDA; bench/profile_step.py too)."""
+    import torch._functorch.config  # here, not at the top: ~1 s the cpu path never needs
+    import torch._inductor.config
+
+    # inductor's generated elementwise kernels take their heuristic launch config instead of
+    # timing several at step 0: about 4 s less compile on an H200, same step time
+    torch._inductor.config.triton.autotune_pointwise = False
+    # keep the compiled forward/backward of SoftcapCrossEntropy in the AOTAutograd cache, so a
+    # warm start skips tracing the joint graph (without it, a warm step 0 took 11.2 s, not 4.0 s).
+    # The cached graph holds the function's traced forward and backward, so an edit to either
+    # changes the cache key
+    torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
+
+
 def main() -> None:
     print_config()
     device = pick_device()
@@ -544,9 +559,7 @@ def main() -> None:
     torch.manual_seed(SEED)
     if on_cuda:
         torch.set_float32_matmul_precision("high")
-        # inductor's generated elementwise kernels take their heuristic launch config instead of
-        # timing several at step 0: about 4 s less compile on an H200, same step time
-        torch._inductor.config.triton.autotune_pointwise = False
+        configure_compiler()
         # cuDNN attention first for full windows (fwd+bwd 0.76 ms vs 1.20 ms for flash on an
         # H200 at B16 H4 T2048 D128); entered for the rest of the process, compiled graphs included
         backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
