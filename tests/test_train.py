@@ -264,11 +264,7 @@ def test_compiled_fused_loss_is_cached_and_an_edit_to_its_backward_is_not_served
     assert old in source
     (edited / "train.py").write_text(source.replace(old, old.replace("* scale)", "* 2 * scale)")))
     (edited / "prepare.py").write_bytes((ROOT / "prepare.py").read_bytes())
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")},
-        "AUTORESEARCH_PRESET": "cpu",
-        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
-    }
+    env = _env(tmp_path / "data", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
 
     def run(directory: Path) -> tuple[str, float]:
         done = subprocess.run(
