@@ -253,6 +253,7 @@ def start_warm(
             [*command, "--wait"],
             root,
             _child_env(preset, device, gpu, dataset),
+            stands_for=command,  # the go brings the rest of evaluate_checkpoint's arguments
             marker=marker,
             first={"fingerprints": dict(fingerprints or {})},
             key=_warm_key(locals()),

@@ -777,6 +777,9 @@ class Prestarted:
     go. Its stdin closing before a go (`discard`, or the harness dying) makes it exit.
     `run_training(warm=...)` sends the go with `launch` and watches the child from there;
     `message` is what `launch` sends unless a subclass builds it from the run's command.
+    The child stands in for a run whose command starts with `stands_for` (default: `command`)
+    and whose environment is `env`; `launch` refuses any other run (WarmChild's takes any
+    environment: its go carries the whole of it).
     `first`: a JSON line written at start-up, before the go (what the child needs to start);
     `key`: what it was started for, for its user to compare before using it."""
 
@@ -786,12 +789,15 @@ class Prestarted:
         workdir: Path,
         env: Mapping[str, str],
         *,
+        stands_for: Sequence[str] | None = None,
         marker: str | None = None,
         first: Mapping | None = None,
         key: object = None,
     ) -> None:
         self.key = key
         self.workdir = Path(workdir)
+        self.env = dict(env)  # as given: without the marker variable added below
+        self.stands_for = list(stands_for if stands_for is not None else command)
         self.marker = marker or uuid.uuid4().hex
         self.message: Mapping | None = None
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
@@ -813,9 +819,14 @@ class Prestarted:
     def launch(
         self, command: Sequence[str], env: Mapping[str, str]
     ) -> subprocess.Popen[bytes] | None:
-        """Send the go (`message`); the child is the caller's from here on. None (and the child
-        cleaned up) when it died before it could be told."""
+        """Send the go (`message`); the child is the caller's from here on. None, and the child
+        discarded, when `env` is not the environment it was started with, when `command` does
+        not start with `stands_for` (the child would run something other than what the caller
+        asked for), or when it died before it could be told."""
         assert self.message is not None, "set the go message first"
+        if dict(env) != self.env or list(command[: len(self.stands_for)]) != self.stands_for:
+            self.discard()
+            return None
         return self._go(self.message)
 
     def _go(self, message: Mapping) -> subprocess.Popen[bytes] | None:
@@ -973,7 +984,10 @@ def run_training(
     `warm`: a child started ahead in `workdir` (a WarmChild, or another Prestarted) that runs
     the command instead of a new process (for a WarmChild, `command` must be
     `[*warm.prefix, sys.executable, script]`); `marker` must be None or the warm child's. Time
-    counts from the go. A warm child that has died is discarded and `command` launched as usual.
+    counts from the go. A warm child that has died or was started in another directory is
+    discarded and `command` launched as usual; so is one whose `launch` refuses the run (a
+    Prestarted refuses an `env` other than its own and a `command` that does not start with
+    its `stands_for`), with the warm child's marker, and time counts from that launch.
 
     `budget`: the training time the run is held to (see Budget); a run past it is stopped or
     judged as Budget says, the crash class `over_budget`, with a line in its log saying why.
@@ -1011,6 +1025,8 @@ def run_training(
         try:
             proc = warm.launch(command, env) if warm is not None else None
             if proc is None:
+                if warm is not None:  # its discard may have taken up to WARM_DISCARD_S
+                    started = time.monotonic()
                 proc = subprocess.Popen(
                     command,
                     cwd=workdir,

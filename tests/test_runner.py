@@ -565,6 +565,74 @@ def test_a_discarded_or_orphaned_warm_child_exits(tmp_path: Path) -> None:
     orphan.proc.stdout.close()
 
 
+# A stand-in for the sealed evaluator: with --wait it waits for the go and prints it; without,
+# it is the cold run and prints its arguments. Both print the variable WHICH and the marker.
+PRESTARTED = f"""\
+import json, os, sys
+if "--wait" in sys.argv:
+    line = sys.stdin.readline()
+    if not line.strip():
+        sys.exit(0)
+    print("WARM", line.strip())
+else:
+    print("COLD", json.dumps(sys.argv[1:]))
+print("WHICH", json.dumps(os.environ.get("WHICH")))
+print("MARKER", os.environ.get("{runner.RUN_MARKER_VAR}"))
+"""
+PRESTARTED_FOR = [sys.executable, "-c", PRESTARTED, "--for", "a"]
+
+
+def prestarted(tmp_path: Path) -> runner.Prestarted:
+    env = child_env(os.environ, preset="cpu", device="cpu", gpu=None, extra={"WHICH": "start"})
+    warm = runner.Prestarted([*PRESTARTED_FOR, "--wait"], tmp_path, env, stands_for=PRESTARTED_FOR)
+    warm.message = {"go": "yes"}
+    return warm
+
+
+def run_prestarted(
+    tmp_path: Path, warm: runner.Prestarted, *, which: str = "start", run_for: str = "a"
+) -> str:
+    """The log of a run of `PRESTARTED --for run_for --run` with WHICH=which, given `warm`."""
+    env = child_env(os.environ, preset="cpu", device="cpu", gpu=None, extra={"WHICH": which})
+    run_training(
+        tmp_path,
+        tmp_path / "run.log",
+        command=[sys.executable, "-c", PRESTARTED, "--for", run_for, "--run"],
+        env=env,
+        timeout=30,
+        marker=warm.marker,
+        warm=warm,
+    )
+    return (tmp_path / "run.log").read_text()
+
+
+def test_a_prestarted_child_takes_the_run_it_stands_for(tmp_path: Path) -> None:
+    warm = prestarted(tmp_path)
+    pid = warm.proc.pid
+    log = run_prestarted(tmp_path, warm)
+    assert 'WARM {"go": "yes"}' in log and "COLD" not in log
+    assert 'WHICH "start"' in log and f"MARKER {warm.marker}" in log
+    assert warm.proc is None and not alive(pid)  # it ran, and the run saw it exit
+
+
+@pytest.mark.parametrize(
+    ("which", "run_for"),
+    [("changed", "a"), ("start", "b")],
+    ids=["another-environment", "another-command"],
+)
+def test_a_prestarted_child_refuses_another_run_and_it_starts_cold(
+    tmp_path: Path, which: str, run_for: str
+) -> None:
+    warm = prestarted(tmp_path)
+    pid = warm.proc.pid
+    log = run_prestarted(tmp_path, warm, which=which, run_for=run_for)
+    assert f'COLD ["--for", "{run_for}", "--run"]' in log and "WARM" not in log
+    assert f'WHICH "{which}"' in log  # the caller's environment, not the child's
+    assert f"MARKER {warm.marker}" in log  # the marker the caller recorded
+    assert warm.proc is None and not alive(pid)  # discarded, not left waiting
+    assert not runner._marked_processes(f"{runner.RUN_MARKER_VAR}={warm.marker}".encode())
+
+
 def test_warm_preload_reads_module_level_imports() -> None:
     assert runner.warm_preload("import torch\nimport numpy as np\nimport math\n") == (
         "torch",
