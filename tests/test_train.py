@@ -200,6 +200,48 @@ def test_orthogonalize_pushes_singular_values_near_one(shape: tuple[int, int, in
     assert s.min() > 0.5 and s.max() < 1.5
 
 
+def _muon_reference(params, grads, buf, lr, momentum, weight_decay):
+    """Muon's step written out per matrix, as the update is defined."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        buf[i] = momentum * buf[i] + (1 - momentum) * g
+        x = (1 - momentum) * g + momentum * buf[i]
+        tall = x.size(0) > x.size(1)
+        x = x.T if tall else x
+        x = x / (x.norm() + 1e-7)
+        for _ in range(5):
+            gram = x @ x.T
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        x = x.T if tall else x
+        scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+        p.copy_(p * (1 - lr * weight_decay) - lr * scale * x)
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 96), (2, 96, 32), (4, 40, 40)])
+def test_muon_update_matches_the_update_written_out(shape: tuple[int, int, int]) -> None:
+    """The batched step (stacked momentum, fused polynomial, one foreach kernel per group)
+    moves every matrix as the per-matrix definition does, over several steps."""
+    gen = torch.Generator().manual_seed(1)
+    ours = [torch.randn(*shape[1:], generator=gen) for _ in range(shape[0])]
+    ref = [p.clone() for p in ours]
+    ours_buf, ref_buf = torch.zeros(shape), torch.zeros(shape)
+    lr, momentum, weight_decay = 0.04, 0.9, 0.1
+    for _ in range(3):
+        grads = [torch.randn(*shape[1:], generator=gen) for _ in range(shape[0])]
+        train.muon_update(
+            ours,
+            grads,
+            ours_buf,
+            torch.tensor(lr),
+            torch.tensor(momentum),
+            torch.tensor(weight_decay),
+        )
+        _muon_reference(ref, grads, ref_buf, lr, momentum, weight_decay)
+    torch.testing.assert_close(ours_buf, ref_buf)
+    for p, q in zip(ours, ref, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_learning_rate_schedule_follows_training_time() -> None:
     values = [train.lr_multiplier(p / 100) for p in range(101)]
     peak_at = max(train.WARMUP_RATIO, 1e-9)
