@@ -7,7 +7,8 @@ What the harness relies on (docs/architecture.md), and so what every edit must k
 - `python train.py` trains for TIME_BUDGET seconds of training time (compilation excluded),
   prints `step ...` lines while it trains, then a `---` line and the summary `key: value` lines.
   The harness holds it to the budget: from the first step line (printed after step 0, which
-  compiles) to the exit, at most TIME_BUDGET plus a grace, else the run does not count.
+  compiles) to the exit, at most TIME_BUDGET plus a grace, and from launch to the first step
+  line at most the start-up limit (120 s by default), else the run does not count.
 - Exit code 3 means the loss diverged (nan or exploding) and the run stopped early.
 - AUTORESEARCH_DEVICE=cpu|cuda picks the device (default: cuda when available).
 - AUTORESEARCH_CHECKPOINT=PATH saves {"config": ..., "state_dict": ...} after training;

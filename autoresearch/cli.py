@@ -181,6 +181,14 @@ def run(
         help="Seconds a run may take past TIME_BUDGET from its first step line to its exit; "
         "a run that takes longer is a crash, over_budget (default: the larger of 30 s and 10% of TIME_BUDGET).",
     ),
+    startup_limit: float | None = typer.Option(
+        None,
+        "--startup-limit",
+        min=1.0,
+        help="Seconds a run may take from launch to its first step line (imports, data, "
+        "compile), which is not counted as training; a later first step line makes the run a "
+        "crash, over_budget (default 120).",
+    ),
     fix_attempts: int | None = typer.Option(
         None,
         "--fix-attempts",
@@ -243,6 +251,7 @@ def run(
             "timeout": timeout,
             "stall_timeout": stall_timeout,
             "budget_grace": budget_grace,
+            "startup_limit": startup_limit,
             "fix_attempts": fix_attempts,
             "min_delta": min_delta,
             "calibrate": calibrate,

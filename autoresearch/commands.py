@@ -231,6 +231,7 @@ def run_session(
             timeout=settings.timeout,
             stall_timeout=settings.stall_timeout,
             budget_grace=settings.budget_grace,
+            startup_limit=settings.startup_limit,
             fix_attempts=settings.fix_attempts,
             min_delta=settings.min_delta,
             calibrate=settings.calibrate or (3 if preset == "gpu" else 2),

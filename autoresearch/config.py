@@ -57,6 +57,8 @@ DEFAULTS: dict[str, object] = {
     # seconds a run may take past TIME_BUDGET from its first step line to its exit;
     # None: max(30, 10 % of TIME_BUDGET)
     "budget_grace": None,
+    # seconds a run may take from launch to its first step line (imports, data, compile)
+    "startup_limit": 120.0,
     "fix_attempts": 1,  # times the agent may try to fix its own crashed edit
     "min_delta": 0.0,  # val_bpb a change must beat the best by to be kept
     "calibrate": None,  # baseline runs to measure noise; None: 3 on the gpu preset, 2 on cpu
@@ -88,6 +90,7 @@ class Settings:
     sealed: bool = True
     agent_timeout: float = 600.0
     budget_grace: float | None = None
+    startup_limit: float = 120.0
     sources: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -214,6 +217,7 @@ CHECKS: dict[str, Callable[[object], object]] = {
     "timeout": _at_least(_number, 0.0, strict=True),
     "stall_timeout": _at_least(_number, 0.0, strict=True),
     "budget_grace": _at_least(_number, 0.0),
+    "startup_limit": _at_least(_number, 0.0, strict=True),
     "fix_attempts": _at_least(_integer, 0),
     "min_delta": _at_least(_number, 0.0),
     "calibrate": _at_least(_integer, 1),

@@ -45,7 +45,9 @@ from .pricing import cost_usd
 from .workspace import RUNS_DIR, TRAIN_FILE, cache_dir, data_manifest
 
 BRANCH_PREFIX = "autoresearch/"
-STARTUP_ALLOWANCE_S = 120.0  # seconds allowed on top of 2 x TIME_BUDGET for imports, compile, eval
+# seconds a run may take from launch to its first step line (imports, data, compile), unless
+# set; the hard timeout is 2 x TIME_BUDGET plus this
+STARTUP_LIMIT_S = 120.0
 CRASH_TAIL_LINES = 50
 AGENT_OUTAGE_RETRIES = (
     5  # consecutive endpoint failures (after the client's own retries) before stopping
@@ -77,10 +79,12 @@ class SessionOptions:
     max_hours: float | None = None
     max_cost: float | None = None  # USD of agent tokens
     prices: dict = field(default_factory=dict)  # overrides of pricing.PRICES
-    timeout: float | None = None  # hard limit per run; None = 2 x time_budget + allowance
+    timeout: float | None = None  # hard limit per run; None = 2 x time_budget + startup_limit
     # seconds a run may take past time_budget from its first step line to its exit (runner.Budget);
     # None = runner.budget_grace(time_budget)
     budget_grace: float | None = None
+    # seconds a run may take from launch to its first step line (runner.Budget.startup)
+    startup_limit: float = STARTUP_LIMIT_S
     stall_timeout: float | None = None
     fix_attempts: int = 1
     min_delta: float = 0.0
@@ -102,7 +106,7 @@ class SessionOptions:
 
     @property
     def hard_timeout(self) -> float:
-        return self.timeout or 2 * self.time_budget + STARTUP_ALLOWANCE_S
+        return self.timeout or 2 * self.time_budget + self.startup_limit
 
     @property
     def budget(self) -> runner.Budget:
@@ -112,7 +116,7 @@ class SessionOptions:
         return runner.Budget(
             self.time_budget,
             runner.budget_grace(self.time_budget) if grace is None else grace,
-            STARTUP_ALLOWANCE_S,
+            self.startup_limit,
             until_exit=self.sealed,
         )
 

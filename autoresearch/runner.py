@@ -97,10 +97,13 @@ class Budget:
     The harness's clock starts at the run's first step line (train.py prints it after step 0,
     whose compile is not training time) and stops at the child's exit (`until_exit`, for a
     sealed session, whose evaluator scores the checkpoint in a process of its own) or else at
-    its last step line (train.py's own evaluation follows it). A run that prints no step line
-    is timed from launch, with `startup` more allowed. A run past the limit is `over_budget`,
-    whatever it measured: stopped when it gets there (sealed), or when a step line comes past
-    it (unsealed), else judged when it exits.
+    its last step line (train.py's own evaluation follows it). What comes before the first step
+    line is not counted, so it may take at most `startup` seconds from launch (imports, data,
+    the model, step 0's compile): a first step line later than that makes the run
+    `over_budget`, stopped when the line comes; else a run could train there unseen. A run that
+    prints no step line is timed from launch, with `startup` more allowed. A run past the limit
+    is `over_budget`, whatever it measured: stopped when it gets there (sealed), or when a step
+    line comes past it (unsealed), else judged when it exits.
     """
 
     seconds: float
@@ -115,10 +118,22 @@ class Budget:
             return launched, "launch", limit + self.startup
         return first_step, "its first step line", limit
 
+    def _late_start(self, launched: float, first_step: float | None) -> str | None:
+        """What the run did wrong when its first step line came past `startup`, else None."""
+        if first_step is None or first_step - launched <= self.startup:
+            return None
+        return (
+            f"its first step line came {first_step - launched:.1f} s after launch, past the "
+            f"{self.startup:g} s allowed for start-up (imports, data, compile), which is not "
+            "counted as training"
+        )
+
     def deadline(
         self, launched: float, first_step: float | None, last_step: float | None
     ) -> float | None:
         """When to stop a run still going (monotonic), or None: not before it exits."""
+        if self._late_start(launched, first_step) is not None:
+            return first_step  # at once
         start, _, limit = self._clock(launched, first_step)
         if self.until_exit:
             return start + limit
@@ -128,6 +143,9 @@ class Budget:
 
     def stopped(self, launched: float, first_step: float | None) -> str:
         """The log line for a run stopped at its deadline."""
+        late = self._late_start(launched, first_step)
+        if late is not None:
+            return f"over budget: {late}; killed, the result does not count"
         _, since, limit = self._clock(launched, first_step)
         return (
             f"over budget: still running {limit:g} s after {since} (TIME_BUDGET "
@@ -138,6 +156,9 @@ class Budget:
         self, launched: float, first_step: float | None, last_step: float | None, exited: float
     ) -> str | None:
         """The log line for a run that exited past its limit; None when within it."""
+        late = self._late_start(launched, first_step)
+        if late is not None:
+            return f"over budget: {late}; the result does not count"
         start, since, limit = self._clock(launched, first_step)
         if self.until_exit or last_step is None:
             end, until = exited, "its exit"

@@ -620,6 +620,8 @@ NONSENSE = {
     "min-delta=-0.5": (["--min-delta", "-0.5"], {}, "--min-delta"),
     "agent-timeout=0": (["--agent-timeout", "0"], {}, "--agent-timeout"),
     "budget-grace=-1": (["--budget-grace", "-1"], {}, "--budget-grace"),
+    "startup-limit=0": (["--startup-limit", "0"], {}, "--startup-limit"),
+    "env-startup-limit=0": ([], {"AUTORESEARCH_STARTUP_LIMIT": "0"}, "AUTORESEARCH_STARTUP_LIMIT"),
     "env-max-cost=abc": ([], {"AUTORESEARCH_MAX_COST": "abc"}, "AUTORESEARCH_MAX_COST"),
     "env-max-hours=nan": ([], {"AUTORESEARCH_MAX_HOURS": "nan"}, "AUTORESEARCH_MAX_HOURS"),
 }

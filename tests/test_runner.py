@@ -296,6 +296,20 @@ def test_budget_is_counted_from_the_first_step_line() -> None:
         unsealed.overrun(0.0, 5.0, 18.5, 19.0) or ""
     )
     assert runner.budget_grace(300.0) == 30.0 and runner.budget_grace(1000.0) == 100.0
+    # the time before the first step line is not counted, so at most `startup` (20 s) of it:
+    # a first step line later than that stops the run when it comes, sealed or not
+    for held in (budget, unsealed):
+        assert held.deadline(0.0, 20.0, 20.0) == (33.0 if held.until_exit else None)
+        assert held.deadline(0.0, 21.5, 21.5) == 21.5
+        assert held.stopped(0.0, 21.5) == (
+            "over budget: its first step line came 21.5 s after launch, past the 20 s allowed "
+            "for start-up (imports, data, compile), which is not counted as training; killed, "
+            "the result does not count"
+        )
+        assert held.overrun(0.0, 20.0, 21.0, 22.0) is None
+        assert "its first step line came 21.5 s after launch" in (
+            held.overrun(0.0, 21.5, 21.6, 22.0) or ""
+        )
 
 
 @pytest.mark.parametrize(
@@ -303,6 +317,8 @@ def test_budget_is_counted_from_the_first_step_line() -> None:
     [
         (("0", "0.1", "0"), True, None),
         (("1.5", "0.2", "0"), True, None),  # a slow start (the compile) is not training
+        (("2.5", "1", "0"), True, "first step line came"),  # too slow: it could train there
+        (("2.5", "1", "0"), False, "first step line came"),
         (("0", "0.1", "2.5"), False, None),  # unsealed: its own evaluation follows
         (("0", "4", "0"), True, "after its first step line"),
         (("0", "0.1", "4"), True, "after its first step line"),  # sealed: nothing after counts
@@ -312,6 +328,8 @@ def test_budget_is_counted_from_the_first_step_line() -> None:
     ids=[
         "within",
         "slow-start",
+        "late-start",
+        "unsealed-late-start",
         "own-eval-after",
         "trained-past",
         "work-after",
@@ -322,9 +340,10 @@ def test_budget_is_counted_from_the_first_step_line() -> None:
 def test_a_run_is_held_to_its_budget(
     tmp_path: Path, timing: tuple[str, ...], until_exit: bool, stopped: str | None
 ) -> None:
-    """Allowed 1.5 s from the first step line (2 s from launch until there is one): a run past
-    it is stopped there, `over_budget`, with the harness's line in its log."""
-    budget = runner.Budget(1.0, 0.5, 0.5, until_exit=until_exit)
+    """Allowed 1.5 s from the first step line, which must come within 2 s of launch (3.5 s
+    from launch for a run without step lines): a run past either is stopped there,
+    `over_budget`, with the harness's line in its log."""
+    budget = runner.Budget(1.0, 0.5, 2.0, until_exit=until_exit)
     result = run_stub(tmp_path, "slow_train.py", *timing, budget=budget)
     if stopped is None:
         assert result.ok and result.crash_class is None and result.summary["val_bpb"] == 1.0
@@ -332,7 +351,7 @@ def test_a_run_is_held_to_its_budget(
     else:
         assert not result.ok and result.crash_class == "over_budget"
         assert result.exit_code == -15 and "val_bpb" not in result.summary
-        assert "[autoresearch] over budget: still running" in result.log_tail
+        assert "[autoresearch] over budget: " in result.log_tail
         assert stopped in result.log_path.read_text()
         assert result.wall_seconds < 1 + 4 + 0.5  # stopped, not left to finish
 

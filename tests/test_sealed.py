@@ -149,6 +149,18 @@ TRAIN_PAST_BUDGET = (
     "    time.sleep(8)  # past TIME_BUDGET (5 s) + the grace (1 s) before the checkpoint\n"
     "    checkpoint = os.environ.get",
 )
+TRAIN_BEFORE_FIRST_STEP = (
+    "    for step in range(STEPS):\n",
+    "    import time\n"
+    "    end = time.monotonic() + 12  # trains before its first step line, which starts the clock\n"
+    "    while time.monotonic() < end:\n"
+    "        x, y, _ = next(loader)\n"
+    "        loss = F.cross_entropy(model(x).view(-1, VOCAB_SIZE), y.view(-1))\n"
+    "        opt.zero_grad()\n"
+    "        loss.backward()\n"
+    "        opt.step()\n"
+    "    for step in range(STEPS):\n",
+)
 SEED_ONLY = ("SEED = 42  # model init", "SEED = 43  # model init")
 MORE_STEPS = ("STEPS = 6  # optimizer steps", "STEPS = 40  # optimizer steps")
 WRITE_VAL = (
@@ -516,6 +528,25 @@ def test_training_past_the_budget_is_not_evaluated(cache: Path, ws: Path) -> Non
     )
     assert late["exit_code"] == -15
     assert "eval_wall_s" not in late["extra"] and late["val_bpb"] is None
+    assert not list((ws / "runs" / TAG).glob("*/checkpoint.pt"))
+    assert git(ws, "rev-parse", "HEAD") == base["commit"]
+
+
+def test_training_before_the_first_step_line_is_not_evaluated(cache: Path, ws: Path) -> None:
+    """A candidate that trains for 12 s before its first step line (where the harness's clock
+    starts), against a 10 s start-up limit: stopped when the line comes, `crash`, class
+    `over_budget`, never evaluated; the baseline, which starts in a few seconds, is kept."""
+    steps = [("train before the clock starts", lambda s: edit(s, TRAIN_BEFORE_FIRST_STEP))]
+    result = session(ws, Scripted(steps), startup_limit=10.0).run()
+    assert result.reason == "agent has no more proposals (script done)"
+    base, early = records(ws)
+    assert base["status"] == "keep" and base["val_bpb"] is not None
+    assert (early["status"], early["crash_class"]) == ("crash", "over_budget")
+    tail = early["extra"]["log_tail"]
+    assert "[autoresearch] over budget: its first step line came " in tail
+    assert "past the 10 s allowed for start-up" in tail
+    assert early["exit_code"] == -15
+    assert "eval_wall_s" not in early["extra"] and early["val_bpb"] is None
     assert not list((ws / "runs" / TAG).glob("*/checkpoint.pt"))
     assert git(ws, "rev-parse", "HEAD") == base["commit"]
 
