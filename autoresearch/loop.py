@@ -111,13 +111,15 @@ class SessionOptions:
     @property
     def budget(self) -> runner.Budget:
         """What each run is held to. Sealed, train.py skips its own evaluation, so the clock
-        runs to the child's exit; unsealed, to its last step line."""
+        runs to the child's exit; unsealed, to its last step line. train.py (the default
+        command) must print step lines; another command may print none."""
         grace = self.budget_grace
         return runner.Budget(
             self.time_budget,
             runner.budget_grace(self.time_budget) if grace is None else grace,
             self.startup_limit,
             until_exit=self.sealed,
+            steps_required=self.command is None,
         )
 
 

@@ -100,42 +100,56 @@ class Budget:
     its last step line (train.py's own evaluation follows it). What comes before the first step
     line is not counted, so it may take at most `startup` seconds from launch (imports, data,
     the model, step 0's compile): a first step line later than that makes the run
-    `over_budget`, stopped when the line comes; else a run could train there unseen. A run that
-    prints no step line is timed from launch, with `startup` more allowed. A run past the limit
-    is `over_budget`, whatever it measured: stopped when it gets there (sealed), or when a step
-    line comes past it (unsealed), else judged when it exits.
+    `over_budget`, stopped when the line comes; else a run could train there unseen. With
+    `steps_required` (train.py's contract: it prints step lines) a run with no step line by
+    then is stopped there too; without it (another command), a run that prints no step line is
+    timed from launch, with `startup` more allowed. A run past the limit is `over_budget`,
+    whatever it measured: stopped when it gets there (sealed), or when a step line comes past
+    it (unsealed), else judged when it exits.
     """
 
     seconds: float
     grace: float
     startup: float
     until_exit: bool = True
+    steps_required: bool = False
 
     def _clock(self, launched: float, first_step: float | None) -> tuple[float, str, float]:
         """(when the clock started, what started it, the seconds allowed from then)."""
         limit = self.seconds + self.grace
         if first_step is None:
-            return launched, "launch", limit + self.startup
+            return launched, "launch", self.startup if self.steps_required else limit + self.startup
         return first_step, "its first step line", limit
 
-    def _late_start(self, launched: float, first_step: float | None) -> str | None:
-        """What the run did wrong when its first step line came past `startup`, else None."""
-        if first_step is None or first_step - launched <= self.startup:
+    def _slow_start(self, launched: float, first_step: float | None, exited: bool) -> str | None:
+        """What the run did wrong before its first step line, None if nothing: the line came
+        past `startup`; or, steps required, none came before the deadline or the exit."""
+        if first_step is not None:
+            if first_step - launched <= self.startup:
+                return None
+            return (
+                f"its first step line came {first_step - launched:.1f} s after launch, past the "
+                f"{self.startup:g} s allowed for start-up (imports, data, compile), which is not "
+                "counted as training"
+            )
+        if not self.steps_required:
             return None
-        return (
-            f"its first step line came {first_step - launched:.1f} s after launch, past the "
-            f"{self.startup:g} s allowed for start-up (imports, data, compile), which is not "
-            "counted as training"
+        missing = (
+            "it exited without a step line"
+            if exited
+            else f"no step line within the {self.startup:g} s allowed for start-up (imports, "
+            "data, compile)"
         )
+        return f"{missing}; the clock starts at the first step line, so train.py must print them"
 
     def deadline(
         self, launched: float, first_step: float | None, last_step: float | None
     ) -> float | None:
         """When to stop a run still going (monotonic), or None: not before it exits."""
-        if self._late_start(launched, first_step) is not None:
-            return first_step  # at once
+        if first_step is not None and self._slow_start(launched, first_step, False) is not None:
+            return first_step  # too late: at once
         start, _, limit = self._clock(launched, first_step)
-        if self.until_exit:
+        if self.until_exit or (first_step is None and self.steps_required):
             return start + limit
         if first_step is not None and last_step is not None and last_step > start + limit:
             return last_step  # a step line past the limit: it is still training
@@ -143,9 +157,9 @@ class Budget:
 
     def stopped(self, launched: float, first_step: float | None) -> str:
         """The log line for a run stopped at its deadline."""
-        late = self._late_start(launched, first_step)
-        if late is not None:
-            return f"over budget: {late}; killed, the result does not count"
+        slow = self._slow_start(launched, first_step, exited=False)
+        if slow is not None:
+            return f"over budget: {slow}; killed, the result does not count"
         _, since, limit = self._clock(launched, first_step)
         return (
             f"over budget: still running {limit:g} s after {since} (TIME_BUDGET "
@@ -156,9 +170,9 @@ class Budget:
         self, launched: float, first_step: float | None, last_step: float | None, exited: float
     ) -> str | None:
         """The log line for a run that exited past its limit; None when within it."""
-        late = self._late_start(launched, first_step)
-        if late is not None:
-            return f"over budget: {late}; the result does not count"
+        slow = self._slow_start(launched, first_step, exited=True)
+        if slow is not None:
+            return f"over budget: {slow}; the result does not count"
         start, since, limit = self._clock(launched, first_step)
         if self.until_exit or last_step is None:
             end, until = exited, "its exit"

@@ -310,6 +310,21 @@ def test_budget_is_counted_from_the_first_step_line() -> None:
         assert "its first step line came 21.5 s after launch" in (
             held.overrun(0.0, 21.5, 21.6, 22.0) or ""
         )
+    # train.py must print step lines: without one it is stopped once `startup` has passed, and
+    # one that exits without any does not count (another command may print none, as above)
+    strict = runner.Budget(10.0, 3.0, 20.0, steps_required=True)
+    for held in (strict, runner.Budget(10.0, 3.0, 20.0, until_exit=False, steps_required=True)):
+        assert held.deadline(0.0, None, None) == 20.0
+        assert held.stopped(0.0, None) == (
+            "over budget: no step line within the 20 s allowed for start-up (imports, data, "
+            "compile); the clock starts at the first step line, so train.py must print them; "
+            "killed, the result does not count"
+        )
+        assert held.overrun(0.0, None, None, 5.0) == (
+            "over budget: it exited without a step line; the clock starts at the first step "
+            "line, so train.py must print them; the result does not count"
+        )
+        assert held.overrun(0.0, 5.0, 6.0, 7.0) is None
 
 
 @pytest.mark.parametrize(
@@ -324,6 +339,7 @@ def test_budget_is_counted_from_the_first_step_line() -> None:
         (("0", "0.1", "4"), True, "after its first step line"),  # sealed: nothing after counts
         (("0", "3", "4"), False, "after its first step line"),  # a step line past the limit
         (("1", "4", "0", "--no-steps"), True, "after launch"),
+        (("1", "4", "0", "--no-steps", "required"), True, "no step line within the 2 s"),
     ],
     ids=[
         "within",
@@ -335,16 +351,19 @@ def test_budget_is_counted_from_the_first_step_line() -> None:
         "work-after",
         "unsealed-step-past",
         "no-step-lines",
+        "no-step-lines-required",
     ],
 )
 def test_a_run_is_held_to_its_budget(
     tmp_path: Path, timing: tuple[str, ...], until_exit: bool, stopped: str | None
 ) -> None:
     """Allowed 1.5 s from the first step line, which must come within 2 s of launch (3.5 s
-    from launch for a run without step lines): a run past either is stopped there,
-    `over_budget`, with the harness's line in its log."""
-    budget = runner.Budget(1.0, 0.5, 2.0, until_exit=until_exit)
-    result = run_stub(tmp_path, "slow_train.py", *timing, budget=budget)
+    from launch for a run without step lines, 2 s where step lines are required): a run past
+    either is stopped there, `over_budget`, with the harness's line in its log."""
+    required = "required" in timing
+    budget = runner.Budget(1.0, 0.5, 2.0, until_exit=until_exit, steps_required=required)
+    args = [a for a in timing if a != "required"]
+    result = run_stub(tmp_path, "slow_train.py", *args, budget=budget)
     if stopped is None:
         assert result.ok and result.crash_class is None and result.summary["val_bpb"] == 1.0
         assert "over budget" not in result.log_path.read_text()
@@ -354,6 +373,20 @@ def test_a_run_is_held_to_its_budget(
         assert "[autoresearch] over budget: " in result.log_tail
         assert stopped in result.log_path.read_text()
         assert result.wall_seconds < 1 + 4 + 0.5  # stopped, not left to finish
+
+
+def test_a_run_without_step_lines_does_not_count_where_they_are_required(tmp_path: Path) -> None:
+    """train.py's contract: the clock starts at its first step line, so a run that exits 0
+    with a val_bpb but never printed one is `over_budget`; another command may print none."""
+    args = ("0.2", "0", "0", "--no-steps")
+    budget = runner.Budget(1.0, 0.5, 2.0, steps_required=True)
+    result = run_stub(tmp_path, "slow_train.py", *args, budget=budget)
+    assert result.exit_code == 0 and result.summary["val_bpb"] == 1.0
+    assert not result.ok and result.crash_class == "over_budget"
+    assert "[autoresearch] over budget: it exited without a step line" in result.log_tail
+    lenient = runner.Budget(1.0, 0.5, 2.0)
+    result = run_stub(tmp_path, "slow_train.py", *args, budget=lenient)
+    assert result.ok and result.crash_class is None
 
 
 def test_sigterm_ignored_escalates_to_sigkill(tmp_path: Path) -> None:
