@@ -57,8 +57,9 @@ DEFAULTS: dict[str, object] = {
     # seconds a run may take past TIME_BUDGET from its first step line to its exit;
     # None: max(30, 10 % of TIME_BUDGET)
     "budget_grace": None,
-    # seconds a run may take from launch to its first step line (imports, data, compile)
-    "startup_limit": 120.0,
+    # seconds a run may take from launch to its first step line (imports, data, compile);
+    # None: 120
+    "startup_limit": None,
     "fix_attempts": 1,  # times the agent may try to fix its own crashed edit
     "min_delta": 0.0,  # val_bpb a change must beat the best by to be kept
     "calibrate": None,  # baseline runs to measure noise; None: 3 on the gpu preset, 2 on cpu
@@ -90,7 +91,7 @@ class Settings:
     sealed: bool = True
     agent_timeout: float = 600.0
     budget_grace: float | None = None
-    startup_limit: float = 120.0
+    startup_limit: float | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
     @property

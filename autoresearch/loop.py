@@ -46,7 +46,7 @@ from .workspace import RUNS_DIR, TRAIN_FILE, cache_dir, data_manifest
 
 BRANCH_PREFIX = "autoresearch/"
 # seconds a run may take from launch to its first step line (imports, data, compile), unless
-# set; the hard timeout is 2 x TIME_BUDGET plus this
+# set (SessionOptions.startup_limit)
 STARTUP_LIMIT_S = 120.0
 CRASH_TAIL_LINES = 50
 AGENT_OUTAGE_RETRIES = (
@@ -83,8 +83,9 @@ class SessionOptions:
     # seconds a run may take past time_budget from its first step line to its exit (runner.Budget);
     # None = runner.budget_grace(time_budget)
     budget_grace: float | None = None
-    # seconds a run may take from launch to its first step line (runner.Budget.startup)
-    startup_limit: float = STARTUP_LIMIT_S
+    # seconds a run may take from launch to its first step line (runner.Budget.startup);
+    # None = STARTUP_LIMIT_S
+    startup_limit: float | None = None
     stall_timeout: float | None = None
     fix_attempts: int = 1
     min_delta: float = 0.0
@@ -106,7 +107,11 @@ class SessionOptions:
 
     @property
     def hard_timeout(self) -> float:
-        return self.timeout or 2 * self.time_budget + self.startup_limit
+        return self.timeout or 2 * self.time_budget + self.startup_seconds
+
+    @property
+    def startup_seconds(self) -> float:
+        return STARTUP_LIMIT_S if self.startup_limit is None else self.startup_limit
 
     @property
     def budget(self) -> runner.Budget:
@@ -117,7 +122,7 @@ class SessionOptions:
         return runner.Budget(
             self.time_budget,
             runner.budget_grace(self.time_budget) if grace is None else grace,
-            self.startup_limit,
+            self.startup_seconds,
             until_exit=self.sealed,
             steps_required=self.command is None,
         )
