@@ -26,7 +26,9 @@ repository's prepare.py, with a compile cache of its own (TORCHINDUCTOR_CACHE_DI
 empty: its first run is cold, later runs are warm, and the table says which. Versions are run
 in turn (A B A B ...), so a drift of the machine over the call does not favour one of them.
 A --variant NAME:CONST=TEXT[,CONST=TEXT...] is this repository's train.py with the values of those
-module-level constants replaced by the texts, so a sweep of constants needs no files.
+module-level constants replaced by the texts, so a sweep of constants needs no files. TIME_BUDGET
+(prepare.py's) may be set there too: that version alone trains for that many seconds, so
+versions can be compared at equal tokens (`--variant long:TIME_BUDGET=306`).
 
 With --gpus N, N runs go at once, each on a GPU of its own (CUDA_VISIBLE_DEVICES): run r
 (from 0) of the v-th version on GPU (v + r) mod N, so each version meets min(runs, N) cards.
@@ -193,14 +195,24 @@ def value_span(source: str, const: str) -> tuple[int, int] | None:
     return start, line_starts[value.end_lineno - 1] + value.end_col_offset
 
 
-def variant(spec: str, source: str) -> tuple[str, str]:
+def variant(spec: str, source: str) -> tuple[str, str, float | None]:
     """--variant NAME:CONST=TEXT[,CONST=TEXT...]: (NAME, `source` with the value of each CONST
-    replaced by its TEXT). A TEXT may hold commas, as in a tuple."""
+    replaced by its TEXT, the version's TIME_BUDGET if set, else None). A TEXT may hold commas,
+    as in a tuple. TIME_BUDGET is prepare.py's, so it is passed to the run, not written."""
     name, _, settings = spec.partition(":")
     if not name or not settings:
         raise SystemExit(f"--variant {spec!r}: expected NAME:CONST=TEXT[,CONST=TEXT...]")
+    budget = None
     for setting in re.split(r",\s*(?=[A-Za-z_]\w*\s*=)", settings):
         const, eq, text = (part.strip() for part in setting.partition("="))
+        if const == "TIME_BUDGET" and eq:
+            try:
+                budget = float(text)
+            except ValueError:
+                budget = 0.0
+            if not budget > 0:
+                raise SystemExit(f"--variant {spec!r}: TIME_BUDGET must be a positive number")
+            continue
         span = value_span(source, const) if eq else None
         if span is None:
             raise SystemExit(
@@ -212,14 +224,14 @@ def variant(spec: str, source: str) -> tuple[str, str]:
             ast.parse(source)
         except SyntaxError as exc:
             raise SystemExit(f"--variant {spec!r}: train.py no longer parses ({exc.msg})") from None
-    return name, source
+    return name, source, budget
 
 
-def workdirs(versions: list[tuple[str, str]], work: Path) -> dict[str, Path]:
-    """One directory per version (name, train.py source): its train.py beside a copy of this
-    repository's prepare.py. Names are made unique with a number."""
+def workdirs(versions: list[tuple[str, str, float | None]], work: Path) -> dict[str, Path]:
+    """One directory per version (name, train.py source, budget): its train.py beside a copy of
+    this repository's prepare.py. Names are made unique with a number, in the versions' order."""
     dirs: dict[str, Path] = {}
-    for stem, source in versions:
+    for stem, source, _ in versions:
         name = stem
         while name in dirs:
             name = f"{stem}{len(dirs) + 1}"
@@ -231,21 +243,28 @@ def workdirs(versions: list[tuple[str, str]], work: Path) -> dict[str, Path]:
     return dirs
 
 
-def versions_of(trains: list[Path] | None, variants: list[str] | None) -> list[tuple[str, str]]:
-    """The --train files (named by stem), then the --variant versions of this repository's
-    train.py; with neither, this repository's train.py."""
-    versions = []
+def versions_of(
+    trains: list[Path] | None, variants: list[str] | None
+) -> list[tuple[str, str, float | None]]:
+    """(name, train.py source, budget or None) for the --train files (named by stem), then the
+    --variant versions of this repository's train.py; with neither, this repository's train.py."""
+    versions: list[tuple[str, str, float | None]] = []
     for train in trains or []:
         if not train.is_file():
             raise SystemExit(f"--train {train}: no such file")
-        versions.append((train.stem, train.read_text()))
+        versions.append((train.stem, train.read_text(), None))
     base = (ROOT / "train.py").read_text()
     versions += [variant(spec, base) for spec in variants or []]
-    return versions or [("train", base)]
+    return versions or [("train", base, None)]
 
 
-def run_all(versions: dict[str, Path], args: argparse.Namespace) -> list[dict]:
+def run_all(
+    versions: dict[str, Path],
+    args: argparse.Namespace,
+    budgets: dict[str, float | None] | None = None,
+) -> list[dict]:
     """Every run of every version, A B A B ..., at most args.gpus at once; rows in that order.
+    A version's budget (from `budgets`) wins over args.budget.
 
     With several GPUs, run r (from 0) of the v-th version goes to GPU (v + r) mod args.gpus,
     and each GPU takes its runs in that order: every version meets min(runs, gpus) cards, so a
@@ -264,7 +283,7 @@ def run_all(versions: dict[str, Path], args: argparse.Namespace) -> list[dict]:
             row = one_run(
                 versions[name],
                 args.out / f"{name}-run{run}.log",
-                args.budget,
+                (budgets or {}).get(name) or args.budget,
                 args.work / cache,
                 args.doc_eval,
                 gpu=None if gpu is None else str(gpu),
@@ -382,16 +401,19 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(args.work, ignore_errors=True)
-    versions = workdirs(versions_of(args.train, args.variant), args.work)
+    specs = versions_of(args.train, args.variant)
+    versions = workdirs(specs, args.work)
+    budgets = {name: budget for name, (_, _, budget) in zip(versions, specs, strict=True)}
     prep_s = prepare_pycode()
     info = card()
-    rows = run_all(versions, args)
+    rows = run_all(versions, args, budgets)
     result = {
         "versions": list(versions),
         "date": time.strftime("%Y-%m-%d"),
         "prepare_s": prep_s,
         **info,
         "budget": args.budget,
+        "budgets": {name: budget for name, budget in budgets.items() if budget},
         "gpus": args.gpus,
         "rows": rows,
     }

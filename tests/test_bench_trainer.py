@@ -33,6 +33,7 @@ with open(os.environ["TRACE"], "a") as f:
         "version": os.path.basename(os.getcwd()),
         "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "cache": os.path.basename(os.environ["TORCHINDUCTOR_CACHE_DIR"]),
+        "budget": os.environ.get("AUTORESEARCH_TIME_BUDGET"),
         "start": start,
         "end": time.time(),
     }) + "\\n")
@@ -49,7 +50,9 @@ def _versions(tmp_path: Path, names: dict[str, float]) -> dict[str, Path]:
     return trainer.workdirs(trainer.versions_of(trains, None), tmp_path / "work")
 
 
-def _run(tmp_path: Path, monkeypatch, gpus: int, runs: int) -> tuple[list[dict], list[dict]]:
+def _run(
+    tmp_path: Path, monkeypatch, gpus: int, runs: int, budget=None, budgets=None
+) -> tuple[list[dict], list[dict]]:
     trace = tmp_path / "trace.jsonl"
     monkeypatch.setenv("TRACE", str(trace))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -57,9 +60,9 @@ def _run(tmp_path: Path, monkeypatch, gpus: int, runs: int) -> tuple[list[dict],
     out = tmp_path / "out"
     out.mkdir()
     args = argparse.Namespace(
-        runs=runs, gpus=gpus, out=out, work=tmp_path / "work", budget=None, doc_eval=False
+        runs=runs, gpus=gpus, out=out, work=tmp_path / "work", budget=budget, doc_eval=False
     )
-    rows = trainer.run_all(versions, args)
+    rows = trainer.run_all(versions, args, budgets)
     return rows, [json.loads(line) for line in trace.read_text().splitlines()]
 
 
@@ -98,6 +101,14 @@ def test_gpus_run_at_once_each_on_a_gpu_of_its_own(tmp_path, monkeypatch, gpus) 
         assert len({u["gpu"] for u in overlapping}) == len(overlapping)
         most = max(most, len(overlapping))
     assert most == gpus
+
+
+def test_a_versions_own_budget_reaches_its_runs_alone(tmp_path, monkeypatch) -> None:
+    rows, trace = _run(tmp_path, monkeypatch, gpus=1, runs=1, budget=60, budgets={"b": 61.5})
+    assert {t["version"]: t["budget"] for t in trace} == {"a": "60", "b": "61.5", "c": "60"}
+    (tmp_path / "again").mkdir()
+    rows, trace = _run(tmp_path / "again", monkeypatch, gpus=1, runs=1, budgets={"c": 306.0})
+    assert {t["version"]: t["budget"] for t in trace} == {"a": None, "b": None, "c": "306.0"}
 
 
 def test_summary_gives_each_version_its_mean_and_range_over_the_runs_that_finished() -> None:
@@ -148,10 +159,10 @@ def _constants(source: str) -> dict[str, str]:
 
 def test_a_variant_is_train_py_with_its_constants_set() -> None:
     base = (ROOT / "train.py").read_text()
-    name, source = trainer.variant(
+    name, source, budget = trainer.variant(
         "small:TOTAL_BATCH_SIZE=2**17, DEVICE_BATCH_SIZE=64,MUON_MOMENTUM=(0.9, 0.95, 300)", base
     )
-    assert name == "small"
+    assert (name, budget) == ("small", None)
     before, after = _constants(base), _constants(source)
     assert after["TOTAL_BATCH_SIZE"] == "2 ** 17" and after["DEVICE_BATCH_SIZE"] == "64"
     assert after["MUON_MOMENTUM"] == "(0.9, 0.95, 300)"
@@ -159,8 +170,20 @@ def test_a_variant_is_train_py_with_its_constants_set() -> None:
     assert changed == {"TOTAL_BATCH_SIZE", "DEVICE_BATCH_SIZE", "MUON_MOMENTUM"}
     assert len(source.splitlines()) == len(base.splitlines())  # comments and layout kept
     versions = trainer.versions_of([], ["a:SEED=1", "b:SEED=2"])
-    assert [(n, _constants(s)["SEED"]) for n, s in versions] == [("a", "1"), ("b", "2")]
-    assert trainer.versions_of(None, None) == [("train", base)]
+    assert [(n, _constants(s)["SEED"], b) for n, s, b in versions] == [
+        ("a", "1", None),
+        ("b", "2", None),
+    ]
+    assert trainer.versions_of(None, None) == [("train", base, None)]
+
+
+def test_a_variant_may_set_its_own_training_budget() -> None:
+    """TIME_BUDGET is prepare.py's: a variant that sets it gets the budget, not an edited file,
+    so versions can be compared at equal tokens."""
+    base = (ROOT / "train.py").read_text()
+    assert trainer.variant("long:TIME_BUDGET=306", base) == ("long", base, 306.0)
+    name, source, budget = trainer.variant("both:SEED=7,TIME_BUDGET=2.5", base)
+    assert (name, _constants(source)["SEED"], budget) == ("both", "7", 2.5)
 
 
 @pytest.mark.parametrize(
@@ -171,6 +194,8 @@ def test_a_variant_is_train_py_with_its_constants_set() -> None:
         ("x:TOTAL_BATCH_SIZE", "'TOTAL_BATCH_SIZE' is not a constant"),
         ("x:SEED=1,EVAL_TOKENS=5", "'EVAL_TOKENS' is not a constant"),  # prepare.py's
         ("x:DEPTH=8 +", "no longer parses"),
+        ("x:TIME_BUDGET=0", "TIME_BUDGET must be a positive number"),
+        ("x:TIME_BUDGET=soon", "TIME_BUDGET must be a positive number"),
     ],
 )
 def test_a_bad_variant_is_refused_before_anything_runs(spec: str, words: str) -> None:
