@@ -15,22 +15,10 @@ device and Triton.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_train(path: Path):
-    sys.path.insert(0, str(path.parent))
-    sys.path.insert(1, str(ROOT))  # prepare.py, when the version sits elsewhere
-    spec = importlib.util.spec_from_file_location("train", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train"] = module
-    spec.loader.exec_module(module)
-    return module
+from profile_step import load_train  # this directory is on sys.path when run as a script
 
 
 def main() -> None:
