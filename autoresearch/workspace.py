@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import DataError, WorkspaceError
+from .gitrepo import init_repository
 
 WORKSPACE_FILES = ("program.md", "prepare.py", "train.py")
 TRAIN_FILE = "train.py"
@@ -71,23 +71,12 @@ def init_workspace(target: Path) -> Path:
     for name in WORKSPACE_FILES:
         (target / name).write_text(template_text(name), encoding="utf-8")
     (target / ".gitignore").write_text(GITIGNORE, encoding="utf-8")
-    if not (target / ".git").exists():
-        _git(target, "init", "-q", "-b", "main")
-    _git(target, "add", *WORKSPACE_FILES, ".gitignore")
-    _git(target, "commit", "-q", "-m", "autoresearch workspace: program.md, prepare.py, train.py")
+    init_repository(
+        target,
+        [*WORKSPACE_FILES, ".gitignore"],
+        "autoresearch workspace: program.md, prepare.py, train.py",
+    )
     return target
-
-
-def _git(cwd: Path, *args: str) -> None:
-    env = dict(os.environ)
-    # A fresh machine may have no identity configured; the workspace's first commit still works.
-    env.setdefault("GIT_AUTHOR_NAME", "autoresearch")
-    env.setdefault("GIT_AUTHOR_EMAIL", "autoresearch@localhost")
-    env.setdefault("GIT_COMMITTER_NAME", env["GIT_AUTHOR_NAME"])
-    env.setdefault("GIT_COMMITTER_EMAIL", env["GIT_AUTHOR_EMAIL"])
-    proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise WorkspaceError(f"git {' '.join(args)} failed in {cwd}: {proc.stderr.strip()}")
 
 
 def cache_dir(env: dict[str, str] | None = None) -> Path:
