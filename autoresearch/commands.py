@@ -21,7 +21,14 @@ from .config import resolve
 from .display import STATUS_STYLE, Display, format_delta, result_line
 from .errors import DataError, UsageError, WorkspaceError
 from .ledger import Experiment, Ledger
-from .workspace import RUNS_DIR, find_workspace, init_workspace, load_prepare, read_manifest
+from .workspace import (
+    RUNS_DIR,
+    find_workspace,
+    init_workspace,
+    load_prepare,
+    read_manifest,
+    stale_prepare,
+)
 
 out = Console()
 CONFIRM_TIMEOUT_S = 1800.0  # seconds one test-split evaluation may take
@@ -83,8 +90,11 @@ def prepare(
         source, recorded = _active_dataset_args()
         options = {**recorded, **{k: v for k, v in options.items() if v is not None}}
         out.print(f"rebuilding the active dataset ({source})", highlight=False, markup=False)
+    from .data.build import run_prepare
+
     try:
-        module.run_prepare(
+        run_prepare(
+            module,  # the workspace's prepare.py: the format its loader reads
             source or "climbmix",
             **{k: v for k, v in options.items() if v is not None},
             base_url=base_url,
@@ -249,6 +259,8 @@ def run_session(
             f"hard timeout {opts.hard_timeout:g}s"
             + ("" if opts.sealed else "; unsealed: val_bpb as train.py prints it")
         )
+        if stale := stale_prepare(root):
+            display.note(stale)
         Session(root, opts, agent_obj, display, warm=first).run()
     finally:
         if first is not None:  # a no-op once the session has taken it

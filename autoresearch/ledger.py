@@ -135,12 +135,6 @@ def tsv_row(exp: Experiment) -> str:
     return f"{commit}\t{0.0 if no_value else val:.6f}\t{memory:.1f}\t{status}\t{description}"
 
 
-def peak_memory_gb(summary: dict[str, float]) -> float:
-    """memory_gb as upstream reports it: the summary's peak_vram_mb / 1024 (0.0 if absent)."""
-    peak = summary.get("peak_vram_mb", 0.0)
-    return peak / 1024 if math.isfinite(peak) else 0.0
-
-
 # ---------------------------------------------------------------------------------------------
 # Durable file primitives (raise OSError; Ledger turns that into LedgerError)
 

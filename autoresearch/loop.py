@@ -9,8 +9,8 @@ Guarantees, whatever happens (a crash of train.py, a dead endpoint, Ctrl-C, kill
   `runs/<tag>/state.json` names the experiment in flight, so `--resume` can tell what
   finished (never repeated) from what did not (re-run under the same id).
 
-What it does not do: judge noise (min_delta is a fixed threshold) or overlap proposing with
-training; those build on this module.
+What it does not do: measure val_bpb itself (runner.py trains, evaluator.py measures),
+decide what counts as noise (noise.py), or run git (gitrepo.py).
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -39,7 +37,7 @@ from .agent import Agent, AgentExhausted, Context, HistoryEntry, InvalidProposal
 from .display import Display
 from .edits import check_compiles
 from .errors import AgentError, AutoresearchError, EditError, WorkspaceError
-from .gitrepo import GitRepo
+from .gitrepo import GitRepo, merge_texts
 from .ledger import Experiment, Ledger
 from .pricing import cost_usd
 from .workspace import RUNS_DIR, TRAIN_FILE, cache_dir, data_manifest
@@ -48,7 +46,6 @@ BRANCH_PREFIX = "autoresearch/"
 # seconds a run may take from launch to its first step line (imports, data, compile), unless
 # set (SessionOptions.startup_limit)
 STARTUP_LIMIT_S = 120.0
-CRASH_TAIL_LINES = 50
 AGENT_OUTAGE_RETRIES = (
     5  # consecutive endpoint failures (after the client's own retries) before stopping
 )
@@ -211,10 +208,6 @@ def _is_seed(name: str) -> bool:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _tail(text: str, n: int = CRASH_TAIL_LINES) -> str:
-    return "\n".join(text.splitlines()[-n:])
 
 
 class Session:
@@ -561,7 +554,7 @@ class Session:
 
     def _rebase(self, proposal: Proposal, base: str, best: str) -> Proposal | None:
         """Re-apply an edit made against `base` onto `best` (a three-way merge of train.py)."""
-        merged = three_way_merge(self._source(base), self._source(best), proposal.source)
+        merged = merge_texts(self._source(base), self._source(best), proposal.source)
         if merged is None:
             return None
         try:
@@ -1195,20 +1188,6 @@ def _history_description(e: Experiment) -> str:
     if e.status in ("invalid", "rejected") and reason:
         return f"{e.description} ({e.status}: {' '.join(str(reason).split())[:160]})"
     return e.description
-
-
-def three_way_merge(base: str, ours: str, theirs: str) -> str | None:
-    """`theirs`' changes to `base` applied to `ours` (git merge-file); None on a conflict."""
-    with tempfile.TemporaryDirectory(prefix="autoresearch-merge-") as tmp:
-        paths = []
-        for name, text in (("ours", ours), ("base", base), ("theirs", theirs)):
-            path = Path(tmp) / name
-            path.write_text(text, encoding="utf-8")
-            paths.append(str(path))
-        proc = subprocess.run(
-            ["git", "merge-file", "-p", "--quiet", *paths], capture_output=True, text=True
-        )
-    return proc.stdout if proc.returncode == 0 else None
 
 
 def _agent_info(p: Proposal) -> dict:

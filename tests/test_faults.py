@@ -678,7 +678,12 @@ def sealed_ws(tmp_path: Path) -> Path:
 @pytest.fixture
 def sealed_env(env: dict, stdlib_prepared: Path) -> dict[str, str]:
     sealed = {k: v for k, v in env.items() if k != "AUTORESEARCH_SEALED"}  # the default: on
-    return {**sealed, "AUTORESEARCH_CACHE": str(stdlib_prepared)}
+    # Far from the start-up limit: a busy machine's slow `import torch` is not what these test.
+    return {
+        **sealed,
+        "AUTORESEARCH_CACHE": str(stdlib_prepared),
+        "AUTORESEARCH_STARTUP_LIMIT": "600",
+    }
 
 
 def test_fake_summary_is_not_the_measurement(
