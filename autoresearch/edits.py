@@ -3,7 +3,7 @@
 The reply format (Aider's), one or more blocks, optionally inside ``` fences and optionally
 preceded by a line naming the file::
 
-    Raise the matrix learning rate            <- first line outside any block: the description
+    Raise the matrix learning rate            <- the description (see `find_description`)
     train.py
     <<<<<<< SEARCH
     MATRIX_LR = 0.04
@@ -12,22 +12,38 @@ preceded by a line naming the file::
     >>>>>>> REPLACE
 
 Guarantees of `apply_reply`:
-- all or nothing: either every block applies and the result compiles, or `EditError` is raised
-  and the caller's text is untouched;
-- a SEARCH applies only where it matches exactly one place, trying exact lines first, then
-  lines equal up to trailing whitespace, then lines equal up to a consistent indentation shift
-  (the replacement is shifted the same way); several matches are refused, never resolved by
-  taking the first;
+- only the answer counts: CRLF is read as LF; text inside <think>...</think> (or <thinking>),
+  and everything before a lone </think>, contributes neither blocks nor the description;
+- a reply that is not whole is never applied, in any part: one that ends inside a block,
+  inside a partial marker (`<<<<<<< SEA`), inside an unclosed fence or inside its <think>
+  section; a "complete train.py" that elides code (`# ... rest unchanged ...`, `...`) or drops
+  top-level definitions the current file has without the reply naming them;
+- all or nothing: either every block applies and the result compiles, or `EditError` is
+  raised and the caller's text is untouched;
+- a block repeated verbatim (a recap) is applied once; two different blocks with the same
+  SEARCH are refused as ambiguous;
+- a SEARCH applies only where it matches exactly one place. Tried in order, the first that
+  matches anywhere decides: exact lines; lines equal up to trailing whitespace; lines equal
+  up to one uniform shift of indentation (the REPLACE is shifted the same way). Each is tried
+  on the SEARCH as sent, then with what is certainly not part of train.py taken off: fence
+  lines and a filename line around a part, the `NN | ` line-number gutter of this module's
+  own messages, tabs where the file indents with spaces, blank first and last lines. A SEARCH
+  with `...` lines matches piece by piece, each piece in one place only, in order. Several
+  matches are refused, never resolved by taking the first;
 - blocks apply in order, each to the text left by the blocks before it;
-- a block that names another file than the one being edited is refused;
+- a block, fence or label that names another file than train.py is refused (prepare.py
+  with its own reason: it is fixed);
 - the result differs from the input and compiles (`compile(..., "exec")`); it is not run.
 
 Fallback: a reply without any SEARCH/REPLACE block but with a ```python (or unlabelled) fence
 is taken as the complete new file when that fence holds a whole program, see
-`WHOLE_FILE_MIN_FRACTION`.
+`WHOLE_FILE_MIN_FRACTION`, and passes the lazy-file checks above.
 
-Every `EditError` message is written for the model to read: what failed, the nearest real
-lines of the file with their numbers, and what to send instead.
+Every `EditError` message is written for the model to read: which block, what failed, the
+nearest real lines of the file with their numbers, and what to send instead.
+
+Not done: fuzzy matching of lines that differ in content (a SEARCH must copy real lines), and
+edits of any file but train.py.
 """
 
 from __future__ import annotations
@@ -35,29 +51,72 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 
 from .errors import EditError
 
 TARGET_FILE = "train.py"
+FIXED_FILE = "prepare.py"  # trusted: data, tokenizer and metric; never edited by the agent
 DESCRIPTION_MAX_CHARS = 120  # one line in results.tsv and the commit subject
 # A fence is the whole new file when it has the `if __name__ == "__main__":` guard or at least
 # this fraction of the original's lines: a snippet of a few lines is never mistaken for a file.
 WHOLE_FILE_MIN_FRACTION = 0.6
 CLOSEST_CONTEXT_LINES = 2  # extra lines shown around the nearest match in a failure message
+# Definitions the harness calls (docs/architecture.md): a whole file may never drop them.
+CONTRACT_NAMES = ("build_model", "load_model")
+MAIN_GUARD = 'the `if __name__ == "__main__":` guard'
 
 _SEARCH = re.compile(r"^\s*<{5,9}\s*SEARCH\b.*$")
 _DIVIDER = re.compile(r"^\s*={5,9}\s*$")
 _REPLACE = re.compile(r"^\s*>{5,9}\s*REPLACE\b.*$")
-_FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*(.*?)\s*$")
-_THINK = re.compile(r"<think>.*?(</think>|\Z)", re.DOTALL | re.IGNORECASE)
-_FILENAME = re.compile(r"^[\w.\-/\\]+\.\w+$")
+_FENCE = re.compile(r"^\s{0,3}(`{3,}|~{3,})\s*([^`]*?)\s*$")
+_PARTIAL_MARKER = re.compile(r"^\s*(<{2,}|>{2,}|={2,}|`{1,2})\s*([A-Za-z]*)$")
+_THINK = re.compile(r"<(think|thinking)>.*?</\1>", re.DOTALL | re.IGNORECASE)
+_THINK_OPEN = re.compile(r"<(think|thinking)>", re.IGNORECASE)
+_THINK_CLOSE = re.compile(r"</(think|thinking)>", re.IGNORECASE)
+_NAME = r"[\w.\-/\\]*\w\.(?:py|pyi|ipynb|md|txt|toml|json|ya?ml|cfg|ini|sh)\b"
+_FILENAME = re.compile(rf"^{_NAME}$")
+_NAMING = (  # lines that name the file the next block or fence is for
+    re.compile(rf"^(?:file(?:name)?|path)\s*:\s*({_NAME})\s*:?$", re.I),
+    re.compile(rf"^({_NAME})\s*:?$"),
+    re.compile(
+        rf"^.{{0,60}}?\b(?:in|to|of|for|edit|editing|edited|update|updated|modify|modified|"
+        rf"change|changes|changed)\s+(?:the\s+)?(?:file\s+)?`?({_NAME})`?\s*:$",
+        re.I,
+    ),
+)
 _MAIN_GUARD = re.compile(r"^if\s+__name__\s*==\s*['\"]__main__['\"]\s*:", re.MULTILINE)
+_TOP_DEF = re.compile(r"^(?:async\s+def|def|class)\s+(\w+)", re.MULTILINE)
+_GUTTER = re.compile(r"^\s*(\d+) ?\| ?")
+_ELLIPSIS_LINE = re.compile(r"^\s*(\.\.\.|…)\s*$")
+_ELISION_COMMENT = re.compile(
+    r"^\s*(?:\.\.\.\s*)?#\s*(?:(?:\.{2,}|…)\s*$|.*\b(?:unchanged|as before|same as (?:before|"
+    r"above|the original|original|current|existing)|rest of (?:the )?(?:file|code|function|"
+    r"class|module|script|training|loop|method)|remain(?:s|ing)? (?:the same|unchanged)|"
+    r"existing code|omitted|for brevity|not shown|no changes|elided|truncated|snip)\b)",
+    re.IGNORECASE,
+)
 _PYTHON_LANGS = {"", "python", "py", "python3"}
+_LABEL = re.compile(
+    r"^(description|title|commit message)(?:\*\*|__)?\s*(?::(?:\*\*|__)?\s*(.*))?$", re.I
+)
+_GENERIC_HEADING = re.compile(
+    r"^(analysis|reasoning|thinking|thoughts|plan|idea|proposal|experiment|changes?|edits?|"
+    r"summary|explanation|rationale|implementation|code|diff|patch|search/replace( blocks?)?|"
+    r"hypothesis|why|notes?|description|the edit|the change|solution|answer|result)\W*$",
+    re.I,
+)
+_REASONING = re.compile(
+    r"^(let me|let's|let us|i'll|i will|i think|i need|i should|i'm going|i am going|i want|"
+    r"looking at|okay|ok\b|alright|hmm|so,|so the|first,|now,|well,|the user|we need|"
+    r"based on|here's|here is|here are|sure\b|certainly|of course|my (reasoning|analysis))",
+    re.I,
+)
 _FORMAT_HINT = (
     "Send the edit as SEARCH/REPLACE blocks:\n"
     "<<<<<<< SEARCH\nexact lines copied from train.py\n=======\nthe new lines\n>>>>>>> REPLACE"
 )
+_RESEND = "Nothing was applied. Send the whole edit again, complete and shorter: "
+_SHORTER = "only the description line and short SEARCH/REPLACE blocks, without explanation."
 
 
 @dataclass
@@ -72,74 +131,144 @@ class Block:
 
 @dataclass
 class Reply:
-    """What a reply contains: the description, the blocks, and a whole-file candidate.
+    """What a reply's answer contains: the description, the blocks, a whole-file candidate.
 
-    `whole_file` is the largest python or unlabelled fence, set only when there are no blocks;
-    whether it really is a whole program is decided against the original by `apply_reply`.
+    `whole_file` is set only when there are no blocks, from the python or unlabelled fences;
+    whether it is a whole program is decided against the original by `apply_reply`.
+    `prose` is the answer's text outside blocks and fences; `restated` lists the numbers of
+    blocks dropped as verbatim repeats of an earlier one.
     """
 
     description: str | None
     blocks: list[Block] = field(default_factory=list)
     whole_file: str | None = None
     whole_file_name: str | None = None
+    # every python or unlabelled fence: (the filename it is labelled with, its text)
+    whole_files: list[tuple[str | None, str]] = field(default_factory=list)
+    prose: list[str] = field(default_factory=list)
+    restated: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Fence:
+    char: str
+    width: int
+    lang: str
+    name: str | None
+    body: list[str] = field(default_factory=list)
+
+
+def answer_text(text: str) -> str:
+    """The reply without its reasoning: CRLF as LF, <think> sections and everything before a
+    lone </think> removed. Raises EditError when the reply ends inside its <think> section."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _THINK.sub("", text)
+    closes = list(_THINK_CLOSE.finditer(text))
+    if closes:  # DeepSeek-R1 style: the opening tag is in the prompt template, not the reply
+        text = text[closes[-1].end() :]
+    opened = _THINK_OPEN.search(text)
+    if opened:
+        raise EditError(
+            "The reply was cut off: it ends inside its <think> section, before any answer. "
+            + _RESEND
+            + _SHORTER
+        )
+    return text
 
 
 def parse_reply(text: str) -> Reply:
-    """Split a reply into description, blocks and whole-file candidate.
+    """Split a reply's answer into description, blocks and whole-file candidates.
 
-    Text inside <think>...</think> (reasoning models) is ignored. Raises EditError for a block
-    that is not closed properly; a reply with no edit at all parses to a Reply without blocks
-    and without whole_file (`apply_reply` explains that to the model).
+    Raises EditError for a reply that is not whole (cut off inside a block, a marker, a fence
+    or its reasoning), for a block that is not closed properly, and for two different blocks
+    with the same SEARCH. A reply with no edit at all parses to a Reply without blocks and
+    without whole_file (`apply_reply` explains that to the model).
     """
-    lines = _THINK.sub("", text.replace("\r\n", "\n")).split("\n")
+    lines = answer_text(text).split("\n")
     blocks: list[Block] = []
-    fences: list[tuple[str, str | None, list[str]]] = []  # (lang, filename, lines)
-    description: str | None = None
+    fences: list[_Fence] = []
+    prose: list[tuple[int, str]] = []  # (index, line) outside blocks and fences
     last_name: str | None = None
-    in_fence: tuple[str, str | None, list[str]] | None = None
+    fence: _Fence | None = None
     i = 0
     while i < len(lines):
         line = lines[i]
         if _SEARCH.match(line):
-            name = _preceding_filename(lines, i, in_fence) or last_name
+            name = _preceding_filename(lines, i, fence) or last_name
             block, i = _read_block(lines, i, len(blocks) + 1, name)
             blocks.append(block)
-            last_name = name
+            last_name = block.filename
             continue
-        fence = _FENCE.match(line)
-        if fence:
-            if in_fence is None:
-                lang, fname = _fence_label(fence.group(2))
-                in_fence = (lang, fname or _preceding_filename(lines, i, None), [])
-            else:
-                fences.append(in_fence)
-                in_fence = None
-        elif in_fence is not None:
-            in_fence[2].append(line)
-        elif description is None and line.strip() and not _is_filename_line(line, lines, i):
-            description = clean_description(line)
+        opener = _FENCE.match(line)
+        if fence is None and opener:
+            lang, fname = _fence_label(opener.group(2))
+            fname = fname or _preceding_filename(lines, i, None)
+            fence = _Fence(opener.group(1)[0], len(opener.group(1)), lang, fname)
+        elif fence is not None and opener and _closes(fence, opener):
+            fences.append(fence)
+            fence = None
+        elif fence is not None:
+            fence.body.append(line)
+        elif line.strip():
+            prose.append((i, line))
         i += 1
-    if in_fence is not None:  # an unclosed fence at the end still counts
-        fences.append(in_fence)
-    reply = Reply(description=description or None, blocks=blocks)
+    if fence is not None:
+        raise EditError(
+            f"The reply was cut off: it ends inside a {fence.char * fence.width} fence that is "
+            "never closed. " + _RESEND + _SHORTER
+        )
+    _refuse_partial_marker(prose, lines)
+    blocks, restated = _drop_restated(blocks)
+    reply = Reply(
+        description=find_description(lines, prose),
+        blocks=blocks,
+        prose=[line for _, line in prose],
+        restated=restated,
+    )
     if not blocks:
-        code = [f for f in fences if f[0] in _PYTHON_LANGS and "\n".join(f[2]).strip()]
+        code = [f for f in fences if _is_python(f) and "\n".join(f.body).strip()]
         if code:
-            lang, fname, body = max(code, key=lambda f: len(f[2]))
-            reply.whole_file = "\n".join(body).rstrip("\n") + "\n"
-            reply.whole_file_name = fname
+            biggest = max(code, key=lambda f: len(f.body))
+            reply.whole_file = "\n".join(biggest.body).rstrip("\n") + "\n"
+            reply.whole_file_name = biggest.name
+            reply.whole_files = [(f.name, "\n".join(f.body).rstrip("\n") + "\n") for f in code]
     return reply
+
+
+def find_description(lines: list[str], prose: list[tuple[int, str]]) -> str | None:
+    """The answer's one-line summary, from its prose lines (outside blocks and fences).
+
+    In order: a labelled line (`Description: …`, `**Description:** …`, `## Description` with
+    the next line); the first line, unless it is reasoning or a preamble ("Let me…",
+    "Here is the edit:"); the first heading that is not a generic section title ("## Analysis").
+    None when the answer gives none of these.
+    """
+    for k, (_, line) in enumerate(prose):
+        label = _LABEL.match(_unmark(line))
+        if not label:
+            continue
+        if label.group(2) and label.group(2).strip():
+            return clean_description(label.group(2))
+        if k + 1 < len(prose):
+            nxt = prose[k + 1][1]
+            if not _is_filename_line(nxt, lines, prose[k + 1][0]):
+                return clean_description(nxt)
+    candidates = [(i, line) for i, line in prose if not _is_filename_line(line, lines, i)]
+    if candidates:
+        first = _strip_marks(candidates[0][1])
+        if first and _plausible(first) and not _GENERIC_HEADING.match(first):
+            return clean_description(first)
+    for _, line in candidates:
+        if re.match(r"^\s*#{1,6}\s", line) or re.match(r"^\s*\*\*[^*]+\*\*\s*$", line):
+            text = _strip_marks(line)
+            if text and _plausible(text) and not _GENERIC_HEADING.match(text):
+                return clean_description(text)
+    return None
 
 
 def clean_description(line: str) -> str:
     """One-line description: markdown marks and a leading 'Description:' stripped, ≤120 chars."""
-    text = line.strip()
-    previous = None
-    while text != previous:
-        previous = text
-        text = re.sub(r"^(#+|\*\*|__|[-*]\s|>)\s*", "", text)
-        text = re.sub(r"\s*(\*\*|__)$", "", text)
-        text = re.sub(r"^(description|idea|experiment)\s*:\s*(\*\*)?\s*", "", text, flags=re.I)
+    text = _strip_marks(line)
     text = " ".join(text.split())
     if len(text) > DESCRIPTION_MAX_CHARS:
         cut = text[: DESCRIPTION_MAX_CHARS - 1]
@@ -151,21 +280,35 @@ def clean_description(line: str) -> str:
 def apply_reply(source: str, text: str, filename: str = TARGET_FILE) -> tuple[str, str]:
     """Apply a reply's edit to `source`; return (description, new_source).
 
-    Raises EditError (message for the model) when the reply holds no usable edit, a block names
-    another file, a SEARCH matches zero or several places, the result is unchanged, or the
-    result does not compile. A missing description is replaced by a neutral one.
+    A missing description is replaced by a neutral one; `apply_edit` tells the two apart.
+    """
+    description, new = apply_edit(source, text, filename)
+    return description or f"edit of {filename} (no description given)", new
+
+
+def apply_edit(source: str, text: str, filename: str = TARGET_FILE) -> tuple[str | None, str]:
+    """Apply a reply's edit to `source`; return (description or None, new_source).
+
+    Raises EditError (message for the model) when the reply is not whole, holds no usable
+    edit, a block names another file, a SEARCH matches zero or several places, the result is
+    unchanged, or the result does not compile.
     """
     if not text.strip():
         raise EditError(f"The reply was empty. {_FORMAT_HINT}")
     reply = parse_reply(text)
     if reply.blocks:
-        new = apply_blocks(source, reply.blocks, filename)
+        new = apply_blocks(source, reply.blocks, filename, prose=reply.prose)
     elif reply.whole_file is not None:
         new = _whole_file(source, reply, filename)
     else:
+        if not answer_text(text).strip():
+            raise EditError(
+                "The reply holds only reasoning (a <think> section) and no answer. After the "
+                f"reasoning, write the description line and the edit. {_FORMAT_HINT}"
+            )
         raise EditError(
             f"The reply contains no SEARCH/REPLACE block and no complete {filename}, so nothing "
-            f"can be applied. {_FORMAT_HINT}"
+            f"can be applied.{_fixed_note(reply.prose, filename)} {_FORMAT_HINT}"
         )
     if new == source:
         raise EditError(
@@ -173,24 +316,27 @@ def apply_reply(source: str, text: str, filename: str = TARGET_FILE) -> tuple[st
             "Propose an actual change; the REPLACE lines must differ from the SEARCH lines."
         )
     check_compiles(new, filename)
-    description = reply.description or f"edit of {filename} (no description given)"
-    return description, new
+    return reply.description, new
 
 
-def apply_blocks(source: str, blocks: list[Block], filename: str = TARGET_FILE) -> str:
+def apply_blocks(
+    source: str, blocks: list[Block], filename: str = TARGET_FILE, prose: list[str] | None = None
+) -> str:
     """Apply blocks in order, all or nothing; see the module docstring for the matching rules."""
+    for block in blocks:
+        if block.filename is not None and _basename(block.filename) != filename:
+            raise EditError(
+                f"Block {block.number} edits `{block.filename}`, "
+                + _only_target(block.filename, filename)
+                + _applied_note([], block)
+            )
     text = source
     for k, block in enumerate(blocks):
-        if block.filename is not None and PurePosixPath(block.filename).name != filename:
-            raise EditError(
-                f"Block {block.number} edits `{block.filename}`, but only {filename} may be "
-                f"edited. Express the idea as a change to {filename} alone."
-                + _applied_note(blocks[:k], block)
-            )
         try:
             text = _apply_one(text, block, filename)
         except EditError as exc:
-            raise EditError(str(exc) + _applied_note(blocks[:k], block)) from None
+            hint = _fixed_note(prose or [], filename) if "does not match" in str(exc) else ""
+            raise EditError(str(exc) + hint + _applied_note(blocks[:k], block)) from None
     return text
 
 
@@ -231,7 +377,10 @@ def _read_block(lines: list[str], start: int, number: int, name: str | None) -> 
         search.append(lines[i])
         i += 1
     if i == len(lines):
-        raise EditError(f"Block {number} ends before its `=======` line. " + _FORMAT_HINT)
+        raise EditError(
+            f"The reply was cut off: it ends inside block {number}, before its `=======` line "
+            "(the block is not closed). " + _RESEND + _SHORTER
+        )
     i += 1
     replace: list[str] = []
     while i < len(lines) and not _REPLACE.match(lines[i]):
@@ -244,17 +393,74 @@ def _read_block(lines: list[str], start: int, number: int, name: str | None) -> 
         i += 1
     if i == len(lines):
         raise EditError(
-            f"Block {number} is not closed by a `>>>>>>> REPLACE` line (was the reply cut "
-            "off?). " + _FORMAT_HINT
+            f"The reply was cut off: it ends inside block {number}, whose REPLACE part is not "
+            "closed by a `>>>>>>> REPLACE` line. " + _RESEND + _SHORTER
         )
+    named = _named_in_part(search)
+    if named is not None and _basename(named) != TARGET_FILE:
+        name = named
     return Block(number, "\n".join(search), "\n".join(replace), name), i + 1
+
+
+def _refuse_partial_marker(prose: list[tuple[int, str]], lines: list[str]) -> None:
+    """A reply whose last line is the start of a marker (`<<<<<<< SEA`, `>>>`) was cut off."""
+    last = next((line for line in reversed(lines) if line.strip()), "")
+    if not prose or prose[-1][1] != last:
+        return
+    partial = _PARTIAL_MARKER.match(last)
+    if partial and (
+        not partial.group(2)
+        or "SEARCH".startswith(partial.group(2).upper())
+        or "REPLACE".startswith(partial.group(2).upper())
+    ):
+        raise EditError(
+            f"The reply was cut off: its last line `{last.strip()}` is the start of a marker "
+            "or fence. " + _RESEND + _SHORTER
+        )
+
+
+def _drop_restated(blocks: list[Block]) -> tuple[list[Block], list[int]]:
+    """Keep the first of blocks repeated verbatim; refuse two different REPLACEs of one SEARCH."""
+    kept: list[Block] = []
+    restated: list[int] = []
+    for block in blocks:
+        key = _norm(block.search)
+        twin = next((b for b in kept if _norm(b.search) == key), None)
+        if twin is None:
+            kept.append(block)
+        elif _norm(twin.replace) == _norm(block.replace) and twin.filename == block.filename:
+            restated.append(block.number)
+        elif key.strip():
+            raise EditError(
+                f"Blocks {twin.number} and {block.number} have the same SEARCH but different "
+                "REPLACE parts, so it is ambiguous which change is meant; nothing was applied. "
+                "Send one block per place, each with the one REPLACE you mean."
+            )
+        else:
+            kept.append(block)
+    return kept, restated
+
+
+def _norm(text: str) -> str:
+    return "\n".join(line.rstrip() for line in text.strip("\n").split("\n"))
+
+
+def _closes(fence: _Fence, match: re.Match) -> bool:
+    """A closing fence: the opener's character, at least its width, no info string."""
+    marks, info = match.group(1), match.group(2)
+    return marks[0] == fence.char and len(marks) >= fence.width and not info
+
+
+def _is_python(fence: _Fence) -> bool:
+    if fence.name is not None:
+        return fence.name.endswith(".py")
+    return fence.lang in _PYTHON_LANGS
 
 
 def _fence_label(label: str) -> tuple[str, str | None]:
     """The language and filename of a fence opener: ```python, ```train.py, ```python train.py."""
-    words = label.split()
     lang, name = "", None
-    for word in words:
+    for word in label.split():
         if _FILENAME.match(word.strip("`*:")):
             name = word.strip("`*:")
         elif not lang:
@@ -264,22 +470,72 @@ def _fence_label(label: str) -> tuple[str, str | None]:
     return lang, name
 
 
-def _filename_in(line: str) -> str | None:
-    """The file a line names, when the line is nothing but a filename (maybe decorated)."""
+def _unmark(line: str) -> str:
+    """A line without markdown marks around it (heading, bold, list, quote)."""
     text = line.strip()
-    text = re.sub(r"^(#+\s*|[-*]\s+)", "", text)
-    text = re.sub(r"^(file(name)?|path)\s*:\s*", "", text, flags=re.I)
-    text = text.strip("`*_:").strip()
-    text = re.sub(r"^(file(name)?|path)\s*:\s*", "", text, flags=re.I).strip("`*_ ")
-    return text if _FILENAME.match(text) else None
+    previous = None
+    while text != previous:
+        previous = text
+        text = re.sub(r"^(#+|\*\*|__|[-*+]\s|>|\d+\.\s)\s*", "", text)
+        text = re.sub(r"\s*(\*\*|__)$", "", text)
+    return text
 
 
-def _preceding_filename(
-    lines: list[str], i: int, in_fence: tuple[str, str | None, list[str]] | None
-) -> str | None:
+def _strip_marks(line: str) -> str:
+    """A line without markdown marks and without a leading label such as `Description:`."""
+    text = _unmark(line)
+    previous = None
+    while text != previous:
+        previous = text
+        text = re.sub(
+            r"^(description|idea|experiment|title)\s*(\*\*|__)?\s*:\s*(\*\*|__)?\s*",
+            "",
+            text,
+            flags=re.I,
+        )
+        text = _unmark(text)
+    return text.strip("` ").strip()
+
+
+def _plausible(text: str) -> bool:
+    """Could this line be the one-line summary (not reasoning, not a preamble)?"""
+    return not (
+        text.endswith(":")
+        or _REASONING.match(text)
+        or len(text) > 2 * DESCRIPTION_MAX_CHARS
+        or _SEARCH.match(text)
+        or _PARTIAL_MARKER.match(text)
+    )
+
+
+def _filename_in(line: str) -> str | None:
+    """The file a line names, when the line only introduces a file: `train.py`, `File:
+    prepare.py`, `### Changes to train.py:`; backslashes (Windows paths) are accepted."""
+    text = line.strip()
+    text = re.sub(r"^(#+\s*|[-*]\s+|>\s*)", "", text)
+    text = text.replace("**", "").replace("__", "").strip()
+    text = re.sub(r"`([^`]*)`", r"\1", text).strip("`* ").strip()
+    for pattern in _NAMING:
+        named = pattern.match(text)
+        if named:
+            return named.group(1)
+    return None
+
+
+def _named_in_part(part: list[str]) -> str | None:
+    """A filename line at the top of a SEARCH part (a model that put the header inside)."""
+    first = next((line for line in part if line.strip()), "")
+    return first.strip().strip("`*#: ") if _FILENAME.match(first.strip().strip("`*#: ")) else None
+
+
+def _basename(name: str) -> str:
+    return re.split(r"[\\/]", name.strip())[-1]
+
+
+def _preceding_filename(lines: list[str], i: int, fence: _Fence | None) -> str | None:
     """The filename named just before line i (skipping blank lines and a fence opener)."""
-    if in_fence is not None and in_fence[1]:
-        return in_fence[1]
+    if fence is not None and fence.name:
+        return fence.name
     j = i - 1
     while j >= 0 and not lines[j].strip():
         j -= 1
@@ -300,22 +556,70 @@ def _is_filename_line(line: str, lines: list[str], i: int) -> bool:
     return j < len(lines) and bool(_FENCE.match(lines[j]) or _SEARCH.match(lines[j]))
 
 
+# ----------------------------------------------------------------------------- whole files
+
+
 def _whole_file(source: str, reply: Reply, filename: str) -> str:
     assert reply.whole_file is not None
-    name = reply.whole_file_name
-    if name is not None and PurePosixPath(name).name != filename:
+    for name, _ in reply.whole_files:
+        if name is not None and _basename(name) != filename:
+            raise EditError(f"The code block is `{name}`, " + _only_target(name, filename))
+    original_lines = max(1, len(source.splitlines()))
+    complete = [
+        f
+        for _, f in reply.whole_files
+        if _MAIN_GUARD.search(f) or len(f.splitlines()) >= WHOLE_FILE_MIN_FRACTION * original_lines
+    ]
+    if len(set(complete)) > 1:
         raise EditError(
-            f"The code block is `{name}`, but only {filename} may be edited. {_FORMAT_HINT}"
+            f"The reply holds {len(set(complete))} different complete versions of {filename}, so "
+            f"it is ambiguous which one is meant; nothing was applied. Send one: preferably "
+            f"SEARCH/REPLACE blocks. {_FORMAT_HINT}"
         )
     new = reply.whole_file
-    original_lines = max(1, len(source.splitlines()))
-    if _MAIN_GUARD.search(new) or len(new.splitlines()) >= WHOLE_FILE_MIN_FRACTION * original_lines:
-        return new
-    raise EditError(
-        f"The reply has a code block of {len(new.splitlines())} lines but no SEARCH/REPLACE "
-        f"block. A code block is used only when it is the complete new {filename} "
-        f"({original_lines} lines now); a fragment cannot be placed. {_FORMAT_HINT}"
-    )
+    if not complete:
+        raise EditError(
+            f"The reply has a code block of {len(new.splitlines())} lines but no SEARCH/REPLACE "
+            f"block. A code block is used only when it is the complete new {filename} "
+            f"({original_lines} lines now); a fragment cannot be placed. {_FORMAT_HINT}"
+        )
+    new = complete[0]
+    _refuse_lazy(source, new, reply.prose, filename)
+    return new
+
+
+def _refuse_lazy(source: str, new: str, prose: list[str], filename: str) -> None:
+    """A whole file must be the whole file: no elided code, no definitions silently dropped."""
+    old_lines = {line.strip() for line in source.splitlines()}
+    elided = [
+        (k, line.strip())
+        for k, line in enumerate(new.splitlines(), 1)
+        if (_ELLIPSIS_LINE.match(line) or _ELISION_COMMENT.match(line))
+        and line.strip() not in old_lines
+    ]
+    if elided:
+        shown = "; ".join(f"line {k}: `{text}`" for k, text in elided[:3])
+        raise EditError(
+            f"The complete {filename} you sent leaves code out ({shown}), so it is not the "
+            f"whole file and nothing was applied. Send SEARCH/REPLACE blocks for the lines you "
+            f"change instead of the whole file. {_FORMAT_HINT}"
+        )
+    said = " ".join(prose)
+    missing = []
+    old_defs, new_defs = set(_TOP_DEF.findall(source)), set(_TOP_DEF.findall(new))
+    for name in sorted(old_defs - new_defs, key=source.find):
+        if name in CONTRACT_NAMES or not re.search(rf"\b{re.escape(name)}\b", said):
+            missing.append(f"`{name}`")
+    if _MAIN_GUARD.search(source) and not _MAIN_GUARD.search(new):
+        missing.append(MAIN_GUARD)
+    if missing:
+        raise EditError(
+            f"The complete {filename} you sent lacks {', '.join(missing)}, which the current "
+            f"file has (top level), and the reply does not say it removes them: a whole file "
+            f"must be the whole file (was it cut short?), and {', '.join(CONTRACT_NAMES)} and "
+            f"the `__main__` guard are needed by the harness. Nothing was applied. Send "
+            f"SEARCH/REPLACE blocks for the lines you change instead. {_FORMAT_HINT}"
+        )
 
 
 # ----------------------------------------------------------------------------- matching
@@ -323,8 +627,7 @@ def _whole_file(source: str, reply: Reply, filename: str) -> str:
 
 def _apply_one(text: str, block: Block, filename: str) -> str:
     lines = text.splitlines()
-    search = block.search.split("\n")
-    replace = block.replace.split("\n") if block.replace else []
+    ending = "\n" if text.endswith("\n") or not text else ""
     if not block.search.strip():
         if not text.strip():
             return block.replace.rstrip("\n") + "\n"
@@ -333,81 +636,267 @@ def _apply_one(text: str, block: Block, filename: str) -> str:
             "SEARCH must copy the existing lines the change replaces (or the lines just before "
             "where new lines go, repeated in the REPLACE part)."
         )
-    for how, match in (("exact", _same), ("trailing", _same_rstrip), ("indent", _same_indent)):
-        positions = [p for p in range(len(lines) - len(search) + 1) if match(lines, p, search)]
-        if len(positions) == 1:
-            p = positions[0]
-            new_lines = replace if how != "indent" else _reindent(lines, p, search, replace)
-            result = lines[:p] + new_lines + lines[p + len(search) :]
-            ending = "\n" if text.endswith("\n") or not text else ""
+    search, replace = block.search.split("\n"), block.replace.split("\n") if block.replace else []
+    for s, r in _variants(lines, search, replace):
+        found = _find(lines, s, block)
+        if found is not None:
+            p, shift = found
+            result = lines[:p] + _shifted(r, shift, lines) + lines[p + len(s) :]
             return "\n".join(result) + ending if result else ""
-        if len(positions) > 1:
-            where = ", ".join(str(p + 1) for p in positions[:10])
+    elided = _apply_elided(lines, search, replace, block)
+    if elided is not None:
+        return "\n".join(elided) + ending
+    raise EditError(_no_match_message(lines, search, replace, block, filename))
+
+
+def _variants(
+    lines: list[str], search: list[str], replace: list[str]
+) -> list[tuple[list[str], list[str]]]:
+    """The SEARCH/REPLACE without fence and filename lines around its parts (never code of
+    train.py), then with what else is certainly not train.py taken off, one correction after
+    another (each variant includes the ones before it)."""
+    present = {line.strip() for line in lines}
+    out = [_unwrap(search, replace, lines, present)]
+    for correct in (_ungutter, _untab, _unblank):
+        s, r = correct(out[-1][0], out[-1][1], lines, present)
+        if (s, r) != out[-1] and any(x.strip() for x in s):
+            out.append((s, r))
+    return out
+
+
+def _unwrap(s: list[str], r: list[str], lines: list[str], present: set[str]) -> tuple:
+    """Fence lines and filename lines around a part, when the file has no such line."""
+
+    def strip(part: list[str]) -> list[str]:
+        part = list(part)
+        while part and (not part[0].strip() or _wrapper(part[0], present)):
+            if not part[0].strip() and not any(_wrapper(x, present) for x in part[:3]):
+                break
+            part.pop(0)
+        while part and (not part[-1].strip() or _wrapper(part[-1], present)):
+            if not part[-1].strip() and not any(_wrapper(x, present) for x in part[-3:]):
+                break
+            part.pop()
+        return part
+
+    return strip(s), strip(r)
+
+
+def _wrapper(line: str, present: set[str]) -> bool:
+    if line.strip() in present:
+        return False
+    return bool(_FENCE.match(line)) or _FILENAME.match(line.strip().strip("`*#: ")) is not None
+
+
+def _ungutter(s: list[str], r: list[str], lines: list[str], present: set[str]) -> tuple:
+    """The `NN | ` gutter of this module's messages, when every SEARCH line has it."""
+    numbered = [_GUTTER.match(x) for x in s if x.strip()]
+    if not numbered or not all(numbered):
+        return s, r
+    numbers = [int(m.group(1)) for m in numbered if m]
+    if any(b <= a for a, b in zip(numbers, numbers[1:], strict=False)):
+        return s, r
+    return [_GUTTER.sub("", x, count=1) for x in s], [_GUTTER.sub("", x, count=1) for x in r]
+
+
+def _untab(s: list[str], r: list[str], lines: list[str], present: set[str]) -> tuple:
+    """Leading tabs as the file's indentation unit, when the file indents with spaces."""
+    if any(x.startswith("\t") for x in lines) or not any(x.startswith("\t") for x in s + r):
+        return s, r
+    unit = _indent_unit(lines)
+
+    def expand(x: str) -> str:
+        body = x.lstrip("\t")
+        return " " * (unit * (len(x) - len(body))) + body
+
+    return [expand(x) for x in s], [expand(x) for x in r]
+
+
+def _unblank(s: list[str], r: list[str], lines: list[str], present: set[str]) -> tuple:
+    """Blank first and last SEARCH lines (and as many of the REPLACE's)."""
+    s, r = list(s), list(r)
+    while len(s) > 1 and not s[0].strip():
+        s.pop(0)
+        if r and not r[0].strip():
+            r.pop(0)
+    while len(s) > 1 and not s[-1].strip():
+        s.pop()
+        if r and not r[-1].strip():
+            r.pop()
+    return s, r
+
+
+def _indent_unit(lines: list[str]) -> int:
+    widths = sorted({_width(x) for x in lines if x.strip() and _width(x)})
+    return widths[0] if widths and widths[0] in (2, 4, 8) else 4
+
+
+def _width(line: str) -> int:
+    return len(line) - len(line.lstrip(" \t"))
+
+
+def _find(lines: list[str], search: list[str], block: Block) -> tuple[int, int] | None:
+    """(position, indentation shift) of the one place `search` matches; None when none;
+    EditError when several match at the strictest level that matches at all."""
+    n = len(search)
+    for level in (_same, _same_rstrip, _shift):
+        found = [
+            (p, d) for p in range(len(lines) - n + 1) if (d := level(lines, p, search)) is not None
+        ]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            where = ", ".join(str(p + 1) for p, _ in found[:10])
             raise EditError(
-                f"Block {block.number}: its SEARCH matches {len(positions)} places in {filename} "
-                f"(starting at lines {where}), so it is ambiguous and nothing was applied. Add "
-                "more surrounding lines to the SEARCH (and the REPLACE) so that it matches "
-                "exactly one place.\n" + _first_lines(block)
+                f"Block {block.number}: its SEARCH matches {len(found)} places in "
+                f"{TARGET_FILE} (starting at lines {where}), so it is ambiguous and nothing was "
+                "applied. Add more surrounding lines to the SEARCH (and the REPLACE) so that it "
+                "matches exactly one place.\n" + _first_lines(block)
             )
-    raise EditError(
+    return None
+
+
+def _same(lines: list[str], p: int, search: list[str]) -> int | None:
+    return 0 if lines[p : p + len(search)] == search else None
+
+
+def _same_rstrip(lines: list[str], p: int, search: list[str]) -> int | None:
+    window = lines[p : p + len(search)]
+    return 0 if all(a.rstrip() == b.rstrip() for a, b in zip(window, search, strict=True)) else None
+
+
+def _shift(lines: list[str], p: int, search: list[str]) -> int | None:
+    """The one indentation shift (file minus SEARCH) that makes the lines equal, or None."""
+    shift = None
+    for a, b in zip(lines[p : p + len(search)], search, strict=True):
+        if not a.strip() and not b.strip():
+            continue
+        if a.strip() != b.strip() or ("\t" in a[: _width(a)]) != ("\t" in b[: _width(b)]):
+            return None
+        d = _width(a) - _width(b)
+        if shift is None:
+            shift = d
+        elif d != shift:
+            return None
+    return shift
+
+
+def _shifted(replace: list[str], shift: int, lines: list[str]) -> list[str]:
+    if not shift:
+        return replace
+    out = []
+    for line in replace:
+        if not line.strip():
+            out.append("")
+            continue
+        width = max(0, _width(line) + shift)
+        out.append(" " * width + line.lstrip(" \t"))
+    return out
+
+
+def _is_elision(line: str) -> bool:
+    return bool(_ELLIPSIS_LINE.match(line) or _ELISION_COMMENT.match(line))
+
+
+def _apply_elided(
+    lines: list[str], search: list[str], replace: list[str], block: Block
+) -> list[str] | None:
+    """Apply a SEARCH/REPLACE that elides lines with `...`: piece by piece, in order, each
+    piece matching one place. None when the block has no elision lines."""
+    s_pieces, r_pieces = _split_elided(search), _split_elided(replace)
+    if len(s_pieces) == 1:
+        return None
+    if len(s_pieces) != len(r_pieces):
+        raise EditError(
+            f"Block {block.number}: its SEARCH has {len(s_pieces) - 1} `...` lines and its "
+            f"REPLACE {len(r_pieces) - 1}; they must pair up, so nothing was applied. Send the "
+            "block with the same `...` lines in both parts, or copy the elided lines out.\n"
+            + _first_lines(block)
+        )
+    out, start = list(lines), 0
+    for k, (s, r) in enumerate(zip(s_pieces, r_pieces, strict=True), 1):
+        if not any(x.strip() for x in s):
+            if any(x.strip() for x in r):
+                raise EditError(
+                    f"Block {block.number}: piece {k} of its SEARCH (between `...` lines) is "
+                    "empty but its REPLACE adds lines, so where they go is ambiguous; nothing "
+                    "was applied. Put real lines of train.py around the new ones.\n"
+                    + _first_lines(block)
+                )
+            continue
+        piece = Block(block.number, "\n".join(s), "\n".join(r), block.filename)
+        found = _find(out, s, piece)
+        if found is None or found[0] < start:
+            raise EditError(
+                f"Block {block.number}: piece {k} of its SEARCH (between `...` lines) does not "
+                f"match any lines of {TARGET_FILE} after the piece before it; nothing was "
+                "applied. Copy each piece exactly, in file order.\n" + _first_lines(piece)
+            )
+        p, shift = found
+        new = _shifted(r, shift, out)
+        out = out[:p] + new + out[p + len(s) :]
+        start = p + len(new)
+    return out
+
+
+def _split_elided(part: list[str]) -> list[list[str]]:
+    pieces: list[list[str]] = [[]]
+    for line in part:
+        if _is_elision(line):
+            pieces.append([])
+        else:
+            pieces[-1].append(line)
+    return pieces
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def _no_match_message(
+    lines: list[str], search: list[str], replace: list[str], block: Block, filename: str
+) -> str:
+    first = _first_lines(block)
+    if replace and any(x.strip() for x in replace):
+        for _, r in _variants(lines, replace, []):
+            try:
+                found = _find(lines, r, block)
+            except EditError:
+                found = None
+            if found is not None and _norm("\n".join(search)) != _norm("\n".join(replace)):
+                at = found[0] + 1
+                return (
+                    f"Block {block.number}: its SEARCH does not match any lines of {filename}, "
+                    f"but its REPLACE lines are already there (lines {at}-{at + len(r) - 1}): "
+                    "this change is already made. Propose a different change, with a SEARCH "
+                    f"copied from the current {filename}.\n" + first
+                )
+    return (
         f"Block {block.number}: its SEARCH does not match any lines of {filename}. The SEARCH "
         "must copy existing lines exactly, whole lines, with their indentation.\n"
-        + _first_lines(block)
+        + first
         + "\n"
         + _closest(lines, search, filename)
     )
 
 
-def _same(lines: list[str], p: int, search: list[str]) -> bool:
-    return lines[p : p + len(search)] == search
+def _only_target(name: str, filename: str) -> str:
+    said = f"but only {filename} may be edited"
+    if _basename(name) == FIXED_FILE:
+        said += (
+            f": {FIXED_FILE} is fixed (the data, the tokenizer and the metric are trusted "
+            f"code) and only {filename} may change"
+        )
+    return f"{said}. Express the idea as a change to {filename} alone. {_FORMAT_HINT}"
 
 
-def _same_rstrip(lines: list[str], p: int, search: list[str]) -> bool:
-    return all(
-        a.rstrip() == b.rstrip() for a, b in zip(lines[p : p + len(search)], search, strict=True)
-    )
-
-
-def _indent(line: str) -> str:
-    return line[: len(line) - len(line.lstrip(" \t"))]
-
-
-def _common_indent(lines: list[str]) -> str:
-    indents = [_indent(x) for x in lines if x.strip()]
-    return min(indents, key=len) if indents else ""
-
-
-def _same_indent(lines: list[str], p: int, search: list[str]) -> bool:
-    """Equal after removing each side's common indentation (blank lines match blank lines)."""
-    window = lines[p : p + len(search)]
-    a_ind, b_ind = _common_indent(window), _common_indent(search)
-    for a, b in zip(window, search, strict=True):
-        if not a.strip() and not b.strip():
-            continue
-        if not (a.startswith(a_ind) and b.startswith(b_ind)):
-            return False
-        if a[len(a_ind) :].rstrip() != b[len(b_ind) :].rstrip():
-            return False
-    return True
-
-
-def _reindent(lines: list[str], p: int, search: list[str], replace: list[str]) -> list[str]:
-    """Shift the replacement by the indentation difference between the file and the SEARCH."""
-    file_ind = _common_indent(lines[p : p + len(search)])
-    search_ind = _common_indent(search)
-    out = []
-    for line in replace:
-        if not line.strip():
-            out.append("")
-        elif line.startswith(search_ind):
-            out.append(file_ind + line[len(search_ind) :])
-        else:  # less indented than the SEARCH: keep its offset relative to the SEARCH's
-            extra = len(search_ind) - len(_indent(line))
-            out.append(file_ind[: max(0, len(file_ind) - extra)] + line.lstrip(" \t"))
-    return out
-
-
-# ----------------------------------------------------------------------------- messages
+def _fixed_note(prose: list[str], filename: str) -> str:
+    """A reminder when the reply's prose speaks of editing prepare.py."""
+    if any(FIXED_FILE in line for line in prose):
+        return (
+            f"\nThe reply speaks of {FIXED_FILE}: {FIXED_FILE} is fixed and only {filename} may "
+            f"change, so every SEARCH must copy lines of {filename}."
+        )
+    return ""
 
 
 def _first_lines(block: Block, n: int = 3) -> str:
@@ -440,9 +929,12 @@ def _closest(lines: list[str], search: list[str], filename: str) -> str:
     if best_ratio == 1.0:
         return (
             f"The SEARCH differs from {filename} {where} only in indentation or spacing; copy "
-            f"those lines exactly:\n{shown}"
+            f"those lines exactly (without the `NN | ` line numbers):\n{shown}"
         )
-    return f"The closest lines in {filename} ({where}, {best_ratio:.0%} similar) are:\n{shown}"
+    return (
+        f"The closest lines in {filename} ({where}, {best_ratio:.0%} similar) are (copy them "
+        f"without the `NN | ` line numbers):\n{shown}"
+    )
 
 
 def _applied_note(applied: list[Block], failed: Block) -> str:

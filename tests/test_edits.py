@@ -122,8 +122,10 @@ def test_whole_file_fallback_accepts_a_complete_program():
 
 
 def test_whole_file_fallback_accepts_a_short_program_with_main_guard():
+    # a rewrite that drops definitions must say so (a silent drop is a lazy file, see below)
     program = 'def main():\n    print("hi")\n\n\nif __name__ == "__main__":\n    main()\n'
-    assert apply_reply(SOURCE, "rewrite\n```python\n" + program + "```")[1] == program
+    reply = "Rewrite: drop schedule, warmup and cooldown\n```python\n" + program + "```"
+    assert apply_reply(SOURCE, reply)[1] == program
 
 
 def test_a_fragment_is_not_taken_for_the_whole_file():
