@@ -95,6 +95,7 @@ _ELISION_COMMENT = re.compile(
     r"existing code|omitted|for brevity|not shown|no changes|elided|truncated|snip)\b)",
     re.IGNORECASE,
 )
+_COMMENT = re.compile(r"\s+#.*$")
 _PYTHON_LANGS = {"", "python", "py", "python3"}
 _LABEL = re.compile(
     r"^(description|title|commit message)(?:\*\*|__)?\s*(?::(?:\*\*|__)?\s*(.*))?$", re.I
@@ -564,6 +565,7 @@ def _whole_file(source: str, reply: Reply, filename: str) -> str:
     for name, _ in reply.whole_files:
         if name is not None and _basename(name) != filename:
             raise EditError(f"The code block is `{name}`, " + _only_target(name, filename))
+    _refuse_elided(source, reply.whole_file, filename)
     original_lines = max(1, len(source.splitlines()))
     complete = [
         f
@@ -588,8 +590,8 @@ def _whole_file(source: str, reply: Reply, filename: str) -> str:
     return new
 
 
-def _refuse_lazy(source: str, new: str, prose: list[str], filename: str) -> None:
-    """A whole file must be the whole file: no elided code, no definitions silently dropped."""
+def _refuse_elided(source: str, new: str, filename: str) -> None:
+    """Refuse a file (or fence) with elision lines that the current file does not have."""
     old_lines = {line.strip() for line in source.splitlines()}
     elided = [
         (k, line.strip())
@@ -600,10 +602,15 @@ def _refuse_lazy(source: str, new: str, prose: list[str], filename: str) -> None
     if elided:
         shown = "; ".join(f"line {k}: `{text}`" for k, text in elided[:3])
         raise EditError(
-            f"The complete {filename} you sent leaves code out ({shown}), so it is not the "
-            f"whole file and nothing was applied. Send SEARCH/REPLACE blocks for the lines you "
-            f"change instead of the whole file. {_FORMAT_HINT}"
+            f"The {filename} you sent leaves code out ({shown}), so it is not the whole "
+            f"file. Nothing was applied. Send SEARCH/REPLACE blocks for the lines you change "
+            f"instead of the whole file. {_FORMAT_HINT}"
         )
+
+
+def _refuse_lazy(source: str, new: str, prose: list[str], filename: str) -> None:
+    """A whole file must be the whole file: no elided code, no definitions silently dropped."""
+    _refuse_elided(source, new, filename)
     said = " ".join(prose)
     missing = []
     old_defs, new_defs = set(_TOP_DEF.findall(source)), set(_TOP_DEF.findall(new))
@@ -661,6 +668,11 @@ def _variants(
         s, r = correct(out[-1][0], out[-1][1], lines, present)
         if (s, r) != out[-1] and any(x.strip() for x in s):
             out.append((s, r))
+    tabbed = out[0][0] + out[0][1]
+    if out[-1][0] + out[-1][1] != tabbed and any(x.startswith("\t") for x in tabbed):
+        s, r = _ungutter(*out[0], lines, present)  # tabs as other units than 4 spaces
+        for unit in (2, 8):
+            out.append(_unblank(_expand_tabs(s, unit), _expand_tabs(r, unit), lines, present))
     return out
 
 
@@ -700,16 +712,19 @@ def _ungutter(s: list[str], r: list[str], lines: list[str], present: set[str]) -
 
 
 def _untab(s: list[str], r: list[str], lines: list[str], present: set[str]) -> tuple:
-    """Leading tabs as the file's indentation unit, when the file indents with spaces."""
+    """Leading tabs as spaces, when the file indents with spaces (the unit is tried by
+    `_variants`: 4, then 2, then 8 spaces)."""
     if any(x.startswith("\t") for x in lines) or not any(x.startswith("\t") for x in s + r):
         return s, r
-    unit = _indent_unit(lines)
+    return _expand_tabs(s, 4), _expand_tabs(r, 4)
 
-    def expand(x: str) -> str:
+
+def _expand_tabs(part: list[str], unit: int) -> list[str]:
+    out = []
+    for x in part:
         body = x.lstrip("\t")
-        return " " * (unit * (len(x) - len(body))) + body
-
-    return [expand(x) for x in s], [expand(x) for x in r]
+        out.append(" " * (unit * (len(x) - len(body))) + body)
+    return out
 
 
 def _unblank(s: list[str], r: list[str], lines: list[str], present: set[str]) -> tuple:
@@ -726,25 +741,21 @@ def _unblank(s: list[str], r: list[str], lines: list[str], present: set[str]) ->
     return s, r
 
 
-def _indent_unit(lines: list[str]) -> int:
-    widths = sorted({_width(x) for x in lines if x.strip() and _width(x)})
-    return widths[0] if widths and widths[0] in (2, 4, 8) else 4
-
-
 def _width(line: str) -> int:
     return len(line) - len(line.lstrip(" \t"))
 
 
-def _find(lines: list[str], search: list[str], block: Block) -> tuple[int, int] | None:
+def _find(lines: list[str], search: list[str], block: Block) -> tuple[int, int | None] | None:
     """(position, indentation shift) of the one place `search` matches; None when none;
-    EditError when several match at the strictest level that matches at all."""
+    EditError when several match at the strictest level that matches at all. The shift is
+    None when the match needed trailing whitespace ignored (the REPLACE's is then dropped)."""
     n = len(search)
     for level in (_same, _same_rstrip, _shift):
         found = [
             (p, d) for p in range(len(lines) - n + 1) if (d := level(lines, p, search)) is not None
         ]
         if len(found) == 1:
-            return found[0]
+            return found[0] if level is not _same_rstrip else (found[0][0], None)
         if found:
             where = ", ".join(str(p + 1) for p, _ in found[:10])
             raise EditError(
@@ -781,7 +792,9 @@ def _shift(lines: list[str], p: int, search: list[str]) -> int | None:
     return shift
 
 
-def _shifted(replace: list[str], shift: int, lines: list[str]) -> list[str]:
+def _shifted(replace: list[str], shift: int | None, lines: list[str]) -> list[str]:
+    if shift is None:
+        return [line.rstrip() for line in replace]
     if not shift:
         return replace
     out = []
@@ -790,7 +803,7 @@ def _shifted(replace: list[str], shift: int, lines: list[str]) -> list[str]:
             out.append("")
             continue
         width = max(0, _width(line) + shift)
-        out.append(" " * width + line.lstrip(" \t"))
+        out.append(" " * width + line.lstrip(" \t").rstrip())
     return out
 
 
@@ -857,7 +870,7 @@ def _no_match_message(
 ) -> str:
     first = _first_lines(block)
     if replace and any(x.strip() for x in replace):
-        for _, r in _variants(lines, replace, []):
+        for r, _ in _variants(lines, replace, []):
             try:
                 found = _find(lines, r, block)
             except EditError:
@@ -911,17 +924,18 @@ def _closest(lines: list[str], search: list[str], filename: str) -> str:
     if not lines:
         return f"{filename} is empty."
     n = min(len(search), len(lines))
-    wanted = "\n".join(x.strip() for x in search)
     best_ratio, best_p = -1.0, 0
-    matcher = difflib.SequenceMatcher(autojunk=False)
-    matcher.set_seq2(wanted)
-    for p in range(len(lines) - n + 1):
-        matcher.set_seq1("\n".join(x.strip() for x in lines[p : p + n]))
-        if matcher.real_quick_ratio() <= best_ratio or matcher.quick_ratio() <= best_ratio:
-            continue
-        ratio = matcher.ratio()
-        if ratio > best_ratio:
-            best_ratio, best_p = ratio, p
+    # twice: as written, and without trailing comments (a SEARCH that left a long comment out)
+    for strip in (str.strip, lambda x: _COMMENT.sub("", x).strip()):
+        matcher = difflib.SequenceMatcher(autojunk=False)
+        matcher.set_seq2("\n".join(strip(x) for x in search))
+        for p in range(len(lines) - n + 1):
+            matcher.set_seq1("\n".join(strip(x) for x in lines[p : p + n]))
+            if matcher.real_quick_ratio() <= best_ratio or matcher.quick_ratio() <= best_ratio:
+                continue
+            ratio = matcher.ratio()
+            if ratio > best_ratio:
+                best_ratio, best_p = ratio, p
     lo = max(0, best_p - CLOSEST_CONTEXT_LINES)
     hi = min(len(lines), best_p + n + CLOSEST_CONTEXT_LINES)
     shown = "\n".join(f"{k + 1:>5} | {lines[k]}" for k in range(lo, hi))
