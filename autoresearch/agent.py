@@ -484,7 +484,7 @@ class OpenAIAgent:
                 f"{where} answered {route} with something that is not the OpenAI API "
                 f"({' '.join(str(exc).split())[:200]}): check --base-url (it usually ends in /v1)."
             ) from None
-        status, said = exc.status_code, _describe(exc)
+        status, said = exc.status_code, _endpoint_words(exc)
         if status in (401, 403):
             raise EndpointError(
                 f"{where} rejected the API key (HTTP {status}: {said}): set OPENAI_API_KEY or "
@@ -494,7 +494,7 @@ class OpenAIAgent:
             return  # no /models route (or a broken one): the completion decides
         model_unknown = status == 404 or (status in (400, 422) and _UNKNOWN_MODEL.search(said))
         if model_unknown:
-            offered = f"; it lists: {', '.join(listed[:10])}" if listed else ""
+            offered = f" (it lists: {', '.join(listed[:10])})" if listed else ""
             raise EndpointError(
                 f"{where} does not serve model {self.model!r} (HTTP {status}: {said}): pass a "
                 f"model it serves with --model{offered}, or check --base-url."
@@ -721,6 +721,14 @@ def _join(replies: list[str]) -> str:
     if len(replies) == 1:
         return replies[0]
     return "\n\n".join(f"===== attempt {k} =====\n{r}" for k, r in enumerate(replies, 1))
+
+
+def _endpoint_words(exc: openai.APIStatusError) -> str:
+    """The endpoint's own error message (the body's `message`), else the client's summary."""
+    body = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else None
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return " ".join(body["message"].split())[:300]
+    return _describe(exc)
 
 
 def _describe(exc: openai.APIError) -> str:
