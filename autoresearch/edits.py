@@ -877,9 +877,10 @@ def _no_match_message(
                 found = None
             if found is not None and _norm("\n".join(search)) != _norm("\n".join(replace)):
                 at = found[0] + 1
+                where = f"line {at}" if len(r) == 1 else f"lines {at}-{at + len(r) - 1}"
                 return (
                     f"Block {block.number}: its SEARCH does not match any lines of {filename}, "
-                    f"but its REPLACE lines are already there (lines {at}-{at + len(r) - 1}): "
+                    f"but its REPLACE lines are already there ({where}): "
                     "this change is already made. Propose a different change, with a SEARCH "
                     f"copied from the current {filename}.\n" + first
                 )
