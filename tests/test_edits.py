@@ -368,6 +368,16 @@ def test_two_different_replaces_of_one_search_are_ambiguous():
         ("Here is the edit:\n\n**Deeper model**\n", "Deeper model"),
         ("## Analysis\n\nThe user wants lower val_bpb.\n\n## Deeper model\n", "Deeper model"),
     ],
+    ids=[
+        "label-after-reasoning",
+        "bold-label",
+        "bold-word-label",
+        "heading-then-line",
+        "first-heading",
+        "reasoning-then-heading",
+        "preamble-then-bold",
+        "generic-heading-skipped",
+    ],
 )
 def test_the_description_is_the_answers_summary_never_reasoning(head, expected):
     reply = head + "\n" + block("DEPTH = 8  # layers", "DEPTH = 10  # layers")
