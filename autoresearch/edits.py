@@ -1,43 +1,30 @@
-"""SEARCH/REPLACE edits: parse an agent's reply and apply it to train.py.
+"""SEARCH/REPLACE edits: apply an agent's reply (read by `autoresearch.replies`) to train.py.
 
-The reply format (Aider's), one or more blocks, optionally inside ``` fences and optionally
-preceded by a line naming the file::
-
-    Raise the matrix learning rate            <- the description (see `find_description`)
-    train.py
-    <<<<<<< SEARCH
-    MATRIX_LR = 0.04
-    =======
-    MATRIX_LR = 0.06
-    >>>>>>> REPLACE
-
-Guarantees of `apply_reply`:
-- only the answer counts: CRLF is read as LF; text inside <think>...</think> (or <thinking>),
-  and everything before a lone </think>, contributes neither blocks nor the description;
-- a reply that is not whole is never applied, in any part: one that ends inside a block,
-  inside a partial marker (`<<<<<<< SEA`), inside an unclosed fence or inside its <think>
-  section; a "complete train.py" that elides code (`# ... rest unchanged ...`, `...`) or drops
-  top-level definitions the current file has without the reply naming them;
+Guarantees of `apply_reply` / `apply_edit`:
+- a reply that is not whole is never applied, in any part: what `parse_reply` refuses (cut off
+  inside a block, a marker, a fence or its reasoning), and a "complete train.py" that elides
+  code (`# ... rest unchanged ...`, `...`) or drops top-level definitions the current file has
+  without the reply naming them (`build_model`, `load_model` and the `__main__` guard never);
 - all or nothing: either every block applies and the result compiles, or `EditError` is
-  raised and the caller's text is untouched;
-- a block repeated verbatim (a recap) is applied once; two different blocks with the same
-  SEARCH are refused as ambiguous;
+  raised and the caller's text is untouched; blocks apply in order, each to the text left by
+  the blocks before it;
 - a SEARCH applies only where it matches exactly one place. Tried in order, the first that
-  matches anywhere decides: exact lines; lines equal up to trailing whitespace; lines equal
-  up to one uniform shift of indentation (the REPLACE is shifted the same way). Each is tried
-  on the SEARCH as sent, then with what is certainly not part of train.py taken off: fence
-  lines and a filename line around a part, the `NN | ` line-number gutter of this module's
-  own messages, tabs where the file indents with spaces, blank first and last lines. A SEARCH
-  with `...` lines matches piece by piece, each piece in one place only, in order. Several
-  matches are refused, never resolved by taking the first;
-- blocks apply in order, each to the text left by the blocks before it;
+  matches anywhere decides: exact lines; lines equal up to trailing whitespace (the REPLACE's
+  is dropped then); lines equal up to one uniform shift of indentation (the REPLACE is shifted
+  the same way). Each is tried on the SEARCH without fence and filename lines around its
+  parts, then with what else is certainly not part of train.py taken off: the `NN | ` line
+  number gutter of this module's own messages, tabs where the file indents with spaces (as
+  4, 2 or 8 spaces), blank first and last lines. A SEARCH with `...` lines matches piece by
+  piece, each piece in one place only, in order. Several matches are refused, never resolved
+  by taking the first;
 - a block, fence or label that names another file than train.py is refused (prepare.py
   with its own reason: it is fixed);
 - the result differs from the input and compiles (`compile(..., "exec")`); it is not run.
 
 Fallback: a reply without any SEARCH/REPLACE block but with a ```python (or unlabelled) fence
-is taken as the complete new file when that fence holds a whole program, see
-`WHOLE_FILE_MIN_FRACTION`, and passes the lazy-file checks above.
+is taken as the complete new file when that fence holds a whole program (see
+`WHOLE_FILE_MIN_FRACTION`), when it is the only such program, and when it passes the lazy-file
+checks above.
 
 Every `EditError` message is written for the model to read: which block, what failed, the
 nearest real lines of the file with their numbers, and what to send instead.
@@ -50,13 +37,36 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
 
 from .errors import EditError
+from .replies import (
+    DESCRIPTION_MAX_CHARS,
+    FENCE,
+    FILENAME,
+    FORMAT_HINT,
+    TARGET_FILE,
+    Block,
+    Reply,
+    answer_text,
+    basename,
+    clean_description,
+    normalized,
+    parse_reply,
+)
 
-TARGET_FILE = "train.py"
+__all__ = [
+    "DESCRIPTION_MAX_CHARS",
+    "TARGET_FILE",
+    "Block",
+    "apply_blocks",
+    "apply_edit",
+    "apply_reply",
+    "check_compiles",
+    "clean_description",
+    "parse_reply",
+]
+
 FIXED_FILE = "prepare.py"  # trusted: data, tokenizer and metric; never edited by the agent
-DESCRIPTION_MAX_CHARS = 120  # one line in results.tsv and the commit subject
 # A fence is the whole new file when it has the `if __name__ == "__main__":` guard or at least
 # this fraction of the original's lines: a snippet of a few lines is never mistaken for a file.
 WHOLE_FILE_MIN_FRACTION = 0.6
@@ -65,25 +75,6 @@ CLOSEST_CONTEXT_LINES = 2  # extra lines shown around the nearest match in a fai
 CONTRACT_NAMES = ("build_model", "load_model")
 MAIN_GUARD = 'the `if __name__ == "__main__":` guard'
 
-_SEARCH = re.compile(r"^\s*<{5,9}\s*SEARCH\b.*$")
-_DIVIDER = re.compile(r"^\s*={5,9}\s*$")
-_REPLACE = re.compile(r"^\s*>{5,9}\s*REPLACE\b.*$")
-_FENCE = re.compile(r"^\s{0,3}(`{3,}|~{3,})\s*([^`]*?)\s*$")
-_PARTIAL_MARKER = re.compile(r"^\s*(<{2,}|>{2,}|={2,}|`{1,2})\s*([A-Za-z]*)$")
-_THINK = re.compile(r"<(think|thinking)>.*?</\1>", re.DOTALL | re.IGNORECASE)
-_THINK_OPEN = re.compile(r"<(think|thinking)>", re.IGNORECASE)
-_THINK_CLOSE = re.compile(r"</(think|thinking)>", re.IGNORECASE)
-_NAME = r"[\w.\-/\\]*\w\.(?:py|pyi|ipynb|md|txt|toml|json|ya?ml|cfg|ini|sh)\b"
-_FILENAME = re.compile(rf"^{_NAME}$")
-_NAMING = (  # lines that name the file the next block or fence is for
-    re.compile(rf"^(?:file(?:name)?|path)\s*:\s*({_NAME})\s*:?$", re.I),
-    re.compile(rf"^({_NAME})\s*:?$"),
-    re.compile(
-        rf"^.{{0,60}}?\b(?:in|to|of|for|edit|editing|edited|update|updated|modify|modified|"
-        rf"change|changes|changed)\s+(?:the\s+)?(?:file\s+)?`?({_NAME})`?\s*:$",
-        re.I,
-    ),
-)
 _MAIN_GUARD = re.compile(r"^if\s+__name__\s*==\s*['\"]__main__['\"]\s*:", re.MULTILINE)
 _TOP_DEF = re.compile(r"^(?:async\s+def|def|class)\s+(\w+)", re.MULTILINE)
 _GUTTER = re.compile(r"^\s*(\d+) ?\| ?")
@@ -96,186 +87,6 @@ _ELISION_COMMENT = re.compile(
     re.IGNORECASE,
 )
 _COMMENT = re.compile(r"\s+#.*$")
-_PYTHON_LANGS = {"", "python", "py", "python3"}
-_LABEL = re.compile(
-    r"^(description|title|commit message)(?:\*\*|__)?\s*(?::(?:\*\*|__)?\s*(.*))?$", re.I
-)
-_GENERIC_HEADING = re.compile(
-    r"^(analysis|reasoning|thinking|thoughts|plan|idea|proposal|experiment|changes?|edits?|"
-    r"summary|explanation|rationale|implementation|code|diff|patch|search/replace( blocks?)?|"
-    r"hypothesis|why|notes?|description|the edit|the change|solution|answer|result)\W*$",
-    re.I,
-)
-_REASONING = re.compile(
-    r"^(let me|let's|let us|i'll|i will|i think|i need|i should|i'm going|i am going|i want|"
-    r"looking at|okay|ok\b|alright|hmm|so,|so the|first,|now,|well,|the user|we need|"
-    r"based on|here's|here is|here are|sure\b|certainly|of course|my (reasoning|analysis))",
-    re.I,
-)
-_FORMAT_HINT = (
-    "Send the edit as SEARCH/REPLACE blocks:\n"
-    "<<<<<<< SEARCH\nexact lines copied from train.py\n=======\nthe new lines\n>>>>>>> REPLACE"
-)
-_RESEND = "Nothing was applied. Send the whole edit again, complete and shorter: "
-_SHORTER = "only the description line and short SEARCH/REPLACE blocks, without explanation."
-
-
-@dataclass
-class Block:
-    """One SEARCH/REPLACE block; `number` counts from 1 in reply order."""
-
-    number: int
-    search: str
-    replace: str
-    filename: str | None = None  # as named in the reply, None when not named
-
-
-@dataclass
-class Reply:
-    """What a reply's answer contains: the description, the blocks, a whole-file candidate.
-
-    `whole_file` is set only when there are no blocks, from the python or unlabelled fences;
-    whether it is a whole program is decided against the original by `apply_reply`.
-    `prose` is the answer's text outside blocks and fences; `restated` lists the numbers of
-    blocks dropped as verbatim repeats of an earlier one.
-    """
-
-    description: str | None
-    blocks: list[Block] = field(default_factory=list)
-    whole_file: str | None = None
-    whole_file_name: str | None = None
-    # every python or unlabelled fence: (the filename it is labelled with, its text)
-    whole_files: list[tuple[str | None, str]] = field(default_factory=list)
-    prose: list[str] = field(default_factory=list)
-    restated: list[int] = field(default_factory=list)
-
-
-@dataclass
-class _Fence:
-    char: str
-    width: int
-    lang: str
-    name: str | None
-    body: list[str] = field(default_factory=list)
-
-
-def answer_text(text: str) -> str:
-    """The reply without its reasoning: CRLF as LF, <think> sections and everything before a
-    lone </think> removed. Raises EditError when the reply ends inside its <think> section."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _THINK.sub("", text)
-    closes = list(_THINK_CLOSE.finditer(text))
-    if closes:  # DeepSeek-R1 style: the opening tag is in the prompt template, not the reply
-        text = text[closes[-1].end() :]
-    opened = _THINK_OPEN.search(text)
-    if opened:
-        raise EditError(
-            "The reply was cut off: it ends inside its <think> section, before any answer. "
-            + _RESEND
-            + _SHORTER
-        )
-    return text
-
-
-def parse_reply(text: str) -> Reply:
-    """Split a reply's answer into description, blocks and whole-file candidates.
-
-    Raises EditError for a reply that is not whole (cut off inside a block, a marker, a fence
-    or its reasoning), for a block that is not closed properly, and for two different blocks
-    with the same SEARCH. A reply with no edit at all parses to a Reply without blocks and
-    without whole_file (`apply_reply` explains that to the model).
-    """
-    lines = answer_text(text).split("\n")
-    blocks: list[Block] = []
-    fences: list[_Fence] = []
-    prose: list[tuple[int, str]] = []  # (index, line) outside blocks and fences
-    last_name: str | None = None
-    fence: _Fence | None = None
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if _SEARCH.match(line):
-            name = _preceding_filename(lines, i, fence) or last_name
-            block, i = _read_block(lines, i, len(blocks) + 1, name)
-            blocks.append(block)
-            last_name = block.filename
-            continue
-        opener = _FENCE.match(line)
-        if fence is None and opener:
-            lang, fname = _fence_label(opener.group(2))
-            fname = fname or _preceding_filename(lines, i, None)
-            fence = _Fence(opener.group(1)[0], len(opener.group(1)), lang, fname)
-        elif fence is not None and opener and _closes(fence, opener):
-            fences.append(fence)
-            fence = None
-        elif fence is not None:
-            fence.body.append(line)
-        elif line.strip():
-            prose.append((i, line))
-        i += 1
-    if fence is not None:
-        raise EditError(
-            f"The reply was cut off: it ends inside a {fence.char * fence.width} fence that is "
-            "never closed. " + _RESEND + _SHORTER
-        )
-    _refuse_partial_marker(prose, lines)
-    blocks, restated = _drop_restated(blocks)
-    reply = Reply(
-        description=find_description(lines, prose),
-        blocks=blocks,
-        prose=[line for _, line in prose],
-        restated=restated,
-    )
-    if not blocks:
-        code = [f for f in fences if _is_python(f) and "\n".join(f.body).strip()]
-        if code:
-            biggest = max(code, key=lambda f: len(f.body))
-            reply.whole_file = "\n".join(biggest.body).rstrip("\n") + "\n"
-            reply.whole_file_name = biggest.name
-            reply.whole_files = [(f.name, "\n".join(f.body).rstrip("\n") + "\n") for f in code]
-    return reply
-
-
-def find_description(lines: list[str], prose: list[tuple[int, str]]) -> str | None:
-    """The answer's one-line summary, from its prose lines (outside blocks and fences).
-
-    In order: a labelled line (`Description: …`, `**Description:** …`, `## Description` with
-    the next line); the first line, unless it is reasoning or a preamble ("Let me…",
-    "Here is the edit:"); the first heading that is not a generic section title ("## Analysis").
-    None when the answer gives none of these.
-    """
-    for k, (_, line) in enumerate(prose):
-        label = _LABEL.match(_unmark(line))
-        if not label:
-            continue
-        if label.group(2) and label.group(2).strip():
-            return clean_description(label.group(2))
-        if k + 1 < len(prose):
-            nxt = prose[k + 1][1]
-            if not _is_filename_line(nxt, lines, prose[k + 1][0]):
-                return clean_description(nxt)
-    candidates = [(i, line) for i, line in prose if not _is_filename_line(line, lines, i)]
-    if candidates:
-        first = _strip_marks(candidates[0][1])
-        if first and _plausible(first) and not _GENERIC_HEADING.match(first):
-            return clean_description(first)
-    for _, line in candidates:
-        if re.match(r"^\s*#{1,6}\s", line) or re.match(r"^\s*\*\*[^*]+\*\*\s*$", line):
-            text = _strip_marks(line)
-            if text and _plausible(text) and not _GENERIC_HEADING.match(text):
-                return clean_description(text)
-    return None
-
-
-def clean_description(line: str) -> str:
-    """One-line description: markdown marks and a leading 'Description:' stripped, ≤120 chars."""
-    text = _strip_marks(line)
-    text = " ".join(text.split())
-    if len(text) > DESCRIPTION_MAX_CHARS:
-        cut = text[: DESCRIPTION_MAX_CHARS - 1]
-        space = cut.rfind(" ")
-        text = (cut[:space] if space > DESCRIPTION_MAX_CHARS // 2 else cut).rstrip() + "…"
-    return text
 
 
 def apply_reply(source: str, text: str, filename: str = TARGET_FILE) -> tuple[str, str]:
@@ -295,7 +106,7 @@ def apply_edit(source: str, text: str, filename: str = TARGET_FILE) -> tuple[str
     unchanged, or the result does not compile.
     """
     if not text.strip():
-        raise EditError(f"The reply was empty. {_FORMAT_HINT}")
+        raise EditError(f"The reply was empty. {FORMAT_HINT}")
     reply = parse_reply(text)
     if reply.blocks:
         new = apply_blocks(source, reply.blocks, filename, prose=reply.prose)
@@ -305,11 +116,11 @@ def apply_edit(source: str, text: str, filename: str = TARGET_FILE) -> tuple[str
         if not answer_text(text).strip():
             raise EditError(
                 "The reply holds only reasoning (a <think> section) and no answer. After the "
-                f"reasoning, write the description line and the edit. {_FORMAT_HINT}"
+                f"reasoning, write the description line and the edit. {FORMAT_HINT}"
             )
         raise EditError(
             f"The reply contains no SEARCH/REPLACE block and no complete {filename}, so nothing "
-            f"can be applied.{_fixed_note(reply.prose, filename)} {_FORMAT_HINT}"
+            f"can be applied.{_fixed_note(reply.prose, filename)} {FORMAT_HINT}"
         )
     if new == source:
         raise EditError(
@@ -325,7 +136,7 @@ def apply_blocks(
 ) -> str:
     """Apply blocks in order, all or nothing; see the module docstring for the matching rules."""
     for block in blocks:
-        if block.filename is not None and _basename(block.filename) != filename:
+        if block.filename is not None and basename(block.filename) != filename:
             raise EditError(
                 f"Block {block.number} edits `{block.filename}`, "
                 + _only_target(block.filename, filename)
@@ -362,208 +173,13 @@ def check_compiles(src: str, filename: str = TARGET_FILE) -> None:
         raise EditError(f"After the edit {filename} does not compile: {exc}.") from None
 
 
-# ----------------------------------------------------------------------------- parsing
-
-
-def _read_block(lines: list[str], start: int, number: int, name: str | None) -> tuple[Block, int]:
-    """Read the block whose SEARCH marker is at `start`; return it and the index after it."""
-    i = start + 1
-    search: list[str] = []
-    while i < len(lines) and not _DIVIDER.match(lines[i]):
-        if _SEARCH.match(lines[i]) or _REPLACE.match(lines[i]):
-            raise EditError(
-                f"Block {number} has no `=======` line between its SEARCH and REPLACE parts. "
-                + _FORMAT_HINT
-            )
-        search.append(lines[i])
-        i += 1
-    if i == len(lines):
-        raise EditError(
-            f"The reply was cut off: it ends inside block {number}, before its `=======` line "
-            "(the block is not closed). " + _RESEND + _SHORTER
-        )
-    i += 1
-    replace: list[str] = []
-    while i < len(lines) and not _REPLACE.match(lines[i]):
-        if _SEARCH.match(lines[i]) or _DIVIDER.match(lines[i]):
-            raise EditError(
-                f"Block {number} has no `>>>>>>> REPLACE` line before the next marker. "
-                + _FORMAT_HINT
-            )
-        replace.append(lines[i])
-        i += 1
-    if i == len(lines):
-        raise EditError(
-            f"The reply was cut off: it ends inside block {number}, whose REPLACE part is not "
-            "closed by a `>>>>>>> REPLACE` line. " + _RESEND + _SHORTER
-        )
-    named = _named_in_part(search)
-    if named is not None and _basename(named) != TARGET_FILE:
-        name = named
-    return Block(number, "\n".join(search), "\n".join(replace), name), i + 1
-
-
-def _refuse_partial_marker(prose: list[tuple[int, str]], lines: list[str]) -> None:
-    """A reply whose last line is the start of a marker (`<<<<<<< SEA`, `>>>`) was cut off."""
-    last = next((line for line in reversed(lines) if line.strip()), "")
-    if not prose or prose[-1][1] != last:
-        return
-    partial = _PARTIAL_MARKER.match(last)
-    if partial and (
-        not partial.group(2)
-        or "SEARCH".startswith(partial.group(2).upper())
-        or "REPLACE".startswith(partial.group(2).upper())
-    ):
-        raise EditError(
-            f"The reply was cut off: its last line `{last.strip()}` is the start of a marker "
-            "or fence. " + _RESEND + _SHORTER
-        )
-
-
-def _drop_restated(blocks: list[Block]) -> tuple[list[Block], list[int]]:
-    """Keep the first of blocks repeated verbatim; refuse two different REPLACEs of one SEARCH."""
-    kept: list[Block] = []
-    restated: list[int] = []
-    for block in blocks:
-        key = _norm(block.search)
-        twin = next((b for b in kept if _norm(b.search) == key), None)
-        if twin is None:
-            kept.append(block)
-        elif _norm(twin.replace) == _norm(block.replace) and twin.filename == block.filename:
-            restated.append(block.number)
-        elif key.strip():
-            raise EditError(
-                f"Blocks {twin.number} and {block.number} have the same SEARCH but different "
-                "REPLACE parts, so it is ambiguous which change is meant; nothing was applied. "
-                "Send one block per place, each with the one REPLACE you mean."
-            )
-        else:
-            kept.append(block)
-    return kept, restated
-
-
-def _norm(text: str) -> str:
-    return "\n".join(line.rstrip() for line in text.strip("\n").split("\n"))
-
-
-def _closes(fence: _Fence, match: re.Match) -> bool:
-    """A closing fence: the opener's character, at least its width, no info string."""
-    marks, info = match.group(1), match.group(2)
-    return marks[0] == fence.char and len(marks) >= fence.width and not info
-
-
-def _is_python(fence: _Fence) -> bool:
-    if fence.name is not None:
-        return fence.name.endswith(".py")
-    return fence.lang in _PYTHON_LANGS
-
-
-def _fence_label(label: str) -> tuple[str, str | None]:
-    """The language and filename of a fence opener: ```python, ```train.py, ```python train.py."""
-    lang, name = "", None
-    for word in label.split():
-        if _FILENAME.match(word.strip("`*:")):
-            name = word.strip("`*:")
-        elif not lang:
-            lang = word.lower()
-    if name and not lang:
-        lang = "python" if name.endswith(".py") else ""
-    return lang, name
-
-
-def _unmark(line: str) -> str:
-    """A line without markdown marks around it (heading, bold, list, quote)."""
-    text = line.strip()
-    previous = None
-    while text != previous:
-        previous = text
-        text = re.sub(r"^(#+|\*\*|__|[-*+]\s|>|\d+\.\s)\s*", "", text)
-        text = re.sub(r"\s*(\*\*|__)$", "", text)
-    return text
-
-
-def _strip_marks(line: str) -> str:
-    """A line without markdown marks and without a leading label such as `Description:`."""
-    text = _unmark(line)
-    previous = None
-    while text != previous:
-        previous = text
-        text = re.sub(
-            r"^(description|idea|experiment|title)\s*(\*\*|__)?\s*:\s*(\*\*|__)?\s*",
-            "",
-            text,
-            flags=re.I,
-        )
-        text = _unmark(text)
-    return text.strip("` ").strip()
-
-
-def _plausible(text: str) -> bool:
-    """Could this line be the one-line summary (not reasoning, not a preamble)?"""
-    return not (
-        text.endswith(":")
-        or _REASONING.match(text)
-        or len(text) > 2 * DESCRIPTION_MAX_CHARS
-        or _SEARCH.match(text)
-        or _PARTIAL_MARKER.match(text)
-    )
-
-
-def _filename_in(line: str) -> str | None:
-    """The file a line names, when the line only introduces a file: `train.py`, `File:
-    prepare.py`, `### Changes to train.py:`; backslashes (Windows paths) are accepted."""
-    text = line.strip()
-    text = re.sub(r"^(#+\s*|[-*]\s+|>\s*)", "", text)
-    text = text.replace("**", "").replace("__", "").strip()
-    text = re.sub(r"`([^`]*)`", r"\1", text).strip("`* ").strip()
-    for pattern in _NAMING:
-        named = pattern.match(text)
-        if named:
-            return named.group(1)
-    return None
-
-
-def _named_in_part(part: list[str]) -> str | None:
-    """A filename line at the top of a SEARCH part (a model that put the header inside)."""
-    first = next((line for line in part if line.strip()), "")
-    return first.strip().strip("`*#: ") if _FILENAME.match(first.strip().strip("`*#: ")) else None
-
-
-def _basename(name: str) -> str:
-    return re.split(r"[\\/]", name.strip())[-1]
-
-
-def _preceding_filename(lines: list[str], i: int, fence: _Fence | None) -> str | None:
-    """The filename named just before line i (skipping blank lines and a fence opener)."""
-    if fence is not None and fence.name:
-        return fence.name
-    j = i - 1
-    while j >= 0 and not lines[j].strip():
-        j -= 1
-    if j >= 0 and _FENCE.match(lines[j]):
-        j -= 1
-        while j >= 0 and not lines[j].strip():
-            j -= 1
-    return _filename_in(lines[j]) if j >= 0 else None
-
-
-def _is_filename_line(line: str, lines: list[str], i: int) -> bool:
-    """A filename line that introduces a fence or a block is not a description."""
-    if _filename_in(line) is None:
-        return False
-    j = i + 1
-    while j < len(lines) and not lines[j].strip():
-        j += 1
-    return j < len(lines) and bool(_FENCE.match(lines[j]) or _SEARCH.match(lines[j]))
-
-
 # ----------------------------------------------------------------------------- whole files
 
 
 def _whole_file(source: str, reply: Reply, filename: str) -> str:
     assert reply.whole_file is not None
     for name, _ in reply.whole_files:
-        if name is not None and _basename(name) != filename:
+        if name is not None and basename(name) != filename:
             raise EditError(f"The code block is `{name}`, " + _only_target(name, filename))
     _refuse_elided(source, reply.whole_file, filename)
     original_lines = max(1, len(source.splitlines()))
@@ -576,14 +192,14 @@ def _whole_file(source: str, reply: Reply, filename: str) -> str:
         raise EditError(
             f"The reply holds {len(set(complete))} different complete versions of {filename}, so "
             f"it is ambiguous which one is meant; nothing was applied. Send one: preferably "
-            f"SEARCH/REPLACE blocks. {_FORMAT_HINT}"
+            f"SEARCH/REPLACE blocks. {FORMAT_HINT}"
         )
     new = reply.whole_file
     if not complete:
         raise EditError(
             f"The reply has a code block of {len(new.splitlines())} lines but no SEARCH/REPLACE "
             f"block. A code block is used only when it is the complete new {filename} "
-            f"({original_lines} lines now); a fragment cannot be placed. {_FORMAT_HINT}"
+            f"({original_lines} lines now); a fragment cannot be placed. {FORMAT_HINT}"
         )
     new = complete[0]
     _refuse_lazy(source, new, reply.prose, filename)
@@ -604,7 +220,7 @@ def _refuse_elided(source: str, new: str, filename: str) -> None:
         raise EditError(
             f"The {filename} you sent leaves code out ({shown}), so it is not the whole "
             f"file. Nothing was applied. Send SEARCH/REPLACE blocks for the lines you change "
-            f"instead of the whole file. {_FORMAT_HINT}"
+            f"instead of the whole file. {FORMAT_HINT}"
         )
 
 
@@ -625,7 +241,7 @@ def _refuse_lazy(source: str, new: str, prose: list[str], filename: str) -> None
             f"file has (top level), and the reply does not say it removes them: a whole file "
             f"must be the whole file (was it cut short?), and {', '.join(CONTRACT_NAMES)} and "
             f"the `__main__` guard are needed by the harness. Nothing was applied. Send "
-            f"SEARCH/REPLACE blocks for the lines you change instead. {_FORMAT_HINT}"
+            f"SEARCH/REPLACE blocks for the lines you change instead. {FORMAT_HINT}"
         )
 
 
@@ -697,7 +313,7 @@ def _unwrap(s: list[str], r: list[str], lines: list[str], present: set[str]) -> 
 def _wrapper(line: str, present: set[str]) -> bool:
     if line.strip() in present:
         return False
-    return bool(_FENCE.match(line)) or _FILENAME.match(line.strip().strip("`*#: ")) is not None
+    return bool(FENCE.match(line)) or FILENAME.match(line.strip().strip("`*#: ")) is not None
 
 
 def _ungutter(s: list[str], r: list[str], lines: list[str], present: set[str]) -> tuple:
@@ -875,7 +491,9 @@ def _no_match_message(
                 found = _find(lines, r, block)
             except EditError:
                 found = None
-            if found is not None and _norm("\n".join(search)) != _norm("\n".join(replace)):
+            if found is not None and normalized("\n".join(search)) != normalized(
+                "\n".join(replace)
+            ):
                 at = found[0] + 1
                 where = f"line {at}" if len(r) == 1 else f"lines {at}-{at + len(r) - 1}"
                 return (
@@ -895,12 +513,12 @@ def _no_match_message(
 
 def _only_target(name: str, filename: str) -> str:
     said = f"but only {filename} may be edited"
-    if _basename(name) == FIXED_FILE:
+    if basename(name) == FIXED_FILE:
         said += (
             f": {FIXED_FILE} is fixed (the data, the tokenizer and the metric are trusted "
             f"code) and only {filename} may change"
         )
-    return f"{said}. Express the idea as a change to {filename} alone. {_FORMAT_HINT}"
+    return f"{said}. Express the idea as a change to {filename} alone. {FORMAT_HINT}"
 
 
 def _fixed_note(prose: list[str], filename: str) -> str:
