@@ -410,6 +410,7 @@ class OpenAIAgent:
         self.model = model
         self.base_url = base_url
         self.max_attempts = max_attempts
+        self.timeout = timeout
         self._client = openai.OpenAI(
             base_url=base_url,
             api_key=resolve_api_key(api_key, base_url),
@@ -433,7 +434,7 @@ class OpenAIAgent:
         A rate limit here is not a failure: the endpoint exists and the session waits it out.
         """
         client = self._client.with_options(
-            max_retries=1, timeout=min(CHECK_TIMEOUT_S, float(self._client.timeout or 0) or 1e9)
+            max_retries=1, timeout=min(CHECK_TIMEOUT_S, self.timeout)
         )
         listed: list[str] | None = None
         try:
@@ -565,7 +566,7 @@ class OpenAIAgent:
             ]
         raise InvalidProposal(
             f"no valid edit after {attempts} attempts; last problem: {problem.splitlines()[0]}",
-            description=_description_of(replies[-1]) if replies else None,
+            description=_last_description(replies),
             messages=messages,
             reply=_join(replies),
             attempts=attempts,
@@ -694,11 +695,16 @@ _CUT_OFF = ("length", "max_tokens")
 def _earlier_description(replies: list[str]) -> str:
     """The description an earlier reply of this conversation gave, when the applied one gave
     none (a corrected reply often resends only the blocks); else a neutral placeholder."""
-    for reply in reversed(replies[:-1]):
+    return _last_description(replies[:-1]) or "edit of train.py (no description given)"
+
+
+def _last_description(replies: list[str]) -> str | None:
+    """The description of the latest reply that gave one, for the record."""
+    for reply in reversed(replies):
         description = _description_of(reply)
         if description:
             return description
-    return "edit of train.py (no description given)"
+    return None
 
 
 def _description_of(reply: str) -> str | None:
