@@ -6,6 +6,8 @@ import pytest
 
 from autoresearch.edits import (
     DESCRIPTION_MAX_CHARS,
+    Block,
+    apply_blocks,
     apply_reply,
     check_compiles,
     clean_description,
@@ -488,3 +490,74 @@ def test_a_replace_already_in_the_file_says_so():
     assert message.startswith("Block 1: its SEARCH does not match")
     assert "REPLACE lines are already there (line 4)" in message
     assert "Propose a different change" in message
+
+
+# ----------------------------------------------------------------------------- Aider's cases
+
+AIDER_WHITESPACE = [
+    # (file, SEARCH, REPLACE, result): the leading-whitespace cases of Aider's edit-block tests
+    (
+        "\n    line1\n    line2\n        line3\n    line4\n",
+        "line2\n    line3",
+        "new_line2\n    new_line3",
+        "\n    line1\n    new_line2\n        new_line3\n    line4\n",
+    ),
+    (
+        "    line1\n    line2\n    line3\n",
+        "line1\nline2",
+        "new_line1\nnew_line2",
+        "    new_line1\n    new_line2\n    line3\n",
+    ),
+    (
+        "    line1\n    line2\n    line3\n",
+        " line1\n line2",
+        " new_line1\n     new_line2",
+        "    new_line1\n        new_line2\n    line3\n",
+    ),
+    (
+        "    line1\n    line2\n    line3\n",
+        "\n  line1\n  line2",
+        "  new_line1\n  new_line2",
+        "    new_line1\n    new_line2\n    line3\n",
+    ),
+    ("one\ntwo\nthree\n", "two", "new", "one\nnew\nthree\n"),
+]
+
+
+@pytest.mark.parametrize(("source", "search", "replace", "result"), AIDER_WHITESPACE)
+def test_aiders_whitespace_cases(source, search, replace, result):
+    assert apply_blocks(source, [Block(1, search, replace)]) == result
+
+
+@pytest.mark.parametrize(
+    "source", ["line1\nline2\nline1\nline3\n", "    line1\n    line2\n    line1\n"]
+)
+def test_where_aider_takes_the_first_match_this_refuses(source):
+    with pytest.raises(EditError, match="matches 2 places"):
+        apply_blocks(source, [Block(1, "line1", "new_line")])
+
+
+AIDER_REPLIES = {
+    "fence-then-filename": "Here's the change:\n\n```text\ntrain.py\n{b}```\n\nHope you like it!\n",
+    "filename-then-fence": "Here's the change:\n\ntrain.py\n```text\n{b}```\n\nHope you like it!\n",
+    "two-blocks-dots-between": "Change:\n\n```text\ntrain.py\n{b}\n...\n\n{c}```\n",
+    "no-final-newline": "train.py\n{b}\ntrain.py\n{c}",
+    "no-filename": "Change:\n\n```python\n{b}```\n",
+    "filename-in-own-fence": "Change:\n\n ```python\ntrain.py\n```\n```python\n{b}```\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(AIDER_REPLIES))
+def test_aiders_reply_layouts_parse(name):
+    one = block("DEPTH = 8  # layers", "DEPTH = 10  # layers")
+    two = block(
+        "MATRIX_LR = 0.04  # learning rate for matrices",
+        "MATRIX_LR = 0.06  # learning rate for matrices",
+    )
+    text = AIDER_REPLIES[name].format(b=one, c=two)
+    if name == "no-final-newline":
+        text = text.rstrip("\n")
+    blocks = parse_reply(text).blocks
+    assert [b.search.split()[0] for b in blocks] == ["DEPTH", "MATRIX_LR"][: len(blocks)]
+    assert all(b.filename in (None, "train.py") for b in blocks)
+    assert len(blocks) == (2 if "{c}" in AIDER_REPLIES[name] else 1)
