@@ -33,7 +33,15 @@ from pathlib import Path
 from statistics import fmean
 
 from . import evaluator, fingerprint, noise, runner
-from .agent import Agent, AgentExhausted, Context, HistoryEntry, InvalidProposal, Proposal
+from .agent import (
+    Agent,
+    AgentExhausted,
+    Context,
+    HistoryEntry,
+    InvalidProposal,
+    Proposal,
+    check_endpoint,
+)
 from .display import Display
 from .edits import check_compiles
 from .errors import AgentError, AutoresearchError, EditError, WorkspaceError
@@ -262,6 +270,7 @@ class Session:
         """Run until a budget, the agent or Ctrl-C ends the session."""
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
+            check_endpoint(self.agent)  # a wrong URL, model or key stops here, before any run
             pending = self._resume() if self.opts.resume else self._start()
             self.display.session_start(self.opts, self.ledger.experiments(), agent=self.agent.name)
             reason = self._loop(pending)
