@@ -116,10 +116,11 @@ def result_line(exp: Experiment) -> str:
 
 def _noise_note(exp: Experiment) -> str:
     """Why a lower val_bpb was still discarded: its gain did not clear the noise bar."""
-    decision = decision_of(exp)
-    if exp.status != "discard" or decision.gain is None or decision.gain <= 0:
+    d = decision_of(exp)
+    if exp.status != "discard" or d.gain is None or d.gain <= 0 or d.bar is None:
         return ""
-    return f"  [{decision.reason}]"
+    runs = max(d.runs, 1)
+    return f"  [within noise: gain {d.gain:.6f} <= bar {d.bar:.6f} after {plural(runs, 'run')}]"
 
 
 def _clean(value: object) -> str:
