@@ -504,5 +504,5 @@ def main() -> None:
         app()
     except AutoresearchError as exc:
         # The message may quote paths, settings or TOML tables: never read it as markup.
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -33,7 +33,8 @@ from .errors import DataError, UsageError, WorkspaceError
 from .ledger import Experiment, Ledger, decision_of, measured_runs
 from .workspace import RUNS_DIR, find_workspace, init_workspace, load_prepare, read_manifest
 
-out = Console(markup=False, highlight=False)  # text from the record, shown literally
+# Text from the record, shown literally; a line stays one line when piped (a table still fits)
+out = Console(markup=False, highlight=False, soft_wrap=True)
 CONFIRM_TIMEOUT_S = 1800.0  # seconds one test-split evaluation may take
 
 

@@ -593,7 +593,7 @@ class Display:
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         baseline = exps[0].val_bpb if exps and exps[0].val_bpb is not None else None
         line = (
-            f"session ended: {_clean(reason).rstrip('.')}. "
+            f"session ended: {_clean(reason).rstrip(' .')}. "
             f"{plural(len(exps), 'experiment')} ({summary or 'none'})"
         )
         if best is not None and best.val_bpb is not None and baseline is not None:

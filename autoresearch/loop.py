@@ -315,7 +315,7 @@ class Session:
         self.display.session_end(reason, exps, self.ledger.best())
         if self._agent_unavailable:
             raise AgentError(
-                f"{reason}. Check the endpoint, then continue with "
+                f"{reason.rstrip(' .')}. Check the endpoint, then continue with "
                 f"`autoresearch run --resume --tag {self.opts.tag}`"
             )
         return SessionResult(reason=reason, experiments=exps, best=self.ledger.best())
