@@ -1,10 +1,11 @@
 """Workspaces: the git repository holding program.md, prepare.py and train.py.
 
 Guarantees: `find_workspace` only returns a directory that has all three files and is a git
-repository, found from a subdirectory too; `init_workspace` never overwrites an existing file; `data_manifest` reads the
-prepared dataset's manifest without importing prepare.py (so no torch import, no side
-effects), checks that every file it names exists, and says what to run when the data is
-missing.
+repository, and finds it from any directory below it too; `init_workspace` never overwrites
+an existing file; `data_manifest` reads the prepared dataset's manifest without importing
+prepare.py (so no torch import, no side effects), checks that every file it names exists,
+and says what to run when the data is missing; `load_prepare` turns prepare.py's own
+PrepareError (a bad AUTORESEARCH_TIME_BUDGET, say) into a DataError.
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ brackets, `config`, and one-line errors that keep every character of their messa
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from loopkit import make_workspace
 from typer.testing import CliRunner
 
 from autoresearch import __version__, cli
+from autoresearch.ledger import Experiment, Ledger
 
 runner = CliRunner(env={"COLUMNS": "200"})  # help and tables unwrapped
 TABLE = "[tool.autoresearch]"
@@ -133,3 +136,24 @@ def test_readme_gives_the_cpu_torch_command_before_the_install() -> None:
     quick = blocks[first_install].strip()
     assert quick.startswith("python3 -m venv .venv && .venv/bin/pip install -e . && ")
     assert "prepare --source stdlib" in quick and "run --max-experiments 5" in quick
+
+
+def test_status_tells_a_killed_session_from_a_live_one(ws: Path, clean_env: None) -> None:
+    """No end reason recorded: the session's process alive means running; gone, killed."""
+    run_dir = ws / "runs" / "t1"
+    Ledger(run_dir).append(
+        Experiment(1, "keep", "baseline", "a" * 40, "a" * 40, 1.0, 0.0, None, 0.0)
+    )
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names no process now
+    for pid, said in (
+        (os.getpid(), f"running (pid {os.getpid()})"),
+        (gone.pid, "the session was killed; continue it with `autoresearch run --resume --tag t1`"),
+    ):
+        Ledger(run_dir).update_session(tag="t1", preset="cpu", pid=pid, end_reason=None)
+        done = runner.invoke(cli.app, ["status", "--workspace", str(ws)])
+        assert done.exit_code == 0, done.stdout
+        assert said in done.stdout
+    Ledger(run_dir).update_session(end_reason="reached --max-experiments 1")
+    done = runner.invoke(cli.app, ["status", "--json", "--workspace", str(ws)])
+    assert json.loads(done.stdout)["state"] == "ended"
