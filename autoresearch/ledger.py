@@ -153,6 +153,8 @@ class Decision:
     runs: int  # the candidate's runs
     incumbent_runs: int | None  # runs of the best it was compared with
     reason: str  # one line
+    values: tuple[float, ...] = ()  # the candidate's val_bpb, run by run
+    incumbent_values: tuple[float, ...] = ()  # the best's, when the record holds them
 
 
 def decision_of(exp: Experiment) -> Decision:
@@ -169,7 +171,22 @@ def decision_of(exp: Experiment) -> Decision:
     gain = None
     if _number_or_none(exp.val_bpb) is not None and _number_or_none(exp.best_before) is not None:
         gain = exp.best_before - exp.val_bpb
-    return Decision(gain, bar, sigma, n, m, _reason(exp, gain, bar, sigma, n, m))
+    return Decision(
+        gain,
+        bar,
+        sigma,
+        n,
+        m,
+        _reason(exp, gain, bar, sigma, n, m),
+        values=_numbers(runs),
+        incumbent_values=_numbers(inc),
+    )
+
+
+def _numbers(values: Any) -> tuple[float, ...]:
+    if not isinstance(values, list):
+        return ()
+    return tuple(v for v in map(_number_or_none, values) if v is not None)
 
 
 def _number_or_none(value: Any) -> float | None:

@@ -35,7 +35,7 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 
 from autoresearch.errors import WorkspaceError
-from autoresearch.ledger import Experiment, Ledger, decision_of
+from autoresearch.ledger import Decision, Experiment, Ledger, decision_of
 
 RUNS_DIR = "runs"
 TRAIN_FILE = "train.py"
@@ -471,6 +471,16 @@ def _num(value: float | None, digits: int = 6) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _run_values(d: Decision) -> str:
+    """The val_bpb of each run on each side, for the runs cell's tooltip."""
+    parts = []
+    if d.values:
+        parts.append("this: " + ", ".join(f"{v:.6f}" for v in d.values))
+    if d.incumbent_values:
+        parts.append("best: " + ", ".join(f"{v:.6f}" for v in d.incumbent_values))
+    return "; ".join(parts)
+
+
 def _table_html(experiments: Sequence[Experiment]) -> str:
     """One row per experiment: its val_bpb, then the keep rule's numbers as recorded (the
     gain over the best, the bar it had to clear, σ, the runs on each side) and a one-line
@@ -499,7 +509,7 @@ def _table_html(experiments: Sequence[Experiment]) -> str:
             f'<td class="num">{_num(d.gain)}</td>'
             f'<td class="num">{_num(d.bar)}</td>'
             f'<td class="num">{_num(d.sigma)}</td>'
-            f'<td class="num">{runs}</td>'
+            f'<td class="num" title="{_e(_run_values(d))}">{runs}</td>'
             f'<td class="num">{f"{e.memory_gb:.1f}" if e.memory_gb else ""}</td>'
             f'<td class="reason">{_e(d.reason)}</td></tr>'
         )

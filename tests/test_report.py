@@ -409,6 +409,7 @@ def test_each_row_has_the_keep_rule_s_numbers_and_a_reason(tmp_path: Path):
     assert cells[2] == "0.967000"
     assert cells[3] == '<span class="noise">-0.005000</span>'
     assert cells[6:10] == ["0.005000", "0.008000", "0.004000", "2 / 2"]
+    assert 'title="this: 0.968000, 0.966000"' in row3  # each run's val_bpb
 
 
 @needs_chromium
