@@ -1,6 +1,7 @@
 """The `autoresearch` command. Thin: each command checks its options and calls one function.
 
 Only this module turns an AutoresearchError into a message on stderr and an exit code.
+Help text is rich markup (Typer's default): a literal `[` is written `\\[`.
 """
 
 from __future__ import annotations
@@ -10,14 +11,39 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
-from . import commands
+from . import __version__, commands
 from .errors import AutoresearchError
 
+
+class _NoFlagTypes:
+    """Leaves the type column of a flag empty: Typer shows `<bool>` after every
+    `--flag` (and after `--help`), which reads as if the flag took a value."""
+
+    def get_params(self, ctx):  # noqa: ANN001, ANN201 - click's signature
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Group(_NoFlagTypes, TyperGroup):
+    pass
+
+
+class _Command(_NoFlagTypes, TyperCommand):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     help="Autonomous ML research: an agent edits train.py, trains for a fixed budget, "
     "and keeps what lowers val_bpb.",
     no_args_is_help=True,
@@ -25,6 +51,13 @@ app = typer.Typer(
     add_completion=False,
 )
 err = Console(stderr=True)
+
+# Help panels of `run`, in the order they are shown.
+AGENT_PANEL = "The agent"
+LIMITS_PANEL = "When the session ends"
+HARDWARE_PANEL = "Hardware"
+RUN_PANEL = "Each training run"
+KEEP_PANEL = "The keep rule"
 
 
 class Preset(str, Enum):
@@ -43,15 +76,43 @@ class Device(str, Enum):
     cpu = "cpu"
 
 
-WorkspaceOpt = typer.Option(
-    None, "--workspace", "-w", help="Workspace directory (default: the current one)."
-)
-PresetOpt = typer.Option(
-    None, "--preset", "-p", help="gpu or cpu (default: gpu when CUDA is available)."
-)
-DeviceOpt = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available).")
-GpuOpt = typer.Option(None, "--gpu", help="GPU index to use (sets CUDA_VISIBLE_DEVICES).")
-TagOpt = typer.Option(None, "--tag", "-t", help="Session tag (default: the most recent session).")
+Workspace = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace",
+        "-w",
+        help="Workspace directory (default: the current one, or the nearest above it).",
+    ),
+]
+PresetOpt = Annotated[
+    Preset | None,
+    typer.Option(
+        "--preset",
+        "-p",
+        help="gpu or cpu (default: gpu when CUDA is available).",
+        rich_help_panel=HARDWARE_PANEL,
+    ),
+]
+DeviceOpt = Annotated[
+    Device | None,
+    typer.Option(
+        "--device",
+        help="cuda or cpu (default: cuda when available).",
+        rich_help_panel=HARDWARE_PANEL,
+    ),
+]
+GpuOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--gpu",
+        help="GPU index to use (sets CUDA_VISIBLE_DEVICES).",
+        rich_help_panel=HARDWARE_PANEL,
+    ),
+]
+Tag = Annotated[
+    str | None,
+    typer.Option("--tag", "-t", help="Session tag (default: the most recent session)."),
+]
 
 
 def default_tag() -> str:
@@ -59,33 +120,67 @@ def default_tag() -> str:
     return datetime.date.today().strftime("%b%d").lower()
 
 
-@app.command()
+def _version(value: bool) -> None:
+    if value:
+        print(f"autoresearch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    pass
+
+
+@app.command(cls=_Command)
 def prepare(
-    source: str = typer.Option(
-        None,
-        "--source",
-        "-s",
-        help="climbmix (default) | tinystories | stdlib (offline) | files:PATH (txt, md, py, "
-        "jsonl, parquet, .gz). With --force and no --source: the active dataset's own.",
-    ),
-    num_shards: int | None = typer.Option(
-        None, "--num-shards", min=1, help="Training shards to download (climbmix; default 10)."
-    ),
-    include: list[str] | None = typer.Option(
-        None, "--include", help="Glob of files to use (files:PATH); repeatable."
-    ),
-    val_include: list[str] | None = typer.Option(
-        None, "--val-include", help="Glob naming the validation files (files:PATH); repeatable."
-    ),
-    max_train_mb: float | None = typer.Option(
-        None, "--max-train-mb", min=0.001, help="Cap on training text, MB."
-    ),
-    base_url: str | None = typer.Option(None, "--base-url", help="Mirror to download shards from."),
-    workers: int = typer.Option(8, "--workers", min=1, max=64, help="Parallel downloads."),
-    force: bool = typer.Option(
-        False, "--force", help="Rebuild even if already prepared (damaged or missing files)."
-    ),
-    workspace: Path | None = WorkspaceOpt,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            "--source",
+            "-s",
+            help="climbmix (default) | tinystories | stdlib (offline) | files:PATH (txt, md, "
+            "py, jsonl, parquet, .gz). With --force and no --source: the active dataset's own.",
+        ),
+    ] = None,
+    num_shards: Annotated[
+        int | None,
+        typer.Option(
+            "--num-shards", min=1, help="Training shards to download (climbmix; default 10)."
+        ),
+    ] = None,
+    include: Annotated[
+        list[str] | None,
+        typer.Option("--include", help="Glob of files to use (files:PATH); repeatable."),
+    ] = None,
+    val_include: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--val-include", help="Glob naming the validation files (files:PATH); repeatable."
+        ),
+    ] = None,
+    max_train_mb: Annotated[
+        float | None, typer.Option("--max-train-mb", min=0.001, help="Cap on training text, MB.")
+    ] = None,
+    base_url: Annotated[
+        str | None, typer.Option("--base-url", help="Mirror to download shards from.")
+    ] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, max=64, help="Parallel downloads.")
+    ] = 8,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Rebuild even if already prepared (damaged or missing files)."
+        ),
+    ] = False,
+    workspace: Workspace = None,
 ) -> None:
     """Download or collect text, train the tokenizer and write token shards (once)."""
     commands.prepare(
@@ -101,12 +196,12 @@ def prepare(
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
-    preset: Preset | None = PresetOpt,
-    device: Device | None = DeviceOpt,
-    gpu: str | None = GpuOpt,
-    workspace: Path | None = WorkspaceOpt,
+    preset: PresetOpt = None,
+    device: DeviceOpt = None,
+    gpu: GpuOpt = None,
+    workspace: Workspace = None,
 ) -> None:
     """Run train.py once with a live progress bar and print its summary block."""
     code = commands.train_once(
@@ -118,122 +213,198 @@ def train(
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=_Command)
 def run(
-    tag: str | None = typer.Option(
-        None,
-        "--tag",
-        "-t",
-        help="Session tag; the branch is autoresearch/<tag> (default: today's date, e.g. nov26).",
-    ),
-    agent: AgentName | None = typer.Option(
-        None,
-        "--agent",
-        "-a",
-        help="openai (an endpoint), tuner (offline, no LLM) or replay. "
-        "Default: openai when a model or base URL is configured, else tuner.",
-    ),
-    model: str | None = typer.Option(None, "--model", "-m", help="Model name at the endpoint."),
-    base_url: str | None = typer.Option(
-        None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."
-    ),
-    agent_timeout: float | None = typer.Option(
-        None,
-        "--agent-timeout",
-        min=1.0,
-        help="Seconds one request to the endpoint may take before it is retried (default 600).",
-    ),
-    patches: Path | None = typer.Option(
-        None, "--patches", help="Directory of prepared replies (replay agent)."
-    ),
-    max_experiments: int | None = typer.Option(
-        None,
-        "--max-experiments",
-        "-n",
-        min=1,
-        help="Stop after this many experiments (the baseline counts).",
-    ),
-    max_hours: float | None = typer.Option(
-        None, "--max-hours", min=0.001, help="Start no experiment after this many hours."
-    ),
-    max_cost: float | None = typer.Option(
-        None, "--max-cost", min=0.0, help="Stop once the agent's tokens cost this many USD."
-    ),
-    preset: Preset | None = PresetOpt,
-    device: Device | None = DeviceOpt,
-    gpu: str | None = GpuOpt,
-    timeout: float | None = typer.Option(
-        None,
-        "--timeout",
-        min=1.0,
-        help="Hard limit per run in seconds (default: 2 x TIME_BUDGET + 120).",
-    ),
-    stall_timeout: float | None = typer.Option(
-        None,
-        "--stall-timeout",
-        min=1.0,
-        help="Kill a run that prints nothing for this many seconds.",
-    ),
-    budget_grace: float | None = typer.Option(
-        None,
-        "--budget-grace",
-        min=0.0,
-        help="Seconds a run may take past TIME_BUDGET from its first step line to its exit; "
-        "a run that takes longer is a crash, over_budget (default: the larger of 30 s and 10% of TIME_BUDGET).",
-    ),
-    startup_limit: float | None = typer.Option(
-        None,
-        "--startup-limit",
-        min=1.0,
-        help="Seconds a run may take from launch to its first step line (imports, data, "
-        "compile), which is not counted as training; a later first step line makes the run a "
-        "crash, over_budget (default 120).",
-    ),
-    fix_attempts: int | None = typer.Option(
-        None,
-        "--fix-attempts",
-        min=0,
-        max=10,
-        help="Repairs the agent may try after a crash (default 1).",
-    ),
-    min_delta: float | None = typer.Option(
-        None,
-        "--min-delta",
-        min=0.0,
-        help="Keep only if val_bpb beats the best by more than this (default 0).",
-    ),
-    calibrate: int | None = typer.Option(
-        None,
-        "--calibrate",
-        min=1,
-        help="Runs of the baseline that measure the noise of val_bpb (default 3 on gpu, 2 on cpu).",
-    ),
-    max_repeats: int | None = typer.Option(
-        None,
-        "--max-repeats",
-        min=1,
-        help="Runs of a candidate whose gain is within noise (default 3 on gpu, 2 on cpu).",
-    ),
-    overlap: bool = typer.Option(
-        True,
-        "--overlap/--no-overlap",
-        help="Let the agent propose the next experiment while the current one trains.",
-    ),
-    warm_start: bool = typer.Option(
-        True,
-        "--warm-start/--no-warm-start",
-        help="Start training and evaluator processes (their `import torch`) before they are due.",
-    ),
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue the tag's session after any stop, kill -9 included."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only one line per experiment."),
-    workspace: Path | None = WorkspaceOpt,
+    tag: Annotated[
+        str | None,
+        typer.Option(
+            "--tag",
+            "-t",
+            help="Session tag; the branch is autoresearch/<tag> (default: today's date, e.g. nov26).",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the tag's session after any stop, kill -9 included; what did not "
+            "finish is trained again.",
+        ),
+    ] = False,
+    agent: Annotated[
+        AgentName | None,
+        typer.Option(
+            "--agent",
+            "-a",
+            help="openai (an endpoint), tuner (offline, no LLM) or replay. "
+            "Default: openai when a model or base URL is configured, else tuner.",
+            rich_help_panel=AGENT_PANEL,
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", help="Model name at the endpoint.", rich_help_panel=AGENT_PANEL
+        ),
+    ] = None,
+    base_url: Annotated[
+        str | None,
+        typer.Option(
+            "--base-url",
+            help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.",
+            rich_help_panel=AGENT_PANEL,
+        ),
+    ] = None,
+    agent_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--agent-timeout",
+            min=1.0,
+            help="Seconds one request to the endpoint may take before it is retried (default 600).",
+            rich_help_panel=AGENT_PANEL,
+        ),
+    ] = None,
+    patches: Annotated[
+        Path | None,
+        typer.Option(
+            "--patches",
+            help="Directory of prepared replies (replay agent).",
+            rich_help_panel=AGENT_PANEL,
+        ),
+    ] = None,
+    overlap: Annotated[
+        bool,
+        typer.Option(
+            "--overlap/--no-overlap",
+            help="Let the agent propose the next experiment while the current one trains.",
+            rich_help_panel=AGENT_PANEL,
+        ),
+    ] = True,
+    max_experiments: Annotated[
+        int | None,
+        typer.Option(
+            "--max-experiments",
+            "-n",
+            min=1,
+            help="Stop after this many experiments (the baseline counts).",
+            rich_help_panel=LIMITS_PANEL,
+        ),
+    ] = None,
+    max_hours: Annotated[
+        float | None,
+        typer.Option(
+            "--max-hours",
+            min=0.001,
+            help="Start no experiment after this many hours.",
+            rich_help_panel=LIMITS_PANEL,
+        ),
+    ] = None,
+    max_cost: Annotated[
+        float | None,
+        typer.Option(
+            "--max-cost",
+            min=0.0,
+            help="Stop once the agent's tokens cost this many USD.",
+            rich_help_panel=LIMITS_PANEL,
+        ),
+    ] = None,
+    preset: PresetOpt = None,
+    device: DeviceOpt = None,
+    gpu: GpuOpt = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            min=1.0,
+            help="Hard limit per run in seconds (default: 2 x TIME_BUDGET + 120).",
+            rich_help_panel=RUN_PANEL,
+        ),
+    ] = None,
+    stall_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--stall-timeout",
+            min=1.0,
+            help="Kill a run that prints nothing for this many seconds.",
+            rich_help_panel=RUN_PANEL,
+        ),
+    ] = None,
+    budget_grace: Annotated[
+        float | None,
+        typer.Option(
+            "--budget-grace",
+            min=0.0,
+            help="Seconds a run may take past TIME_BUDGET from its first step line to its exit; "
+            "a run that takes longer is a crash, over_budget (default: the larger of 30 s and "
+            "10% of TIME_BUDGET).",
+            rich_help_panel=RUN_PANEL,
+        ),
+    ] = None,
+    startup_limit: Annotated[
+        float | None,
+        typer.Option(
+            "--startup-limit",
+            min=1.0,
+            help="Seconds a run may take from launch to its first step line (imports, data, "
+            "compile), which is not counted as training; a later first step line makes the run "
+            "a crash, over_budget (default 120).",
+            rich_help_panel=RUN_PANEL,
+        ),
+    ] = None,
+    fix_attempts: Annotated[
+        int | None,
+        typer.Option(
+            "--fix-attempts",
+            min=0,
+            max=10,
+            help="Repairs the agent may try after a crash (default 1).",
+            rich_help_panel=RUN_PANEL,
+        ),
+    ] = None,
+    warm_start: Annotated[
+        bool,
+        typer.Option(
+            "--warm-start/--no-warm-start",
+            help="Start training and evaluator processes (their `import torch`) before they are due.",
+            rich_help_panel=RUN_PANEL,
+        ),
+    ] = True,
+    min_delta: Annotated[
+        float | None,
+        typer.Option(
+            "--min-delta",
+            min=0.0,
+            help="Keep only if val_bpb beats the best by more than this (default 0).",
+            rich_help_panel=KEEP_PANEL,
+        ),
+    ] = None,
+    calibrate: Annotated[
+        int | None,
+        typer.Option(
+            "--calibrate",
+            min=1,
+            help="Runs of the baseline that measure the noise of val_bpb (default 3 on gpu, 2 on cpu).",
+            rich_help_panel=KEEP_PANEL,
+        ),
+    ] = None,
+    max_repeats: Annotated[
+        int | None,
+        typer.Option(
+            "--max-repeats",
+            min=1,
+            help="Runs of a candidate whose gain is within noise (default 3 on gpu, 2 on cpu).",
+            rich_help_panel=KEEP_PANEL,
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Only one line per experiment.")
+    ] = False,
+    workspace: Workspace = None,
 ) -> None:
     """Run the research loop: propose, train, keep or revert, until a budget ends it.
 
     Settings not given as flags come from AUTORESEARCH_* variables, then from
-    [tool.autoresearch] in the workspace's pyproject.toml (see `autoresearch config`).
+    \\[tool.autoresearch] in the workspace's pyproject.toml (see `autoresearch config`).
     """
     commands.run_session(
         workspace=workspace,
@@ -266,56 +437,58 @@ def run(
     )
 
 
-@app.command()
-def config(workspace: Path | None = WorkspaceOpt) -> None:
+@app.command(cls=_Command)
+def config(workspace: Workspace = None) -> None:
     """Show each setting, its value and where it came from (flag > env > config > default)."""
     commands.show_config(workspace=workspace)
 
 
-@app.command()
-def report(tag: str | None = TagOpt, workspace: Path | None = WorkspaceOpt) -> None:
+@app.command(cls=_Command)
+def report(tag: Tag = None, workspace: Workspace = None) -> None:
     """Write runs/<tag>/progress.png and a self-contained runs/<tag>/report.html."""
     commands.report(workspace=workspace, tag=tag)
 
 
-@app.command()
+@app.command(cls=_Command)
 def status(
-    tag: str | None = TagOpt,
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-    workspace: Path | None = WorkspaceOpt,
+    tag: Tag = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    workspace: Workspace = None,
 ) -> None:
-    """Best result, counts by status and the table of experiments."""
+    """Best result, counts by status, how busy the device was, and the table of experiments."""
     commands.status(workspace=workspace, tag=tag, as_json=as_json)
 
 
-@app.command()
-def log(tag: str | None = TagOpt, workspace: Path | None = WorkspaceOpt) -> None:
+@app.command(cls=_Command)
+def log(tag: Tag = None, workspace: Workspace = None) -> None:
     """Accepted changes with val_bpb before → after."""
     commands.log(workspace=workspace, tag=tag)
 
 
-@app.command()
+@app.command(cls=_Command)
 def show(
-    exp_id: int = typer.Argument(..., metavar="N", help="Experiment number."),
-    tag: str | None = TagOpt,
-    workspace: Path | None = WorkspaceOpt,
+    exp_id: Annotated[int, typer.Argument(metavar="N", help="Experiment number.")],
+    tag: Tag = None,
+    workspace: Workspace = None,
 ) -> None:
-    """One experiment: description, diff, metrics and the tail of its log."""
+    """One experiment: why it got its status, every run, the diff, metrics and log tail."""
     commands.show(workspace=workspace, tag=tag, exp_id=exp_id)
 
 
-@app.command()
+@app.command(cls=_Command)
 def confirm(
-    tag: str | None = TagOpt,
-    device: Device | None = DeviceOpt,
-    workspace: Path | None = WorkspaceOpt,
+    tag: Tag = None,
+    device: DeviceOpt = None,
+    workspace: Workspace = None,
 ) -> None:
     """Evaluate the baseline and the best on the held-out test split (never seen by the loop)."""
     commands.confirm(workspace=workspace, tag=tag, device=device.value if device else None)
 
 
-@app.command()
-def init(directory: Path = typer.Argument(..., help="Directory for the new workspace.")) -> None:
+@app.command(cls=_Command)
+def init(
+    directory: Annotated[Path, typer.Argument(help="Directory for the new workspace.")],
+) -> None:
     """Create a workspace: a git repository with program.md, prepare.py, train.py."""
     commands.init(directory)
 
@@ -330,5 +503,6 @@ def main() -> None:
     try:
         app()
     except AutoresearchError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        # The message may quote paths, settings or TOML tables: never read it as markup.
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -15,12 +15,22 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import runner
 from .config import resolve
-from .display import STATUS_STYLE, Display, format_delta, result_line
+from .display import (
+    STATUS_STYLE,
+    Display,
+    busy_line,
+    busy_percent,
+    device_name,
+    format_delta,
+    plural,
+    result_line,
+)
 from .errors import DataError, UsageError, WorkspaceError
-from .ledger import Experiment, Ledger
+from .ledger import Experiment, Ledger, decision_of, measured_runs
 from .workspace import (
     RUNS_DIR,
     find_workspace,
@@ -30,7 +40,8 @@ from .workspace import (
     stale_prepare,
 )
 
-out = Console()
+# Text from the record, shown literally; a line stays one line when piped (a table still fits)
+out = Console(markup=False, highlight=False, soft_wrap=True)
 CONFIRM_TIMEOUT_S = 1800.0  # seconds one test-split evaluation may take
 
 
@@ -142,7 +153,7 @@ def train_once(
     device, preset = resolve_device(device, preset)
     data_manifest()
     constants = preset_constants(root, preset)
-    display = Display(out)
+    display = Display(out, device=device)
     display.note(
         f"preset {preset} on {device}: " + ", ".join(f"{k} {v}" for k, v in constants.items())
     )
@@ -180,14 +191,19 @@ def train_once(
             out.print(f"{key + ':':<18}{value}", highlight=False)
         return 0
     out.print(result.log_tail, highlight=False, markup=False)
-    out.print(f"[red]train.py failed ({result.crash_class}); full log: {log_path}[/]")
+    out.print(
+        Text(f"train.py failed ({result.crash_class}); full log: {log_path}", style="red"),
+        highlight=False,
+    )
     return 1
 
 
 def init(directory: Path) -> None:
     root = init_workspace(directory)
     out.print(
-        f"workspace ready in {root}\nnext: cd {root} && autoresearch prepare && autoresearch run"
+        f"workspace ready in {root}\nnext: cd {root} && autoresearch prepare && autoresearch run",
+        highlight=False,
+        markup=False,
     )
 
 
@@ -251,7 +267,7 @@ def run_session(
             overlap=overlap,
             warm_start=warm_start,
         )
-        display = Display(out, quiet=quiet)
+        display = Display(out, quiet=quiet, device=device)
         display.note(
             f"session {tag} on branch autoresearch/{tag}: agent {agent_obj.name}"
             + (f" ({settings.model})" if agent == "openai" and settings.model else "")
@@ -381,16 +397,19 @@ def _now() -> str:
 def show_config(*, workspace: Path | None) -> None:
     root = find_workspace(workspace)
     settings = resolve({}, root, os.environ)
-    table = Table(title=f"settings for {root}", title_justify="left")
+    table = Table(title=Text(f"settings for {root}"), title_justify="left")
     for col in ("setting", "value", "from"):
         table.add_column(col)
     for key, value, source in settings.rows():
-        table.add_row(key, "—" if value is None else str(value), source)
+        # Text cells: a value or a source such as "pyproject.toml [tool.autoresearch]"
+        # would otherwise be read as rich markup and lose its brackets.
+        table.add_row(Text(key), Text("—" if value is None else str(value)), Text(source))
     out.print(table)
     out.print(
         f"agent in use: {settings.agent_name}. Precedence: flag > environment > "
         "pyproject.toml [tool.autoresearch] > default.",
         highlight=False,
+        markup=False,
     )
 
 
@@ -400,7 +419,7 @@ def report(*, workspace: Path | None, tag: str | None) -> None:
     root = find_workspace(workspace)
     ledger = session_ledger(root, tag)
     png, html = write_report(root, ledger.run_dir.name)
-    out.print(f"wrote {png}\nwrote {html}", highlight=False)
+    out.print(f"wrote {png}\nwrote {html}", highlight=False, markup=False)
 
 
 # ------------------------------------------------------------------ reading the record
@@ -443,11 +462,14 @@ def status(*, workspace: Path | None, tag: str | None, as_json: bool) -> None:
     best = ledger.best()
     baseline = exps[0] if exps else None
     session = ledger.read_session() or {}
-    busy = _gpu_busy(exps)
+    busy = busy_percent(exps)
+    device = session.get("device") or session.get("preset")
+    state = session_state(session)
     if as_json:
         payload = {
             "tag": ledger.run_dir.name,
             "branch": session.get("branch"),
+            "state": state,
             "end_reason": session.get("end_reason"),
             "baseline_bpb": baseline.val_bpb if baseline else None,
             "best": {
@@ -459,7 +481,9 @@ def status(*, workspace: Path | None, tag: str | None, as_json: bool) -> None:
             if best
             else None,
             "counts": _counts(exps),
-            "gpu_busy_percent": busy,
+            "busy": {"device": device_name(device), "percent": busy},
+            # the same number under its older name, for GPU sessions only
+            "gpu_busy_percent": busy if device_name(device) == "GPU" else None,
             "experiments": [
                 {
                     "id": e.id,
@@ -486,32 +510,49 @@ def status(*, workspace: Path | None, tag: str | None, as_json: bool) -> None:
             (e.commit or "")[:7],
             f"{e.val_bpb:.6f}" if e.val_bpb is not None else "—",
             format_delta(e),
-            f"[{STATUS_STYLE.get(e.status, '')}]{e.status}[/]"
-            + (f" ({e.crash_class})" if e.crash_class else ""),
+            Text(e.status, style=STATUS_STYLE.get(e.status, ""))
+            + Text(f" ({e.crash_class})" if e.crash_class else ""),
             e.description,
         )
     out.print(table)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(_counts(exps).items()))
-    out.print(f"{len(exps)} experiments: {counts or 'none'}", highlight=False)
+    out.print(f"{plural(len(exps), 'experiment')}: {counts or 'none'}")
     if best and baseline and best.val_bpb is not None and baseline.val_bpb is not None:
         out.print(
             f"best: exp {best.id:04d} val_bpb {best.val_bpb:.6f} "
-            f"(baseline {baseline.val_bpb:.6f}, Δ {best.val_bpb - baseline.val_bpb:+.6f}) {best.description}",
-            highlight=False,
+            f"(baseline {baseline.val_bpb:.6f}, Δ {best.val_bpb - baseline.val_bpb:+.6f}) "
+            f"{best.description}"
         )
-    if busy is not None:
-        out.print(f"GPU busy: {busy:.1f}% of the session's wall time", highlight=False)
+    out.print(busy_line(exps, device))
+    out.print(_state_line(state, session, ledger.run_dir.name))
+
+
+def session_state(session: dict) -> str:
+    """`ended` (session.json says why), `running` (its process is alive) or `killed`
+    (neither: it died without a word, kill -9 or power loss)."""
     if session.get("end_reason"):
-        out.print(f"ended: {session['end_reason']}", highlight=False)
+        return "ended"
+    pid = session.get("pid")
+    if isinstance(pid, int) and pid > 0:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "killed"
+        except PermissionError:
+            return "running"  # alive, another user's
+        return "running"
+    return "killed"
 
 
-def _gpu_busy(exps: list[Experiment]) -> float | None:
-    """Training wall time over session wall time, from the last experiment's counters."""
-    for e in reversed(exps):
-        busy, total = e.extra.get("gpu_busy_s"), e.extra.get("session_s")
-        if busy is not None and total:
-            return round(100.0 * busy / total, 1)
-    return None
+def _state_line(state: str, session: dict, tag: str) -> str:
+    if state == "ended":
+        return f"ended: {session['end_reason']}"
+    if state == "running":
+        return f"running (pid {session['pid']})"
+    return (
+        "not running, and no end was recorded: the session was killed; continue it with "
+        f"`autoresearch run --resume --tag {tag}`"
+    )
 
 
 def log(*, workspace: Path | None, tag: str | None) -> None:
@@ -523,19 +564,22 @@ def log(*, workspace: Path | None, tag: str | None) -> None:
         return
     for e in keeps:
         if e.best_before is None:
-            out.print(
-                f"exp {e.id:04d} {(e.commit or '')[:7]} baseline val_bpb {e.val_bpb:.6f}",
-                highlight=False,
-            )
+            out.print(f"exp {e.id:04d} {(e.commit or '')[:7]} baseline val_bpb {e.val_bpb:.6f}")
             continue
         out.print(
             f"exp {e.id:04d} {(e.commit or '')[:7]} val_bpb {e.best_before:.6f} → {e.val_bpb:.6f} "
-            f"({e.val_bpb - e.best_before:+.6f})  {e.description}",
-            highlight=False,
+            f"({e.val_bpb - e.best_before:+.6f})  {e.description}"
         )
 
 
+def run_log_name(run: int) -> str:
+    """The log file of a commit's run number `run` (1-based) in its experiment's folder,
+    as the loop names them: run.log, run-2.log, …"""
+    return "run.log" if run <= 1 else f"run-{run}.log"
+
+
 def show(*, workspace: Path | None, tag: str | None, exp_id: int) -> None:
+    """One experiment, every number labelled with the run it comes from."""
     root = find_workspace(workspace)
     ledger = session_ledger(root, tag)
     exp = ledger.get(exp_id)
@@ -543,26 +587,42 @@ def show(*, workspace: Path | None, tag: str | None, exp_id: int) -> None:
         raise UsageError(
             f"no experiment {exp_id} in session {ledger.run_dir.name} (see `autoresearch status`)"
         )
-    out.print(result_line(exp), highlight=False, markup=False)
-    out.print(
-        f"commit {exp.commit or '—'}  parent {exp.parent[:12]}  ref {exp.attempt_ref or '—'}",
-        highlight=False,
-    )
+    runs = [r for r in measured_runs(ledger.run_dir, exp) if r.get("purpose") != "remeasure"]
+    judged = len((exp.extra or {}).get("runs") or []) or len(runs)
+    out.print(result_line(exp))
+    out.print(f"why: {decision_of(exp).reason}")
+    if exp.val_bpb is not None and judged > 1:
+        out.print(f"val_bpb {exp.val_bpb:.6f} is the mean of runs 1–{judged}")
+    out.print(f"commit {exp.commit or '—'}  parent {exp.parent[:12]}  ref {exp.attempt_ref or '—'}")
     if exp.agent:
-        out.print("agent " + ", ".join(f"{k} {v}" for k, v in exp.agent.items()), highlight=False)
+        # Fields the agent did not use (None) say nothing: left out.
+        shown = ", ".join(f"{k} {v}" for k, v in exp.agent.items() if v is not None)
+        out.print(f"agent {shown}")
     if exp.extra.get("reason"):
-        out.print(f"reason: {exp.extra['reason']}", highlight=False, markup=False)
-    exp_dir = ledger.experiment_dir(exp_id)
+        out.print(f"reason: {exp.extra['reason']}")
+    exp_dir = ledger.run_dir / f"{exp_id:04d}"
+    if runs:
+        out.rule("runs")
+        for number, r in enumerate(runs, start=1):
+            out.print(
+                f"run {number}  seed {r.get('seed', '—')}  val_bpb {r['val_bpb']:.6f}  "
+                f"({r.get('purpose', '')}; log {run_log_name(number)})"
+            )
     patch = exp_dir / "patch.diff"
     if patch.is_file():
         out.rule("diff")
-        out.print(patch.read_text(encoding="utf-8"), highlight=False, markup=False)
+        out.print(patch.read_text(encoding="utf-8"))
+    # The record keeps the summary of the last run only (a crashed repeat included): the
+    # last log on disk is that run's.
+    last = max(judged, 1)
+    while (exp_dir / run_log_name(last + 1)).is_file():
+        last += 1
     if exp.metrics:
-        out.rule("metrics")
+        out.rule(f"metrics: train.py's summary of the last run, run {last}")
         for key, value in exp.metrics.items():
-            out.print(f"{key + ':':<18}{value}", highlight=False)
-    run_log = exp_dir / "run.log"
+            out.print(f"{key + ':':<18}{value}")
+    run_log = exp_dir / run_log_name(last)
     if run_log.is_file():
-        out.rule("log tail")
+        out.rule(f"log tail: {run_log.name}")
         lines = run_log.read_text(encoding="utf-8", errors="replace").splitlines()
-        out.print("\n".join(lines[-30:]), highlight=False, markup=False)
+        out.print("\n".join(lines[-30:]))

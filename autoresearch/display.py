@@ -4,8 +4,9 @@ One of three modes, fixed when the Display is made:
 - live (an interactive terminal, not `--quiet`): a rich Live dashboard that rich's refresh
   thread redraws REFRESH_PER_SECOND times a second: the experiment in flight with a progress
   bar fed by train.py's step lines, the best val_bpb and its Δ from the baseline, the last
-  experiments coloured by status, counts, agent tokens and cost, GPU-busy %, and what will end
-  the session (experiments, hours or money left).
+  experiments coloured by status, counts, agent tokens and cost, the share of the session
+  spent training (named for the device: "GPU busy", "CPU busy"; MFU only on a GPU), and what
+  will end the session (experiments, hours or money left).
 - plain (a pipe, a log file, CI): a header line with the budgets, then one line per event,
   step lines thinned to one per tenth of the budget; never colour, never wrapped, so the logs
   of overnight sessions stay readable and greppable.
@@ -36,7 +37,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from .ledger import Experiment
+from .ledger import Experiment, decision_of
 from .runner import Step
 
 if TYPE_CHECKING:
@@ -64,6 +65,37 @@ PHASE_STYLE = {"proposing": "cyan", "repairing": "yellow", "training": "bold blu
 # --------------------------------------------------------------------------- lines and numbers
 
 
+def plural(n: int, word: str) -> str:
+    """'1 experiment', '2 experiments'."""
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def device_name(device: str | None) -> str:
+    """What the user calls the device a session trains on: GPU for cuda, else CPU (MPS)."""
+    device = (device or "").lower()
+    if device.startswith("cuda") or device == "gpu":
+        return "GPU"
+    return "MPS" if device == "mps" else "CPU"
+
+
+def busy_percent(experiments: Iterable[Experiment]) -> float | None:
+    """The one definition of busy, shown by the dashboard and by `status`: the share of the
+    session's wall time that its training runs took (launch to exit, every run of every
+    experiment), as of the last experiment recorded, since the session was last started.
+    Read from that experiment's `extra.gpu_busy_s` and `extra.session_s`; None before."""
+    for e in reversed(list(experiments)):
+        busy, total = (e.extra or {}).get("gpu_busy_s"), (e.extra or {}).get("session_s")
+        if _finite(busy) and _finite(total) and total > 0:
+            return round(100.0 * busy / total, 1)
+    return None
+
+
+def busy_line(experiments: Iterable[Experiment], device: str | None) -> str:
+    busy = busy_percent(experiments)
+    share = "—" if busy is None else f"{busy:.1f}%"
+    return f"{device_name(device)} busy training {share} of the session"
+
+
 def format_delta(exp: Experiment) -> str:
     if exp.val_bpb is None or exp.best_before is None:
         return ""
@@ -84,13 +116,11 @@ def result_line(exp: Experiment) -> str:
 
 def _noise_note(exp: Experiment) -> str:
     """Why a lower val_bpb was still discarded: its gain did not clear the noise bar."""
-    if exp.status != "discard" or not _finite(exp.val_bpb) or not _finite(exp.best_before):
+    d = decision_of(exp)
+    if exp.status != "discard" or d.gain is None or d.gain <= 0 or d.bar is None:
         return ""
-    gain = exp.best_before - exp.val_bpb
-    if gain <= 0:
-        return ""
-    runs = len(exp.extra.get("runs") or []) or 1
-    return f"  [within noise: gain {gain:.6f} <= bar {exp.threshold:.6f} after {runs} run(s)]"
+    runs = max(d.runs, 1)
+    return f"  [within noise: gain {d.gain:.6f} <= bar {d.bar:.6f} after {plural(runs, 'run')}]"
 
 
 def _clean(value: object) -> str:
@@ -209,9 +239,14 @@ class Dashboard:
         self.budgets = Budgets()
         self.record = Record()
         self.run: Run | None = None
-        self.busy_s = 0.0  # training wall time of this process's finished runs
+        self.device: str | None = None  # cuda or cpu, once known: names busy, shows MFU
         self.notes: tuple[str, ...] = ()
         self.closed = False  # the last frame: nothing runs any more
+
+    @property
+    def gpu(self) -> bool:
+        """MFU is a GPU's figure: on a CPU train.py prints 0.0 and it is not shown."""
+        return device_name(self.device) == "GPU"
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         # Two columns to spare: the terminal echoes Ctrl-C as "^C" where the cursor is, the
@@ -234,7 +269,7 @@ class Dashboard:
                 self._best(record),
                 self._recent(record, rows),
                 self._counts(record),
-                self._usage(record, run, now, started),
+                self._usage(record),
                 self._limits(record, now, started),
             ]
             hint = "" if self.closed else " · Ctrl-C stops after this experiment"
@@ -285,8 +320,7 @@ class Dashboard:
         )
         return [head, bar, self._step_stats(run, step, elapsed)]
 
-    @staticmethod
-    def _step_stats(run: Run, step: Step | None, elapsed: str) -> Text:
+    def _step_stats(self, run: Run, step: Step | None, elapsed: str) -> Text:
         if step is None:
             budget = f" (TIME_BUDGET {run.budget:g}s)" if _finite(run.budget) else ""
             return Text(f"starting: imports, data, compile… {elapsed}{budget}", style="dim")
@@ -300,7 +334,7 @@ class Dashboard:
         fields = [
             f"loss {step.loss:.4f}" if _finite(step.loss) else "loss —",
             f"{step.tok_per_sec:,.0f} tok/s" if _finite(step.tok_per_sec) else "— tok/s",
-            f"MFU {step.mfu:.1f}%" if _finite(step.mfu) else "MFU —",
+            *([f"MFU {step.mfu:.1f}%" if _finite(step.mfu) else "MFU —"] if self.gpu else []),
             left,
             f"{elapsed} elapsed",
         ]
@@ -361,8 +395,7 @@ class Dashboard:
 
     @staticmethod
     def _counts(record: Record) -> Text:
-        n = len(record.experiments)
-        line = Text(f"{n} experiment{'s' if n != 1 else ''}: ")
+        line = Text(f"{plural(len(record.experiments), 'experiment')}: ")
         ordered = sorted(record.counts.items(), key=lambda kv: _STATUS_ORDER.get(kv[0], 99))
         for i, (status, count) in enumerate(ordered):
             line.append(", " if i else "")
@@ -372,15 +405,10 @@ class Dashboard:
         line.no_wrap, line.overflow = True, "ellipsis"
         return line
 
-    def _usage(self, record: Record, run: Run | None, now: float, started: float) -> Text:
-        """GPU-busy % (training wall time over session wall time, the run in flight included),
-        agent tokens and their cost."""
-        busy = self.busy_s + (
-            now - run.started if run is not None and run.phase == "training" else 0.0
-        )
-        wall = now - started
+    def _usage(self, record: Record) -> Text:
+        """Busy (as `status` says it: `busy_percent`), agent tokens and their cost."""
         return Text(
-            (f"GPU busy {100 * busy / wall:.0f}%" if wall > 0 else "GPU busy —")
+            busy_line(record.experiments, self.device)
             + f" · agent tokens {_count(record.tokens_in)} in / {_count(record.tokens_out)} out"
             + f" · cost ${record.cost_usd:.2f}"
             + (f" (+{record.unpriced} unpriced)" if record.unpriced else ""),
@@ -393,7 +421,7 @@ class Dashboard:
         parts = []
         if b.max_experiments is not None:
             left = max(0, b.max_experiments - len(record.experiments))
-            parts.append(f"{b.max_experiments} experiments ({left} left)")
+            parts.append(f"{plural(b.max_experiments, 'experiment')} ({left} left)")
         if b.max_hours is not None:
             left_s = b.max_hours * 3600 - (now - started)
             parts.append(f"{_hours(b.max_hours)} ({_duration(left_s)} left)")
@@ -413,7 +441,7 @@ def plain_limits(budgets: Budgets, recorded: int) -> str:
     """The budgets as one plain line (the plain mode's session header)."""
     parts = []
     if budgets.max_experiments is not None:
-        parts.append(f"{budgets.max_experiments} experiments ({recorded} recorded)")
+        parts.append(f"{plural(budgets.max_experiments, 'experiment')} ({recorded} recorded)")
     if budgets.max_hours is not None:
         parts.append(_hours(budgets.max_hours))
     if budgets.max_cost is not None:
@@ -443,11 +471,13 @@ class Display:
         live: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
         auto_refresh: bool = True,
+        device: str | None = None,
     ) -> None:
         self.console = console or Console(stderr=False)
         self.quiet = quiet
         self.live = (self.console.is_interactive if live is None else live) and not quiet
         self.dashboard = Dashboard(clock)
+        self.dashboard.device = device
         self._clock = clock
         self._auto_refresh = auto_refresh
         self._live: Live | None = None
@@ -467,6 +497,7 @@ class Display:
             time_budget=opts.time_budget,
         )
         dash.record = Record.of(experiments)
+        dash.device = opts.device
         dash.title = f"autoresearch · {_clean(opts.tag)}" + (
             f" · {_clean(agent)} agent" if agent else ""
         )
@@ -538,9 +569,10 @@ class Display:
         if self.quiet or self.live or not (step.pct >= self._next_pct):
             return
         self._next_pct = step.pct + PLAIN_STEP_EVERY_PCT
+        mfu = f"mfu {step.mfu:.1f}% | " if self.dashboard.gpu else ""
         stats = (
-            f"loss {step.loss:.4f} | {step.tok_per_sec:,.0f} tok/s | mfu {step.mfu:.1f}% "
-            f"| {step.remaining_s:.0f}s left"
+            f"loss {step.loss:.4f} | {step.tok_per_sec:,.0f} tok/s | {mfu}"
+            f"{step.remaining_s:.0f}s left"
         )
         self._print(Text(f"  step {step.step:05d} ({step.pct:.1f}%) | {stats}"))
 
@@ -560,16 +592,16 @@ class Display:
             counts[e.status] = counts.get(e.status, 0) + 1
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         baseline = exps[0].val_bpb if exps and exps[0].val_bpb is not None else None
-        line = f"session ended: {_clean(reason)}. {len(exps)} experiments ({summary or 'none'})"
+        line = (
+            f"session ended: {_clean(reason).rstrip(' .')}. "
+            f"{plural(len(exps), 'experiment')} ({summary or 'none'})"
+        )
         if best is not None and best.val_bpb is not None and baseline is not None:
             line += f"; val_bpb {baseline:.6f} → {best.val_bpb:.6f} (exp {best.id:04d})"
         self._print(Text(line))
 
     def _set_run(self, run: Run | None) -> None:
-        """The next phase; a training run that ends here adds its wall time to GPU-busy."""
-        previous, self.dashboard.run = self.dashboard.run, run
-        if previous is not None and previous.phase == "training":
-            self.dashboard.busy_s += self._clock() - previous.started
+        self.dashboard.run = run
 
     def _print(self, text: Text) -> None:
         # soft_wrap: a log line stays one line however narrow the console thinks it is.

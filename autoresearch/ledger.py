@@ -13,6 +13,8 @@ Files, and what is guaranteed about each:
   reply.txt), each written atomically (temp file, fsync, rename).
 - `state.json` (the loop's in-flight phase) and `session.json` (facts about the session):
   small JSON documents, replaced atomically.
+Every file is created with the permissions the process's umask gives (0644 under umask 022),
+since the record is read with other tools.
 
 Writes that fail for lack of space or any other OS reason raise LedgerError; what was recorded
 before stays intact. Not handled: two processes appending to the same run directory at once.
@@ -24,7 +26,7 @@ import errno
 import json
 import math
 import os
-import tempfile
+import secrets
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ TSV_FILE = "results.tsv"
 STATE_FILE = "state.json"
 SESSION_FILE = "session.json"
 FIRST_ID = 1  # the baseline's id
+FILE_MODE = 0o666  # before the umask: 0644 under the usual umask 022
 REJECTED_REASON_CHARS = 80  # of a rejection's reason appended to its results.tsv description
 
 
@@ -135,6 +138,109 @@ def tsv_row(exp: Experiment) -> str:
     return f"{commit}\t{0.0 if no_value else val:.6f}\t{memory:.1f}\t{status}\t{description}"
 
 
+@dataclass(frozen=True)
+class Decision:
+    """Why an experiment got its status, in the numbers the keep rule used, as recorded.
+
+    Every reader of the keep rule's numbers (`show`, the report, the live line) goes through
+    `decision_of`, so a change to what the loop records is read in one place. A number the
+    record does not hold is None.
+    """
+
+    gain: float | None  # the best's mean val_bpb minus the candidate's (positive = better)
+    bar: float | None  # what the gain had to clear
+    sigma: float | None  # run-to-run noise of val_bpb when it was judged
+    runs: int  # the candidate's runs
+    incumbent_runs: int | None  # runs of the best it was compared with
+    reason: str  # one line
+    values: tuple[float, ...] = ()  # the candidate's val_bpb, run by run
+    incumbent_values: tuple[float, ...] = ()  # the best's, when the record holds them
+
+
+def decision_of(exp: Experiment) -> Decision:
+    """The keep rule's numbers for `exp`, read from the record (fields `val_bpb`,
+    `best_before`, `threshold`, `extra.sigma`, `extra.runs`, `extra.incumbent_runs`,
+    `extra.reason`, `crash_class`), and a one-line reason."""
+    extra = exp.extra or {}
+    runs = extra.get("runs")
+    n = len(runs) if isinstance(runs, list) else 0
+    inc = extra.get("incumbent_runs")
+    m = len(inc) if isinstance(inc, list) else inc if isinstance(inc, int) else None
+    sigma = _number_or_none(extra.get("sigma"))
+    bar = _number_or_none(exp.threshold)
+    gain = None
+    if _number_or_none(exp.val_bpb) is not None and _number_or_none(exp.best_before) is not None:
+        gain = exp.best_before - exp.val_bpb
+    return Decision(
+        gain,
+        bar,
+        sigma,
+        n,
+        m,
+        _reason(exp, gain, bar, sigma, n, m),
+        values=_numbers(runs),
+        incumbent_values=_numbers(inc),
+    )
+
+
+def _numbers(values: Any) -> tuple[float, ...]:
+    if not isinstance(values, list):
+        return ()
+    return tuple(v for v in map(_number_or_none, values) if v is not None)
+
+
+def _number_or_none(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def _runs(n: int, m: int | None) -> str:
+    against = f" against {m} of the best" if m else ""
+    return f"{n} run{'s' * (n != 1)}{against}"
+
+
+def _reason(
+    exp: Experiment,
+    gain: float | None,
+    bar: float | None,
+    sigma: float | None,
+    n: int,
+    m: int | None,
+) -> str:
+    noise = "σ not measured yet" if sigma is None else f"σ {sigma:.6f}"
+    said = " ".join(str((exp.extra or {}).get("reason") or "").split())
+    if exp.status == "keep" and exp.best_before is None:
+        return f"the baseline, the first best ({_runs(n, None)}, {noise})"
+    if exp.status == "keep" and gain is not None and bar is not None:
+        return f"kept: gain {gain:.6f} cleared the bar {bar:.6f} ({_runs(n, m)}, {noise})"
+    if exp.status == "discard" and gain is not None and gain <= 0:
+        return f"discarded: no gain (val_bpb {-gain:+.6f} against the best, {_runs(n, m)})"
+    if exp.status == "discard" and gain is not None and bar is not None:
+        return (
+            f"discarded: gain {gain:.6f} within noise, not above the bar {bar:.6f} "
+            f"({_runs(n, m)}, {noise})"
+        )
+    if exp.status == "crash":
+        return f"crashed ({exp.crash_class or 'unknown class'}): the run gave no val_bpb"
+    if exp.status == "interrupted":
+        return "interrupted by Ctrl-C twice: killed before it was judged"
+    if exp.status in ("invalid", "rejected"):
+        return f"{exp.status}: {said}" if said else exp.status
+    return exp.status
+
+
+def measured_runs(run_dir: Path, exp: Experiment) -> list[dict]:
+    """Every training run measured for `exp`, in order: dicts with `val_bpb`, `seed` and
+    `purpose` (calibrate, candidate, repeat, remeasure), from measurements.jsonl."""
+    from .noise import Measurements
+
+    return [
+        r
+        for r in Measurements(Path(run_dir)).rows()
+        if r.get("exp") == exp.id and (exp.commit is None or r.get("commit") == exp.commit)
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # Durable file primitives (raise OSError; Ledger turns that into LedgerError)
 
@@ -162,7 +268,10 @@ def _fsync_dir(path: Path) -> None:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Replace `path` with `data`: readers see the old or the new file, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Not mkstemp, which makes the file 0600: the record is read with other tools (pandas,
+    # a browser, another user's shell), so it gets the permissions the user's umask gives.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         try:
             _write_all(fd, data)
@@ -277,7 +386,7 @@ class Ledger:
 
     def _append_line(self, line: bytes, tail: bytes, cut: int) -> None:
         created = not self.jsonl_path.exists()
-        fd = os.open(self.jsonl_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(self.jsonl_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, FILE_MODE)
         try:
             if tail:
                 if self._complete_tail(tail) is not None:

@@ -42,11 +42,11 @@ from .agent import (
     Proposal,
     check_endpoint,
 )
-from .display import Display
+from .display import Display, plural
 from .edits import check_compiles
 from .errors import AgentError, AutoresearchError, EditError, WorkspaceError
 from .gitrepo import GitRepo, merge_texts
-from .ledger import Experiment, Ledger
+from .ledger import Experiment, Ledger, LedgerError
 from .pricing import cost_usd
 from .workspace import RUNS_DIR, TRAIN_FILE, cache_dir, data_manifest
 
@@ -71,6 +71,10 @@ class SessionInterrupted(AutoresearchError):
     """Ctrl-C pressed twice: training killed, branch reset to best, record written."""
 
     exit_code = 130
+
+    def __init__(self, message: str, end_reason: str = "interrupted by Ctrl-C twice") -> None:
+        super().__init__(message)
+        self.end_reason = end_reason  # for session.json: why the session ended, without the advice
 
 
 @dataclass
@@ -240,6 +244,7 @@ class Session:
         self.ledger = Ledger(root / RUNS_DIR / opts.tag)
         self.repo = GitRepo(root)
         self.stop_requested = False
+        self._agent_unavailable = False  # the session ends for that: a failure, exit status 1
         self.cancel = threading.Event()
         self._interruptible = (
             False  # True while blocked in the agent: a second Ctrl-C may raise there
@@ -267,22 +272,40 @@ class Session:
     # ----------------------------------------------------------------- setup
 
     def run(self) -> SessionResult:
-        """Run until a budget, the agent or Ctrl-C ends the session."""
+        """Run until a budget, the agent or Ctrl-C ends the session.
+
+        Every way out of a session that started records why in session.json (`end_reason`,
+        `ended`): a budget, the agent, Ctrl-C once or twice, an error. Only a kill -9 cannot,
+        and `status` tells that apart by the recorded pid. An agent that stayed unavailable
+        ends the session with an AgentError (exit status 1) once the record is written.
+        """
         previous = signal.signal(signal.SIGINT, self._on_sigint)
+        began = False
         try:
             check_endpoint(self.agent)  # a wrong URL, model or key stops here, before any run
             pending = self._resume() if self.opts.resume else self._start()
+            began = True
+            self.ledger.update_session(ended=None, end_reason=None, pid=os.getpid())
             self.display.session_start(self.opts, self.ledger.experiments(), agent=self.agent.name)
             reason = self._loop(pending)
             self.ledger.write_state(None)  # e.g. the agent gave up while proposing
         except KeyboardInterrupt:
             # Second Ctrl-C while the agent was thinking: nothing was committed for it.
             self.ledger.write_state(None)
-            self.ledger.update_session(ended=_now(), end_reason="interrupted")
+            self._record_end(began, "interrupted by Ctrl-C twice while the agent was proposing")
             raise SessionInterrupted(
                 "interrupted while proposing; nothing was committed. Continue with "
                 f"`autoresearch run --resume --tag {self.opts.tag}`"
             ) from None
+        except SessionInterrupted as exc:
+            self._record_end(began, exc.end_reason)
+            raise
+        except AutoresearchError as exc:
+            self._record_end(began, f"error: {exc}")
+            raise
+        except BaseException as exc:  # recorded, then raised as it came: a bug, a SystemExit
+            self._record_end(began, f"failed: {type(exc).__name__}: {exc}")
+            raise
         finally:
             self._discard_warm()
             self._discard_warm_eval()
@@ -292,7 +315,23 @@ class Session:
         self.ledger.update_session(ended=_now(), end_reason=reason)
         exps = self.ledger.experiments()
         self.display.session_end(reason, exps, self.ledger.best())
+        if self._agent_unavailable:
+            raise AgentError(
+                f"{reason.rstrip(' .')}. Check the endpoint, then continue with "
+                f"`autoresearch run --resume --tag {self.opts.tag}`"
+            )
         return SessionResult(reason=reason, experiments=exps, best=self.ledger.best())
+
+    def _record_end(self, began: bool, reason: str) -> None:
+        """session.json's end reason on the way out of an error; a refusal before the
+        session began has written nothing, and a disk that refuses this too (the error
+        on its way out says so) leaves the last record as it was."""
+        if not began:
+            return
+        try:
+            self.ledger.update_session(ended=_now(), end_reason=reason)
+        except LedgerError:
+            pass
 
     def _start(self) -> dict | None:
         repo = self.repo
@@ -305,10 +344,13 @@ class Session:
             raise WorkspaceError(
                 "HEAD is detached: check out the branch to start from (e.g. `git checkout main`)"
             )
-        if repo.is_dirty():
+        dirty = sorted(repo.dirty_paths())
+        if dirty:
+            named = ", ".join(dirty[:5]) + (f" and {len(dirty) - 5} more" if len(dirty) > 5 else "")
             raise WorkspaceError(
-                "the working tree has uncommitted changes: commit or stash them first "
-                "(the session commits and resets train.py and must not touch your work)"
+                f"the working tree has uncommitted changes ({named}): commit or stash them, "
+                "or add them to .gitignore, first (the session commits and resets train.py "
+                "and must not touch your work)"
             )
         if self.ledger.experiments():
             raise WorkspaceError(
@@ -326,6 +368,7 @@ class Session:
             base=base,
             started=_now(),
             preset=self.opts.preset,
+            device=self.opts.device,
             agent=self.agent.name,
             **sealing,
         )
@@ -388,6 +431,8 @@ class Session:
                 self.display.note(f"killed {orphans} process(es) the stopped session left running")
         done = {e.id for e in self.ledger.experiments()}
         pending = state if state and state.get("id") not in done else None
+        rerun = None if pending else self._interrupted_last()
+        pending = pending or rerun
         ours = {session["base"]} | {e.commit for e in self.ledger.experiments() if e.commit}
         if pending and pending.get("commit"):
             ours.add(pending["commit"])
@@ -419,15 +464,50 @@ class Session:
         repo.checkout(self.branch, force=True)
         repo.reset_hard(target)
         self.ledger.rebuild_tsv()
+        if rerun:
+            self._carry_over(rerun)
+        again = f" (experiment {rerun['rerun_of']:04d}, interrupted)" if rerun else ""
         self.display.note(
-            f"resuming {self.branch}: {len(done)} experiments recorded"
+            f"resuming {self.branch}: {plural(len(done), 'experiment')} recorded"
             + (
-                f", re-running experiment {pending['id']:04d}"
+                f", re-running experiment {pending['id']:04d}{again}"
                 if pending and pending.get("commit")
                 else ""
             )
         )
         return pending
+
+    def _interrupted_last(self) -> dict | None:
+        """The training state that re-runs the last experiment, when Ctrl-C twice killed it.
+
+        The record keeps the interrupted attempt (what happened); the re-run is a new
+        experiment, under the next id, of the same commit, so what did not finish is trained
+        again as the README says. Nothing is written here.
+        """
+        exps = self.ledger.experiments()
+        last = exps[-1] if exps else None
+        if last is None or last.status != "interrupted" or not last.commit:
+            return None
+        return {
+            "phase": "training",
+            "id": self.ledger.next_id(),
+            "commit": last.commit,
+            "description": last.description,
+            "parent": last.parent,
+            "fix_of": last.fix_of,
+            "agent": last.agent,
+            "rerun_of": last.id,
+            "baseline": self.ledger.best() is None,
+        }
+
+    def _carry_over(self, rerun: dict) -> None:
+        """The re-run's attempt ref and the artifacts of the proposal it trains again."""
+        if not rerun["baseline"]:
+            self.repo.update_ref(attempt_ref(self.opts.tag, rerun["id"]), rerun["commit"])
+        old = self.ledger.run_dir / f"{rerun['rerun_of']:04d}"
+        for name in ("patch.diff", "prompt.json", "reply.txt"):
+            if (old / name).is_file():
+                self.ledger.write_artifact(rerun["id"], name, (old / name).read_bytes())
 
     def _best_commit(self, session: dict | None = None) -> str:
         best = self.ledger.best()
@@ -446,12 +526,14 @@ class Session:
                 pending["description"],
                 agent_info=pending.get("agent", {}),
                 fix_of=pending.get("fix_of"),
-                baseline=not self.ledger.experiments(),
+                baseline=pending.get("baseline", not self.ledger.experiments()),
             )
         if not self.ledger.experiments():
             self._baseline()
             if self.ledger.best() is None:
                 return "baseline crashed"
+        elif pending and pending.get("baseline") and self.ledger.best() is None:
+            return "baseline crashed"  # the re-run of an interrupted baseline
         outages = 0
         while True:
             reason = self._should_stop()
@@ -468,6 +550,7 @@ class Session:
             except AgentError as exc:
                 outages += 1
                 if outages >= AGENT_OUTAGE_RETRIES:
+                    self._agent_unavailable = True
                     return f"agent unavailable: {exc}"
                 self.display.note(
                     f"agent error ({exc}); retrying in {AGENT_OUTAGE_WAIT_S:.0f}s "
@@ -765,7 +848,10 @@ class Session:
         if status == "interrupted":
             raise SessionInterrupted(
                 f"interrupted: experiment {exp_id:04d} killed, branch reset to the best commit; "
-                "continue with `autoresearch run --resume --tag " + self.opts.tag + "`"
+                "continue with `autoresearch run --resume --tag " + self.opts.tag + "`, "
+                "which trains it again",
+                end_reason=f"interrupted by Ctrl-C twice: experiment {exp_id:04d} killed "
+                "(`--resume` trains it again)",
             )
         if status == "keep" and not baseline:
             self._keeps_since_measure += 1
@@ -1021,7 +1107,8 @@ class Session:
         if result.crash_class == "interrupted":
             raise SessionInterrupted(
                 "interrupted while re-measuring the best; continue with "
-                f"`autoresearch run --resume --tag {self.opts.tag}`"
+                f"`autoresearch run --resume --tag {self.opts.tag}`",
+                end_reason="interrupted by Ctrl-C twice while re-measuring the best",
             )
         mean = self.measurements.mean(best.commit)
         if mean is not None:

@@ -35,7 +35,7 @@ from matplotlib.transforms import blended_transform_factory
 
 from autoresearch import gitrepo
 from autoresearch.errors import WorkspaceError
-from autoresearch.ledger import Experiment, Ledger
+from autoresearch.ledger import Decision, Experiment, Ledger, decision_of
 
 RUNS_DIR = "runs"
 TRAIN_FILE = "train.py"
@@ -55,6 +55,8 @@ LABEL_SIZE = 8.5  # points
 LABEL_ANGLE = 28  # degrees; upstream's slant, keeps long labels clear of the running best
 LABEL_OFFSET = 6  # points right of and above the dot
 GLYPH_WIDTH = 0.6  # average character width in em, to estimate a label's length
+STRIP_Y = 0.04  # axes height of the marks for experiments without a val_bpb
+DISCARDED_LOWER_LABEL = "discarded: lower, but within noise"
 LEADER = {"arrowstyle": "-", "color": DARK_GREEN, "linewidth": 0.6, "alpha": 0.6, "shrinkB": 3}
 RIGHT_ROOM = 0.16  # share of the experiment range left free after the last one, for its label
 SHORT_SHA = 8  # characters of a commit shown in tables
@@ -167,47 +169,58 @@ def _title(tag: str, summary: Summary) -> str:
 
 
 def plot_progress(experiments: Sequence[Experiment], tag: str) -> bytes:
-    """The progress plot as PNG bytes.
+    """The progress plot as PNG bytes (see `progress_figure`)."""
+    fig = progress_figure(experiments, tag)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.savefig(buffer, format="png")
+    return buffer.getvalue()
 
-    val_bpb per experiment id: discards as grey dots, keeps as green dots annotated with their
-    description, the running best as a step line. Crashed, invalid and interrupted runs are
-    red (amber) x marks on the top edge; discards far above the baseline, grey triangles there.
+
+def progress_figure(experiments: Sequence[Experiment], tag: str) -> Figure:
+    """val_bpb per experiment id, every experiment on it, laid out and ready to save.
+
+    Kept changes are green dots annotated with their description, joined by the running best
+    as a step line; discards are grey dots, except those lower than the best they were judged
+    against (discarded as within noise), which are hollow amber diamonds; experiments with no
+    val_bpb (crash, invalid, rejected, interrupted) are marks on a strip along the bottom.
+    The y axis spans every val_bpb measured, the strip below them.
     """
     ordered = _sorted(experiments)
     summary = summarize(ordered)
     fig = Figure(figsize=PLOT_SIZE, dpi=PLOT_DPI)
     ax = fig.add_subplot()
-    edge = blended_transform_factory(ax.transData, ax.transAxes)  # x in data, y in axes units
+    strip = blended_transform_factory(ax.transData, ax.transAxes)  # x in data, y in axes units
 
-    scored = [e for e in ordered if e.val_bpb is not None and e.status not in FAILED]
+    scored = [e for e in ordered if _finite(e.val_bpb) and e.status not in FAILED]
     kept = [e for e in scored if e.status == "keep"]
-    low, high = _y_limits(scored, summary)
-    inside = [e for e in scored if e.status != "keep" and e.val_bpb <= high]
-    above = [e for e in scored if e.status != "keep" and e.val_bpb > high]
+    lower = [e for e in scored if e.status != "keep" and _discarded_lower(e)]
+    others = [e for e in scored if e.status != "keep" and not _discarded_lower(e)]
     scored_ids = {e.id for e in scored}
     failed = [e for e in ordered if e.id not in scored_ids]
 
-    if inside:
+    if others:
         ax.scatter(
-            [e.id for e in inside],
-            [e.val_bpb for e in inside],
+            [e.id for e in others],
+            [e.val_bpb for e in others],
             c=GREY,
             s=18,
-            alpha=0.7,
+            alpha=0.8,
             zorder=2,
             label="discarded",
         )
-    if above:
+    if lower:
         ax.scatter(
-            [e.id for e in above],
-            [0.985] * len(above),
-            transform=edge,
-            marker="^",
-            c=GREY,
-            s=30,
-            zorder=2,
-            clip_on=False,
-            label="discarded, off the scale",
+            [e.id for e in lower],
+            [e.val_bpb for e in lower],
+            marker="D",
+            facecolors="none",
+            edgecolors=AMBER,
+            linewidths=1.6,
+            s=42,
+            zorder=4.5,
+            label=DISCARDED_LOWER_LABEL,
         )
     if kept:
         _plot_running_best(ax, ordered, kept)
@@ -226,32 +239,29 @@ def plot_progress(experiments: Sequence[Experiment], tag: str) -> bytes:
         if xs:
             ax.scatter(
                 xs,
-                [1.0] * len(xs),
-                transform=edge,
+                [STRIP_Y] * len(xs),
+                transform=strip,
                 marker="x",
                 c=colour,
                 s=45,
                 linewidths=2,
                 zorder=5,
-                clip_on=False,
-                label=" / ".join(statuses),
+                label=" / ".join(statuses) + " (no val_bpb)",
             )
 
     if ordered:  # room on the right for the last keep's slanted label
         first, last = ordered[0].id, ordered[-1].id
         ax.set_xlim(first - 1, last + max(3.0, RIGHT_ROOM * (last - first)))
-    ax.set_ylim(low, high)
+    ax.set_ylim(*_y_limits([e.val_bpb for e in scored], has_strip=bool(failed)))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("experiment #")
     ax.set_ylabel("val_bpb (lower is better)")
     ax.set_title(_title(tag, summary), fontsize=14, pad=14, parse_math=False)
     ax.grid(True, alpha=0.25)
-    # Below the running best nothing is ever plotted, so the lower left corner stays free.
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower left", framealpha=0.9)
+        ax.legend(loc="best", framealpha=0.9)
     # Labels are placed in final pixels, and the layout makes room for them: place, lay out
     # again, and place once more in the slightly moved axes.
-    buffer = io.BytesIO()
     with warnings.catch_warnings():
         # DejaVu Sans lacks CJK and emoji; such a label shows boxes, the page has the text.
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
@@ -260,20 +270,27 @@ def plot_progress(experiments: Sequence[Experiment], tag: str) -> bytes:
             label.remove()
         fig.tight_layout()
         _annotate_keeps(ax, kept)
-        fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return fig
 
 
-def _y_limits(scored: Sequence[Experiment], summary: Summary) -> tuple[float, float]:
-    """Frame baseline to best with some room; wild discards go off the top, as upstream does."""
-    values = [e.val_bpb for e in scored]
+def _finite(x: float | None) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _discarded_lower(e: Experiment) -> bool:
+    """A discard whose val_bpb was below the best it was judged against: within noise."""
+    return e.status == "discard" and _finite(e.best_before) and e.val_bpb < e.best_before
+
+
+def _y_limits(values: Sequence[float], *, has_strip: bool) -> tuple[float, float]:
+    """Every value inside with a margin; more room below when the strip of runs without a
+    val_bpb is drawn there, and above for the kept changes' slanted labels."""
     if not values:
         return 0.0, 1.0
-    top = summary.baseline if summary.baseline is not None else max(values)
-    bottom = summary.best if summary.best is not None else min(values)
-    top, bottom = max(top, bottom), min(top, bottom)
+    top, bottom = max(values), min(values)
     span = max(top - bottom, 0.01 * abs(top), 1e-3)
-    return bottom - 0.15 * span, top + 0.4 * span
+    below = (0.22 if has_strip else 0.1) * span
+    return bottom - below, top + 0.35 * span
 
 
 def _plot_running_best(ax: Axes, ordered: Sequence[Experiment], kept: Sequence[Experiment]) -> None:
@@ -356,7 +373,8 @@ td.num { text-align: right; white-space: nowrap; } td.sha { white-space: nowrap;
 tr.keep td { background: #f0faf3; }
 .status { font-weight: 600; } .s-keep { color: var(--green); } .s-discard { color: var(--grey); }
 .s-crash, .s-invalid, .s-rejected { color: var(--red); } .s-interrupted { color: var(--amber); }
-.better { color: var(--green); } .worse { color: var(--red); }
+.better { color: var(--green); } .worse { color: var(--red); } .noise { color: var(--amber); }
+td.reason { min-width: 22em; }
 pre.diff { background: #fafafa; border: 1px solid var(--line); border-radius: 6px;
            padding: 8px 0; overflow-x: auto; font-size: 12.5px; line-height: 1.4; }
 pre.diff span { display: block; padding: 0 12px; white-space: pre; }
@@ -437,30 +455,65 @@ def _sha(commit: str | None) -> str:
     return _e(commit[:SHORT_SHA]) if commit else "—"
 
 
+def _num(value: float | None, digits: int = 6) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _run_values(d: Decision) -> str:
+    """The val_bpb of each run on each side, for the runs cell's tooltip."""
+    parts = []
+    if d.values:
+        parts.append("this: " + ", ".join(f"{v:.6f}" for v in d.values))
+    if d.incumbent_values:
+        parts.append("best: " + ", ".join(f"{v:.6f}" for v in d.incumbent_values))
+    return "; ".join(parts)
+
+
 def _table_html(experiments: Sequence[Experiment]) -> str:
+    """One row per experiment: its val_bpb, then the keep rule's numbers as recorded (the
+    gain over the best, the bar it had to clear, σ, the runs on each side) and a one-line
+    reason; all read through `ledger.decision_of`."""
     rows = []
     for e in experiments:
-        delta = None
-        if e.val_bpb is not None and e.best_before is not None:
-            delta = e.val_bpb - e.best_before
+        d = decision_of(e)
         status = e.status if e.status in STATUSES else "invalid"
         fix = f' <span class="muted">(fix of #{int(e.fix_of)})</span>' if e.fix_of else ""
+        # A lower val_bpb that was discarded is not a win: amber, not green.
+        delta = None if d.gain is None else -d.gain
+        delta_html = _delta_html(delta)
+        if e.status != "keep" and delta is not None and delta < 0:
+            delta_html = f'<span class="noise">{delta:+.6f}</span>'
+        runs = "—" if not d.runs else f"{d.runs}"
+        if d.runs and d.incumbent_runs:
+            runs += f" / {d.incumbent_runs}"
         rows.append(
             f'<tr id="exp-{int(e.id)}" class="{status}">'
             f'<td class="num">{int(e.id)}</td>'
             f'<td class="sha">{_sha(e.commit)}</td>'
             f'<td class="num">{_bpb(e.val_bpb)}</td>'
-            f'<td class="num">{_delta_html(delta)}</td>'
-            f'<td class="num">{f"{e.memory_gb:.1f}" if e.memory_gb else ""}</td>'
+            f'<td class="num">{delta_html}</td>'
             f'<td><span class="status s-{status}">{_e(e.status)}</span></td>'
             f"<td>{_e(e.description)}{fix}</td>"
-            f"<td>{_e(e.crash_class)}</td></tr>"
+            f'<td class="num">{_num(d.gain)}</td>'
+            f'<td class="num">{_num(d.bar)}</td>'
+            f'<td class="num">{_num(d.sigma)}</td>'
+            f'<td class="num" title="{_e(_run_values(d))}">{runs}</td>'
+            f'<td class="num">{f"{e.memory_gb:.1f}" if e.memory_gb else ""}</td>'
+            f'<td class="reason">{_e(d.reason)}</td></tr>'
         )
     head = (
-        "<tr><th>#</th><th>commit</th><th>val_bpb</th><th>Δ vs best</th><th>mem GB</th>"
-        "<th>status</th><th>description</th><th>crash class</th></tr>"
+        "<tr><th>#</th><th>commit</th><th>val_bpb</th><th>Δ vs best</th><th>status</th>"
+        "<th>description</th><th>gain</th><th>bar</th><th>σ</th>"
+        '<th title="runs of the candidate / of the best it was judged against">runs</th>'
+        "<th>mem GB</th><th>why</th></tr>"
     )
-    return f"<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
+    note = (
+        "<p class=\"muted\">val_bpb is the mean of the experiment's runs. gain: the best's "
+        "mean minus this one's; a change is kept when its gain clears the bar, which "
+        "grows with σ (the run-to-run noise of val_bpb) and shrinks with more runs on each "
+        "side. Numbers as the keep rule recorded them.</p>"
+    )
+    return f"{note}<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def _diff_line_class(line: str) -> str:

@@ -1,10 +1,11 @@
 """Workspaces: the git repository holding program.md, prepare.py and train.py.
 
 Guarantees: `find_workspace` only returns a directory that has all three files and is a git
-repository; `init_workspace` never overwrites an existing file; `data_manifest` reads the
-prepared dataset's manifest without importing prepare.py (so no torch import, no side
-effects), checks that every file it names exists, and says what to run when the data is
-missing.
+repository, and finds it from any directory below it too; `init_workspace` never overwrites
+an existing file; `data_manifest` reads the prepared dataset's manifest without importing
+prepare.py (so no torch import, no side effects), checks that every file it names exists,
+and says what to run when the data is missing; `load_prepare` turns prepare.py's own
+PrepareError (a bad AUTORESEARCH_TIME_BUDGET, say) into a DataError.
 """
 
 from __future__ import annotations
@@ -52,8 +53,18 @@ def stale_prepare(root: Path) -> str | None:
 
 
 def find_workspace(path: Path | None = None) -> Path:
-    """The workspace at `path` (default: the current directory), checked."""
-    root = Path(path or Path.cwd()).resolve()
+    """The workspace at `path`, or, without one, the current directory or the nearest
+    directory above it that is one (as git finds its repository), checked."""
+    if path is not None:
+        return _check_workspace(Path(path).resolve())
+    here = Path.cwd().resolve()
+    for candidate in (here, *here.parents):
+        if all((candidate / name).is_file() for name in WORKSPACE_FILES):
+            return _check_workspace(candidate)
+    return _check_workspace(here)  # none above either: say what the current one lacks
+
+
+def _check_workspace(root: Path) -> Path:
     if not root.is_dir():
         raise WorkspaceError(f"workspace {root} does not exist")
     missing = [name for name in WORKSPACE_FILES if not (root / name).is_file()]
@@ -188,5 +199,14 @@ def load_prepare(root: Path):
         raise WorkspaceError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules["prepare"] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        # prepare.py checks its environment at import (AUTORESEARCH_TIME_BUDGET, ...) and
+        # raises its own PrepareError, a class this package cannot import beforehand: that
+        # one is the user's to fix and joins the error family; anything else is a bug.
+        prepare_error = getattr(module, "PrepareError", None)
+        if isinstance(prepare_error, type) and isinstance(exc, prepare_error):
+            raise DataError(f"{path}: {exc}") from exc
+        raise
     return module

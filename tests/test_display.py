@@ -110,7 +110,9 @@ def clock() -> Clock:
 
 def test_dashboard_follows_a_session(clock: Clock) -> None:
     d = live_display(clock)
-    d.session_start(opts(max_experiments=10, max_hours=2.0, max_cost=1.0), [], agent="tuner")
+    d.session_start(
+        opts(max_experiments=10, max_hours=2.0, max_cost=1.0, device="cuda"), [], agent="tuner"
+    )
     try:
         d.training(1, "baseline", 300.0)
         text = frame(d)
@@ -124,7 +126,7 @@ def test_dashboard_follows_a_session(clock: Clock) -> None:
         assert re.search(r"exp 0001\s+training\s+baseline", text)
         assert re.search(r"━+.*50\.0%  step 00100", text)
         assert "loss 3.2100 · 20,123 tok/s · MFU 41.2% · 2m 30s left · 1m 00s elapsed" in text
-        assert "GPU busy 100%" in text  # the run in flight counts
+        assert "GPU busy training — of the session" in text  # nothing recorded yet
         assert "ends after 10 experiments (10 left), 2h (1h 59m left) or $1.00" in text
 
         clock.advance(10)
@@ -141,7 +143,18 @@ def test_dashboard_follows_a_session(clock: Clock) -> None:
         d.proposing(3, "tuner")
         d.training(3, "WIDTH to 128", 300.0)
         clock.advance(70)
-        d.result(exp(3, "crash", None, 0.98, "WIDTH to 128", crash_class="oom", cost=0.01))
+        d.result(
+            exp(
+                3,
+                "crash",
+                None,
+                0.98,
+                "WIDTH to 128",
+                crash_class="oom",
+                cost=0.01,
+                extra={"gpu_busy_s": 210.0, "session_s": 260.0},
+            )
+        )
         d.proposing(4, "tuner", fix_of=3)
         clock.advance(20)
         text = frame(d)
@@ -154,8 +167,8 @@ def test_dashboard_follows_a_session(clock: Clock) -> None:
     assert re.search(r"0002\s+keep\s+0\.980000\s+-0\.020000\s+1m 00s\s+LR to 0\.06", text)
     assert re.search(r"0003\s+crash\s+—\s+oom\s+1m 00s\s+WIDTH to 128", text)
     assert "3 experiments: 2 keep, 1 crash" in text
-    # Trained 70 + 70 + 70 s of the 260 s since session_start.
-    assert "GPU busy 81% · agent tokens 900 in / 200 out · cost $0.02" in text
+    # As the record says after exp 3: trained 210 s of the 260 s (the loop's counters).
+    assert "GPU busy training 80.8% of the session · agent tokens 900 in / 200 out" in text
     assert (
         "ends after 10 experiments (7 left), 2h (1h 55m left) or $1.00 of agent cost ($0.98 left)"
         in text
@@ -212,33 +225,35 @@ def test_resumed_session_counts_what_is_recorded(clock: Clock) -> None:
     text = frame(d)
     assert "waiting for the next experiment" in text
     assert "3 experiments: 1 keep, 1 discard, 1 invalid" in text
-    # No wall time yet; the recorded runs were another process's.
-    assert "GPU busy — · agent tokens 1.20M in / 2.5k out · cost $0.25 (+1 unpriced)" in text
+    # cpu: named for it; the record holds no busy counters here.
+    assert "CPU busy training — of the session · agent tokens 1.20M in / 2.5k out" in text
+    assert "cost $0.25 (+1 unpriced)" in text
     assert "ends after 5 experiments (2 left) or $1.00 of agent cost ($0.75 left)" in text
     assert re.search(r"0003\s+invalid\s+—\s+.*an idea — no edit", text)
 
 
-def test_repeated_runs_of_one_experiment_all_count_as_busy(clock: Clock) -> None:
-    d = live_display(clock)
-    d.session_start(opts(), [])
-    d.training(1, "baseline", 300.0)
-    clock.advance(40)
-    d.training(1, "baseline (calibrate run 2)", 300.0)
-    clock.advance(40)
-    d.note("between runs")
-    clock.advance(20)  # not a run: the Display has no phase for it, it still counts as busy
-    text = frame(d)
-    assert "baseline (calibrate run 2)" in text
-    assert "GPU busy 100%" in text
-    d.proposing(2, "tuner")
-    clock.advance(100)
-    assert "GPU busy 50%" in frame(d)
-    d.close()
+def test_busy_is_the_record_s_figure_named_for_the_device(clock: Clock) -> None:
+    """One definition (display.busy_percent, which `status` prints too), from the last
+    experiment's counters; on a CPU it is called CPU busy and MFU is not shown."""
+    recorded = [
+        exp(1, "keep", 1.0, extra={"gpu_busy_s": 40.0, "session_s": 100.0}),
+        exp(2, "discard", 1.1, 1.0, extra={"gpu_busy_s": 80.0, "session_s": 200.0}),
+    ]
+    for device, name, mfu in (("cpu", "CPU", False), ("cuda", "GPU", True)):
+        d = live_display(clock)
+        d.session_start(opts(device=device), recorded)
+        d.training(3, "an idea", 300.0)
+        d.step(step(50.0))
+        text = frame(d)
+        d.close()
+        assert f"{name} busy training 40.0% of the session" in text
+        assert ("MFU 41.2%" in text) is mfu
+        assert ("GPU" in text) is (device == "cuda")
 
 
 def test_step_fields_that_are_missing_or_final(clock: Clock) -> None:
     d = live_display(clock)
-    d.session_start(opts(), [])
+    d.session_start(opts(device="cuda"), [])
     d.training(1, "baseline", 300.0)
     d.step(Step(step=7, pct=NAN, loss=NAN, dt_ms=NAN, tok_per_sec=NAN, mfu=NAN, remaining_s=NAN))
     text = frame(d)
@@ -417,7 +432,7 @@ def test_session_closes_the_dashboard_when_it_ends(workspace: Path) -> None:
     assert (
         out.rstrip()
         .splitlines()[-1]
-        .startswith("session ended: reached --max-experiments 1. 1 experiments (1 keep)")
+        .startswith("session ended: reached --max-experiments 1. 1 experiment (1 keep)")
     )
 
 
@@ -451,6 +466,6 @@ def test_a_lower_but_discarded_result_says_it_was_within_noise() -> None:
     )
     line = result_line(exp)
     assert "Δ -0.039000" in line
-    assert "[within noise: gain 0.039000 <= bar 0.045000 after 2 run(s)]" in line
+    assert "[within noise: gain 0.039000 <= bar 0.045000 after 2 runs]" in line
     worse = Experiment(**{**exp.__dict__, "val_bpb": 2.2})
     assert "within noise" not in result_line(worse)

@@ -237,11 +237,12 @@ def test_endpoint_outage_is_waited_out(ws: Path, env: dict, kind: str) -> None:
 def test_dead_endpoint_ends_the_session_cleanly(ws: Path, env: dict) -> None:
     """The endpoint dies after the session started (it passed the check before the baseline,
     then drops every chat connection): after AGENT_OUTAGE_RETRIES outages the session ends
-    with the reason, exit 0, the baseline recorded and the branch at the base."""
+    with the reason, exit 1, the baseline recorded and the branch at the base."""
     with FakeLLM() as server:
         server.drop_chat = True
         proc = tuned_cli(ws, *llm_args(server.base_url, 5), env=env)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert proc.returncode == 1, proc.stderr + proc.stdout
+    assert proc.stderr.startswith("error: agent unavailable:")
     assert proc.stdout.count("retrying in") == loop.AGENT_OUTAGE_RETRIES - 1
     assert "agent unavailable: Could not connect" in proc.stdout
     session = json.loads((run_dir(ws) / "session.json").read_text())

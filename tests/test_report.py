@@ -157,7 +157,7 @@ def test_table_has_every_experiment_with_its_status(written):
         if e.commit:
             assert e.commit[:8] in row.group(2)
     assert "0.981200" in text and "-0.018800" in text  # val_bpb and Δ of experiment 2
-    assert ">oom<" in text
+    assert "crashed (oom)" in text  # the crash class, in its reason
 
 
 def test_summary_counts_and_totals(written):
@@ -338,3 +338,119 @@ def test_plot_takes_any_description_quietly(tmp_path: Path, recwarn):
     png = report.plot_progress([experiment(1, "keep", 1.0), odd], "t$a^g_")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [w for w in recwarn if "Glyph" in str(w.message)]
+
+
+# --- every decision explained, every experiment on the plot -----------------------------------
+
+
+def judged(
+    exp_id: int,
+    status: str,
+    runs: list[float],
+    best_before: float | None,
+    *,
+    bar: float = 0.0,
+    sigma: float | None = 0.004,
+    incumbent_runs: int = 2,
+    crash_class: str | None = None,
+    reason: str = "",
+) -> Experiment:
+    """An experiment as the loop records one it judged: its runs, the bar, σ."""
+    mean = sum(runs) / len(runs) if runs and status in ("keep", "discard") else None
+    return Experiment(
+        id=exp_id,
+        status=status,
+        description=f"idea {exp_id}",
+        commit=f"{exp_id:x}" * 40 if status != "invalid" else None,
+        parent="a" * 40,
+        val_bpb=mean,
+        memory_gb=1.0,
+        best_before=best_before,
+        threshold=bar,
+        crash_class=crash_class,
+        extra={
+            "runs": runs,
+            "incumbent_runs": incumbent_runs,
+            "sigma": sigma,
+            **({"reason": reason} if reason else {}),
+        },
+    )
+
+
+# The baseline (2 runs), a kept change, a lower one discarded as within noise (the case a
+# green Δ next to "discard" used to leave unexplained), a worse one, a crash, an invalid edit.
+JUDGED = [
+    judged(1, "keep", [1.000, 1.004], None, sigma=None, incumbent_runs=0),
+    judged(2, "keep", [0.970, 0.974], 1.002, bar=0.008),
+    judged(3, "discard", [0.968, 0.966], 0.972, bar=0.008),
+    judged(4, "discard", [0.990], 0.972, bar=0.0113, incumbent_runs=2),
+    judged(5, "crash", [], 0.972, crash_class="oom"),
+    judged(6, "invalid", [], 0.972, reason="SEARCH block 1 matched nothing"),
+]
+REASONS = {
+    1: "the baseline, the first best (2 runs, σ not measured yet)",
+    2: "kept: gain 0.030000 cleared the bar 0.008000 (2 runs against 2 of the best, σ 0.004000)",
+    3: "discarded: gain 0.005000 within noise, not above the bar 0.008000 "
+    "(2 runs against 2 of the best, σ 0.004000)",
+    4: "discarded: no gain (val_bpb +0.018000 against the best, 1 run against 2 of the best)",
+    5: "crashed (oom): the run gave no val_bpb",
+    6: "invalid: SEARCH block 1 matched nothing",
+}
+
+
+def test_each_row_has_the_keep_rule_s_numbers_and_a_reason(tmp_path: Path):
+    page = report.render_html(JUDGED, TAG, b"", {})
+    for exp_id, reason in REASONS.items():
+        row = re.search(rf'<tr id="exp-{exp_id}" class="\w+">(.*?)</tr>', page, re.S).group(1)
+        assert f'<td class="reason">{reason}</td>' in row
+    row3 = re.search(r'<tr id="exp-3" .*?</tr>', page, re.S).group(0)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row3)
+    # val_bpb, Δ (amber, not green: it was not kept), gain, bar, σ, runs on each side
+    assert cells[2] == "0.967000"
+    assert cells[3] == '<span class="noise">-0.005000</span>'
+    assert cells[6:10] == ["0.005000", "0.008000", "0.004000", "2 / 2"]
+    assert 'title="this: 0.968000, 0.966000"' in row3  # each run's val_bpb
+
+
+@needs_chromium
+def test_browser_shows_every_experiment_s_reason(tmp_path: Path):
+    """The page as a browser renders it: each experiment's row holds its reason."""
+    page = tmp_path / "report.html"
+    report.build_report(JUDGED, TAG, tmp_path, diffs={})
+    done = chromium(page, tmp_path, "--dump-dom")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert console_errors(done.stderr) == []
+    for exp_id, reason in REASONS.items():
+        row = re.search(rf'<tr id="exp-{exp_id}" class="\w+">(.*?)</tr>', done.stdout, re.S)
+        assert row, f"no row for experiment {exp_id} in the rendered page"
+        assert f'<td class="reason">{reason}</td>' in row.group(1)
+
+
+def _collections(ax) -> dict[str, list[tuple[float, float]]]:
+    """Scatter label -> the points it draws, in data coordinates (axes units for the strip)."""
+    return {c.get_label(): [tuple(p) for p in c.get_offsets()] for c in ax.collections}
+
+
+def test_plot_has_every_experiment_and_the_discarded_lower_one_inside_the_axes():
+    fig = report.progress_figure(JUDGED, TAG)
+    ax = fig.axes[0]
+    points = _collections(ax)
+    (lower,) = points[report.DISCARDED_LOWER_LABEL]
+    low, high = ax.get_ylim()
+    left, right = ax.get_xlim()
+    assert lower == (3, pytest.approx(0.967))
+    assert low < lower[1] < high and left < lower[0] < right
+    # Every scored experiment inside the y range, not pinned to an edge.
+    for label in ("kept", "discarded", report.DISCARDED_LOWER_LABEL):
+        for x, y in points[label]:
+            assert low < y < high and left < x < right
+    # Every experiment is on the plot: the failed ones on the strip, inside the axes.
+    crashes = points["crash / invalid / rejected (no val_bpb)"]
+    assert [x for x, _ in crashes] == [5, 6]
+    assert all(0 < y < 1 for _, y in crashes)
+    on_plot = sorted(int(x) for pts in points.values() for x, _ in pts)
+    assert on_plot == [e.id for e in JUDGED]
+    # The running best is a step line through the kept values.
+    (best,) = [line for line in ax.get_lines() if line.get_label() == "running best"]
+    assert best.get_drawstyle() == "steps-post"
+    assert list(best.get_ydata()) == pytest.approx([1.002, 0.972, 0.972, 0.972, 0.972, 0.972])
