@@ -224,6 +224,8 @@ Rules:
   applied in order.
 - The edited train.py must still run to the end within the time budget and print its
   summary block; it must not read or write any other file.
+- Send blocks, not the whole file; never elide lines inside a block with `...` or
+  "unchanged" comments, and never repeat a block (each one is applied once).
 - Nothing after the blocks is needed.
 """
 

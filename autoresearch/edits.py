@@ -219,8 +219,8 @@ def _refuse_elided(source: str, new: str, filename: str) -> None:
         shown = "; ".join(f"line {k}: `{text}`" for k, text in elided[:3])
         raise EditError(
             f"The {filename} you sent leaves code out ({shown}), so it is not the whole "
-            f"file. Nothing was applied. Send SEARCH/REPLACE blocks for the lines you change "
-            f"instead of the whole file. {FORMAT_HINT}"
+            f"file. Nothing was applied. Instead of the whole file, send only the lines that "
+            f"change. {FORMAT_HINT}"
         )
 
 
@@ -236,12 +236,13 @@ def _refuse_lazy(source: str, new: str, prose: list[str], filename: str) -> None
     if _MAIN_GUARD.search(source) and not _MAIN_GUARD.search(new):
         missing.append(MAIN_GUARD)
     if missing:
+        named = ", ".join(missing[:-1]) + (" and " if len(missing) > 1 else "") + missing[-1]
         raise EditError(
-            f"The complete {filename} you sent lacks {', '.join(missing)}, which the current "
-            f"file has (top level), and the reply does not say it removes them: a whole file "
-            f"must be the whole file (was it cut short?), and {', '.join(CONTRACT_NAMES)} and "
-            f"the `__main__` guard are needed by the harness. Nothing was applied. Send "
-            f"SEARCH/REPLACE blocks for the lines you change instead. {FORMAT_HINT}"
+            f"The complete {filename} you sent lacks {named}, which the current file has (top "
+            f"level), and the reply does not say it removes them: a whole file must be the "
+            f"whole file (was it cut short?), and {', '.join(CONTRACT_NAMES)} and the "
+            f"`__main__` guard are needed by the harness. Nothing was applied. Instead of the "
+            f"whole file, send only the lines that change. {FORMAT_HINT}"
         )
 
 

@@ -72,7 +72,7 @@ _GENERIC_HEADING = re.compile(
 )
 # openers of thinking aloud or of a preamble: such a first line is not the description
 _REASONING = re.compile(
-    r"^(let me|let's|let us|i'll|i will|i think|i need|i should|i'm going|i am going|i want|"
+    r"^(let me|let's|let us|i think|i need to|i should|i wonder|"
     r"looking at|okay|ok\b|alright|hmm|so,|so the|first,|now,|well,|the user|we need|"
     r"based on|here's|here is|here are|sure\b|certainly|of course|my (reasoning|analysis))",
     re.I,

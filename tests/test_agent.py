@@ -734,3 +734,10 @@ def test_preset_blocks_are_read_in_either_operand_order():
     assert set(find_knobs(source, "small")) == {"SMALL_DEPTH", "LR"}
     assert set(find_knobs(source, "big")) == {"DEPTH", "LR"}
     assert set(find_knobs(source)) == {"DEPTH", "SMALL_DEPTH", "LR"}
+
+
+def test_check_of_an_endpoint_that_is_not_the_api_names_the_base_url():
+    with FakeLLM(list_models=False) as server:
+        server.enqueue_raw(200, b"<html>a login page</html>")
+        with pytest.raises(EndpointError, match="not the OpenAI API.*check --base-url"):
+            openai_agent(server, max_retries=0).check()

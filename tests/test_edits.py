@@ -369,6 +369,10 @@ def test_two_different_replaces_of_one_search_are_ambiguous():
         ("I think we should go deeper.\n\n### Deeper model\n", "Deeper model"),
         ("Here is the edit:\n\n**Deeper model**\n", "Deeper model"),
         ("## Analysis\n\nThe user wants lower val_bpb.\n\n## Deeper model\n", "Deeper model"),
+        (
+            "I'll make the model deeper (DEPTH 8 -> 10).\n",
+            "I'll make the model deeper (DEPTH 8 -> 10).",
+        ),
     ],
     ids=[
         "label-after-reasoning",
@@ -379,6 +383,7 @@ def test_two_different_replaces_of_one_search_are_ambiguous():
         "reasoning-then-heading",
         "preamble-then-bold",
         "generic-heading-skipped",
+        "an-announcement-is-a-summary",
     ],
 )
 def test_the_description_is_the_answers_summary_never_reasoning(head, expected):
