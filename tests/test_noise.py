@@ -7,6 +7,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,8 @@ from autoresearch.agent import ReplayAgent, history_table
 from autoresearch.display import Display
 from autoresearch.loop import Session, SessionOptions
 from autoresearch.noise import Measurements, judge, paired_sigma
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NOISY_STUB = """\
 import os
@@ -254,3 +258,46 @@ def test_a_drift_of_the_machine_is_not_kept_as_a_gain(tmp_path: Path) -> None:
     assert [h.verdict for h in history] == [None, "within-noise", "win"]
     table = history_table(history, noise=0.001)
     assert "| within-noise |" in table and "| win |" in table
+
+
+def _train_once(cache: Path, tmp: Path, seed: str) -> tuple[list[str], dict]:
+    """train.py for two steps (a budget shorter than one step) with AUTORESEARCH_SEED=seed:
+    its step lines' losses and its final weights."""
+    import torch
+
+    checkpoint = tmp / f"seed-{seed}-{len(list(tmp.glob('*.pt')))}.pt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
+    env.update(
+        AUTORESEARCH_CACHE=str(cache),
+        AUTORESEARCH_PRESET="cpu",
+        AUTORESEARCH_DEVICE="cpu",
+        AUTORESEARCH_TIME_BUDGET="0.01",
+        AUTORESEARCH_SKIP_EVAL="1",
+        AUTORESEARCH_CHECKPOINT=str(checkpoint),
+        AUTORESEARCH_SEED=seed,
+    )
+    proc = subprocess.run(
+        [sys.executable, "train.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    losses = [line.split("| loss ")[1].split()[0] for line in proc.stdout.splitlines()
+              if line.startswith("step ")]  # fmt: skip
+    return losses, torch.load(checkpoint, weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_train_py_follows_the_seed_the_harness_gives_it(
+    stdlib_prepared: Path, tmp_path: Path
+) -> None:
+    """The same AUTORESEARCH_SEED trains the same model on the same batches (the CPU is
+    deterministic); another seed starts elsewhere and sees other batches."""
+    import torch
+
+    losses_a, weights_a = _train_once(stdlib_prepared, tmp_path, "1000")
+    losses_b, weights_b = _train_once(stdlib_prepared, tmp_path, "1000")
+    losses_c, weights_c = _train_once(stdlib_prepared, tmp_path, "1001")
+    assert len(losses_a) == 2 and losses_a == losses_b
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert losses_c[0] != losses_a[0]  # step 0's loss: another init and another first batch
+    assert not torch.equal(weights_a["wte.weight"], weights_c["wte.weight"])
