@@ -308,10 +308,25 @@ def show(
 def confirm(
     tag: str | None = TagOpt,
     device: Device | None = DeviceOpt,
+    horizon: float | None = typer.Option(
+        None,
+        "--horizon",
+        min=1.0,
+        help="Train the baseline and the best again for this many times TIME_BUDGET (paired "
+        "seeds) and say whether the session's gain holds, on val and test; written to "
+        "runs/<tag>/confirm-horizon.json.",
+    ),
+    seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per version with --horizon."),
     workspace: Path | None = WorkspaceOpt,
 ) -> None:
     """Evaluate the baseline and the best on the held-out test split (never seen by the loop)."""
-    commands.confirm(workspace=workspace, tag=tag, device=device.value if device else None)
+    commands.confirm(
+        workspace=workspace,
+        tag=tag,
+        device=device.value if device else None,
+        horizon=horizon,
+        seeds=seeds,
+    )
 
 
 @app.command()
