@@ -34,13 +34,16 @@ Why an SPRT and not a Bayesian rule with a prior from the session's history: its
 needs no prior, which a session of a few dozen experiments cannot learn well, and it stops as
 early as the evidence allows (most changes that do nothing are discarded after one run).
 
-sigma, the spread of a paired gain, is estimated from the session: a prior of
-sqrt(2) x the run-to-run sigma of one commit over different seeds (what a pair that shares
-nothing would show: the safe side), worth PRIOR_DOF degrees of freedom, pooled with the spread
-of the paired gains of every earlier candidate measured at least twice. A candidate whose
-paired gains are all equal (a change that does not change the computation) says nothing about
-that spread and is left out. Without two runs of different seeds there is no sigma; the rule
-is then the fixed `min_delta` on one run.
+sigma, the spread of a paired gain, is estimated from the session: a prior worth PRIOR_DOF
+degrees of freedom, pooled with the spread of the paired gains of every earlier candidate
+measured at least twice. The prior starts at sqrt(2) x the run-to-run sigma of one commit over
+different seeds (what a pair that shares nothing would show: the safe side, and far too wide
+when the seed is most of the noise); once MIN_FIRST candidates were judged it is the spread of
+their first paired gains when that is smaller (a robust spread, so a few real gains among them
+do not count, and real gains can only widen it). A candidate whose paired gains are all equal
+(a change that does not change the computation) says nothing about that spread and is left
+out. Without two runs of different seeds there is no sigma; the rule is then the fixed
+`min_delta` on one run.
 
 The label the agent reads for an experiment (win / within-noise / loss) comes from the same
 test: win when it was kept, loss when the mirrored test (the change loses `effect`) would have
@@ -60,7 +63,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import fmean
+from statistics import fmean, median
 
 FILE = "measurements.jsonl"
 SEED_BASE = 1000  # the k-th run of a commit trains with AUTORESEARCH_SEED = SEED_BASE + k
@@ -71,7 +74,9 @@ BETA = 0.2  # missed keeps of a change that gains `effect` (sets the early disca
 # 2.56 sigma after one run, 1.73 after two, 1.46 after three), and at least
 # sqrt(2 ln((1 - ALPHA) / BETA)) = 1.77, so that a first run with no gain at all is discarded
 EFFECT_SIGMAS = 1.8
-PRIOR_DOF = 2  # weight, in degrees of freedom, of the sqrt(2) x seed-sigma prior on sigma
+PRIOR_DOF = 2  # weight, in degrees of freedom, of the prior on sigma (paired_sigma)
+MIN_FIRST = 8  # judged candidates before their first gains' spread may replace the prior
+MAD_TO_SIGMA = 1.4826  # median absolute deviation to standard deviation, for a Gaussian
 PAIR_WINDOW = 6  # runs after which an incumbent run is too old to be a candidate's partner
 PURPOSES = ("calibrate", "candidate", "repeat", "pair")
 
@@ -128,11 +133,19 @@ def judge(
 
 
 def paired_sigma(seed_sigma: float | None, gain_sets: Iterable[Sequence[float]]) -> float | None:
-    """The spread of one paired gain: the sqrt(2) x seed-sigma prior pooled with the spread
-    within each set of paired gains of one candidate (sets of one, or all equal, skipped)."""
+    """The spread of one paired gain: a prior pooled with the spread within each set of paired
+    gains of one candidate (sets of one, or all equal, skipped). The prior is sqrt(2) x the
+    seed sigma, or, once MIN_FIRST candidates were judged, the spread of their first paired
+    gains (1.4826 x their median absolute deviation) when that is smaller."""
     if seed_sigma is None:
         return None
-    squares, dof = PRIOR_DOF * 2 * seed_sigma**2, PRIOR_DOF
+    gain_sets = [list(gains) for gains in gain_sets]
+    prior = math.sqrt(2) * seed_sigma
+    firsts = [gains[0] for gains in gain_sets if gains]
+    if len(firsts) >= MIN_FIRST:
+        middle = median(firsts)
+        prior = min(prior, MAD_TO_SIGMA * median(abs(g - middle) for g in firsts))
+    squares, dof = PRIOR_DOF * prior**2, PRIOR_DOF
     for gains in gain_sets:
         if len(gains) < 2 or len(set(gains)) == 1:
             continue

@@ -39,7 +39,7 @@ import json
 import math
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import fmean
 
@@ -267,6 +267,25 @@ def print_scenario(s: dict) -> None:
         )
 
 
+def print_summary(results: list[dict]) -> None:
+    print("\n## Summary\n")
+    print(
+        "| scenario | rule | false keeps | smallest gain kept >= 80 % | candidate runs (null) "
+        "| all runs (null) | GPU-h per real gain at 0.005 (false keeps per real) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for s in results:
+        for rule, r in s["rules"].items():
+            null, small = r["rows"][0], r["smallest_kept_80"]
+            h = next(h for h in r["hours"] if h["effect"] == 0.005)
+            print(
+                f"| {s['name']} | {rule} | {null['keep_rate']:.1%} "
+                f"| {'> 0.02' if small is None else f'{small:.4f}'} "
+                f"| {null['candidate_runs']:.2f} | {null['runs_per_candidate']:.2f} "
+                f"| {h['gpu_hours_per_real_gain']:.2f} ({h['false_keeps_per_real_gain']:.2f}) |"
+            )
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -275,7 +294,7 @@ def plot(results: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     styles = {"today": "--", "paired": "-"}
-    for s, color in zip(results, ("C0", "C1", "C2", "C3"), strict=False):
+    for s, color in zip(results, ("C0", "C1", "C2", "C3", "C4", "C5"), strict=False):
         for rule, r in s["rules"].items():
             xs = [row["effect"] for row in r["rows"]]
             ys = [row["keep_rate"] for row in r["rows"]]
@@ -298,6 +317,7 @@ def main() -> None:
     parser.add_argument("--sigma-seed", type=float, default=Model.sigma_seed)
     parser.add_argument("--drift-per-hour", type=float, default=Model.drift_per_hour)
     parser.add_argument("--window", type=int, default=Model.window)
+    parser.add_argument("--max-repeats", type=int, default=Model.max_repeats)
     parser.add_argument("--sessions", type=int, default=100)
     parser.add_argument("--candidates", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
@@ -307,23 +327,25 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plot", type=Path, help="write the plot here (PNG)")
     args = parser.parse_args()
-    base = Model(args.sigma_run, args.sigma_seed, args.drift_per_hour, window=args.window)
+    base = Model(
+        args.sigma_run,
+        args.sigma_seed,
+        args.drift_per_hour,
+        max_repeats=args.max_repeats,
+        window=args.window,
+    )
     models = [("given", base)]
     if args.scenarios:
         models += [
-            (
-                "drift 0.01/sqrt(h)",
-                Model(base.sigma_run, base.sigma_seed, 0.01, window=base.window),
-            ),
-            ("drift 0.01, window 1", Model(base.sigma_run, base.sigma_seed, 0.01, window=1)),
-            (
-                "sigma_run 0.0008",
-                Model(0.0008, base.sigma_seed, base.drift_per_hour, window=base.window),
-            ),
+            ("up to 10 runs", replace(base, max_repeats=10)),
+            ("drift 0.01/sqrt(h)", replace(base, drift_per_hour=0.01)),
+            ("drift 0.01/sqrt(h), window 1", replace(base, drift_per_hour=0.01, window=1)),
+            ("sigma_run 0.0008", replace(base, sigma_run=0.0008)),
         ]
     results = [scenario(name, m, args.sessions, args.candidates, args.seed) for name, m in models]
     for s in results:
         print_scenario(s)
+    print_summary(results)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
