@@ -135,8 +135,7 @@ def test_judge_keeps_discards_and_repeats_by_the_sequential_test() -> None:
 @pytest.mark.parametrize("max_repeats", [2, 5, 20])
 def test_false_keeps_stay_under_alpha_however_many_repeats(max_repeats: int) -> None:
     """A change that gains nothing, judged on Gaussian paired gains of known sigma: the keep
-    rate stays under ALPHA at any max_repeats (the two-standard-error rule it replaced went
-    from ~5 % at one run towards ~15 % at five)."""
+    rate stays under ALPHA at any max_repeats (Ville's inequality; the test draws 20,000)."""
     rng = random.Random(max_repeats)
     trials, keeps = 20_000, 0
     for _ in range(trials):
