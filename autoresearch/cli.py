@@ -212,7 +212,7 @@ def run(
         None,
         "--max-repeats",
         min=1,
-        help="Runs of a candidate whose gain is within noise (default 3 on gpu, 2 on cpu).",
+        help="Most runs of a candidate the keep rule may ask for (default 6 on gpu, 2 on cpu).",
     ),
     overlap: bool = typer.Option(
         True,

@@ -235,7 +235,7 @@ def run_session(
             fix_attempts=settings.fix_attempts,
             min_delta=settings.min_delta,
             calibrate=settings.calibrate or (3 if preset == "gpu" else 2),
-            max_repeats=settings.max_repeats or (3 if preset == "gpu" else 2),
+            max_repeats=settings.max_repeats or (6 if preset == "gpu" else 2),
             sealed=settings.sealed,
             resume=resume,
             overlap=overlap,
