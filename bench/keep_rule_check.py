@@ -106,15 +106,19 @@ def git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def run_check(out: Path, *, budget: float, calibrate: int, max_repeats: int) -> dict:
-    """Build the workspace, replay the candidates in a session, return the outcome."""
+def run_check(
+    out: Path, *, budget: float, calibrate: int, max_repeats: int, count: int | None = None
+) -> dict:
+    """Build the workspace, replay the first `count` candidates (all by default) in a
+    session, return the outcome."""
+    candidates = CANDIDATES[:count]
     ws = init_workspace(out / "ws")
     (ws / "train.py").write_text(baseline_source(), encoding="utf-8")
     git(ws, "add", "train.py")
     git(ws, "-c", "user.name=check", "-c", "user.email=check@localhost", "commit", "-qm", "detuned")
     patches = out / "replies"
     patches.mkdir(parents=True, exist_ok=True)
-    for i, (_, description, pairs) in enumerate(CANDIDATES, start=1):
+    for i, (_, description, pairs) in enumerate(candidates, start=1):
         (patches / f"{i}.txt").write_text(reply(description, pairs), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
     env["AUTORESEARCH_TIME_BUDGET"] = f"{budget:g}"
@@ -133,7 +137,7 @@ def run_check(out: Path, *, budget: float, calibrate: int, max_repeats: int) -> 
         for line in (ws / "runs" / TAG / "experiments.jsonl").read_text().splitlines()
     ]
     rows = []
-    for (kind, description, _), rec in zip(CANDIDATES, records[1:], strict=True):
+    for (kind, description, _), rec in zip(candidates, records[1:], strict=True):
         extra = rec["extra"]
         rows.append(
             {
