@@ -1,14 +1,19 @@
 """The keep rule on a real session (CPU): known-good and known-neutral candidates, replayed.
 
-    AUTORESEARCH_CACHE=... python bench/keep_rule_check.py --out check --budget 10
+    AUTORESEARCH_CACHE=... python bench/keep_rule_check.py --out check
 
-The baseline is a small cpu-preset train.py (depth 2, width 64, 2^11 tokens a step, so a run
-takes seconds of training on two cores) with one constant detuned: EMBEDDING_LR 0.6 -> 0.06.
-The `replay` agent then proposes, in this order:
+The baseline is a small cpu-preset train.py (depth 2, width 64, 2^11 tokens a step) with one
+constant detuned: UNEMBEDDING_LR 0.004 -> 0.0004. The default TIME_BUDGET, 0.01 s, is shorter
+than one step, so every run trains exactly two steps (step 0 is untimed): on a CPU the same
+seed then gives the same val_bpb to the last bit, whatever the machine's load, and what
+varies is only what the seed does. (With a wall-clock budget of seconds on a busy two-core
+machine the step count itself varied from 2 to 4 between runs, and moved val_bpb by ~0.1 a
+step: that noise is the clock's, docs/benchmarks.md.) The `replay` agent then proposes, in
+this order:
 
 1. neutral: `rotate` renamed `apply_rotary` (the same computation);
-2. good: EMBEDDING_LR back to 0.6 (its gain is measured beforehand with bench/noise.py over
-   10 seeds, docs/benchmarks.md);
+2. good: UNEMBEDDING_LR back to 0.004 (its gain is measured beforehand with bench/noise.py
+   over 10 seeds, docs/benchmarks.md);
 3. neutral: the rotary halves taken with `split` instead of two slices (same values);
 4. neutral: rms_norm's shape from `x.shape[-1:]` instead of `(x.size(-1),)`.
 
@@ -42,10 +47,10 @@ SMALL = [  # the cpu preset made small enough for a busy two-core machine
     ("CPU_TOTAL_BATCH_SIZE = 2**12 ", "CPU_TOTAL_BATCH_SIZE = 2**11 "),
     ("CPU_DEVICE_BATCH_SIZE = 16 ", "CPU_DEVICE_BATCH_SIZE = 8 "),
 ]
-DETUNE = ("EMBEDDING_LR = 0.6 ", "EMBEDDING_LR = 0.06 ")
-EMBEDDING_LINE = tuple(  # the whole line, as a reply's SEARCH block needs it
-    f"{value}  # AdamW, token and value embeddings (tuned at width 768, see adam_lr_scale)"
-    for value in ("EMBEDDING_LR = 0.6", "EMBEDDING_LR = 0.06")
+DETUNE = ("UNEMBEDDING_LR = 0.004 ", "UNEMBEDDING_LR = 0.0004 ")
+DETUNED_LINE = tuple(  # the whole line, as a reply's SEARCH block needs it
+    f"{value}  # AdamW, lm_head (same width scaling)"
+    for value in ("UNEMBEDDING_LR = 0.004", "UNEMBEDDING_LR = 0.0004")
 )
 CANDIDATES = [  # (kind, description, [(search, replace), ...]) against the best at the time
     (
@@ -66,7 +71,7 @@ CANDIDATES = [  # (kind, description, [(search, replace), ...]) against the best
             ),
         ],
     ),
-    ("good", "EMBEDDING_LR back to 0.6", [(EMBEDDING_LINE[1], EMBEDDING_LINE[0])]),
+    ("good", "UNEMBEDDING_LR back to 0.004", [(DETUNED_LINE[1], DETUNED_LINE[0])]),
     (
         "neutral",
         "rotary halves with split",
@@ -126,6 +131,7 @@ def run_check(
         sys.executable, "-m", "autoresearch", "run", "--tag", TAG, "--agent", "replay",
         "--patches", str(patches), "--preset", "cpu", "--device", "cpu",
         "--calibrate", str(calibrate), "--max-repeats", str(max_repeats), "--quiet",
+        "--timeout", "900",  # a busy machine may take minutes to import and load
         "--workspace", str(ws),
     ]  # fmt: skip
     proc = subprocess.run(command, cwd=ws, env=env, capture_output=True, text=True)
@@ -168,7 +174,9 @@ def run_check(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--budget", type=float, default=10.0, help="TIME_BUDGET, seconds")
+    parser.add_argument(
+        "--budget", type=float, default=0.01, help="TIME_BUDGET, seconds (default: two steps)"
+    )
     parser.add_argument("--calibrate", type=int, default=2)
     parser.add_argument("--max-repeats", type=int, default=3)
     args = parser.parse_args()
