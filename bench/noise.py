@@ -1,7 +1,7 @@
 """How noisy is val_bpb? Runs train.py again and again and prints a table of spreads.
 
     python bench/noise.py --out noise-cpu --preset cpu --budget 10 --seeds 3 --repeats 2
-    python bench/noise.py --out noise-gpu --seeds 4 --repeats 2                  # gpu, 300 s
+    python bench/noise.py --out noise-gpu --pycode --seeds 4 --repeats 2         # gpu, 300 s
     python bench/noise.py --out pair --train old.py --train train.py --seeds 4 --repeats 1
 
 Each version (--train, default this repository's train.py) runs in a directory of its own
@@ -135,7 +135,16 @@ def main() -> None:
     parser.add_argument("--preset", choices=("gpu", "cpu"), default="gpu")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
     parser.add_argument("--budget", type=float, default=None, help="TIME_BUDGET override, seconds")
+    parser.add_argument(
+        "--pycode",
+        action="store_true",
+        help="first prepare (or reuse) bench/trainer.py's pycode corpus, as its figures use",
+    )
     args = parser.parse_args()
+    if args.pycode:
+        from trainer import prepare_pycode  # bench/trainer.py, beside this file
+
+        print(f"pycode corpus ready ({prepare_pycode():.0f} s)", flush=True)
     device = args.device or ("cuda" if args.preset == "gpu" else "cpu")
     trains = args.train or [ROOT / "train.py"]
     versions = [f"{chr(ord('A') + i)}:{path.name}" for i, path in enumerate(trains)]
