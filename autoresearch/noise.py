@@ -12,8 +12,8 @@ Pairing (common random numbers). A candidate's k-th run trains with seed `SEED_B
 is compared with a run of the incumbent that used the same seed: both see the same
 initialisation and the same batches, so what the seed does to val_bpb cancels in their
 difference. The partner must be recent: the incumbent's latest run with that seed counts only
-when fewer than `window` runs were made after it; otherwise the incumbent is trained with that
-seed again just before the candidate. So a slow drift of the machine over a night (on a GPU
+when fewer than `window` runs were made after it (window 0: any age); otherwise the incumbent
+is trained with that seed again just before the candidate. So a slow drift of the machine over a night (on a GPU
 the same code has scored up to ~0.013 apart between calls) cancels too, at the price of one
 incumbent run every `window` runs or so. Why not re-run the incumbent beside every candidate
 run (window 1)? It doubles the GPU time, and within one call the drift measured so far is
@@ -50,9 +50,11 @@ test: win when it was kept, loss when the mirrored test (the change loses `effec
 crossed the same bar, within-noise otherwise.
 
 What it does not do: the bound holds for a sigma known in advance; the session's estimate
-is a plug-in, so early in a session (few pairs) the rate can be somewhat above 5 %
-(bench/keep_rule.py measures it with the estimate); outliers that are not Gaussian are not
-modelled. It does not tell the gain at a longer horizon (`autoresearch confirm --horizon K`).
+is a plug-in, so the rate can be somewhat above 5 % when the estimate runs low
+(bench/keep_rule.py measures it with the estimate: 1.9-3.2 %); outliers that are not Gaussian
+are not modelled. A drift is cancelled only down to what it moves in the runs between a pair
+(the incumbent's run comes first, so a steady drift leaves up to `window` runs' worth of it).
+It does not tell the gain at a longer horizon (`autoresearch confirm --horizon K`).
 """
 
 from __future__ import annotations
