@@ -159,7 +159,9 @@ def _one(
         "num_steps": result.summary.get("num_steps"),
         "wall_s": round(result.wall_seconds, 1),
     }
-    if not result.ok:
+    # train.py skips its own evaluation, so the summary has no val_bpb: a run counts when it
+    # exited 0 (runner's "no_summary" says only that val_bpb is missing) and left a checkpoint
+    if result.exit_code != 0 or not checkpoint.is_file():
         return {**row, "status": result.crash_class or "crash", "reason": result.log_tail[-500:]}
     for split in ("val", "test"):
         ev = evaluate_checkpoint(
