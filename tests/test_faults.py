@@ -720,6 +720,7 @@ def sealed_env(env: dict, stdlib_prepared: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow  # whole sessions with real children: minutes on two cores
 def test_fake_summary_is_not_the_measurement(
     sealed_ws: Path, sealed_env: dict, tmp_path: Path
 ) -> None:
@@ -739,6 +740,7 @@ def test_fake_summary_is_not_the_measurement(
     assert results_rows(sealed_ws, TAG)[1][1] != "0.100000"
 
 
+@pytest.mark.slow  # whole sessions with real children: minutes on two cores
 @pytest.mark.skipif(not LINUX, reason="the held evaluator is found by its pid")
 def test_sigkill_while_evaluating_then_resume(
     sealed_ws: Path, sealed_env: dict, tmp_path: Path
@@ -786,6 +788,7 @@ def test_sigkill_while_evaluating_then_resume(
     assert not list(run_dir(sealed_ws).glob("*/checkpoint.pt"))
 
 
+@pytest.mark.slow  # whole sessions with real children: minutes on two cores
 @pytest.mark.parametrize("sealed", ["1", "0"])
 def test_missing_tokenizer_is_refused_and_nothing_written(
     ws: Path, env: dict, tmp_path: Path, stdlib_prepared: Path, sealed: str

@@ -75,6 +75,7 @@ def records(ws: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow  # whole sessions with real children: minutes on two cores
 def test_scripted_session_step_by_step(ws: Path, env: dict) -> None:
     """A good edit, a malformed reply then a fix, a crash and its repair, a worse result."""
     base = git(ws, "rev-parse", "HEAD")
@@ -182,6 +183,7 @@ def test_status_log_show(ws: Path, env: dict, tmp_path: Path) -> None:
     assert "+LR = 0.5" in show and "val_bpb" in show and "discard" in show
 
 
+@pytest.mark.slow  # whole sessions with real children: minutes on two cores
 def test_refusals_write_nothing(ws: Path, env: dict, tmp_path: Path) -> None:
     base_args = run_args(TAG, "--agent", "tuner")
     # Dirty tree.
@@ -288,6 +290,7 @@ def _check_final(ws: Path, n: int) -> None:
             assert attempt(ws, r["id"]) == r["commit"]
 
 
+@pytest.mark.slow  # whole sessions with real children: minutes on two cores
 def test_sigkill_mid_training_then_resume(ws: Path, env: dict, tmp_path: Path) -> None:
     (ws / "train.py").write_text(STUB_TRAIN.replace("SLEEP = 0.0", "SLEEP = 0.5"))
     git(ws, "commit", "-qam", "slow stub")
@@ -304,6 +307,7 @@ def test_sigkill_mid_training_then_resume(ws: Path, env: dict, tmp_path: Path) -
     assert [r["description"] for r in records(ws)] == ["baseline", "LR to 0.06", "WIDTH to 128"]
 
 
+@pytest.mark.slow  # whole sessions with real children: minutes on two cores
 def test_sigkill_mid_commit_then_resume(ws: Path, env: dict, tmp_path: Path) -> None:
     """Kill the tool while git is writing the candidate commit (a hook holds it there)."""
     hook = ws / ".git" / "hooks" / "reference-transaction"
@@ -392,6 +396,7 @@ def _warm_children(under: Path) -> list[int]:
     return found
 
 
+@pytest.mark.slow  # whole sessions with real children: minutes on two cores
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds processes in /proc")
 @pytest.mark.parametrize("warm_flag", ["--warm-start", "--no-warm-start"])
 def test_later_runs_start_warm_and_no_warm_child_outlives_the_session(

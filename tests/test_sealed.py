@@ -8,6 +8,7 @@ its checkpoint), run as a real subprocess, and must not pay off.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -198,18 +199,20 @@ class Scripted:
         return _local_proposal(self, description, change(ctx.train_py), time.monotonic(), [], "")
 
 
-# The start-up limit exists to catch training before the first step line; on a busy machine an
-# honest stub can take long to import torch, so tests about other properties leave it far away.
+# The start-up limit and the training budget are wall-clock rules; on a busy machine an honest
+# stub can take long to import torch or to take its steps, so tests about other properties
+# leave both far away (the tests of those rules set their own).
 LOAD_PROOF_STARTUP_S = 600.0
+LOAD_PROOF_BUDGET_S = 60.0
 
 
 def session(ws: Path, agent: Scripted, **options) -> Session:
     options.setdefault("startup_limit", LOAD_PROOF_STARTUP_S)
+    options.setdefault("time_budget", LOAD_PROOF_BUDGET_S)
     opts = SessionOptions(
         tag=TAG,
         preset="cpu",
         device="cpu",
-        time_budget=5.0,
         fix_attempts=0,
         calibrate=1,
         max_repeats=1,
@@ -255,24 +258,33 @@ def ws(tmp_path: Path) -> Path:
 
 
 def _checkpoint(ws: Path, source: str, tmp_path: Path) -> tuple[Path, Path]:
-    """Write `source` as a train.py, build its model in a child and save the checkpoint."""
-    train = tmp_path / "variant" / "train.py"
-    train.parent.mkdir(exist_ok=True)
-    train.write_text(source)
-    checkpoint = tmp_path / "variant" / "model.pt"
-    code = (
-        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import train; "
-        "train.save_checkpoint(train.build_model(), sys.argv[3])"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(ws), str(train.parent), str(checkpoint)],
-        env={**os.environ, "AUTORESEARCH_PRESET": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return train, checkpoint
+    """Write `source` as a train.py, build its model in a child and save the checkpoint.
+
+    The model depends only on `source` and prepare.py, so each pair is built once per test
+    session (one child importing torch) and copied into `tmp_path` for the test to use."""
+    key = hashlib.sha256(source.encode() + (ws / "prepare.py").read_bytes()).hexdigest()[:16]
+    built = tmp_path.parent / "sealed-checkpoints" / key  # shared by this session's tests
+    if not (built / "model.pt").is_file():
+        staging = built.with_name(f"{key}.{os.getpid()}.tmp")
+        staging.mkdir(parents=True, exist_ok=True)
+        (staging / "train.py").write_text(source)
+        code = (
+            "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import train; "
+            "train.save_checkpoint(train.build_model(), sys.argv[3])"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(ws), str(staging), str(staging / "model.pt")],
+            env={**os.environ, "AUTORESEARCH_PRESET": "cpu"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr
+        shutil.rmtree(staging / "__pycache__", ignore_errors=True)
+        staging.rename(built)
+    variant = tmp_path / "variant"
+    shutil.copytree(built, variant, dirs_exist_ok=True)
+    return variant / "train.py", variant / "model.pt"
 
 
 def _evaluate(ws: Path, train: Path, checkpoint: Path, tmp_path: Path, **kw):
@@ -344,6 +356,7 @@ def _result_line(log: Path | None) -> dict:
     return json.loads(lines[0])
 
 
+@pytest.mark.slow  # whole sessions with real children: minutes on two cores
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds processes in /proc")
 def test_an_evaluator_started_ahead_measures_the_same(
     cache: Path, ws: Path, tmp_path: Path
@@ -384,7 +397,10 @@ def test_an_evaluator_started_ahead_exits_when_let_go(cache: Path, ws: Path) -> 
     assert _waiting_evaluators(ws) <= before
 
 
-@pytest.mark.parametrize("ahead", [False, True], ids=["cold", "started-ahead"])
+# started ahead: the same verdicts through the warm evaluator, a minute more; with -m slow
+@pytest.mark.parametrize(
+    "ahead", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["cold", "started-ahead"]
+)
 @pytest.mark.parametrize(
     ("change", "words"),
     [
@@ -524,12 +540,13 @@ def test_exploits_in_a_session_do_not_pay(private_cache: Path, ws: Path) -> None
     assert session_json["sealed"] is True and "data/val.bin" in session_json["fingerprints"]
 
 
+@pytest.mark.slow  # whole sessions with real children: minutes on two cores
 def test_training_past_the_budget_is_not_evaluated(cache: Path, ws: Path) -> None:
     """A candidate that keeps going 8 s after its last step, against TIME_BUDGET 5 s and a 1 s
     grace: stopped 6 s after its first step line, `crash`, class `over_budget`, never
     evaluated."""
     steps = [("train past the budget", lambda s: edit(s, TRAIN_PAST_BUDGET))]
-    result = session(ws, Scripted(steps), budget_grace=1.0).run()
+    result = session(ws, Scripted(steps), time_budget=5.0, budget_grace=1.0).run()
     assert result.reason == "agent has no more proposals (script done)"
     base, late = records(ws)
     assert base["status"] == "keep" and base["extra"]["eval_wall_s"] > 0
@@ -563,6 +580,7 @@ def test_training_before_the_first_step_line_is_not_evaluated(cache: Path, ws: P
     assert git(ws, "rev-parse", "HEAD") == base["commit"]
 
 
+@pytest.mark.slow  # whole sessions with real children: minutes on two cores
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds processes in /proc")
 def test_a_session_starting_evaluators_ahead(cache: Path, ws: Path) -> None:
     """With start_ahead (the default on cuda) each run's evaluator starts with the run: the
@@ -586,6 +604,7 @@ def test_a_session_starting_evaluators_ahead(cache: Path, ws: Path) -> None:
     assert _waiting_evaluators(ws) <= before
 
 
+@pytest.mark.slow  # whole sessions with real children: minutes on two cores
 def test_resume_kills_an_evaluator_a_killed_session_left(cache: Path, ws: Path) -> None:
     """A session killed with -9 during an evaluation leaves the evaluator (started ahead, under
     a marker of its own, recorded as eval_marker) running; the resume kills it."""
@@ -606,6 +625,7 @@ def test_resume_kills_an_evaluator_a_killed_session_left(cache: Path, ws: Path) 
         orphan.wait()
 
 
+@pytest.mark.slow  # whole sessions with real children: minutes on two cores
 def test_prepare_edited_between_runs_stops_the_session(cache: Path, ws: Path) -> None:
     def tamper(source: str) -> str:
         prepare = ws / "prepare.py"

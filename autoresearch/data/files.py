@@ -2,8 +2,10 @@
 optionally gzipped, cut into documents and split into train, val and test.
 
 Guarantees: the split depends only on the files' relative paths (a hash), never on the order
-the file system lists them; with `val_include` the named paths are the validation split; every
-split's documents are shuffled with a fixed seed. Unreadable files are skipped and listed.
+the file system lists them (with fewer than MIN_FILES_FOR_FILE_SPLIT files, on the documents'
+pieces instead); with `val_include` the named paths are the validation split; every split's
+documents are shuffled with a fixed seed. Files that are not UTF-8 text are skipped and
+counted in the manifest.
 """
 
 from __future__ import annotations

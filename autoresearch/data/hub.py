@@ -1,9 +1,10 @@
 """Hub sources (climbmix, tinystories): parquet files under a base URL, downloaded with
 retries into `<cache>/downloads/<source>/`.
 
-Guarantees: a file is renamed into place only once complete, so an interrupted download is
-started again, never used half-written; a host that cannot be reached fails fast with a
-message naming the mirror option. Not guaranteed: that the hub's files never change (their
+Guarantees: a file is renamed into place only once complete (an interrupted download is
+resumed with a Range request, or started again), never used half-written; each file is tried
+DOWNLOAD_RETRIES times with backoff, and a host that cannot be reached at all ends with a
+message naming the offline sources. Not guaranteed: that the hub's files never change (their
 names are pinned, their bytes are not).
 """
 
