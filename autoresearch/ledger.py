@@ -167,7 +167,8 @@ def decision_of(exp: Experiment) -> Decision:
     inc = extra.get("incumbent_runs")
     m = len(inc) if isinstance(inc, list) else inc if isinstance(inc, int) else None
     sigma = _number_or_none(extra.get("sigma"))
-    bar = _number_or_none(exp.threshold)
+    judged = exp.status in ("keep", "discard") and exp.best_before is not None
+    bar = _number_or_none(exp.threshold) if judged else None  # no bar without a comparison
     gain = None
     if _number_or_none(exp.val_bpb) is not None and _number_or_none(exp.best_before) is not None:
         gain = exp.best_before - exp.val_bpb
