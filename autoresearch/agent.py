@@ -37,8 +37,8 @@ from typing import Protocol
 import openai
 from openai.types.chat import ChatCompletion
 
-from .edits import DESCRIPTION_MAX_CHARS, apply_reply, check_compiles, parse_reply
-from .errors import AgentError, EditError, UsageError
+from .edits import DESCRIPTION_MAX_CHARS, apply_edit, apply_reply, check_compiles, parse_reply
+from .errors import AgentError, AutoresearchError, EditError, UsageError
 
 AGENT_NAMES = ("openai", "tuner", "replay")
 MAX_ATTEMPTS = 3  # replies per proposal (the first plus two corrected ones)
@@ -58,6 +58,12 @@ PROMPT_LEVELS: tuple[tuple[int, int | None, int], ...] = (
     (0, 0, 0),
 )
 FIX_MIN_CRASH_LINES = 10
+CHECK_TIMEOUT_S = 60.0  # the check before the first run waits at most this per request
+_UNKNOWN_MODEL = re.compile(
+    r"model.{0,80}(not (be )?found|does not exist|doesn't exist|not exist|unknown|invalid|not "
+    r"a valid|not supported|no such|not available|not served)|(unknown|invalid|no such) model",
+    re.IGNORECASE,
+)
 _CONTEXT_TOO_LONG = re.compile(
     r"context[ _-]?(length|size|window)|maximum context|too many tokens|prompt is too long",
     re.IGNORECASE,
@@ -77,6 +83,8 @@ class HistoryEntry:
     delta: float | None  # val_bpb minus the best at the time (negative = better)
     description: str
     source: str | None = None  # train.py of that attempt (None if invalid)
+    # win | within-noise | loss as the keep rule judged it (noise.judge); None: not judged
+    verdict: str | None = None
 
 
 @dataclass
@@ -141,6 +149,13 @@ class AgentExhausted(AgentError):
     """The agent has nothing more to propose; the session ends cleanly."""
 
 
+class EndpointError(AutoresearchError):
+    """Checked before the first run: the endpoint cannot be reached, does not serve the model
+    or rejects the key. Nothing has been written or trained yet; the message names the fix."""
+
+    exit_code = 2
+
+
 class Agent(Protocol):
     name: str
     # True when proposing takes long enough to be worth doing while a run trains (an LLM);
@@ -150,6 +165,14 @@ class Agent(Protocol):
     def propose(self, ctx: Context) -> Proposal: ...
 
     def fix(self, ctx: Context, failed_source: str, crash_tail: str) -> Proposal: ...
+
+
+def check_endpoint(agent: Agent) -> None:
+    """Before any GPU time is spent: the agent's `check()` where it has one (an agent behind
+    an endpoint); offline agents (tuner, replay) need none. Raises EndpointError."""
+    check = getattr(agent, "check", None)
+    if check is not None:
+        check()
 
 
 def make_agent(
@@ -203,6 +226,8 @@ Rules:
   applied in order.
 - The edited train.py must still run to the end within the time budget and print its
   summary block; it must not read or write any other file.
+- Send blocks, not the whole file; never elide lines inside a block with `...` or
+  "unchanged" comments, and never repeat a block (each one is applied once).
 - Nothing after the blocks is needed.
 """
 
@@ -326,6 +351,8 @@ def _verdict(h: HistoryEntry, noise: float) -> str:
         return h.status
     if h.delta is None:
         return "baseline"
+    if h.verdict:
+        return h.verdict
     if h.delta < -NOISE_SIGMAS * noise:
         return "win"
     if h.delta > NOISE_SIGMAS * noise:
@@ -389,6 +416,7 @@ class OpenAIAgent:
         self.model = model
         self.base_url = base_url
         self.max_attempts = max_attempts
+        self.timeout = timeout
         self._client = openai.OpenAI(
             base_url=base_url,
             api_key=resolve_api_key(api_key, base_url),
@@ -402,6 +430,88 @@ class OpenAIAgent:
     def propose(self, ctx: Context) -> Proposal:
         """A new experiment, edited against ctx.train_py."""
         return self._converse(ctx.train_py, lambda level: build_messages(ctx, level))
+
+    def check(self) -> None:
+        """One cheap request before the first run: the endpoint answers, serves the model and
+        accepts the key. Raises EndpointError with the endpoint's own words and the fix.
+
+        GET /models first (free); when the endpoint has no such route or does not list the
+        model (llama.cpp serves any name, proxies list aliases), a one-token completion decides.
+        A rate limit here is not a failure: the endpoint exists and the session waits it out.
+        """
+        client = self._client.with_options(
+            max_retries=1, timeout=min(CHECK_TIMEOUT_S, self.timeout)
+        )
+        listed: list[str] | None = None
+        try:
+            listed = [m.id for m in client.models.list()]
+        except (openai.APIError, JSONDecodeError) as exc:
+            self._check_failure(exc, route="/models")
+        if self.model is None:
+            if not listed:
+                raise EndpointError(
+                    f"No --model given and {self.base_url} lists no models; pass --model."
+                )
+            self.model = listed[0]
+            return
+        if listed and self.model in listed:
+            return
+        try:
+            client.chat.completions.create(
+                model=self.model,
+                messages=[{"role": "user", "content": "Reply with OK."}],
+                max_tokens=1,
+            )
+        except openai.RateLimitError:
+            return
+        except (openai.APIError, JSONDecodeError) as exc:
+            self._check_failure(exc, route="/chat/completions", listed=listed)
+
+    def _check_failure(
+        self, exc: Exception, *, route: str, listed: list[str] | None = None
+    ) -> None:
+        """Raise EndpointError for a failed check request, or return when the failure says
+        nothing against the endpoint (a route it does not have, a parameter it refuses)."""
+        where = self.base_url or "the OpenAI API"
+        if isinstance(exc, openai.APIConnectionError):
+            reason = (
+                str(exc.__cause__ or exc)
+                if not isinstance(exc, openai.APITimeoutError)
+                else (f"no answer within {CHECK_TIMEOUT_S:g}s")
+            )
+            raise EndpointError(
+                f"Cannot reach {where} ({' '.join(reason.split())[:200]}): check --base-url (it "
+                "usually ends in /v1, e.g. http://localhost:8000/v1) and that the server is "
+                "running."
+            ) from None
+        if isinstance(exc, JSONDecodeError) or not isinstance(exc, openai.APIStatusError):
+            if route == "/models":
+                return  # judged by the completion that follows
+            raise EndpointError(
+                f"{where} answered {route} with something that is not the OpenAI API "
+                f"({' '.join(str(exc).split())[:200]}): check --base-url (it usually ends in /v1)."
+            ) from None
+        status, said = exc.status_code, _endpoint_words(exc)
+        if status in (401, 403):
+            raise EndpointError(
+                f"{where} rejected the API key (HTTP {status}: {said}): set OPENAI_API_KEY or "
+                "AUTORESEARCH_API_KEY to a valid key for this endpoint."
+            ) from None
+        if route == "/models":
+            return  # no /models route (or a broken one): the completion decides
+        model_unknown = status == 404 or (status in (400, 422) and _UNKNOWN_MODEL.search(said))
+        if model_unknown:
+            offered = f" (it lists: {', '.join(listed[:10])})" if listed else ""
+            raise EndpointError(
+                f"{where} does not serve model {self.model!r} (HTTP {status}: {said}): pass a "
+                f"model it serves with --model{offered}, or check --base-url."
+            ) from None
+        if status in (400, 413, 422):
+            return  # it understood the model and the key, and refused the probe's parameters
+        raise EndpointError(
+            f"{where} failed the first request (HTTP {status}: {said}) even after a retry: "
+            "check that the server is healthy, then start again."
+        ) from None
 
     def fix(self, ctx: Context, failed_source: str, crash_tail: str) -> Proposal:
         """A repair of the crashed candidate, edited against failed_source."""
@@ -440,14 +550,12 @@ class OpenAIAgent:
             replies.append(text)
             if not problem:
                 try:
-                    description, source = apply_reply(base, text)
+                    description, source = apply_edit(base, text)
                 except EditError as exc:
                     problem = str(exc)
-                    if completion.choices[0].finish_reason == "length":
-                        problem = _TRUNCATED + problem
                 else:
                     return Proposal(
-                        description=description,
+                        description=description or _earlier_description(replies),
                         source=source,
                         messages=messages,
                         reply=_join(replies),
@@ -464,7 +572,7 @@ class OpenAIAgent:
             ]
         raise InvalidProposal(
             f"no valid edit after {attempts} attempts; last problem: {problem.splitlines()[0]}",
-            description=_description_of(replies[-1]) if replies else None,
+            description=_last_description(replies),
             messages=messages,
             reply=_join(replies),
             attempts=attempts,
@@ -560,15 +668,49 @@ def _reply_text(completion: ChatCompletion) -> tuple[str, str]:
             f"You declined ({message.refusal}). This is a benign machine-learning experiment on "
             "a small language model: propose a change to train.py."
         )
+    # Checked before the text is parsed: a cut-off reply may look whole (it may stop between
+    # two blocks, or a whole file before its end), so no part of it is ever applied.
+    if choice.finish_reason in _CUT_OFF:
+        where = "while reasoning, before any answer" if not text.strip() else "before its end"
+        return text, (
+            f"Your reply was cut off at the output token limit {where}, so none of it was "
+            "applied. Reply with a shorter edit: only the description line and short "
+            "SEARCH/REPLACE blocks, no whole file and no explanation."
+        )
+    if choice.finish_reason == "content_filter":
+        return text, (
+            "Your reply was stopped by the endpoint's content filter, so none of it was applied. "
+            "This is a benign machine-learning experiment: reply with the description line and "
+            "SEARCH/REPLACE blocks for train.py."
+        )
     if not text.strip():
+        # Some servers return the reasoning in `reasoning_content`: it is never the answer.
+        if (message.model_extra or {}).get("reasoning_content"):
+            return text, (
+                "Your reply held only reasoning and an empty answer. After reasoning, write the "
+                "answer: the description line and SEARCH/REPLACE blocks."
+            )
         return text, "The reply was empty. Reply with a description line and SEARCH/REPLACE blocks."
     return text, ""
 
 
-_TRUNCATED = (
-    "Your reply was cut off at the output token limit; reply with only the description line "
-    "and short SEARCH/REPLACE blocks.\n"
-)
+# finish_reason values meaning the output limit was hit (OpenAI and vLLM say "length")
+_CUT_OFF = ("length", "max_tokens")
+
+
+def _earlier_description(replies: list[str]) -> str:
+    """The description an earlier reply of this conversation gave, when the applied one gave
+    none (a corrected reply often resends only the blocks); else a neutral placeholder."""
+    return _last_description(replies[:-1]) or "edit of train.py (no description given)"
+
+
+def _last_description(replies: list[str]) -> str | None:
+    """The description of the latest reply that gave one, for the record."""
+    for reply in reversed(replies):
+        description = _description_of(reply)
+        if description:
+            return description
+    return None
 
 
 def _description_of(reply: str) -> str | None:
@@ -591,6 +733,14 @@ def _join(replies: list[str]) -> str:
     if len(replies) == 1:
         return replies[0]
     return "\n\n".join(f"===== attempt {k} =====\n{r}" for k, r in enumerate(replies, 1))
+
+
+def _endpoint_words(exc: openai.APIStatusError) -> str:
+    """The endpoint's own error message (the body's `message`), else the client's summary."""
+    body = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else None
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return " ".join(body["message"].split())[:300]
+    return _describe(exc)
 
 
 def _describe(exc: openai.APIError) -> str:

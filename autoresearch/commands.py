@@ -31,7 +31,14 @@ from .display import (
 )
 from .errors import DataError, UsageError, WorkspaceError
 from .ledger import Experiment, Ledger, decision_of, measured_runs
-from .workspace import RUNS_DIR, find_workspace, init_workspace, load_prepare, read_manifest
+from .workspace import (
+    RUNS_DIR,
+    find_workspace,
+    init_workspace,
+    load_prepare,
+    read_manifest,
+    stale_prepare,
+)
 
 # Text from the record, shown literally; a line stays one line when piped (a table still fits)
 out = Console(markup=False, highlight=False, soft_wrap=True)
@@ -94,8 +101,11 @@ def prepare(
         source, recorded = _active_dataset_args()
         options = {**recorded, **{k: v for k, v in options.items() if v is not None}}
         out.print(f"rebuilding the active dataset ({source})", highlight=False, markup=False)
+    from .data.build import run_prepare
+
     try:
-        module.run_prepare(
+        run_prepare(
+            module,  # the workspace's prepare.py: the format its loader reads
             source or "climbmix",
             **{k: v for k, v in options.items() if v is not None},
             base_url=base_url,
@@ -251,7 +261,7 @@ def run_session(
             fix_attempts=settings.fix_attempts,
             min_delta=settings.min_delta,
             calibrate=settings.calibrate or (3 if preset == "gpu" else 2),
-            max_repeats=settings.max_repeats or (3 if preset == "gpu" else 2),
+            max_repeats=settings.max_repeats or (6 if preset == "gpu" else 2),
             sealed=settings.sealed,
             resume=resume,
             overlap=overlap,
@@ -265,6 +275,8 @@ def run_session(
             f"hard timeout {opts.hard_timeout:g}s"
             + ("" if opts.sealed else "; unsealed: val_bpb as train.py prints it")
         )
+        if stale := stale_prepare(root):
+            display.note(stale)
         Session(root, opts, agent_obj, display, warm=first).run()
     finally:
         if first is not None:  # a no-op once the session has taken it
@@ -287,8 +299,16 @@ def _auto(value: str | None) -> str | None:
     return None if value in (None, "auto") else value
 
 
-def confirm(*, workspace: Path | None, tag: str | None, device: str | None) -> None:
-    """Evaluate the baseline's and the best's checkpoints on the held-out test split."""
+def confirm(
+    *,
+    workspace: Path | None,
+    tag: str | None,
+    device: str | None,
+    horizon: float | None = None,
+    seeds: int = 1,
+) -> None:
+    """Evaluate the baseline's and the best's checkpoints on the held-out test split; with
+    `horizon`, train both again for horizon x TIME_BUDGET first (horizon.confirm_horizon)."""
     from .evaluator import evaluate_checkpoint
     from .fingerprint import Fingerprinter
     from .gitrepo import GitRepo
@@ -314,6 +334,11 @@ def confirm(*, workspace: Path | None, tag: str | None, device: str | None) -> N
         prints, tag=tag, when="by `autoresearch confirm`"
     )
     isolation = runner.network_isolation()
+    if horizon is not None:
+        _confirm_horizon(
+            root, ledger, session, (exps[0], best), horizon, seeds, device, prints, isolation
+        )
+        return
     rows = []
     for role, exp in (("baseline", exps[0]), ("best", best)):
         if rows and exp.id == rows[0]["id"]:
@@ -358,6 +383,67 @@ def confirm(*, workspace: Path | None, tag: str | None, device: str | None) -> N
         )
     _confirm_table(tag, rows)
     ledger.update_session(confirm={"at": _now(), "split": "test", "rows": rows})
+
+
+def _confirm_horizon(
+    root: Path,
+    ledger: Ledger,
+    session: dict,
+    pair: tuple[Experiment, Experiment],
+    horizon: float,
+    seeds: int,
+    device: str,
+    prints: dict,
+    isolation: runner.Isolation,
+) -> None:
+    from .gitrepo import GitRepo
+    from .horizon import FILE, confirm_horizon
+
+    if pair[0].id == pair[1].id:
+        raise WorkspaceError(
+            f"session {ledger.run_dir.name} kept nothing after its baseline: no gain to confirm"
+        )
+    repo = GitRepo(root)
+    try:
+        sources = [repo.show_file(exp.commit, "train.py") for exp in pair]
+    finally:
+        repo.close()
+    budget = float(session.get("time_budget") or 0.0)
+    out.print(
+        f"training the baseline (exp {pair[0].id:04d}) and the best (exp {pair[1].id:04d}) for "
+        f"{horizon:g} x {budget:g} s, {seeds} seed(s) each…",
+        highlight=False,
+    )
+    record = confirm_horizon(
+        root,
+        ledger.run_dir,
+        baseline=(pair[0], sources[0]),
+        best=(pair[1], sources[1]),
+        horizon=horizon,
+        seeds=seeds,
+        time_budget=budget,
+        preset=session["preset"],
+        device=device,
+        dataset=Path(session["dataset"]),
+        fingerprints=prints,
+        prefix=isolation.prefix,
+        on_run=lambda r: out.print(
+            f"  {r['role']} seed {r['seed']}: {r['status']}, val_bpb {r['val_bpb']}, "
+            f"test_bpb {r['test_bpb']}",
+            highlight=False,
+        ),
+    )
+    (ledger.run_dir / FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+    gains = ", ".join(
+        f"{k} {record[k]:+.6f}" if record[k] is not None else f"{k} —"
+        for k in ("session_gain", "val_gain", "test_gain")
+    )
+    answer = {True: "holds", False: "does NOT hold", None: "is unknown (a run failed)"}
+    out.print(
+        f"gain (baseline − best): {gains}. At {horizon:g} x TIME_BUDGET the session's gain "
+        f"{answer[record['holds']]}; recorded in {ledger.run_dir / FILE}",
+        highlight=False,
+    )
 
 
 def _confirm_table(tag: str, rows: list[dict]) -> None:

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
-from .workspace import cache_dir
+from .workspace import active_dataset  # noqa: F401 (callers import it from here too)
 
 PREPARE_FILE = "prepare.py"
 MANIFEST_FILE = "manifest.json"
@@ -52,24 +51,6 @@ def sha256_file(path: Path) -> str:
 
 def sha256_json(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
-def active_dataset(env: Mapping[str, str] | None = None) -> Path:
-    """The directory of the dataset in use: AUTORESEARCH_DATASET, else <cache>/ACTIVE."""
-    env = os.environ if env is None else env
-    root = cache_dir(dict(env))
-    name = env.get("AUTORESEARCH_DATASET", "").strip()
-    if not name:
-        try:
-            name = (root / "ACTIVE").read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            name = ""
-    if not name or not (root / name / MANIFEST_FILE).is_file():
-        raise DataError(
-            f"no prepared data in {root}: run `autoresearch prepare` "
-            "(or `autoresearch prepare --source stdlib` offline) first"
-        )
-    return root / name
 
 
 def _manifest(dataset: Path) -> dict:

@@ -1,7 +1,9 @@
-"""The workspace's git repository: the branch, commits, resets and attempt refs.
+"""Every git command the tool runs: the workspace's creation, its branch, commits, resets and
+attempt refs, diffs for the report, and the three-way merge of a proposal onto a new best.
 
 Guarantees:
-- every operation is one `git` plumbing or porcelain command run through GitPython's
+- no other module runs git;
+- every operation on a repository is one `git` command run through GitPython's
   `repo.git` (a short-lived process each time); nothing here touches GitPython's object
   database, so no persistent `git cat-file` helpers are started, and `close()` (or leaving the
   `with` block) releases what GitPython caches. Safe to create and close hundreds of times in
@@ -17,7 +19,10 @@ Not guaranteed: that the caller resets only its own branch (`reset_hard` does wh
 from __future__ import annotations
 
 import os
+import subprocess
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import WorkspaceError
@@ -36,12 +41,24 @@ STALE_LOCK_AGE_S = 60.0  # without /proc to check for running git processes: age
 # must not take the index lock to refresh it (it would race the user's own git).
 GIT_ENV = {"LC_ALL": "C", "LANGUAGE": "C", "GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0"}
 
+NO_GIT = "git is not installed or not on PATH: install git (e.g. `apt install git`)"
+
+# Who commits when git knows nobody (a fresh machine, a CI container): the tool must still
+# record its experiments. A configured identity (git config or GIT_* variables) always wins.
+FALLBACK_IDENTITY = {
+    "GIT_AUTHOR_NAME": "autoresearch",
+    "GIT_AUTHOR_EMAIL": "autoresearch@localhost",
+    "GIT_COMMITTER_NAME": "autoresearch",
+    "GIT_COMMITTER_EMAIL": "autoresearch@localhost",
+}
+
 
 class GitRepo:
     """A git working tree at `path` (its top level). Use as a context manager, or `close()`."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path).resolve()
+        self._identity_known = False
         try:
             self._repo = git.Repo(self.path)
         except (git.InvalidGitRepositoryError, git.NoSuchPathError) as error:
@@ -97,9 +114,7 @@ class GitRepo:
                     strip_newline_in_stdout=False,
                 )
             except git.GitCommandNotFound as error:
-                raise WorkspaceError(
-                    "git is not installed or not on PATH: install git (e.g. `apt install git`)"
-                ) from error
+                raise WorkspaceError(NO_GIT) from error
             if status in ok:
                 return status, out, err
             if ".lock': File exists" in err and attempt + 1 < LOCK_RETRIES:
@@ -192,15 +207,6 @@ class GitRepo:
         """Full sha at the tip of branch `name`, or None if there is no such branch."""
         return self.ref_sha(f"refs/heads/{name}")
 
-    def is_ancestor(self, a: str, b: str) -> bool:
-        """True when commit `a` is `b` or one of its ancestors."""
-        return self._status("merge-base", "--is-ancestor", self._rev(a), self._rev(b)) == 0
-
-    def list_refs(self, prefix: str) -> dict[str, str]:
-        """{ref name: sha} of every ref under `prefix` (e.g. refs/autoresearch/TAG/attempts)."""
-        out = self._out("for-each-ref", "--format=%(refname)%00%(objectname)", self._rev(prefix))
-        return dict(line.split("\0", 1) for line in out.splitlines() if line)
-
     # --------------------------------------------------------------------------- reading
 
     def diff(self, a: str, b: str | None, path: Path | str) -> str:
@@ -211,11 +217,6 @@ class GitRepo:
     def show_file(self, sha: str, path: Path | str) -> str:
         """The content of `path` at commit `sha`, exactly (decoded as UTF-8)."""
         return self._out("cat-file", "blob", f"{self._rev(sha)}:{self._relpath(path)}")
-
-    def commits_between(self, base: str, head: str) -> list[tuple[str, str]]:
-        """(sha, subject) of commits reachable from `head` but not `base`, oldest first."""
-        out = self._out("log", "--format=%H%x00%s", "--reverse", f"{self._rev(base)}..{head}")
-        return [tuple(line.split("\0", 1)) for line in out.splitlines() if line]  # type: ignore[misc]
 
     # --------------------------------------------------------------------------- writing
 
@@ -246,6 +247,7 @@ class GitRepo:
         changed = self._status("diff", "--cached", "--quiet", "HEAD", "--", path) == 1
         if not changed and not allow_empty:
             raise WorkspaceError(f"nothing to commit: {path} is the same as in HEAD")
+        self._ensure_identity()
         self._run(
             "commit",
             "--quiet",
@@ -260,6 +262,12 @@ class GitRepo:
         )
         return self.head()
 
+    def _ensure_identity(self) -> None:
+        """Commit as FALLBACK_IDENTITY when git cannot name an author or committer itself."""
+        if not self._identity_known:
+            self._repo.git.update_environment(**fallback_identity(self.path))
+            self._identity_known = True
+
     def reset_hard(self, sha: str) -> None:
         """Point the current branch, index and working tree at `sha` (untracked files stay)."""
         self._run("reset", "--quiet", "--hard", self.rev_parse(sha))
@@ -269,12 +277,6 @@ class GitRepo:
         if not ref.startswith("refs/"):
             raise ValueError(f"ref must be a full name under refs/, got {ref!r}")
         self._run("update-ref", "-m", "autoresearch", ref, self.rev_parse(sha))
-
-    def delete_ref(self, ref: str) -> None:
-        """Delete `ref` (a full name under refs/) if it exists."""
-        if not ref.startswith("refs/"):
-            raise ValueError(f"ref must be a full name under refs/, got {ref!r}")
-        self._run("update-ref", "-d", ref)
 
     def clear_stale_lock(self) -> list[Path]:
         """Remove lock files a killed git process left behind; returns the ones removed.
@@ -307,6 +309,84 @@ class GitRepo:
             except FileNotFoundError:  # its owner finished meanwhile
                 continue
         return removed
+
+
+def init_repository(target: Path, paths: Sequence[str], message: str) -> None:
+    """Make `target` a git repository (unless it is one) whose first commit holds `paths`.
+
+    Commits as FALLBACK_IDENTITY where git knows nobody, so a fresh machine can start.
+    """
+    if not (target / ".git").exists():
+        _plain_git(target, "init", "-q", "-b", "main")
+    _plain_git(target, "add", "--", *paths)
+    identity = fallback_identity(target)
+    _plain_git(target, "commit", "-q", "--no-verify", "--no-gpg-sign", "-m", message, **identity)
+
+
+def fallback_identity(cwd: Path) -> dict[str, str]:
+    """The FALLBACK_IDENTITY variables to set for a commit in `cwd`: none when git can name
+    the author and committer itself (from its configuration or the environment)."""
+    env = {**os.environ, **GIT_ENV}
+    for who in ("GIT_AUTHOR_IDENT", "GIT_COMMITTER_IDENT"):
+        try:
+            done = subprocess.run(["git", "var", who], cwd=cwd, env=env, capture_output=True)
+        except FileNotFoundError as error:
+            raise WorkspaceError(NO_GIT) from error
+        if done.returncode != 0:
+            return {k: v for k, v in FALLBACK_IDENTITY.items() if not os.environ.get(k)}
+    return {}
+
+
+def _plain_git(cwd: Path, *args: str, **env: str) -> None:
+    """`git ARGS` in `cwd`, outside any GitRepo (there is none yet), with `env` added."""
+    try:
+        proc = subprocess.run(
+            ["git", *args],
+            cwd=cwd,
+            env={**os.environ, **GIT_ENV, **env},
+            capture_output=True,
+            text=True,
+        )
+    except FileNotFoundError as error:
+        raise WorkspaceError(NO_GIT) from error
+    if proc.returncode != 0:
+        raise WorkspaceError(f"{_explain(args, proc.returncode, proc.stderr)} (in {cwd})")
+
+
+def diffs(
+    workspace: Path, path: str, pairs: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], str]:
+    """`git diff a b -- path` in `workspace` for each (a, b) git can answer; the others (and
+    all of them, when `workspace` is no repository with commits) are left out."""
+    try:
+        repo = GitRepo(workspace)
+    except WorkspaceError:
+        return {}
+    found = {}
+    with repo:
+        for a, b in pairs:
+            try:
+                found[(a, b)] = repo.diff(a, b, path)
+            except (WorkspaceError, ValueError):  # an unknown commit, or no commit name at all
+                continue
+    return found
+
+
+def merge_texts(base: str, ours: str, theirs: str) -> str | None:
+    """`theirs`' changes to `base` applied to `ours` (git merge-file); None on a conflict."""
+    with tempfile.TemporaryDirectory(prefix="autoresearch-merge-") as tmp:
+        paths = []
+        for name, text in (("ours", ours), ("base", base), ("theirs", theirs)):
+            path = Path(tmp) / name
+            path.write_text(text, encoding="utf-8")
+            paths.append(str(path))
+        proc = subprocess.run(
+            ["git", "merge-file", "-p", "--quiet", *paths],
+            capture_output=True,
+            encoding="utf-8",
+            env={**os.environ, **GIT_ENV},
+        )
+    return proc.stdout if proc.returncode == 0 else None
 
 
 def _git_running_in(dirs: set[Path]) -> bool:

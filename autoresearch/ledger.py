@@ -242,12 +242,6 @@ def measured_runs(run_dir: Path, exp: Experiment) -> list[dict]:
     ]
 
 
-def peak_memory_gb(summary: dict[str, float]) -> float:
-    """memory_gb as upstream reports it: the summary's peak_vram_mb / 1024 (0.0 if absent)."""
-    peak = summary.get("peak_vram_mb", 0.0)
-    return peak / 1024 if math.isfinite(peak) else 0.0
-
-
 # ---------------------------------------------------------------------------------------------
 # Durable file primitives (raise OSError; Ledger turns that into LedgerError)
 

@@ -19,7 +19,6 @@ import html
 import io
 import math
 import os
-import subprocess
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -34,6 +33,7 @@ from matplotlib.text import Annotation
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 
+from autoresearch import gitrepo
 from autoresearch.errors import WorkspaceError
 from autoresearch.ledger import Decision, Experiment, Ledger, decision_of
 
@@ -144,19 +144,7 @@ def diff_pairs(experiments: Sequence[Experiment]) -> list[DiffKey]:
 
 def git_diffs(workspace: Path, pairs: Sequence[DiffKey]) -> dict[DiffKey, str]:
     """`git diff a b -- train.py` for each pair git can answer; pairs it cannot are left out."""
-    diffs: dict[DiffKey, str] = {}
-    for a, b in dict.fromkeys(pairs):
-        done = subprocess.run(
-            ["git", "diff", "--no-color", "--no-ext-diff", a, b, "--", TRAIN_FILE],
-            cwd=workspace,
-            capture_output=True,
-            encoding="utf-8",
-            errors="replace",  # a stray byte in train.py must not cost the whole report
-            check=False,
-        )
-        if done.returncode == 0:
-            diffs[(a, b)] = done.stdout
-    return diffs
+    return gitrepo.diffs(workspace, TRAIN_FILE, list(dict.fromkeys(pairs)))
 
 
 # --- the plot ------------------------------------------------------------------------------

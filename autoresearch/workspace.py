@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import DataError, WorkspaceError
+from .gitrepo import init_repository
 
 WORKSPACE_FILES = ("program.md", "prepare.py", "train.py")
 TRAIN_FILE = "train.py"
@@ -35,6 +35,21 @@ runs/
 def template_text(name: str) -> str:
     """The pristine copy of a workspace file shipped with the package."""
     return (TEMPLATES / name).read_text(encoding="utf-8")
+
+
+def stale_prepare(root: Path) -> str | None:
+    """What to tell the user when the workspace's prepare.py is not the installed tool's
+    template (a copy from an older version, or edited by hand): the command that updates it.
+    None when they are the same bytes."""
+    ours, template = root / "prepare.py", TEMPLATES / "prepare.py"
+    if ours.read_bytes() == template.read_bytes():
+        return None
+    return (
+        f"{ours} differs from the installed autoresearch's template (an older copy, or edited"
+        f" by hand); data prepared or read by it may not match this version. To update it: "
+        f"cp {template} {ours} && git -C {root} commit -m 'prepare.py: the installed"
+        " template' prepare.py"
+    )
 
 
 def find_workspace(path: Path | None = None) -> Path:
@@ -82,29 +97,29 @@ def init_workspace(target: Path) -> Path:
     for name in WORKSPACE_FILES:
         (target / name).write_text(template_text(name), encoding="utf-8")
     (target / ".gitignore").write_text(GITIGNORE, encoding="utf-8")
-    if not (target / ".git").exists():
-        _git(target, "init", "-q", "-b", "main")
-    _git(target, "add", *WORKSPACE_FILES, ".gitignore")
-    _git(target, "commit", "-q", "-m", "autoresearch workspace: program.md, prepare.py, train.py")
+    init_repository(
+        target,
+        [*WORKSPACE_FILES, ".gitignore"],
+        "autoresearch workspace: program.md, prepare.py, train.py",
+    )
     return target
 
 
-def _git(cwd: Path, *args: str) -> None:
-    env = dict(os.environ)
-    # A fresh machine may have no identity configured; the workspace's first commit still works.
-    env.setdefault("GIT_AUTHOR_NAME", "autoresearch")
-    env.setdefault("GIT_AUTHOR_EMAIL", "autoresearch@localhost")
-    env.setdefault("GIT_COMMITTER_NAME", env["GIT_AUTHOR_NAME"])
-    env.setdefault("GIT_COMMITTER_EMAIL", env["GIT_AUTHOR_EMAIL"])
-    proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise WorkspaceError(f"git {' '.join(args)} failed in {cwd}: {proc.stderr.strip()}")
+CACHE_ENV = "AUTORESEARCH_CACHE"  # root of all prepared data
+DATASET_ENV = "AUTORESEARCH_DATASET"  # the dataset in use, overriding <cache>/ACTIVE
+ACTIVE_FILE = "ACTIVE"
+MANIFEST_FILE = "manifest.json"
 
 
-def cache_dir(env: dict[str, str] | None = None) -> Path:
-    """Where prepared data lives: AUTORESEARCH_CACHE, else ~/.cache/autoresearch."""
+def cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where prepared data lives: AUTORESEARCH_CACHE (`~` expanded), else ~/.cache/autoresearch.
+
+    The one rule for the tool; prepare.py's `cache_root` follows the same one (a test holds
+    them together), so what `prepare` writes is what `run` and train.py read.
+    """
     env = os.environ if env is None else env
-    return Path(env.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch")
+    root = env.get(CACHE_ENV, "").strip()
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "autoresearch"
 
 
 PREPARE_HINT = (
@@ -112,19 +127,28 @@ PREPARE_HINT = (
 )
 
 
-def _manifest_path(env: Mapping[str, str]) -> Path:
-    """Where the active dataset's manifest must be; DataError saying what to run if nowhere."""
+def active_dataset(env: Mapping[str, str] | None = None) -> Path:
+    """The directory of the dataset in use: AUTORESEARCH_DATASET, else the name in
+    <cache>/ACTIVE; DataError saying what to run when there is none or it has no manifest."""
+    env = os.environ if env is None else env
     root = cache_dir(env)
-    name = env.get("AUTORESEARCH_DATASET")
-    active = root / "ACTIVE"
-    if not name and active.is_file():
-        name = active.read_text(encoding="utf-8").strip()
+    name = env.get(DATASET_ENV, "").strip()
+    if not name:
+        try:
+            name = (root / ACTIVE_FILE).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            name = ""
     if not name:
         raise DataError(f"no prepared data in {root}: {PREPARE_HINT}")
-    manifest = root / name / "manifest.json"
-    if not manifest.is_file():
-        raise DataError(f"dataset {name!r} in {root} has no manifest: {PREPARE_HINT}")
-    return manifest
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise DataError(f"bad dataset name {name!r}: expected a directory name in {root}")
+    if not (root / name / MANIFEST_FILE).is_file():
+        raise DataError(f"no prepared data in {root / name} (no manifest): {PREPARE_HINT}")
+    return root / name
+
+
+def _manifest_path(env: Mapping[str, str]) -> Path:
+    return active_dataset(env) / MANIFEST_FILE
 
 
 def _load(manifest: Path) -> dict:

@@ -23,7 +23,9 @@ project's metric, on the same weights: the doc_bpb and stream_bpb columns.
 
 Each version (--train, default ./train.py) runs in a directory of its own beside this
 repository's prepare.py, with a compile cache of its own (TORCHINDUCTOR_CACHE_DIR) that starts
-empty: its first run is cold, later runs are warm, and the table says which. Versions are run
+empty: its first run is cold, later runs are warm, and the table says which (--shared-cache
+gives all versions one cache, for versions whose compiled graphs are the same, such as seeds of
+one file: then only the call's first run is cold). Versions are run
 in turn (A B A B ...), so a drift of the machine over the call does not favour one of them.
 A --variant NAME:CONST=TEXT[,CONST=TEXT...] is this repository's train.py with the values of those
 module-level constants replaced by the texts, so a sweep of constants needs no files. TIME_BUDGET
@@ -279,7 +281,8 @@ def run_all(
 
     def lane(gpu) -> None:
         for name, run in lanes[gpu]:
-            cache = f"compile-{name}" if gpu is None else f"compile-{name}-gpu{gpu}"
+            key = "shared" if args.shared_cache else name
+            cache = f"compile-{key}" if gpu is None else f"compile-{key}-gpu{gpu}"
             row = one_run(
                 versions[name],
                 args.out / f"{name}-run{run}.log",
@@ -392,6 +395,12 @@ def main() -> None:
         type=int,
         default=1,
         help="run up to this many runs at once, one per GPU (default 1: in turn, GPU as given)",
+    )
+    parser.add_argument(
+        "--shared-cache",
+        action="store_true",
+        help="one compile cache for all versions (for versions whose graphs are the same, e.g. "
+        "ones that differ only in a seed): only the very first run is cold",
     )
     parser.add_argument(
         "--doc-eval",

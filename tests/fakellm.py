@@ -26,10 +26,18 @@ Behaviour, guaranteed:
 - `context_limit` (characters of all message contents, None = unlimited) makes any longer
   request fail with 400 `context_length_exceeded`, without consuming a scripted item.
 - `"stream": true` requests get the same scripted reply as server-sent events.
-- `GET /v1/models` lists `model`.
+- `GET /v1/models` lists `model` (404 with `list_models=False`, an endpoint without that
+  route).
+- `api_key="..."`: every request whose `Authorization` is not `Bearer <that key>` gets 401,
+  as OpenAI sends it; without it the key is recorded in `headers`, never checked.
+- `strict_model=True`: a chat request for another model than `model` gets 404 "The model ...
+  does not exist", as OpenAI and vLLM send it, without consuming a scripted item.
+- `enqueue(..., reasoning=...)` adds `reasoning_content` to the message (vLLM, DeepSeek);
+  `finish_reason=` sets the choice's finish_reason.
+- `drop_chat = True`: every chat request is answered by closing the connection (an endpoint
+  that died after the session started).
 
-Not modelled: tools/function calls, n > 1, authentication (the key is recorded in `headers`,
-never checked).
+Not modelled: tools/function calls, n > 1.
 """
 
 from __future__ import annotations
@@ -64,6 +72,7 @@ class Scripted:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     choices: bool = True  # False: a 200 reply with an empty `choices` list
+    reasoning: str | None = None  # sent as message.reasoning_content
 
 
 def error_body(status: int, message: str | None = None, code: str | None = None) -> dict:
@@ -83,9 +92,21 @@ def error_body(status: int, message: str | None = None, code: str | None = None)
 class FakeLLM:
     """The server; use as a context manager (or call start()/stop())."""
 
-    def __init__(self, model: str = "fake-model", context_limit: int | None = None) -> None:
+    def __init__(
+        self,
+        model: str = "fake-model",
+        context_limit: int | None = None,
+        *,
+        api_key: str | None = None,
+        strict_model: bool = False,
+        list_models: bool = True,
+    ) -> None:
         self.model = model
         self.context_limit = context_limit
+        self.api_key = api_key
+        self.strict_model = strict_model
+        self.list_models = list_models
+        self.drop_chat = False
         self.requests: list[dict] = []
         self.headers: list[dict[str, str]] = []
         self.usages: list[dict[str, int]] = []
@@ -105,14 +126,17 @@ class FakeLLM:
         finish_reason: str = "stop",
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
+        reasoning: str | None = None,
     ) -> None:
-        """The next reply is a normal completion whose content is `text`."""
+        """The next reply is a normal completion whose content is `text` (and, with
+        `reasoning`, whose message carries that `reasoning_content`)."""
         self._push(
             Scripted(
                 content=text,
                 finish_reason=finish_reason,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
+                reasoning=reasoning,
             )
         )
 
@@ -210,6 +234,9 @@ class FakeLLM:
     def _answer_chat(self, body: dict) -> tuple[int, dict[str, str], bytes | Any]:
         """Choose the reply for one chat request: (status, headers, JSON-able or raw bytes)."""
         prompt_chars = sum(len(_content_text(m.get("content"))) for m in body.get("messages", []))
+        if self.strict_model and body.get("model") != self.model:
+            message = f"The model `{body.get('model')}` does not exist."
+            return 404, {}, error_body(404, message, code="model_not_found")
         if self.context_limit is not None and prompt_chars > self.context_limit:
             body_ = error_body(400, CONTEXT_LENGTH_MESSAGE, code="context_length_exceeded")
             return 400, {}, body_
@@ -239,6 +266,8 @@ class FakeLLM:
         with self._lock:
             self.usages.append(usage)
         message = {"role": "assistant", "content": item.content, "refusal": item.refusal}
+        if item.reasoning is not None:
+            message["reasoning_content"] = item.reasoning
         choices = [
             {"index": 0, "message": message, "finish_reason": item.finish_reason, "logprobs": None}
         ]
@@ -271,8 +300,19 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep tests quiet
         pass
 
+    def _key_rejected(self) -> bool:
+        """Answer 401 (and return True) when the fake checks keys and this one is wrong."""
+        key = self.fake.api_key
+        if key is None or self.headers.get("authorization") == f"Bearer {key}":
+            return False
+        body = error_body(401, "Incorrect API key provided: sk-wr***. You can find your API key")
+        self._send_json(401, body)
+        return True
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        if self.path.rstrip("/").endswith("/models"):
+        if self._key_rejected():
+            return
+        if self.path.rstrip("/").endswith("/models") and self.fake.list_models:
             created = int(time.time())
             data = [
                 {"id": self.fake.model, "object": "model", "created": created, "owned_by": "fake"}
@@ -286,6 +326,11 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length)
         if not self.path.rstrip("/").endswith("/chat/completions"):
             self._send_json(404, error_body(404, f"no route {self.path}"))
+            return
+        if self._key_rejected():
+            return
+        if self.fake.drop_chat:
+            self.close_connection = True  # no status line: the client sees a dropped connection
             return
         try:
             body = json.loads(raw or b"{}")

@@ -61,8 +61,13 @@ def stub_bpb(lr: float = 0.04, width: int = 64) -> float:
 
 
 def git(cwd: Path, *args: str) -> str:
+    """`git ARGS` in `cwd`, committing (when it commits) as a test identity of its own."""
     return subprocess.run(
-        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
 
 
@@ -87,7 +92,7 @@ def make_workspace(root: Path, train_source: str = STUB_TRAIN) -> Path:
     ws = init_workspace(root)
     (ws / "train.py").write_text(train_source, encoding="utf-8")
     git(ws, "add", "train.py")
-    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "stub trainer")
+    git(ws, "commit", "-q", "-m", "stub trainer")
     return ws
 
 
@@ -132,9 +137,10 @@ def replay_args(patches: Path) -> list[str]:
 
 
 def cli(
-    ws: Path, *args: str, env: dict[str, str], timeout: float = 120
+    ws: Path, *args: str, env: dict[str, str], timeout: float = 600
 ) -> subprocess.CompletedProcess:
-    """Run the real `autoresearch` CLI in a subprocess."""
+    """Run the real `autoresearch` CLI in a subprocess (`timeout` guards against a hang; a busy
+    machine may be slow)."""
     return subprocess.run(
         [sys.executable, "-m", "autoresearch", *args, "--workspace", str(ws)],
         cwd=ws,

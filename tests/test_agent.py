@@ -13,12 +13,14 @@ from autoresearch.agent import (
     PROMPT_LEVELS,
     AgentExhausted,
     Context,
+    EndpointError,
     HistoryEntry,
     InvalidProposal,
     OpenAIAgent,
     ReplayAgent,
     TunerAgent,
     build_messages,
+    check_endpoint,
     find_knobs,
     history_table,
     knob_steps,
@@ -163,6 +165,124 @@ def test_truncated_reply_is_told_it_was_cut_off(llm):
     proposal = openai_agent(llm).propose(make_ctx())
     assert proposal.attempts == 2
     assert "cut off at the output token limit" in llm.requests[1]["messages"][-1]["content"]
+
+
+DEEPER = GOOD_REPLY.replace("Raise MATRIX_LR to 0.06", "Deeper model").replace(
+    "MATRIX_LR = 0.04  # matrices (Muon)\n=======\nMATRIX_LR = 0.06  # matrices (Muon)",
+    "DEPTH = 8  # transformer layers\n=======\nDEPTH = 10  # transformer layers",
+)
+AFTER_GOOD = TRAIN_PY.replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.06")
+AFTER_DEEPER = TRAIN_PY.replace("DEPTH = 8", "DEPTH = 10")
+
+
+@pytest.mark.parametrize("finish_reason", ["length", "max_tokens"])
+def test_a_reply_cut_off_at_the_limit_is_never_applied_even_when_it_looks_whole(llm, finish_reason):
+    """Checked before parsing: the first reply would apply (it may have been cut between two
+    blocks), but the limit was hit, so none of it is used; the model is asked for less."""
+    llm.enqueue(GOOD_REPLY, finish_reason=finish_reason)
+    llm.enqueue(DEEPER)
+    proposal = openai_agent(llm).propose(make_ctx())
+    assert (proposal.attempts, proposal.source) == (2, AFTER_DEEPER)
+    correction = llm.requests[1]["messages"][-1]["content"]
+    assert "cut off at the output token limit before its end" in correction
+    assert "none of it was applied" in correction and "shorter edit" in correction
+
+
+def test_content_filtered_reply_is_never_applied(llm):
+    llm.enqueue(GOOD_REPLY, finish_reason="content_filter")
+    llm.enqueue(DEEPER)
+    proposal = openai_agent(llm).propose(make_ctx())
+    assert (proposal.attempts, proposal.source) == (2, AFTER_DEEPER)
+    assert "content filter" in llm.requests[1]["messages"][-1]["content"]
+
+
+def test_reasoning_content_never_contributes(llm):
+    """`reasoning_content` (vLLM, DeepSeek) holds a block and a description of its own: only
+    the answer in `content` is applied, and an empty answer is a failed attempt."""
+    llm.enqueue(GOOD_REPLY, reasoning=DEEPER)
+    proposal = openai_agent(llm).propose(make_ctx())
+    assert (proposal.description, proposal.source) == ("Raise MATRIX_LR to 0.06", AFTER_GOOD)
+    llm.enqueue("", reasoning=DEEPER)
+    llm.enqueue(GOOD_REPLY)
+    proposal = openai_agent(llm).propose(make_ctx())
+    assert (proposal.attempts, proposal.source) == (2, AFTER_GOOD)
+    assert "only reasoning" in llm.requests[-1]["messages"][-1]["content"]
+
+
+def test_cut_off_while_reasoning_says_so(llm):
+    llm.enqueue("", finish_reason="length", reasoning="Let me think. " * 100)
+    llm.enqueue(GOOD_REPLY)
+    openai_agent(llm).propose(make_ctx())
+    assert "while reasoning" in llm.requests[1]["messages"][-1]["content"]
+
+
+def test_a_corrected_reply_without_description_keeps_the_one_given_before(llm):
+    llm.enqueue(BAD_REPLY)  # "Raise MATRIX_LR" and a SEARCH that matches nothing
+    llm.enqueue(GOOD_REPLY.split("\n", 2)[2])  # the blocks only
+    proposal = openai_agent(llm).propose(make_ctx())
+    assert (proposal.attempts, proposal.source) == (2, AFTER_GOOD)
+    assert proposal.description == "Raise MATRIX_LR"
+
+
+# ------------------------------------------------------------------------ the endpoint check
+
+
+def test_check_passes_on_the_models_list_without_a_completion(llm):
+    openai_agent(llm).check()
+    assert llm.requests == []  # GET /models only: no scripted reply consumed
+
+
+def test_check_picks_the_listed_model_when_none_is_given(llm):
+    agent = OpenAIAgent(model=None, base_url=llm.base_url, api_key=SECRET, max_retries=0)
+    agent.check()
+    assert agent.model == "fake-model"
+
+
+def test_check_asks_for_one_token_where_there_is_no_models_route():
+    with FakeLLM(list_models=False) as server:
+        server.enqueue("OK")
+        openai_agent(server).check()
+        assert server.requests[0]["max_tokens"] == 1 and server.pending() == 0
+
+
+def test_check_refused_connection_names_the_url_and_the_fix():
+    with FakeLLM() as server:
+        url = server.base_url  # closed once the block ends: nothing listens there
+    agent = OpenAIAgent(model="m", base_url=url, api_key=SECRET, max_retries=0, timeout=5)
+    with pytest.raises(EndpointError) as exc:
+        agent.check()
+    message = str(exc.value)
+    assert message.startswith(f"Cannot reach {url} (")
+    assert "check --base-url" in message and "\n" not in message
+    assert exc.value.exit_code == 2
+
+
+def test_check_unknown_model_gives_the_endpoints_words_and_its_models():
+    with FakeLLM(strict_model=True) as server:
+        agent = OpenAIAgent(model="gpt-nope", base_url=server.base_url, api_key=SECRET)
+        with pytest.raises(EndpointError) as exc:
+            agent.check()
+        assert server.pending() == 0
+    message = str(exc.value)
+    assert "does not serve model 'gpt-nope' (HTTP 404: The model `gpt-nope` does not exist.)" in (
+        message
+    )
+    assert "--model" in message and "it lists: fake-model" in message
+
+
+def test_check_rejected_key_names_the_variables_never_the_key():
+    with FakeLLM(api_key="sk-the-right-one") as server:
+        with pytest.raises(EndpointError) as exc:
+            openai_agent(server).check()
+    message = str(exc.value)
+    assert "rejected the API key (HTTP 401: Incorrect API key provided" in message
+    assert "OPENAI_API_KEY" in message and SECRET not in message
+
+
+def test_check_of_offline_agents_is_nothing(tmp_path):
+    check_endpoint(TunerAgent())  # no endpoint, nothing to check, nothing raised
+    (tmp_path / "01.txt").write_text(GOOD_REPLY)
+    check_endpoint(ReplayAgent(tmp_path))
 
 
 def test_non_json_response_is_an_agent_error(llm):
@@ -614,3 +734,10 @@ def test_preset_blocks_are_read_in_either_operand_order():
     assert set(find_knobs(source, "small")) == {"SMALL_DEPTH", "LR"}
     assert set(find_knobs(source, "big")) == {"DEPTH", "LR"}
     assert set(find_knobs(source)) == {"DEPTH", "SMALL_DEPTH", "LR"}
+
+
+def test_check_of_an_endpoint_that_is_not_the_api_names_the_base_url():
+    with FakeLLM(list_models=False) as server:
+        server.enqueue_raw(200, b"<html>a login page</html>")
+        with pytest.raises(EndpointError, match="not the OpenAI API.*check --base-url"):
+            openai_agent(server, max_retries=0).check()

@@ -235,18 +235,51 @@ def test_endpoint_outage_is_waited_out(ws: Path, env: dict, kind: str) -> None:
 
 
 def test_dead_endpoint_ends_the_session_cleanly(ws: Path, env: dict) -> None:
-    """Connection refused on every request: after AGENT_OUTAGE_RETRIES outages the session
-    ends with the reason, exit 1, the baseline recorded and the branch at the base."""
-    url = f"http://127.0.0.1:{closed_port()}/v1"
-    proc = tuned_cli(ws, *llm_args(url, 5), env=env)
+    """The endpoint dies after the session started (it passed the check before the baseline,
+    then drops every chat connection): after AGENT_OUTAGE_RETRIES outages the session ends
+    with the reason, exit 1, the baseline recorded and the branch at the base."""
+    with FakeLLM() as server:
+        server.drop_chat = True
+        proc = tuned_cli(ws, *llm_args(server.base_url, 5), env=env)
     assert proc.returncode == 1, proc.stderr + proc.stdout
-    assert proc.stderr.startswith("error: agent unavailable: Could not connect")
+    assert proc.stderr.startswith("error: agent unavailable:")
     assert proc.stdout.count("retrying in") == loop.AGENT_OUTAGE_RETRIES - 1
     assert "agent unavailable: Could not connect" in proc.stdout
     session = json.loads((run_dir(ws) / "session.json").read_text())
     assert session["end_reason"].startswith("agent unavailable: Could not connect")
     assert [r["status"] for r in assert_sound(ws, 1)] == ["keep"]
     assert "sk-test-secret" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("fault", ["refused", "model", "key"])
+def test_wrong_endpoint_model_or_key_stops_before_anything_runs(
+    ws: Path, env: dict, fault: str
+) -> None:
+    """Checked with one cheap request before the baseline: exit 2, one line with the
+    endpoint's words and the fix, nothing written or trained."""
+    head = git(ws, "rev-parse", "HEAD")
+    with FakeLLM(strict_model=True, api_key="sk-test-secret") as server:
+        url = server.base_url
+        if fault == "refused":
+            url = f"http://127.0.0.1:{closed_port()}/v1"
+        if fault == "key":
+            env = {**env, "OPENAI_API_KEY": "sk-wrong-key"}
+        args = llm_args(url, 3)
+        if fault == "model":
+            args[args.index("fake-model")] = "no-such-model"
+        proc = tuned_cli(ws, *args, env=env)
+        assert server.pending() == 0 and len(server.requests) <= 1  # at most the probe
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    said = {
+        "refused": ["Cannot reach", "check --base-url"],
+        "model": ["does not serve model 'no-such-model'", "does not exist", "--model"],
+        "key": ["rejected the API key (HTTP 401", "OPENAI_API_KEY"],
+    }[fault]
+    error = " ".join(proc.stderr.split())  # one message, wrapped to the terminal's width
+    assert error.startswith("error: ") and error.count("error:") == 1, error
+    assert all(words in error for words in said) and "Traceback" not in error, error
+    assert "sk-wrong-key" not in proc.stdout + proc.stderr
+    assert_nothing_written(ws, head)
 
 
 def test_unusable_replies_are_recorded_invalid_and_the_session_goes_on(ws: Path, env: dict) -> None:
@@ -679,7 +712,12 @@ def sealed_ws(tmp_path: Path) -> Path:
 @pytest.fixture
 def sealed_env(env: dict, stdlib_prepared: Path) -> dict[str, str]:
     sealed = {k: v for k, v in env.items() if k != "AUTORESEARCH_SEALED"}  # the default: on
-    return {**sealed, "AUTORESEARCH_CACHE": str(stdlib_prepared)}
+    # Far from the start-up limit: a busy machine's slow `import torch` is not what these test.
+    return {
+        **sealed,
+        "AUTORESEARCH_CACHE": str(stdlib_prepared),
+        "AUTORESEARCH_STARTUP_LIMIT": "600",
+    }
 
 
 def test_fake_summary_is_not_the_measurement(

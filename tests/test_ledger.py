@@ -21,7 +21,6 @@ from autoresearch.ledger import (
     Experiment,
     Ledger,
     LedgerError,
-    peak_memory_gb,
     tsv_row,
 )
 
@@ -269,12 +268,10 @@ def test_unknown_fields_from_a_newer_writer_are_kept_in_extra(ledger: Ledger) ->
     assert ledger.experiments()[0].extra == {"noise_sigma": 0.002}
 
 
-def test_tsv_row_and_memory_helpers() -> None:
+def test_tsv_row_of_an_unmeasured_discard() -> None:
     assert tsv_row(make(1, "discard", math.nan, memory_gb=math.inf)) == (
         "0123456\t0.000000\t0.0\tdiscard\texperiment 1"
     )
-    assert peak_memory_gb({"peak_vram_mb": 45060.2}) == pytest.approx(44.0041, abs=1e-4)
-    assert peak_memory_gb({}) == 0.0
 
 
 APPENDER = """

@@ -30,6 +30,7 @@ from prepare_helpers import (
 )
 
 import prepare
+from autoresearch.data import files, hub, tokenizer
 from prepare import PrepareError
 
 
@@ -43,7 +44,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
     monkeypatch.delenv("AUTORESEARCH_DATASET", raising=False)
-    monkeypatch.setattr(prepare, "DOWNLOAD_BACKOFF", 0.001)
+    monkeypatch.setattr(hub, "DOWNLOAD_BACKOFF", 0.001)
     return cache
 
 
@@ -209,7 +210,7 @@ def test_token_bytes_counts_utf8_bytes(active: Path) -> None:
 
 def test_trained_tokenizer_uses_gpt4_split_and_full_vocab_on_enough_text() -> None:
     texts = [paragraphs(seed, 30) for seed in range(40)]
-    tok = prepare.train_tokenizer(texts, vocab_size=300)
+    tok = tokenizer.train_tokenizer(prepare, texts, vocab_size=300)
     assert tok.vocab_size == 300 and tok.bos_id == 299
     assert tok.encoding._pat_str == prepare.SPLIT_PATTERN
     assert tok.decode(tok.encode(texts[0])) == texts[0]
@@ -263,9 +264,9 @@ def test_bpb_of_uniform_logits_is_log2_vocab_per_byte(
     assert model.training  # restored
 
     model.eval()
-    assert prepare.evaluate_bpb_split(model, 4, "val") == pytest.approx(bpb, rel=1e-9)
+    assert prepare.evaluate_bpb(model, 4, split="val") == pytest.approx(bpb, rel=1e-9)
     assert not model.training
-    test_bpb = prepare.evaluate_bpb_split(model, 4, "test")
+    test_bpb = prepare.evaluate_bpb(model, 4, split="test")
     assert math.isfinite(test_bpb) and test_bpb != bpb
 
 
@@ -408,10 +409,10 @@ def test_files_source_reads_every_kind_and_splits_by_file(tmp_path: Path, isolat
 
 def test_file_split_is_deterministic(tmp_path: Path) -> None:
     keys = [f"pkg{i}/mod{j}.py" for i in range(10) for j in range(10)]
-    split = prepare.split_by_hash(keys, 0.05, 0.05)
-    assert split == prepare.split_by_hash(reversed(keys), 0.05, 0.05)
+    split = files.split_by_hash(keys, 0.05, 0.05)
+    assert split == files.split_by_hash(reversed(keys), 0.05, 0.05)
     assert Counter(split.values()) == {"train": 90, "val": 5, "test": 5}
-    assert Counter(prepare.split_by_hash(keys[:3], 0.05, 0.05).values()) == {
+    assert Counter(files.split_by_hash(keys[:3], 0.05, 0.05).values()) == {
         "train": 1,
         "val": 1,
         "test": 1,
@@ -449,12 +450,12 @@ def test_include_and_val_include_globs(tmp_path: Path) -> None:
 
 def test_long_files_are_cut_at_paragraphs_and_pieces_stay_in_order(tmp_path: Path) -> None:
     text = paragraphs(1, 60)
-    pieces = prepare.cut_document(text, 500)
+    pieces = files.cut_document(text, 500)
     assert "".join(pieces) == text
     assert all(len(p) <= 500 for p in pieces)
     assert all(p.endswith("\n\n") for p in pieces[:-1])
-    assert prepare.cut_document("x" * 1000, 300) == ["x" * 300] * 3 + ["x" * 100]
-    assert prepare.cut_document("line\n" * 100, 103)[0] == "line\n" * 20
+    assert files.cut_document("x" * 1000, 300) == ["x" * 300] * 3 + ["x" * 100]
+    assert files.cut_document("line\n" * 100, 103)[0] == "line\n" * 20
 
     corpus = tmp_path / "corpus"
     write_text_corpus(corpus, 6, paragraphs_each=40)
@@ -800,22 +801,9 @@ def test_gzip_corrupt_parquet_is_unreadable(tmp_path: Path) -> None:
         prepare.run_prepare(f"files:{corpus}", log=quiet)
 
 
-@pytest.mark.slow
-def test_full_stdlib_prepare_is_fast(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
-    env["AUTORESEARCH_CACHE"] = str(tmp_path / "cache")
-    started = time.time()
-    result = subprocess.run(
-        [sys.executable, "-B", str(ROOT / "prepare.py"), "--source", "stdlib"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    elapsed = time.time() - started
-    assert result.returncode == 0, result.stderr
-    assert elapsed < 60
-    manifest = json.loads((tmp_path / "cache" / "stdlib" / "manifest.json").read_text())
+def test_full_stdlib_prepare_from_the_command_line(stdlib_prepared: Path) -> None:
+    """conftest's `python prepare.py --source stdlib` (once per test session): the full
+    vocabulary and more than 2**16 validation tokens."""
+    manifest = json.loads((stdlib_prepared / "stdlib" / "manifest.json").read_text())
     assert manifest["vocab_size"] == 8192
     assert manifest["splits"]["val"]["tokens"] > 2**16
