@@ -131,7 +131,6 @@ def test_readme_gives_the_cpu_torch_command_before_the_install() -> None:
     blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
     cpu = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
     first_install = next(i for i, b in enumerate(blocks) if "pip install -e ." in b)
-    assert any(cpu in b for b in blocks[:first_install])
     assert readme.index(cpu) < readme.index("pip install -e .")
     quick = blocks[first_install].strip()
     assert quick.startswith("python3 -m venv .venv && .venv/bin/pip install -e . && ")
