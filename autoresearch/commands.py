@@ -678,9 +678,11 @@ def show(*, workspace: Path | None, tag: str | None, exp_id: int) -> None:
     if runs:
         out.rule("runs")
         for number, r in enumerate(runs, start=1):
+            paired = r.get("partner_val_bpb")
+            against = f"  · the best, same seed: {paired:.6f}" if paired is not None else ""
             out.print(
                 f"run {number}  seed {r.get('seed', '—')}  val_bpb {r['val_bpb']:.6f}  "
-                f"({r.get('purpose', '')}; log {run_log_name(number)})"
+                f"({r.get('purpose', '')}; log {run_log_name(number)}){against}"
             )
     patch = exp_dir / "patch.diff"
     if patch.is_file():

@@ -159,15 +159,19 @@ class Decision:
 
 def decision_of(exp: Experiment) -> Decision:
     """The keep rule's numbers for `exp`, read from the record (fields `val_bpb`,
-    `best_before`, `threshold`, `extra.sigma`, `extra.runs`, `extra.incumbent_runs`,
-    `extra.reason`, `crash_class`), and a one-line reason."""
+    `best_before`, `threshold`, `extra.paired_sigma` or else `extra.sigma`, `extra.runs`,
+    `extra.incumbent_runs`, `extra.reason`, `crash_class`), and a one-line reason."""
     extra = exp.extra or {}
     runs = extra.get("runs")
     n = len(runs) if isinstance(runs, list) else 0
     inc = extra.get("incumbent_runs")
     m = len(inc) if isinstance(inc, list) else inc if isinstance(inc, int) else None
-    sigma = _number_or_none(extra.get("sigma"))
-    bar = _number_or_none(exp.threshold)
+    # The σ the rule used: a paired gain's spread where the record has one (a judged
+    # candidate), else the run-to-run σ of val_bpb (the baseline's calibration, older records).
+    key = "paired_sigma" if "paired_sigma" in extra and exp.best_before is not None else "sigma"
+    sigma = _number_or_none(extra.get(key))
+    judged = exp.status in ("keep", "discard") and exp.best_before is not None
+    bar = _number_or_none(exp.threshold) if judged else None  # no bar without a comparison
     gain = None
     if _number_or_none(exp.val_bpb) is not None and _number_or_none(exp.best_before) is not None:
         gain = exp.best_before - exp.val_bpb
@@ -230,15 +234,21 @@ def _reason(
 
 
 def measured_runs(run_dir: Path, exp: Experiment) -> list[dict]:
-    """Every training run measured for `exp`, in order: dicts with `val_bpb`, `seed` and
-    `purpose` (calibrate, candidate, repeat, remeasure), from measurements.jsonl."""
+    """Every training run measured for `exp`, in order: dicts with `val_bpb`, `seed`,
+    `purpose` (calibrate, candidate, repeat, remeasure) and, for a run paired with one of the
+    best's, `partner_val_bpb`; from measurements.jsonl."""
     from .noise import Measurements
 
-    return [
-        r
-        for r in Measurements(Path(run_dir)).rows()
-        if r.get("exp") == exp.id and (exp.commit is None or r.get("commit") == exp.commit)
-    ]
+    rows = Measurements(Path(run_dir)).rows()
+    runs = []
+    for r in rows:
+        if r.get("exp") != exp.id or (exp.commit is not None and r.get("commit") != exp.commit):
+            continue
+        partner = r.get("partner")  # the best's run of the same seed it was paired with
+        if isinstance(partner, int) and 0 <= partner < len(rows):
+            r = {**r, "partner_val_bpb": rows[partner].get("val_bpb")}
+        runs.append(r)
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -165,6 +165,11 @@ def test_a_first_session_from_a_subdirectory_and_what_it_says(
     (agent_line,) = [line for line in show2.stdout.splitlines() if line.startswith("agent ")]
     assert "None" not in agent_line  # e.g. no `rebased_from None`
     assert "why: kept: gain" in show2.stdout
+    # the candidate's run, and the best's run of the same seed it was paired with
+    seed = records(ws)[1]["extra"]["seeds"][0]
+    paired = f"run 1  seed {seed}  val_bpb {records(ws)[1]['extra']['runs'][0]:.6f}  (candidate"
+    assert paired in show2.stdout
+    assert f"the best, same seed: {first}" in show2.stdout
     assert "LR [bold]0.06[/bold]" in show2.stdout
 
 

@@ -454,3 +454,14 @@ def test_plot_has_every_experiment_and_the_discarded_lower_one_inside_the_axes()
     (best,) = [line for line in ax.get_lines() if line.get_label() == "running best"]
     assert best.get_drawstyle() == "steps-post"
     assert list(best.get_ydata()) == pytest.approx([1.002, 0.972, 0.972, 0.972, 0.972, 0.972])
+
+
+def test_the_sigma_shown_is_the_one_the_rule_used():
+    """A judged candidate's record holds the paired gain's σ the rule used beside the
+    run-to-run σ of val_bpb: the reason and the σ column give the former."""
+    e = judged(7, "discard", [0.968], 0.972, bar=0.02)
+    e.extra["paired_sigma"] = 0.009
+    page = report.render_html([JUDGED[0], e], TAG, b"", {})
+    row = re.search(r'<tr id="exp-7" .*?</tr>', page, re.S).group(0)
+    assert "σ 0.009000" in row and '<td class="num">0.009000</td>' in row
+    assert "σ 0.004000" not in row
