@@ -227,6 +227,11 @@ def run(
     resume: bool = typer.Option(
         False, "--resume", help="Continue the tag's session after any stop, kill -9 included."
     ),
+    unsandboxed: bool = typer.Option(
+        False,
+        "--unsandboxed",
+        help="Run candidate code without the box (bubblewrap) where it is missing; recorded.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only one line per experiment."),
     workspace: Path | None = WorkspaceOpt,
 ) -> None:
@@ -262,6 +267,7 @@ def run(
         resume=resume,
         overlap=overlap,
         warm_start=warm_start,
+        unsandboxed=unsandboxed,
         quiet=quiet,
     )
 

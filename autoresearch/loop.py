@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from statistics import fmean
 
-from . import evaluator, fingerprint, noise, runner
+from . import evaluator, fingerprint, noise, runner, sandbox
 from .agent import Agent, AgentExhausted, Context, HistoryEntry, InvalidProposal, Proposal
 from .display import Display
 from .edits import check_compiles
@@ -104,6 +104,8 @@ class SessionOptions:
     # val_bpb from the sealed evaluator on train.py's checkpoint, with the data fingerprinted
     # (the CLI's default); False trusts train.py's printed val_bpb, as upstream does
     sealed: bool = False
+    # run candidate code without the box (sandbox.py) even where it is available; recorded
+    unsandboxed: bool = False
 
     @property
     def hard_timeout(self) -> float:
@@ -254,6 +256,7 @@ class Session:
         self._warm: runner.WarmChild | None = warm  # the next run's interpreter, imports done
         self._warm_eval: runner.Prestarted | None = None  # the run in flight's evaluator, ready
         self._isolation = runner.Isolation((), "")
+        self._box: sandbox.Box | None = None  # the box candidate code runs in; None: unboxed
         self._sealed: dict = {}  # dataset and fingerprints, as recorded in session.json
         self._eval_notes: dict = {}  # what the sealed evaluation said about the last run
         self._fatal: fingerprint.FingerprintError | None = None  # stops after recording
@@ -332,10 +335,17 @@ class Session:
     def _sealing(self, session: dict | None) -> dict:
         """Probe network isolation; in a sealed session, fingerprint (or, on resume, check)
         what the metric depends on. Returns the fields for session.json."""
+        box = sandbox.probe()
+        self._box = sandbox.require(box, unsandboxed=self.opts.unsandboxed)
+        self.display.note(box.note if self._box else sandbox.UNSANDBOXED_NOTE)
         self._isolation = runner.network_isolation()
         if not self._isolation.prefix:
             self.display.note(self._isolation.note)
-        fields: dict = {"sealed": self.opts.sealed, "network_isolation": self._isolation.note}
+        fields: dict = {
+            "sealed": self.opts.sealed,
+            "network_isolation": self._isolation.note,
+            "sandbox": {**box.record(), "unsandboxed": self.opts.unsandboxed},
+        }
         if not self.opts.sealed:
             return fields
         session = session or {}
@@ -808,7 +818,7 @@ class Session:
             self.root,
             exp_dir / log_name,
             command=[
-                *self._isolation.prefix,
+                *(() if self._box else self._isolation.prefix),
                 *(self.opts.command or [sys.executable, TRAIN_FILE]),
             ],
             env=self._child_env(extra),
@@ -819,6 +829,7 @@ class Session:
             marker=marker,
             warm=warm,
             budget=self.opts.budget,
+            box=self._box,
         )
         self._train_wall += result.wall_seconds
         if not ahead and not self.cancel.is_set():
@@ -846,7 +857,7 @@ class Session:
         if not self.opts.warm_start or self.opts.command is not None:
             return
         env = self._child_env(compile_cache_env(os.environ))
-        self._warm = warm_child_for(self.root, env, self._isolation.prefix)
+        self._warm = warm_child_for(self.root, env, self._isolation.prefix, self._box)
 
     def _take_warm(self) -> runner.WarmChild | None:
         """The warm child, if it may run the train.py now in the workspace (it was started
@@ -1156,11 +1167,11 @@ class Session:
 
 
 def warm_child_for(
-    root: Path, env: Mapping[str, str], prefix: Sequence[str]
+    root: Path, env: Mapping[str, str], prefix: Sequence[str], box: sandbox.Box | None = None
 ) -> runner.WarmChild | None:
     """A WarmChild for the train.py in `root` (the default command), or None when it imports
     nothing worth preloading, writes the environment, or no process could be started (the run
-    then starts cold)."""
+    then starts cold). With `box`, it waits in a box of its own (for its run's `box=`)."""
     try:
         source = (root / TRAIN_FILE).read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -1169,7 +1180,8 @@ def warm_child_for(
     if not preload or not runner.warm_start_ok(source):
         return None
     try:
-        return runner.WarmChild(root, env, preload=preload, prefix=prefix)
+        cell = box.cell(root, dataset=sandbox.dataset_of(env)) if box is not None else None
+        return runner.WarmChild(root, env, preload=preload, prefix=prefix, cell=cell)
     except OSError:
         return None
 

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from . import sandbox
+
 KILL_GRACE_S = 5.0  # seconds between SIGTERM and SIGKILL: room for the child to flush and exit
 DRAIN_S = 2.0  # seconds to wait for the pipe to close once the child and its group are gone
 KILL_CONFIRM_S = 5.0  # seconds to wait until killed processes are really gone
@@ -830,6 +832,7 @@ class Prestarted:
         key: object = None,
     ) -> None:
         self.key = key
+        self.cell: sandbox.Cell | None = None  # the box it runs in, if any (WarmChild)
         self.workdir = Path(workdir)
         self.env = dict(env)  # as given: without the marker variable added below
         self.stands_for = list(stands_for if stands_for is not None else command)
@@ -888,6 +891,14 @@ class Prestarted:
         """End the child if it was not used: close its stdin (it exits), kill it if it lingers
         `grace` s, and anything it started (found by its marker)."""
         proc, self.proc = self.proc, None
+        cell, self.cell = self.cell, None
+        try:
+            self._end(proc, grace)
+        finally:
+            if cell is not None:
+                cell.close()
+
+    def _end(self, proc: subprocess.Popen[bytes] | None, grace: float) -> None:
         if proc is None:
             return
         try:
@@ -924,10 +935,19 @@ class WarmChild(Prestarted):
         *,
         preload: Sequence[str] = WARM_PRELOAD,
         prefix: Sequence[str] = (),
+        cell: sandbox.Cell | None = None,
     ) -> None:
+        if cell is not None:  # boxed: the run's box, made now (its files are staged at the go)
+            prefix, env = cell.prefix, cell.env(env)
         self.prefix = tuple(prefix)
         boot = [*prefix, sys.executable, "-c", _WARM_BOOT, json.dumps(list(preload))]
-        super().__init__(boot, workdir, env)
+        try:
+            super().__init__(boot, workdir, env)
+        except BaseException:
+            if cell is not None:
+                cell.close()
+            raise
+        self.cell = cell
 
     def go(self, script: str, env: Mapping[str, str]) -> subprocess.Popen[bytes] | None:
         """Run `script` with `env` (the whole environment)."""
@@ -1004,6 +1024,7 @@ def run_training(
     marker: str | None = None,
     warm: Prestarted | None = None,
     budget: Budget | None = None,
+    box: sandbox.Box | None = None,
 ) -> RunResult:
     """Run one training child in `workdir` and describe what happened.
 
@@ -1026,15 +1047,77 @@ def run_training(
 
     `budget`: the training time the run is held to (see Budget); a run past it is stopped or
     judged as Budget says, the crash class `over_budget`, with a line in its log saying why.
+
+    `box`: run the command in a box (sandbox.Cell): a warm child's own cell when it has one
+    (a warm child started without one is not used), else a new one for `workdir` and the
+    dataset `env` names. train.py and prepare.py are copied in at launch; the checkpoint the
+    run leaves in the box's private directory is moved to `env`'s AUTORESEARCH_CHECKPOINT; the
+    cell is removed when the run is over.
     """
     command = list(command) if command is not None else [sys.executable, "train.py"]
     if warm is not None:
         assert marker in (None, warm.marker), "a warm run keeps the warm child's marker"
-        if not warm.alive() or warm.workdir != Path(workdir):
+        unfit = (box is not None) != (warm.cell is not None)
+        if unfit or not warm.alive() or warm.workdir != Path(workdir):
             warm.discard()
             warm = None
         else:
             marker = warm.marker
+    if box is None:
+        return _run_training(
+            workdir,
+            log_path,
+            command,
+            env,
+            timeout,
+            stall_timeout,
+            on_step,
+            on_line,
+            cancel,
+            marker,
+            warm,
+            budget,
+        )
+    cell = warm.cell if warm is not None else box.cell(workdir, dataset=sandbox.dataset_of(env))
+    if warm is not None:
+        warm.cell = None  # the run owns it now
+    try:
+        cell.stage()
+        boxed = [*cell.prefix, *command]
+        result = _run_training(
+            workdir,
+            log_path,
+            boxed,
+            cell.env(env),
+            timeout,
+            stall_timeout,
+            on_step,
+            on_line,
+            cancel,
+            marker,
+            warm,
+            budget,
+        )
+        cell.take_checkpoint(env.get("AUTORESEARCH_CHECKPOINT"))
+        return result
+    finally:
+        cell.close()
+
+
+def _run_training(
+    workdir: Path,
+    log_path: Path,
+    command: list[str],
+    env: Mapping[str, str],
+    timeout: float,
+    stall_timeout: float | None,
+    on_step: Callable[[Step], None] | None,
+    on_line: Callable[[str], None] | None,
+    cancel: threading.Event | None,
+    marker: str | None,
+    warm: Prestarted | None,
+    budget: Budget | None,
+) -> RunResult:
     marker = marker or uuid.uuid4().hex
     log_path.parent.mkdir(parents=True, exist_ok=True)
     recent: deque[str] = deque(maxlen=RECENT_LINES)
