@@ -117,16 +117,19 @@ class SessionOptions:
 
     @property
     def budget(self) -> runner.Budget:
-        """What each run is held to. Sealed, train.py skips its own evaluation, so the clock
-        runs to the child's exit; unsealed, to its last step line. train.py (the default
-        command) must print step lines; another command may print none."""
+        """What each run is held to. On the cpu device, the run's CPU time from launch to exit
+        (runner.Budget's cpu clock); on a GPU, wall time: sealed, train.py skips its own
+        evaluation, so the clock runs to the child's exit; unsealed, to its last step line.
+        train.py (the default command) must print step lines; another command may print none."""
+        clock = "cpu" if self.device == "cpu" and runner.cpu_clock_available() else "wall"
         grace = self.budget_grace
         return runner.Budget(
             self.time_budget,
-            runner.budget_grace(self.time_budget) if grace is None else grace,
+            runner.budget_grace(self.time_budget, clock) if grace is None else grace,
             self.startup_seconds,
             until_exit=self.sealed,
             steps_required=self.command is None,
+            clock=clock,
         )
 
 

@@ -55,6 +55,8 @@ RECENT_LINES = 1000  # lines kept in memory to find the summary block and classi
 MAX_LINE_BYTES = 1 << 20  # a "line" longer than this is cut, so a child can't exhaust memory
 MAX_KEPT_LINE_CHARS = 4096  # characters of a line kept in memory (the log keeps everything)
 READ_CHUNK = 1 << 16  # bytes per read from the child's pipe
+CPU_POLL_S = 0.5  # seconds between looks at a run's CPU time (Budget's cpu clock)
+CPU_GRACE_S = 10.0  # CPU seconds a run may use besides TIME_BUDGET, at least (budget_grace)
 
 RUN_MARKER_VAR = "AUTORESEARCH_RUN_MARKER"  # set in the child's env to find its descendants
 HARNESS_PREFIX = "[autoresearch]"  # lines the harness adds to a run's log
@@ -94,17 +96,33 @@ class Step:
 
 @dataclass(frozen=True)
 class Budget:
-    """The training time a run is held to: `seconds` (TIME_BUDGET) plus `grace`.
+    """The training time a run is held to: `seconds` (TIME_BUDGET) plus `grace`, on one of two
+    clocks. The rule, for both: an honest train.py meets it on a loaded machine, and time spent
+    training before the first step line or after the budget is counted.
 
-    The harness's clock starts at the run's first step line (train.py prints it after step 0,
-    whose compile is not training time) and stops at the child's exit (`until_exit`, for a
-    sealed session, whose evaluator scores the checkpoint in a process of its own) or else at
-    its last step line (train.py's own evaluation follows it). What comes before the first step
-    line is not counted, so it may take at most `startup` seconds from launch (imports, data,
-    the model, step 0's compile): a first step line later than that makes the run
-    `over_budget`, stopped when the line comes; else a run could train there unseen. With
-    `steps_required` (train.py's contract: it prints step lines) a run with no step line by
-    then is stopped there too; without it (another command), a run that prints no step line is
+    `clock="cpu"` (a run on the CPU): everything is counted in CPU seconds (user + system, all
+    threads) of the run's processes, from launch (a warm child's go: the imports done before it
+    are the harness's, measured and left out) to the exit, start-up included; train.py counts
+    its own TIME_BUDGET on the same clock (`time.process_time`). A loaded machine stretches
+    wall time, not CPU time, so load neither makes an honest run late nor gives one more
+    steps; and training before the first step line or after the last is training on this
+    clock like any other. `grace` (`budget_grace`) is what start-up (imports, data, the model),
+    the checkpoint and the exit take in CPU seconds: the most a cheat can gain. A run past
+    seconds + grace is stopped there (sampled every CPU_POLL_S) or judged at its exit.
+
+    `clock="wall"` (a GPU, whose work the host's CPU time does not measure): the clock starts
+    at the run's first step line (train.py prints it after step 0, whose compile is not
+    training time) and stops at the child's exit (`until_exit`, for a sealed session, whose
+    evaluator scores the checkpoint in a process of its own) or else at its last step line
+    (train.py's own evaluation follows it). What comes before the first step line is not
+    counted, so it may take at most `startup` seconds from launch (imports, data, the model,
+    step 0's compile): a first step line later than that makes the run `over_budget`, stopped
+    when the line comes; else a run could train there unseen. A GPU host runs one session at
+    a time, so its load is the session's own.
+
+    On either clock, with `steps_required` (train.py's contract: it prints step lines) a run
+    that exits without a step line does not count, and on the wall clock one with none by
+    `startup` is stopped; without it (another command), a run that prints no step line is
     timed from launch, with `startup` more allowed. A run past the limit is `over_budget`,
     whatever it measured: stopped when it gets there (sealed), or when a step line comes past
     it (unsealed), else judged when it exits.
@@ -115,26 +133,30 @@ class Budget:
     startup: float
     until_exit: bool = True
     steps_required: bool = False
+    clock: str = "wall"  # "wall" or "cpu"
 
     def _clock(self, launched: float, first_step: float | None) -> tuple[float, str, float]:
         """(when the clock started, what started it, the seconds allowed from then)."""
         limit = self.seconds + self.grace
+        if self.clock == "cpu":
+            return launched, "launch", limit
         if first_step is None:
             return launched, "launch", self.startup if self.steps_required else limit + self.startup
         return first_step, "its first step line", limit
 
     def _slow_start(self, launched: float, first_step: float | None, exited: bool) -> str | None:
         """What the run did wrong before its first step line, None if nothing: the line came
-        past `startup`; or, steps required, none came before the deadline or the exit."""
+        past `startup` (wall clock); or, steps required, none came before the deadline or the
+        exit."""
         if first_step is not None:
-            if first_step - launched <= self.startup:
+            if self.clock == "cpu" or first_step - launched <= self.startup:
                 return None
             return (
                 f"its first step line came {first_step - launched:.1f} s after launch, past the "
                 f"{self.startup:g} s allowed for start-up (imports, data, compile), which is not "
                 "counted as training"
             )
-        if not self.steps_required:
+        if not self.steps_required or (self.clock == "cpu" and not exited):
             return None
         missing = (
             "it exited without a step line"
@@ -145,9 +167,18 @@ class Budget:
         return f"{missing}; the clock starts at the first step line, so train.py must print them"
 
     def deadline(
-        self, launched: float, first_step: float | None, last_step: float | None
+        self,
+        launched: float,
+        first_step: float | None,
+        last_step: float | None,
+        cpu: float | None = None,
     ) -> float | None:
-        """When to stop a run still going (monotonic), or None: not before it exits."""
+        """When to stop a run still going (monotonic), or None: not before it exits. `cpu`:
+        the CPU seconds the run has used so far (the cpu clock)."""
+        if self.clock == "cpu":
+            if cpu is not None and cpu > self.seconds + self.grace:
+                return launched  # over: at once
+            return time.monotonic() + CPU_POLL_S  # look again then
         if first_step is not None and self._slow_start(launched, first_step, False) is not None:
             return first_step  # too late: at once
         start, _, limit = self._clock(launched, first_step)
@@ -157,25 +188,44 @@ class Budget:
             return last_step  # a step line past the limit: it is still training
         return None
 
-    def stopped(self, launched: float, first_step: float | None) -> str:
+    def stopped(self, launched: float, first_step: float | None, cpu: float | None = None) -> str:
         """The log line for a run stopped at its deadline."""
         slow = self._slow_start(launched, first_step, exited=False)
         if slow is not None:
             return f"over budget: {slow}; killed, the result does not count"
         _, since, limit = self._clock(launched, first_step)
+        if self.clock == "cpu":
+            return (
+                f"over budget: {cpu or 0.0:.1f} CPU s since launch, past the {limit:g} s allowed "
+                f"(TIME_BUDGET {self.seconds:g} s + {self.grace:g} s, all processes of the run, "
+                "start-up included); killed, the result does not count"
+            )
         return (
             f"over budget: still running {limit:g} s after {since} (TIME_BUDGET "
             f"{self.seconds:g} s + {limit - self.seconds:g} s); killed, the result does not count"
         )
 
     def overrun(
-        self, launched: float, first_step: float | None, last_step: float | None, exited: float
+        self,
+        launched: float,
+        first_step: float | None,
+        last_step: float | None,
+        exited: float,
+        cpu: float | None = None,
     ) -> str | None:
         """The log line for a run that exited past its limit; None when within it."""
         slow = self._slow_start(launched, first_step, exited=True)
         if slow is not None:
             return f"over budget: {slow}; the result does not count"
         start, since, limit = self._clock(launched, first_step)
+        if self.clock == "cpu":
+            if cpu is None or cpu <= limit:
+                return None
+            return (
+                f"over budget: {cpu:.1f} CPU s from launch to its exit, past the {limit:g} s "
+                f"allowed (TIME_BUDGET {self.seconds:g} s + {self.grace:g} s, all processes of "
+                "the run, start-up included); the result does not count"
+            )
         if self.until_exit or last_step is None:
             end, until = exited, "its exit"
         else:
@@ -189,10 +239,20 @@ class Budget:
         )
 
 
-def budget_grace(seconds: float) -> float:
-    """What a run may take past TIME_BUDGET between its first step line and its exit: the
-    untimed steps after the first, saving the checkpoint, the interpreter's exit."""
+def budget_grace(seconds: float, clock: str = "wall") -> float:
+    """What a run may take past TIME_BUDGET. Wall clock, between its first step line and its
+    exit: the untimed steps after the first, saving the checkpoint, the interpreter's exit.
+    CPU clock, from launch to exit: that plus start-up (importing torch took 2.2-2.7 CPU s on
+    a loaded 2-core machine, a cold run's whole start-up about twice that): CPU_GRACE_S, or
+    10 % of a long budget."""
+    if clock == "cpu":
+        return max(CPU_GRACE_S, 0.1 * seconds)
     return max(30.0, 0.1 * seconds)
+
+
+def cpu_clock_available() -> bool:
+    """Whether the CPU time of a run's processes can be read here (Linux /proc)."""
+    return (_PROC / "self" / "task").is_dir()
 
 
 @dataclass
@@ -481,6 +541,35 @@ def _proc_state(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[2])
 
 
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc's time unit
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) used so far by `pid` and its descendants:
+    each live (or not yet reaped) process's own time plus that of the children it reaped.
+    A boxed run's init reaps every process of the box, so at the exit of the box's outer
+    process its own figures hold the whole run. 0.0 without /proc."""
+    ticks, pending, seen = 0, [pid], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            stat = (_PROC / str(current) / "stat").read_text()
+            tasks = list((_PROC / str(current) / "task").iterdir())
+        except OSError:  # gone
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+        for task in tasks:
+            try:
+                pending += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return ticks / _TICKS
+
+
 def _has_marker(pid: int, marker: bytes) -> bool:
     try:
         return marker in (_PROC / str(pid) / "environ").read_bytes().split(b"\0")
@@ -682,8 +771,23 @@ class _Run:
         self.exited = False
         self.eof = False
         self.exited_at: float | None = None
+        self.reaped_cpu = 0.0  # CPU s of the child and the children it reaped (wait4)
         self.kill_reason: str | None = None
         self.leftovers = 0
+
+    def _reap(self) -> None:
+        """Reap the child, keeping its resource usage (what it and the children it waited for
+        used: a box's whole run, its main process being the box's pid 1)."""
+        if self.proc.returncode is not None or not hasattr(os, "wait4"):
+            self.proc.wait()
+            return
+        try:
+            _, status, usage = os.wait4(self.proc.pid, 0)
+        except ChildProcessError:  # reaped elsewhere
+            self.proc.wait()
+            return
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.reaped_cpu = usage.ru_utime + usage.ru_stime
 
     def next_event(self, timeout: float) -> object | None:
         try:
@@ -710,7 +814,7 @@ class _Run:
             _signal_group(self.proc.pid, signal.SIGKILL)
             self.waiter.join(KILL_CONFIRM_S)
         self.kill_leftovers()
-        self.proc.wait()
+        self._reap()
         if not self.eof:
             self.reader.stop()
         self.reader.join(DRAIN_S)
@@ -1166,6 +1270,15 @@ def _run_training(
             proc.wait()
             proc.stdout.close()  # type: ignore[union-attr]
             raise
+        # the cpu clock starts at the go: what a warm child used before it is its imports
+        cpu_before = tree_cpu(proc.pid) if budget is not None and budget.clock == "cpu" else 0.0
+        cpu_seen = 0.0  # the most seen while it ran: counts processes no one reaps too
+
+        def cpu_used() -> float:
+            nonlocal cpu_seen
+            cpu_seen = max(cpu_seen, tree_cpu(proc.pid) - cpu_before)
+            return cpu_seen
+
         try:
             _watch(
                 run,
@@ -1176,19 +1289,25 @@ def _run_training(
                 on_line=handle_line,
                 deadline=None
                 if budget is None
-                else lambda: budget.deadline(started, first_step_at, last_step_at),
+                else lambda: budget.deadline(
+                    started,
+                    first_step_at,
+                    last_step_at,
+                    cpu_used() if budget.clock == "cpu" else None,
+                ),
             )
         finally:
             run.finish()
+        cpu = max(cpu_seen, run.reaped_cpu - cpu_before)
         exited = run.exited_at or time.monotonic()
         wall = exited - started
         text = "\n".join(recent)
         footer = _footer(run, timeout=timeout, stall_timeout=stall_timeout, wall=wall)
         overrun = None
         if budget is not None and run.kill_reason == "over_budget":
-            overrun = budget.stopped(started, first_step_at)
+            overrun = budget.stopped(started, first_step_at, cpu)
         elif budget is not None and run.kill_reason is None and proc.returncode == 0:
-            overrun = budget.overrun(started, first_step_at, last_step_at, exited)
+            overrun = budget.overrun(started, first_step_at, last_step_at, exited, cpu)
         if overrun is not None:
             footer.append(f"{HARNESS_PREFIX} {overrun}")
         if footer and run.reader.log_error is None:

@@ -171,7 +171,10 @@ class Cell:
 def _command(
     workdir: Path, cell: Cell, dataset: Path | None, files: tuple[Path, ...], writable: bool
 ) -> list[str]:
-    args = [BWRAP, *NAMESPACES, "--die-with-parent", "--proc", "/proc", "--dev", "/dev"]
+    # --as-pid-1: the command is the box's init, so bwrap waits for it (its CPU time reaches
+    # the harness through wait4) and its exit ends every other process in the box
+    args = [BWRAP, *NAMESPACES, "--as-pid-1", "--die-with-parent"]
+    args += ["--proc", "/proc", "--dev", "/dev"]
     args += ["--tmpfs", BOX_TMP]
     for path in SYSTEM_DIRS:
         if os.path.islink(path):
