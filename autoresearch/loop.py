@@ -905,6 +905,7 @@ class Session:
                 fingerprints=self._sealed["fingerprints"],
                 dataset=Path(self._sealed["dataset"]),
                 prefix=self._isolation.prefix,
+                boxed=self._box is not None,
             )
         if self._warm_eval is not None:  # its own marker: a resume kills it too
             state = self.ledger.read_state() or {}
@@ -976,6 +977,7 @@ class Session:
             cancel=self.cancel,
             marker=self._run_marker,
             warm=warm,
+            boxed=self._box is not None,
         )
         result, self._eval_notes = evaluator.sealed_outcome(result, ev)
         if not self._data_unchanged(f"after experiment {exp_id:04d} was evaluated"):

@@ -15,9 +15,15 @@ Guarantees of `run_training`:
   propagates);
 - a crashed run is data: `RunResult.crash_class` says what kind of crash, never an exception.
 
-What it does not do: sandbox the child (it runs with the user's rights; `network_isolation`
-only takes its network away where the OS allows), limit its memory, or decide whether a result
-is good.
+- with `box` (sandbox.py), the child runs in a bubblewrap box of its own, made fresh for the
+  run: it sees the train split and copies of train.py and prepare.py, writes only a private
+  directory (the checkpoint is moved out of it), and every process it started ends with it;
+- with `budget` (Budget), the run is held to its training time: its CPU time on the cpu
+  device, wall time on a GPU.
+
+What it does not do: box the child when no `box` is given (it then runs with the user's rights;
+`network_isolation` only takes its network away where the OS allows), limit its memory, or
+decide whether a result is good.
 """
 
 from __future__ import annotations
@@ -56,7 +62,11 @@ MAX_LINE_BYTES = 1 << 20  # a "line" longer than this is cut, so a child can't e
 MAX_KEPT_LINE_CHARS = 4096  # characters of a line kept in memory (the log keeps everything)
 READ_CHUNK = 1 << 16  # bytes per read from the child's pipe
 CPU_POLL_S = 0.5  # seconds between looks at a run's CPU time (Budget's cpu clock)
-CPU_GRACE_S = 10.0  # CPU seconds a run may use besides TIME_BUDGET, at least (budget_grace)
+# CPU seconds a run may use besides TIME_BUDGET, at least (budget_grace): a cold start-up
+# (2.2-2.5 CPU s to import torch, numpy, tiktoken; about 1 more for the data and the model),
+# the last step, which ends past the budget (a cpu-preset step took 5-6 CPU s on a loaded
+# 2-core machine), and the checkpoint
+CPU_GRACE_S = 15.0
 
 RUN_MARKER_VAR = "AUTORESEARCH_RUN_MARKER"  # set in the child's env to find its descendants
 HARNESS_PREFIX = "[autoresearch]"  # lines the harness adds to a run's log
@@ -242,9 +252,8 @@ class Budget:
 def budget_grace(seconds: float, clock: str = "wall") -> float:
     """What a run may take past TIME_BUDGET. Wall clock, between its first step line and its
     exit: the untimed steps after the first, saving the checkpoint, the interpreter's exit.
-    CPU clock, from launch to exit: that plus start-up (importing torch took 2.2-2.7 CPU s on
-    a loaded 2-core machine, a cold run's whole start-up about twice that): CPU_GRACE_S, or
-    10 % of a long budget."""
+    CPU clock, from launch to exit: start-up, the last step's overrun and the checkpoint
+    (CPU_GRACE_S), or 10 % of a long budget."""
     if clock == "cpu":
         return max(CPU_GRACE_S, 0.1 * seconds)
     return max(30.0, 0.1 * seconds)

@@ -116,18 +116,20 @@ class Cell:
         self.root = Path(tempfile.mkdtemp(prefix="autoresearch-box-"))
         self.code = self.root / "code"
         self.out = self.root / "out"
-        self.code.mkdir()
-        self.out.mkdir()
+        self.inbox = self.root / "in"  # read-only in the box: what the harness hands in
+        for folder in (self.code, self.out, self.inbox):
+            folder.mkdir()
         # the files exist before the box is made (a warm child's box is made before the run's
         # train.py is known) and are rewritten in place, so the bound inode stays the same
         for name in ("train.py", "prepare.py"):
             (self.code / name).touch()
         self.prefix = tuple(_command(workdir, self, dataset, files, writable))
 
-    def stage(self) -> None:
-        """Copy the workspace's train.py and prepare.py in (in place: see __init__)."""
+    def stage(self, train: Path | None = None) -> None:
+        """Copy the workspace's train.py (or `train`) and prepare.py in (in place: see
+        __init__)."""
         for name in ("train.py", "prepare.py"):
-            source = self.workdir / name
+            source = train if name == "train.py" and train is not None else self.workdir / name
             data = source.read_bytes() if source.is_file() else b""
             with open(self.code / name, "r+b") as f:
                 f.truncate(0)
@@ -196,6 +198,7 @@ def _command(
             args += ["--ro-bind", str(path), str(path)]
     for path in files:
         args += ["--ro-bind", str(path), str(path)]
+    args += ["--ro-bind", str(cell.inbox), str(cell.inbox)]
     if writable:
         args += ["--bind", str(cell.out), str(cell.out)]
     return [*args, "--chdir", str(workdir), "--"]

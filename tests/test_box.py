@@ -156,3 +156,86 @@ def test_unsandboxed_is_recorded(cache: Path, tmp_path: Path) -> None:
     recorded = json.loads((ws / "runs" / TAG / "session.json").read_text())["sandbox"]
     assert recorded["unsandboxed"] is True
     assert sys.platform != "linux" or recorded["boxed"] is True  # available, not used
+
+
+@pytest.mark.slow
+def test_attacks_from_evaluation_are_unable(cache: Path, tmp_path: Path) -> None:
+    """The candidate's load_model and forward run in a boxed model process of their own: the
+    validation file is not there, nor the evaluator's code or frames; an operator it
+    overrides is overridden there only, so the metric, computed in the trusted process, is
+    the honest one."""
+    from test_sealed import _checkpoint, _evaluate
+
+    ws = make_workspace(tmp_path / "ws", STUB)
+    dataset = active_dataset()
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    val = dataset / manifest["splits"]["val"]["shards"][0]["file"]
+    site_dir = Path(sandbox.python_dirs()[0])
+    attacks = {
+        "read val": f"lambda: open({str(val)!r}, 'rb').read()",
+        "plant a .pth": f"lambda: open({str(site_dir / 'zz_evil.pth')!r}, 'w').write('x')",
+        "call the evaluator": "lambda: __import__('autoresearch.evaluator')",
+        "override an operator": "override",
+    }
+    calls = "".join(f"    attempt({name!r}, {action})\n" for name, action in attacks.items())
+    helpers = (
+        "def attempt(name, action):\n"
+        "    try:\n"
+        "        action()\n"
+        "        print('DONE', name, flush=True)\n"
+        "    except Exception as error:\n"
+        "        print('BLOCKED', name + ':', type(error).__name__, error, flush=True)\n\n\n"
+        "LIBRARY = []\n\n\n"
+        "def override():  # every log_softmax on the CPU returns 0: a loss of 0\n"
+        "    LIBRARY.append(torch.library.Library('aten', 'IMPL'))\n"
+        "    LIBRARY[0].impl('_log_softmax', lambda x, dim, half: torch.zeros_like(x), 'CPU')\n\n\n"
+        "def walk():  # look for the metric's running sums in the frames above\n"
+        "    import sys\n"
+        "    frame = sys._getframe()\n"
+        "    while frame is not None:\n"
+        "        if 'total_nats' in frame.f_locals:\n"
+        "            frame.f_locals['total_nats'].zero_()\n"
+        "            print('DONE frame walk', flush=True)\n"
+        "            return\n"
+        "        frame = frame.f_back\n"
+        "    print('BLOCKED frame walk: no frame of the metric', flush=True)\n\n\n"
+    )
+    cheat = edit(
+        STUB,
+        ("class Bigram(nn.Module):\n", helpers + "class Bigram(nn.Module):\n"),
+        (
+            "        return self.out(self.emb(x))\n",
+            "        walk()\n        return self.out(self.emb(x))\n",
+        ),
+        ("    return model\n", calls + "    return model\n"),
+    )
+    (tmp_path / "honest").mkdir()
+    honest = _evaluate(ws, *_checkpoint(ws, STUB, tmp_path / "honest"), tmp_path / "honest")
+    result = _evaluate(ws, *_checkpoint(ws, cheat, tmp_path), tmp_path)
+    assert honest.status == "ok" and result.status == "ok", result
+    assert result.val_bpb == pytest.approx(honest.val_bpb)
+    log = result.log_path.read_text()
+    for name in ("read val", "plant a .pth", "call the evaluator", "frame walk"):
+        assert f"BLOCKED {name}" in log, log
+    assert "DONE override an operator" in log  # it ran, in its own process only
+    assert not (site_dir / "zz_evil.pth").exists()
+
+
+def test_a_missing_box_stops_the_session_unless_unsandboxed(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where bubblewrap or user namespaces are missing (the probe's answer is the one fake
+    here), a session stops before anything is written, saying what to install and that
+    --unsandboxed runs without the box; with --unsandboxed it runs and says so in
+    session.json."""
+    ws = make_workspace(tmp_path / "ws", STUB)
+    missing = sandbox.Box(False, "no box: `bwrap` not found (install the bubblewrap package)")
+    monkeypatch.setattr(sandbox, "probe", lambda: missing)
+    with pytest.raises(sandbox.SandboxError) as stopped:
+        session(ws, Scripted([])).run()
+    assert "apt-get install bubblewrap" in str(stopped.value)
+    assert "--unsandboxed" in str(stopped.value)
+    assert not (ws / "runs" / TAG / "experiments.jsonl").exists()
+    session(ws, Scripted([]), unsandboxed=True, resume=False).run()
+    recorded = json.loads((ws / "runs" / TAG / "session.json").read_text())["sandbox"]
+    assert recorded == {**missing.record(), "unsandboxed": True}

@@ -712,7 +712,8 @@ def test_sigkill_while_evaluating_then_resume(
     sealed_ws: Path, sealed_env: dict, tmp_path: Path
 ) -> None:
     """Killed while the sealed evaluator measures the candidate (its load_model waits while a
-    file exists): --resume trains and evaluates the candidate again and records it once."""
+    file exists): --resume trains and evaluates the candidate again and records it once.
+    Unsandboxed, so that the model process can see the file outside its box."""
     hold = tmp_path / "hold"
     hold.mkdir()
     (hold / "hold").touch()
@@ -727,7 +728,7 @@ def test_sigkill_while_evaluating_then_resume(
     patches = write_patches(
         tmp_path, reply("a slow load_model", ('def load_model(path, device="cpu"):', waiting))
     )
-    args = replay_args(patches, 2, "--max-repeats", "1")
+    args = replay_args(patches, 2, "--max-repeats", "1", "--unsandboxed")
     proc = start(sealed_ws, *args, env=sealed_env)
     try:
         wait_for(lambda: (hold / "evaluating").exists(), timeout=300)

@@ -380,9 +380,8 @@ def test_an_evaluator_started_ahead_exits_when_let_go(cache: Path, ws: Path) -> 
     [
         (PEEK_AHEAD, "looks ahead"),
         (MIX_ROWS, "mixes rows"),
-        (PATCH_AT_IMPORT, "prepare.evaluate_bpb"),
     ],
-    ids=["peek-ahead", "mix-rows", "patch-evaluate_bpb"],
+    ids=["peek-ahead", "mix-rows"],
 )
 def test_cheating_models_are_rejected(
     cache: Path, ws: Path, tmp_path: Path, change: tuple[str, str], words: str, ahead: bool
@@ -395,8 +394,12 @@ def test_cheating_models_are_rejected(
 
 
 def test_forged_result_line_and_tensor_subclass(cache: Path, ws: Path, tmp_path: Path) -> None:
-    """train.py prints a result line at import and exits; or returns a tensor subclass that
-    rewrites the loss. Neither yields a number."""
+    """train.py prints a result line at import and exits: no number. It returns a tensor
+    subclass that would rewrite the loss, or replaces prepare.evaluate_bpb at import: no effect,
+    since only plain float32 logits leave its model process and the metric is computed in
+    another one: the honest number."""
+    honest = _evaluate(ws, *_checkpoint(ws, STUB, tmp_path), tmp_path)
+    assert honest.status == "ok", honest
     forged = edit(
         STUB,
         (
@@ -409,7 +412,8 @@ def test_forged_result_line_and_tensor_subclass(cache: Path, ws: Path, tmp_path:
     train, checkpoint = _checkpoint(ws, forged.replace("os._exit(0)\n", ""), tmp_path)
     train.write_text(forged)
     result = _evaluate(ws, train, checkpoint, tmp_path)
-    assert result.status == "error" and "without a result" in result.reason
+    assert result.status == "error" and "ended without an answer" in result.reason
+    assert result.val_bpb is None
 
     subclass = edit(
         STUB,
@@ -428,9 +432,10 @@ def test_forged_result_line_and_tensor_subclass(cache: Path, ws: Path, tmp_path:
             "class Bigram(nn.Module):\n",
         ),
     )
-    train, checkpoint = _checkpoint(ws, subclass, tmp_path)
-    result = _evaluate(ws, train, checkpoint, tmp_path)
-    assert result.status == "rejected" and "not a plain torch.Tensor" in result.reason
+    for cheat in (subclass, edit(STUB, PATCH_AT_IMPORT)):
+        train, checkpoint = _checkpoint(ws, cheat, tmp_path)
+        result = _evaluate(ws, train, checkpoint, tmp_path)
+        assert result.status == "ok" and result.val_bpb == pytest.approx(honest.val_bpb), result
 
 
 def test_missing_or_unloadable_checkpoint(cache: Path, ws: Path, tmp_path: Path) -> None:
@@ -471,10 +476,7 @@ def test_exploits_in_a_session_do_not_pay(private_cache: Path, ws: Path) -> None
         ("new seed", lambda s: edit(s, SEED_ONLY)),
         ("easier validation data", lambda s: edit(s, WRITE_VAL)),
     ]
-    with pytest.raises(FingerprintError) as stopped:
-        session(ws, Scripted(steps)).run()
-    assert "val.bin changed since the session started" in str(stopped.value)
-    assert "autoresearch prepare --force" in str(stopped.value)
+    session(ws, Scripted(steps)).run()  # boxed: the validation data are not there to write
 
     recs = {r["description"]: r for r in records(ws)}
     base, best = recs["baseline"], recs["more steps"]
@@ -486,8 +488,9 @@ def test_exploits_in_a_session_do_not_pay(private_cache: Path, ws: Path) -> None
     assert skipped["metrics"]["reported_val_bpb"] == 0.1
     assert "the sealed evaluator measured" in skipped["extra"]["reported_disagrees"]
 
-    wrapped = recs["wrap evaluate_bpb at import"]
-    assert wrapped["status"] == "rejected" and "prepare.evaluate_bpb" in wrapped["extra"]["reason"]
+    wrapped = recs["wrap evaluate_bpb at import"]  # no effect: the metric is computed elsewhere
+    assert wrapped["status"] == "discard" and wrapped["val_bpb"] == pytest.approx(best["val_bpb"])
+    assert wrapped["metrics"]["reported_val_bpb"] == 0.1
     own = recs["own evaluate_bpb in main"]
     assert own["status"] == "discard" and own["val_bpb"] == pytest.approx(best["val_bpb"])
     assert own["metrics"]["reported_val_bpb"] == 0.1
@@ -499,7 +502,11 @@ def test_exploits_in_a_session_do_not_pay(private_cache: Path, ws: Path) -> None
     seed = recs["new seed"]
     assert seed["status"] == "invalid" and "only the random seed" in seed["extra"]["reason"]
     val = recs["easier validation data"]
-    assert val["status"] == "rejected" and "val.bin" in val["extra"]["reason"]
+    assert (val["status"], val["crash_class"]) == ("crash", "other")
+    assert (
+        "No such file or directory" in val["extra"]["log_tail"]
+        and "val" in val["extra"]["log_tail"]
+    )
 
     # results.tsv keeps upstream's statuses; the branch is at the best; checkpoints are kept
     # for the baseline and the best only.
