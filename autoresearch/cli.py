@@ -166,7 +166,7 @@ def run(
         None,
         "--timeout",
         min=1.0,
-        help="Hard limit per run in seconds (default: 2 x TIME_BUDGET + 120).",
+        help="Hard limit per run in seconds (default: 2 x TIME_BUDGET + 120; 10 x on the cpu device).",
     ),
     stall_timeout: float | None = typer.Option(
         None,

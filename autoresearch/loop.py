@@ -48,6 +48,9 @@ BRANCH_PREFIX = "autoresearch/"
 # seconds a run may take from launch to its first step line (imports, data, compile), unless
 # set (SessionOptions.startup_limit)
 STARTUP_LIMIT_S = 120.0
+# on the cpu device the hard timeout is this many times TIME_BUDGET (plus the start-up limit):
+# the budget is CPU time there, and a run got 1/7 of the cores it asked for on a loaded machine
+HARD_TIMEOUT_CPU_FACTOR = 10
 CRASH_TAIL_LINES = 50
 AGENT_OUTAGE_RETRIES = (
     5  # consecutive endpoint failures (after the client's own retries) before stopping
@@ -79,7 +82,7 @@ class SessionOptions:
     max_hours: float | None = None
     max_cost: float | None = None  # USD of agent tokens
     prices: dict = field(default_factory=dict)  # overrides of pricing.PRICES
-    timeout: float | None = None  # hard limit per run; None = 2 x time_budget + startup_limit
+    timeout: float | None = None  # hard limit per run; None: see hard_timeout
     # seconds a run may take past time_budget from its first step line to its exit (runner.Budget);
     # None = runner.budget_grace(time_budget)
     budget_grace: float | None = None
@@ -109,7 +112,10 @@ class SessionOptions:
 
     @property
     def hard_timeout(self) -> float:
-        return self.timeout or 2 * self.time_budget + self.startup_seconds
+        """Wall seconds after which a run is killed whatever it does. On the cpu device the
+        budget is CPU time, which a loaded machine spreads over more wall time: room for that."""
+        factor = HARD_TIMEOUT_CPU_FACTOR if self.device == "cpu" else 2
+        return self.timeout or factor * self.time_budget + self.startup_seconds
 
     @property
     def startup_seconds(self) -> float:
