@@ -421,8 +421,14 @@ def evaluate_bpb(
     device: str | torch.device = "cpu",
     *,
     split: str = "val",
+    tokens: np.ndarray | None = None,
+    token_bytes: torch.Tensor | None = None,
 ) -> float:
     """Bits per byte of `model` on the first EVAL_TOKENS target tokens of a split.
+
+    The data come from the active dataset (`split`), or as arguments: `tokens`, the split's
+    whole uint16 token stream, and `token_bytes`, the byte length of every token id (what the
+    sealed evaluator passes: the bytes it checked, so nothing is read from disk here).
 
     The split's token stream is cut into contiguous rows of MAX_SEQ_LEN + 1 tokens that overlap
     by one (row i starts at token i * MAX_SEQ_LEN), so every scored target appears exactly once;
@@ -432,9 +438,9 @@ def evaluate_bpb(
     bpb = total nats / (ln 2 * total UTF-8 bytes of the targets).  Runs under torch.no_grad with
     model.eval(), and restores the model's training mode afterwards.
     """
-    dataset = active_dataset_dir()
-    entry = _split_entry(dataset, split)
-    tokens = _tokens(dataset / entry["shards"][0]["file"])
+    if tokens is None:
+        dataset = active_dataset_dir()
+        tokens = _tokens(dataset / _split_entry(dataset, split)["shards"][0]["file"])
     seq_len = MAX_SEQ_LEN
     available = (len(tokens) - 1) // seq_len
     rows = min(EVAL_TOKENS // seq_len, available)
@@ -449,7 +455,7 @@ def evaluate_bpb(
             f"(< EVAL_TOKENS = {EVAL_TOKENS:,}); scoring all of them"
         )
     device = torch.device(device)
-    token_bytes = load_token_bytes(device)
+    token_bytes = (load_token_bytes() if token_bytes is None else token_bytes).to(device)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     was_training = model.training

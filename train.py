@@ -6,9 +6,11 @@ What the harness relies on (docs/architecture.md), and so what every edit must k
   `model(x)` maps int64 tokens (B, T) to float logits (B, T, VOCAB_SIZE).
 - `python train.py` trains for TIME_BUDGET seconds of training time (compilation excluded),
   prints `step ...` lines while it trains, then a `---` line and the summary `key: value` lines.
-  The harness holds it to the budget: from the first step line (printed after step 0, which
-  compiles) to the exit, at most TIME_BUDGET plus a grace, and from launch to the first step
-  line at most the start-up limit (120 s by default), else the run does not count.
+  The harness holds it to the budget, else the run does not count: on a GPU, from the first
+  step line (printed after step 0, which compiles) to the exit, at most TIME_BUDGET plus a
+  grace, and from launch to the first step line at most the start-up limit (120 s by
+  default); on the CPU, the CPU time of the whole run, start-up included, at most TIME_BUDGET
+  plus a grace, so on the CPU the training time below is CPU time (`time.process_time`).
 - Exit code 3 means the loss diverged (nan or exploding) and the run stopped early.
 - AUTORESEARCH_DEVICE=cpu|cuda picks the device (default: cuda when available).
 - AUTORESEARCH_SEED=N seeds the model's initialisation and the order of the training data
@@ -600,8 +602,11 @@ def main() -> None:
     x, y, _ = next(loader)
     step, training_time, smooth_loss, losses_read, last_log = 0, 0.0, 0.0, 0, -math.inf
     pending = None  # the last step's loss, still on the device: read during the next step
+    # the harness's clock (runner.Budget): the card's wall time on a GPU; on the CPU, CPU time,
+    # which another program's load does not take away
+    clock = time.perf_counter if on_cuda else time.process_time
     while True:
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(grad_accum):
             with autocast:
                 loss = model(x, y)
@@ -621,7 +626,7 @@ def main() -> None:
             fail_if_diverged(loss_value, read_step)
             smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
             losses_read += 1
-        dt = time.perf_counter() - t0
+        dt = clock() - t0
         if step >= UNTIMED_STEPS:
             training_time += dt
         if step == 0:  # freeze what exists now so the collector never pauses training
@@ -660,7 +665,8 @@ def main() -> None:
     if not skip_eval:
         print(f"val_bpb:          {val_bpb:.6f}")
     print(f"training_seconds: {training_time:.1f}")
-    print(f"total_seconds:    {time.time() - T_START:.1f}")
+    total_seconds = time.time() - T_START if on_cuda else time.process_time()  # the same clock
+    print(f"total_seconds:    {total_seconds:.1f}")
     print(f"peak_vram_mb:     {peak_vram_mb:.1f}")
     print(f"mfu_percent:      {mfu_percent:.2f}")
     print(f"total_tokens_M:   {step * TOTAL_BATCH_SIZE / 1e6:.1f}")

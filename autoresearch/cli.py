@@ -316,7 +316,8 @@ def run(
         typer.Option(
             "--timeout",
             min=1.0,
-            help="Hard limit per run in seconds (default: 2 x TIME_BUDGET + 120).",
+            help="Hard limit per run in seconds (default: 2 x TIME_BUDGET + 120; 10 x on the cpu "
+            "device).",
             rich_help_panel=RUN_PANEL,
         ),
     ] = None,
@@ -396,6 +397,14 @@ def run(
             rich_help_panel=KEEP_PANEL,
         ),
     ] = None,
+    unsandboxed: Annotated[
+        bool,
+        typer.Option(
+            "--unsandboxed",
+            help="Run candidate code without the box (bubblewrap) where it is missing; recorded.",
+            rich_help_panel=RUN_PANEL,
+        ),
+    ] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Only one line per experiment.")
     ] = False,
@@ -433,6 +442,7 @@ def run(
         resume=resume,
         overlap=overlap,
         warm_start=warm_start,
+        unsandboxed=unsandboxed,
         quiet=quiet,
     )
 

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import runner
+from . import runner, sandbox
 from .config import resolve
 from .display import (
     STATUS_STYLE,
@@ -221,6 +221,7 @@ def run_session(
     overlap: bool,
     quiet: bool,
     warm_start: bool = True,
+    unsandboxed: bool = False,
 ) -> None:
     from .agent import make_agent
     from .loop import Session, SessionOptions
@@ -232,7 +233,8 @@ def run_session(
     agent = settings.agent_name
     if agent == "replay" and patches is None:
         raise UsageError("--agent replay needs --patches DIR (a directory of prepared replies)")
-    first = _first_warm_child(root, gpu) if warm_start else None
+    box = sandbox.require(sandbox.probe(), unsandboxed=unsandboxed)
+    first = _first_warm_child(root, gpu, box) if warm_start else None
     try:
         device, preset = resolve_device(_auto(settings.device), _auto(settings.preset))
         constants = preset_constants(root, preset)
@@ -263,6 +265,7 @@ def run_session(
             calibrate=settings.calibrate or (3 if preset == "gpu" else 2),
             max_repeats=settings.max_repeats or (6 if preset == "gpu" else 2),
             sealed=settings.sealed,
+            unsandboxed=unsandboxed,
             resume=resume,
             overlap=overlap,
             warm_start=warm_start,
@@ -283,7 +286,9 @@ def run_session(
             first.discard(grace=0.0)  # an error before the first run is not kept waiting
 
 
-def _first_warm_child(root: Path, gpu: str | None) -> runner.WarmChild | None:
+def _first_warm_child(
+    root: Path, gpu: str | None, box: sandbox.Box | None
+) -> runner.WarmChild | None:
     """The first run's interpreter, started before this process imports torch to pick the
     device (seconds on a GPU host), so that the two imports overlap. Its environment is the
     run's but for AUTORESEARCH_PRESET and AUTORESEARCH_DEVICE, which the go brings (torch
@@ -292,7 +297,7 @@ def _first_warm_child(root: Path, gpu: str | None) -> runner.WarmChild | None:
 
     extra = compile_cache_env(os.environ)
     env = runner.child_env(dict(os.environ), preset="", device="", gpu=gpu, extra=extra)
-    return warm_child_for(root, env, runner.network_isolation().prefix)
+    return warm_child_for(root, env, runner.network_isolation().prefix, box)
 
 
 def _auto(value: str | None) -> str | None:

@@ -1,79 +1,74 @@
-"""The sealed evaluator: val_bpb measured by harness-owned code, in a process of its own.
+"""The sealed evaluator: val_bpb measured by harness-owned code, in a process that runs no
+code of the candidate's.
 
 The session never takes val_bpb from train.py's output. train.py saves its final model to
 AUTORESEARCH_CHECKPOINT; once the training child has exited (and every process of it is gone),
-`evaluate_checkpoint` starts this module as a separate process:
+`evaluate_checkpoint` starts this module as a separate process, the *trusted evaluator*:
 
     python -I -c BOOT --workspace WS --checkpoint PATH --split val|test --preset P --device D
+                      [--box]
 
 which prints one JSON line, `{"status": "ok", "val_bpb": ..., "num_params": ..., "causal":
 true, "seconds": ...}` (or a status `rejected`, `no_checkpoint` or `error` with a `reason`, and
 a non-zero exit).
 
-Started ahead (`start_warm`, what a session on cuda does as each run starts), the same process
-is launched with `--wait` and without the checkpoint: it reads the fingerprints from a first
-stdin line, does steps 1 and 2 and the imports (no GPU is touched), and blocks on a second
-line, the go, which the harness writes once the training child and all its processes are gone:
-the checkpoint, the train.py and the nonce (which thus never exists in a file). Nothing
-untrusted runs in the process before the go; a failure found before it is reported after it,
-with the go's nonce. Closing its stdin instead (the harness let it go, or died) ends it.
+Two kinds of process, split by trust:
+- the **trusted evaluator** reads prepare.py once and checks its sha256 against the session's
+  fingerprint, executes it from those bytes as a private module, reads the manifest,
+  token_bytes and the split's tokens once, each checked by sha256, and computes the metric:
+  prepare.py's `evaluate_bpb`, given those tokens and token_bytes as arguments (nothing is read
+  from disk there). It never imports train.py, so no candidate code runs in it: an operator
+  override (`torch.library`), a patched module, a frame walk, the garbage collector or a call
+  to this module's functions have nothing here to reach.
+- two **model processes** (`_SERVER`, in the box with `--box`, sandbox.py: no data, no
+  network, no writable directory, no view of this process) each import train.py and call its
+  `load_model` on the checkpoint. They answer only one question: the trusted side writes a
+  batch of input tokens into shared memory, the model process writes float32 logits of shape
+  (b, MAX_SEQ_LEN, VOCAB_SIZE) behind them and says `done` on a pipe. The trusted side copies
+  the logits out, checks they are finite (shape and dtype are fixed by the buffer), and scores
+  them. The model never sees a target it is not given as an input.
 
-What the evaluator process does, in this order:
-1. reads prepare.py once and checks its sha256 against the session's fingerprint; executes it
-   twice from those bytes: a private copy, reachable by no module name, that computes the
-   metric, and the public `prepare` module that train.py imports;
-2. reads the manifest, token_bytes and the split's token file into memory, checking each
-   against the manifest's and the session's sha256, and pins the private copy to exactly those
-   bytes (its `evaluate_bpb` cannot read anything else from disk); its torch, numpy, math,
-   torch.nn.functional and builtins are private copies of the namespaces as they are now;
-3. snapshots the namespaces the metric and this module rely on, then imports the untrusted
-   train.py (its `load_model` is the one thing used) and rebuilds the model from the checkpoint;
-4. runs the private `evaluate_bpb` on a wrapper of the model that checks every output is a plain
-   tensor, that no torch function/dispatch mode was left active, and on two batches (the first
-   and one picked at random) probes causality on the very inputs being scored: changing the
-   tokens after a random position t must not change the logits at positions <= t, and changing
-   the other rows of a batch must not change a row's logits;
-5. compares the snapshots: any name replaced in builtins, math, numpy, torch,
-   torch.nn.functional, torch.Tensor (also names added there, which shadow methods), the
-   private prepare or this module means the run is `rejected`;
-6. prints the result with a nonce that only this process read (from a file it deleted before
-   train.py was imported), through references taken before the import, and exits at once.
+The causality probe, on the trusted side, on two batches (the first and one at random): the
+unchanged batch, then the batch with the tokens after a random position t replaced, then with
+the other rows replaced, go to the *second* model process, which shares no state with the
+first; logits at positions <= t (and of row 0) must match the scoring process's. A model that
+looks ahead, mixes rows, or answers from something other than its inputs is `rejected`.
 
-So a train.py that skips training and prints a good number, wraps or replaces
-`prepare.evaluate_bpb`, changes prepare's constants, patches torch's loss functions, returns
-a tensor subclass, prints a forged result line, or builds a model that looks ahead (within its
-row or across rows) does not get a better val_bpb. Changing the data files is caught by the
-loop's fingerprint checks, and by step 2 here.
+Started ahead (`start_warm`, what a session on cuda does as each run starts), the trusted
+evaluator is launched with `--wait` and without the checkpoint: it reads the fingerprints
+from a first stdin line, checks prepare.py and reads the data, starts the two model processes
+(their imports), and blocks on a second line, the go, which the harness writes once the
+training child and all its processes are gone: the checkpoint, the train.py and the nonce
+(which thus never exists in a file). Closing its stdin instead ends it.
 
-Residual risks, stated plainly: untrusted code runs in this process, with the user's rights.
-Code that inspects stack frames or uses the garbage collector to reach the private objects,
-patches something and restores it between two calls, writes memory through ctypes, or shadows a
-method on a C-level type this module does not snapshot is not stopped. A model may read the
-validation file from disk and recognise contexts it has seen (the probes use real text but not
-every position); train.py may train on the val or test files, or keep weights on disk from an
-earlier run and warm-start from them, since both processes can read and write what the user
-can. The held-out test split (`autoresearch confirm`) is the check on the first two; nothing
-here checks the last. The causality probe samples: a model that looks ahead only now and then
-(in some batches, rows or positions) escapes unless a probe lands there.
+The result line carries a nonce only this process read (from a file it deleted, or the go
+line); what the model processes print goes to the log and is never read as a result.
 
-Cost, measured: on an H200, 2.7 s of startup (imports, data, train.py, the checkpoint) plus the
-evaluation itself, run eagerly (compiling the model would cost more than it saves once): 36 ms
-per 32 x 2048-token batch of the default gpu-preset model, so about 12 s for EVAL_TOKENS, where
-train.py's own compiled evaluation costs about 4 s once compiled; the probes add 4 forward
-passes. On 16 CPU cores, the cpu preset: 2.9 s of startup and 1.9 s of evaluation.
+Residual risks, stated plainly: the probe samples two batches, so a model that looks ahead
+only now and then (in some batches, rows or positions) escapes unless a probe lands there.
+Without the box (`--unsandboxed`, or no bubblewrap), the model processes run with the user's
+rights: they can read the validation file and recognise contexts they have seen.
+
+Cost: the logits cross the process boundary through host shared memory (4 bytes per vocabulary
+entry per token: 134 MB per 16 x 256-token batch of the cpu preset); on a GPU they are copied
+to the host and back, which the GPU measurements will say the cost of (CUDA IPC would avoid
+it). Measured before the split, on an H200: 2.7 s of startup plus 36 ms per 32 x 2048-token
+batch, about 12 s for EVAL_TOKENS.
 """
 
 from __future__ import annotations
 
 import argparse
-import builtins
 import hashlib
 import importlib.util
 import io
 import json
 import math
+import mmap
 import os
 import secrets
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -96,6 +91,7 @@ PROBE_RTOL = 1e-4  # ...plus relative. Kernels are deterministic for a given sha
 # positions come out bitwise equal (seen on CPU, and on an H200 under bf16 autocast)
 EXIT_REJECTED = 3  # the evaluator's exit codes besides 0 (ok) and 1 (an uncaught error)
 EXIT_FAILED = 2
+SERVER_EXIT_S = 5.0  # seconds a model process may take to exit once its pipes close
 TAIL_LINES = 30  # lines of the evaluator's log kept in EvalResult.log_tail
 DISAGREE_BPB = 0.005  # |printed - sealed| val_bpb above which the record notes the disagreement
 
@@ -141,6 +137,7 @@ def evaluate_checkpoint(
     cancel: threading.Event | None = None,
     marker: str | None = None,
     warm: runner.Prestarted | None = None,
+    boxed: bool | None = None,
 ) -> EvalResult:
     """Evaluate `checkpoint` with train.py's `load_model` in a sealed child process.
 
@@ -153,8 +150,12 @@ def evaluate_checkpoint(
 
     `warm`: an evaluator from `start_warm`, used (its marker, not `marker`) when it was started
     for the same arguments and is still alive, else discarded; it is consumed either way.
+    `boxed`: whether the candidate's model processes run in the box (default: where it is
+    available, sandbox.probe).
     """
-    from . import runner  # the harness side only; the child never imports the package
+    from . import runner, sandbox  # the harness side only
+
+    boxed = sandbox.probe().available if boxed is None else boxed
 
     if warm is not None and (not warm.alive() or warm.key != _warm_key(locals())):
         warm.discard()
@@ -181,7 +182,7 @@ def evaluate_checkpoint(
         prints_file.write_text(json.dumps(dict(fingerprints or {})))
         train = str(train_file or root / "train.py")
         args = [
-            *_static_args(root, split, preset, device),
+            *_static_args(root, split, preset, device, boxed),
             *("--train", train, "--checkpoint", str(checkpoint)),
             *("--nonce-file", str(nonce_file), "--fingerprints", str(prints_file)),
         ]
@@ -239,15 +240,17 @@ def start_warm(
     gpu: str | None = None,
     prefix: Sequence[str] = (),
     marker: str | None = None,
+    boxed: bool | None = None,
 ) -> runner.Prestarted | None:
     """The evaluator started before the checkpoint exists (for `evaluate_checkpoint(warm=)`):
     it checks prepare.py and reads the split's data against `fingerprints`, imports torch and
     takes its snapshots, then waits for the go, which brings the checkpoint, train.py and the
     nonce; nothing untrusted runs in it before then. It touches no GPU until the go. None when
     no process could be started."""
-    from . import runner
+    from . import runner, sandbox
 
-    command = [*prefix, *_child_command(root), *_static_args(root, split, preset, device)]
+    boxed = sandbox.probe().available if boxed is None else boxed
+    command = [*prefix, *_child_command(root), *_static_args(root, split, preset, device, boxed)]
     try:
         return runner.Prestarted(
             [*command, "--wait"],
@@ -263,6 +266,7 @@ def start_warm(
 
 
 _WARM_KEY = ("root", "split", "preset", "device", "fingerprints", "dataset", "gpu", "prefix")
+_WARM_KEY += ("boxed",)
 
 
 def _warm_key(arguments: Mapping[str, object]) -> str:
@@ -272,8 +276,9 @@ def _warm_key(arguments: Mapping[str, object]) -> str:
     return json.dumps(values, sort_keys=True, default=str)  # paths as text, tuples as lists
 
 
-def _static_args(root: Path, split: str, preset: str, device: str) -> list[str]:
-    return ["--workspace", str(root), "--split", split, "--preset", preset, "--device", device]
+def _static_args(root: Path, split: str, preset: str, device: str, boxed: bool) -> list[str]:
+    args = ["--workspace", str(root), "--split", split, "--preset", preset, "--device", device]
+    return [*args, "--box"] if boxed else args
 
 
 def _child_env(preset: str, device: str, gpu: str | None, dataset: Path | None) -> dict[str, str]:
@@ -368,12 +373,13 @@ def _parse_result(lines: list[str], nonce: str) -> dict | None:
 
 
 # =============================================================================================
-# The child side. Only the standard library at import; torch arrives with prepare.py.
+# The child side: the trusted evaluator. It never imports train.py; the candidate's model runs
+# in model processes of its own (_SERVER), boxed, and hands logits over shared memory.
 # =============================================================================================
 
 
 class _Rejected(Exception):
-    """The model or train.py cheated: the run is rejected, with this reason."""
+    """The model cheated: the run is rejected, with this reason."""
 
     def __init__(self, reason: str, *, causal: bool | None = None) -> None:
         super().__init__(reason)
@@ -389,6 +395,268 @@ class _Failed(Exception):
 
 
 _PRIVATE_PREPARE = "_autoresearch_sealed_prepare"  # never put in sys.modules
+REPLY_BYTES = 2048  # the longest line a model process may answer with; the rest is cut
+SERVER_PRELOAD = ("torch", "numpy")  # imported by a model process before its go
+
+# The model process: candidate code runs here and only here. It imports what it can ahead,
+# then reads one go line (train.py to import, the checkpoint, the batch geometry), loads the
+# model and answers each request ("b" rows of inputs are in the shared buffer) by writing
+# float32 logits behind them and a line "done". It speaks on two inherited pipe fds, so what
+# train.py prints (stdout, stderr: the log) is never read as an answer.
+_SERVER = r"""
+import json, mmap, os, sys
+requests, replies, shared = (int(a) for a in sys.argv[1:4])
+for _name in json.loads(sys.argv[4]):
+    try:
+        __import__(_name)
+    except Exception:
+        pass
+inbox = os.fdopen(requests, "rb", buffering=0)
+def say(text):
+    os.write(replies, (text.replace("\n", " ")[:2000] + "\n").encode())
+line = inbox.readline()
+if not line.strip():
+    os._exit(0)
+go = json.loads(line)
+os.chdir(go["workdir"])
+sys.path[:0] = [os.path.dirname(go["train"]), go["workdir"]]
+import importlib.util, torch
+B, T, V = go["B"], go["T"], go["V"]
+try:
+    spec = importlib.util.spec_from_file_location("train", go["train"])
+    train = importlib.util.module_from_spec(spec)
+    sys.modules["train"] = train
+    spec.loader.exec_module(train)
+except BaseException as e:
+    say(f"fail error importing train.py failed: {type(e).__name__}: {e}")
+    os._exit(0)
+if not callable(getattr(train, "load_model", None)):
+    say("fail no_checkpoint train.py defines no load_model(path, device): the harness cannot "
+        "rebuild the model")
+    os._exit(0)
+device = torch.device(go["device"])
+try:
+    model = train.load_model(go["checkpoint"], device)
+    params = sum(p.numel() for p in model.parameters())
+    model.eval()
+except BaseException as e:
+    say(f"fail no_checkpoint load_model could not load the checkpoint: {type(e).__name__}: {e}")
+    os._exit(0)
+buffer = mmap.mmap(shared, B * T * 8 + B * T * V * 4)
+inputs = torch.frombuffer(buffer, dtype=torch.int64, count=B * T)
+outputs = torch.frombuffer(buffer, dtype=torch.float32, count=B * T * V, offset=B * T * 8)
+autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+say(f"ready {params}")
+while True:
+    line = inbox.readline()
+    if not line.strip():
+        os._exit(0)
+    b = json.loads(line)["b"]
+    try:
+        with torch.no_grad(), autocast:
+            logits = model(inputs[: b * T].view(b, T).to(device))
+        if tuple(logits.shape) != (b, T, V):
+            say(f"shape model(x) must return logits of shape ({b}, {T}, {V}), got "
+                f"{tuple(logits.shape)}")
+            continue
+        outputs[: b * T * V].view(b, T, V).copy_(logits.detach().float())
+    except BaseException as e:
+        say(f"fail error the model's forward failed: {type(e).__name__}: {e}")
+        os._exit(0)
+    say("done")
+"""
+
+
+class _Model:
+    """One model process and the shared buffer it answers in. Started before its go (the
+    imports), told the checkpoint and train.py at `go`, then `forward(x)` per batch. What
+    comes back is read as data only: a line of at most REPLY_BYTES (a status word, an int or
+    a reason), and logits, copied out of the buffer before they are checked."""
+
+    def __init__(self, args: argparse.Namespace, rows: int, seq_len: int, vocab: int, torch):
+        from . import sandbox
+
+        self.torch, self.B, self.T, self.V = torch, rows, seq_len, vocab
+        self.workspace = args.workspace
+        self.shared = tempfile.TemporaryFile(prefix="autoresearch-logits-")
+        self.shared.truncate(rows * seq_len * 8 + rows * seq_len * vocab * 4)
+        self.mapped = mmap.mmap(self.shared.fileno(), 0)
+        self.inputs = torch.frombuffer(self.mapped, dtype=torch.int64, count=rows * seq_len)
+        self.outputs = torch.frombuffer(
+            self.mapped,
+            dtype=torch.float32,
+            count=rows * seq_len * vocab,
+            offset=rows * seq_len * 8,
+        )
+        to_server, self.requests = os.pipe()
+        self.replies, from_server = os.pipe()
+        box = sandbox.probe() if args.box else None
+        self.cell = box.cell(args.workspace, writable=False) if box is not None else None
+        command = [sys.executable, "-I", "-u", "-c", _SERVER]
+        command += [str(to_server), str(from_server), str(self.shared.fileno())]
+        command.append(json.dumps(list(SERVER_PRELOAD)))
+        env = dict(os.environ)  # the harness made it: secret-free, with the run's marker
+        if self.cell is not None:
+            command, env = [*self.cell.prefix, *command], self.cell.env(env)
+        self.proc = subprocess.Popen(
+            command,
+            cwd=args.workspace,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=2,  # its prints go to the evaluator's log, never read as an answer
+            stderr=2,
+            pass_fds=(to_server, from_server, self.shared.fileno()),
+        )
+        os.close(to_server)
+        os.close(from_server)
+        self.params: int | None = None
+
+    def go(self, train: Path, checkpoint: Path, device: str) -> None:
+        """Load the candidate's model: train.py's load_model on the checkpoint, in the box."""
+        if self.cell is not None:  # the box sees its own copies, nothing else
+            self.cell.stage(train)
+            inside = self.cell.inbox / "checkpoint.pt"
+            shutil.copyfile(checkpoint, inside)
+            train, checkpoint = self.cell.workdir / "train.py", inside
+        message = {
+            "workdir": str(self.workspace),
+            "train": str(train),
+            "checkpoint": str(checkpoint),
+            "device": device,
+            "B": self.B,
+            "T": self.T,
+            "V": self.V,
+        }
+        self._send(message)
+        word, rest = self._reply()
+        if word != "ready" or not rest.isdigit():
+            self._failed(word, rest)
+        self.params = int(rest)
+
+    def forward(self, x):
+        """The logits of `x` (b, T): a private float32 copy, checked finite."""
+        torch = self.torch
+        b = x.shape[0]
+        self.inputs[: b * self.T].copy_(x.reshape(-1).cpu())
+        self._send({"b": b})
+        word, rest = self._reply()
+        if word == "shape":
+            raise _Rejected(rest)
+        if word != "done":
+            self._failed(word, rest)
+        logits = self.outputs[: b * self.T * self.V].view(b, self.T, self.V).clone()
+        if not bool(torch.isfinite(logits).all()):
+            raise _Failed("error", "the model's logits are not finite")
+        return logits
+
+    def _send(self, message: dict) -> None:
+        try:
+            os.write(self.requests, (json.dumps(message) + "\n").encode())
+        except OSError:
+            raise _Failed("error", "the model process ended before it was asked") from None
+
+    def _reply(self) -> tuple[str, str]:
+        data = b""
+        while not data.endswith(b"\n") and len(data) < REPLY_BYTES:
+            chunk = os.read(self.replies, REPLY_BYTES - len(data))
+            if not chunk:
+                break
+            data += chunk
+        word, _, rest = data.decode("utf-8", errors="replace").strip().partition(" ")
+        return word, rest
+
+    def _failed(self, word: str, rest: str) -> None:
+        if word == "fail":
+            status, _, reason = rest.partition(" ")
+            if status in ("no_checkpoint", "error"):
+                raise _Failed(status, reason)
+        raise _Failed(
+            "error",
+            "the model process ended without an answer (did importing train.py exit, or "
+            'start training? Keep the training run under `if __name__ == "__main__":`)',
+        )
+
+    def close(self) -> None:
+        for fd in (self.requests, self.replies):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            self.proc.wait(SERVER_EXIT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.cell is not None:
+            self.cell.close()
+
+
+class _Scored:
+    """What evaluate_bpb calls as the model: the scoring model process's logits; on two
+    batches (the first and one at random) the causality probe, whose changed inputs go to a
+    second, separate model process, so no state kept by the first can answer it."""
+
+    def __init__(self, model: _Model, probe: _Model, torch, probed: set[int], seed: int):
+        self.model, self.probe_model, self.torch = model, probe, torch
+        self.probed = probed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.calls = 0
+        self.training = False
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def __call__(self, x):
+        logits = self.model.forward(x)
+        if self.calls in self.probed:
+            self._probe(x.cpu(), logits)
+        self.calls += 1
+        return logits.to(x.device)
+
+    def _probe(self, x, logits) -> None:
+        torch = self.torch
+        b, t_len = x.shape
+        t = int(torch.randint(0, t_len - 1, (), generator=self.generator))
+        # the unchanged batch first, so the probe process's answers are compared like for like
+        again = self.probe_model.forward(x)
+        if not self._same(again, logits):
+            raise _Rejected(
+                "the model's logits depend on more than the inputs: two model processes gave "
+                f"different logits for the same batch (max |difference| {self._gap(again, logits):.3g})",
+                causal=False,
+            )
+        changed = x.clone()
+        future = x.roll(1, dims=0) if b > 1 else x.flip(1)
+        changed[:, t + 1 :] = future[:, t + 1 :]
+        if not torch.equal(changed, x):
+            again = self.probe_model.forward(changed)
+            if not self._same(again[:, : t + 1], logits[:, : t + 1]):
+                raise _Rejected(
+                    f"the model looks ahead: changing the tokens after position {t} changed "
+                    f"its logits at positions <= {t} (max |difference| "
+                    f"{self._gap(again[:, : t + 1], logits[:, : t + 1]):.3g})",
+                    causal=False,
+                )
+        if b > 1:
+            others = x.clone()
+            others[1:] = x[1:].flip(1)
+            if not torch.equal(others, x):
+                again = self.probe_model.forward(others)
+                if not self._same(again[0], logits[0]):
+                    raise _Rejected(
+                        "the model mixes rows: changing the other rows of a batch changed the "
+                        f"logits of row 0 (max |difference| {self._gap(again[0], logits[0]):.3g})",
+                        causal=False,
+                    )
+
+    def _same(self, a, b) -> bool:
+        return bool(self.torch.allclose(a, b, atol=PROBE_ATOL, rtol=PROBE_RTOL, equal_nan=True))
+
+    def _gap(self, a, b) -> float:
+        return float((a - b).abs().nan_to_num(0.0).max())
 
 
 def _sha256(data: bytes) -> str:
@@ -405,25 +673,17 @@ def _expect(label: str, data: bytes, *expected: str | None) -> None:
             )
 
 
-def _exec_module(name: str, source: bytes, path: Path, private_builtins: bool):
+def _exec_module(name: str, source: bytes, path: Path):
     """A module executed from `source` (the bytes that were hashed, not a second read)."""
     spec = importlib.util.spec_from_loader(name, loader=None, origin=str(path))
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     module.__file__ = str(path)
-    if private_builtins:
-        module.__dict__["__builtins__"] = dict(vars(builtins))
     sys.modules[name] = module  # dataclasses look their module up while the classes are made
     try:
         exec(compile(source, str(path), "exec"), module.__dict__)
     finally:
-        if private_builtins:
-            del sys.modules[name]
+        del sys.modules[name]
     return module
-
-
-def _frozen(namespace: object) -> types.SimpleNamespace:
-    """A copy of a module's names as they are now: later monkeypatching does not reach it."""
-    return types.SimpleNamespace(**vars(namespace))
 
 
 @dataclass
@@ -456,141 +716,6 @@ def _read_data(trusted, split: str, expected: Mapping[str, str]) -> _Data:
     return _Data(dataset, manifest, dataset / name, tokens, token_bytes)
 
 
-def _seal(trusted, data: _Data) -> None:
-    """Pin the private prepare to the bytes that were checked, and to private namespaces."""
-    import torch
-    import torch.nn.functional as F
-
-    trusted.torch, trusted.F = _frozen(torch), _frozen(F)
-    trusted.np, trusted.math = _frozen(trusted.np), _frozen(math)
-    trusted.active_dataset_dir = lambda cache=None: data.dataset
-    trusted.load_manifest = lambda dataset=None: json.loads(json.dumps(data.manifest))
-
-    def tokens(path):
-        if Path(path) != data.split_path:
-            raise _Failed("error", f"evaluate_bpb asked for {path}, not the checked split file")
-        return data.tokens
-
-    trusted._tokens = tokens
-    trusted.load_token_bytes = lambda device="cpu": data.token_bytes.to(device)
-
-
-class _Snapshot:
-    """Identity of every name in some namespaces, to tell afterwards what was replaced."""
-
-    def __init__(self, spaces: Mapping[str, tuple[object, bool]]) -> None:
-        # label -> (namespace, whether names added later count as tampering)
-        self.spaces = dict(spaces)
-        self.before = {label: dict(vars(obj)) for label, (obj, _) in self.spaces.items()}
-        self.codes = {
-            label: {k: v.__code__ for k, v in names.items() if isinstance(v, types.FunctionType)}
-            for label, names in self.before.items()
-        }
-
-    def changed(self) -> list[str]:
-        found = []
-        for label, (obj, strict) in self.spaces.items():
-            now = vars(obj)
-            before = self.before[label]
-            for key, value in before.items():
-                if now.get(key, _Snapshot) is not value:
-                    found.append(f"{label}.{key}")
-                elif key in self.codes[label] and value.__code__ is not self.codes[label][key]:
-                    found.append(f"{label}.{key}.__code__")
-            if strict:
-                found += [f"{label}.{key}" for key in now if key not in before]
-        return found
-
-
-def _modes_active(torch) -> bool:
-    """True when a TorchFunctionMode or TorchDispatchMode is active (it could rewrite the loss)."""
-    from torch.overrides import _get_current_function_mode_stack
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-    return bool(_get_current_function_mode_stack() or _get_current_dispatch_mode_stack())
-
-
-class _SealedModel:
-    """What evaluate_bpb calls instead of the model: checks outputs and probes causality.
-
-    Not an nn.Module on purpose: patching nn.Module's call machinery cannot reach it.
-    """
-
-    def __init__(self, model, torch, autocast, probed: set[int], seed: int) -> None:
-        self.model = model
-        self.torch = torch
-        self.autocast = autocast
-        self.probed = probed
-        self.generator = torch.Generator().manual_seed(seed)
-        self.calls = 0
-        self.training = model.training
-
-    def eval(self):
-        self.model.eval()
-        self.training = False
-        return self
-
-    def train(self, mode: bool = True):
-        self.model.train(mode)
-        self.training = mode
-        return self
-
-    def __call__(self, x):
-        logits = self._forward(x)
-        if self.calls in self.probed:
-            self._probe(x, logits)
-        self.calls += 1
-        return logits
-
-    def _forward(self, x):
-        torch = self.torch
-        with self.autocast():
-            out = self.model(x)
-        if type(out) is not torch.Tensor:
-            raise _Rejected(f"model(x) returned a {type(out).__name__}, not a plain torch.Tensor")
-        if _modes_active(torch):
-            raise _Rejected("model(x) left a torch function or dispatch mode active")
-        return out.detach()
-
-    def _probe(self, x, logits) -> None:
-        torch = self.torch
-        b, t_len = x.shape
-        t = int(torch.randint(0, t_len - 1, (), generator=self.generator))
-        changed = x.clone()
-        future = x.roll(1, dims=0) if b > 1 else x.flip(1)
-        changed[:, t + 1 :] = future[:, t + 1 :]
-        if not torch.equal(changed, x):
-            again = self._forward(changed)
-            if not self._same(again[:, : t + 1], logits[:, : t + 1]):
-                raise _Rejected(
-                    f"the model looks ahead: changing the tokens after position {t} changed "
-                    f"its logits at positions <= {t} (max |difference| "
-                    f"{self._gap(again[:, : t + 1], logits[:, : t + 1]):.3g})",
-                    causal=False,
-                )
-        if b > 1:
-            others = x.clone()
-            others[1:] = x[1:].flip(1)
-            if not torch.equal(others, x):
-                again = self._forward(others)
-                if not self._same(again[0], logits[0]):
-                    raise _Rejected(
-                        "the model mixes rows: changing the other rows of a batch changed the "
-                        f"logits of row 0 (max |difference| {self._gap(again[0], logits[0]):.3g})",
-                        causal=False,
-                    )
-
-    def _same(self, a, b) -> bool:
-        return bool(
-            self.torch.allclose(
-                a.float(), b.float(), atol=PROBE_ATOL, rtol=PROBE_RTOL, equal_nan=True
-            )
-        )
-
-    def _gap(self, a, b) -> float:
-        return float((a.float() - b.float()).abs().nan_to_num(0.0).max())
-
-
 def _arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="autoresearch.evaluator", description=__doc__)
     parser.add_argument("--workspace", required=True, type=Path)
@@ -602,6 +727,7 @@ def _arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--nonce-file", type=Path)
     parser.add_argument("--fingerprints", type=Path)
+    parser.add_argument("--box", action="store_true", help="run the model processes boxed")
     parser.add_argument(
         "--wait",
         action="store_true",
@@ -626,24 +752,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     nonce = ""
     if args.nonce_file is not None:
         nonce = args.nonce_file.read_text().strip()
-        args.nonce_file.unlink()  # gone before train.py is imported
-    # References for the way out, taken before any untrusted code runs.
-    out_fd, write, dumps, exit_now = os.dup(1), os.write, json.dumps, os._exit
-    flush, monotonic = sys.stdout.flush, time.perf_counter
+        args.nonce_file.unlink()
+    monotonic = time.perf_counter
+    ready: _Ready | None = None
 
     def emit(payload: dict, code: int):
         payload["started_ahead"] = args.wait
         payload["nonce"] = nonce
-        flush()
-        write(out_fd, (dumps(payload) + "\n").encode())
-        exit_now(code)
+        sys.stdout.flush()
+        os.write(1, (json.dumps(payload) + "\n").encode())
+        if ready is not None:
+            ready.close()
+        os._exit(code)
 
     try:
         expected = {}
         if args.wait:
             first = _read_line()
             if first is None:
-                exit_now(0)
+                os._exit(0)
             expected = first["fingerprints"]
         elif args.fingerprints:
             expected = json.loads(args.fingerprints.read_text())
@@ -651,16 +778,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             ready, failure = _prepare(args, expected, monotonic), None
         except (_Rejected, _Failed) as exc:  # said after the go, with the go's nonce
             ready, failure = None, exc
-        if args.wait:  # the checkpoint exists now; nothing untrusted has run in this process
+        if args.wait:  # the checkpoint exists now
             go = _read_line()
             if go is None:
-                exit_now(0)
+                if ready is not None:
+                    ready.close()
+                os._exit(0)
             nonce = go["nonce"]
             args.checkpoint = Path(go["checkpoint"])
             args.train = Path(go["train"]) if go.get("train") else None
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)  # train.py gets no stdin, as in a cold start
-            os.close(null)
         if failure is not None:
             raise failure
         assert ready is not None
@@ -674,13 +800,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @dataclass
 class _Ready:
-    """What the evaluator loads before it needs the checkpoint (steps 1-2 and the snapshot)."""
+    """What the evaluator loads before it needs the checkpoint: the checked data, and the two
+    model processes, their imports done, waiting for their go."""
 
     trusted: types.ModuleType
     data: _Data
     torch: types.ModuleType
-    snapshot: _Snapshot
+    rows: int
+    batch_size: int
+    models: tuple[_Model, _Model]
     startup_seconds: float
+
+    def close(self) -> None:
+        for model in self.models:
+            model.close()
 
 
 def _prepare(args: argparse.Namespace, expected: Mapping[str, str], clock) -> _Ready:
@@ -689,109 +822,61 @@ def _prepare(args: argparse.Namespace, expected: Mapping[str, str], clock) -> _R
     prepare_path = args.workspace / "prepare.py"
     source = prepare_path.read_bytes()
     _expect("prepare.py", source, expected.get("prepare.py"))
-    trusted = _exec_module(_PRIVATE_PREPARE, source, prepare_path, private_builtins=True)
-    _exec_module("prepare", source, prepare_path, private_builtins=False)  # train.py's
+    trusted = _exec_module(_PRIVATE_PREPARE, source, prepare_path)
     try:
         data = _read_data(trusted, args.split, expected)
     except trusted.PrepareError as exc:
         raise _Failed("error", str(exc)) from exc
-    _seal(trusted, data)
-
     import torch
-    import torch._dynamo  # noqa: F401  (wraps torch.manual_seed on import: before the snapshot)
-    import torch.nn.functional as F
 
-    snapshot = _Snapshot(
-        {
-            "builtins": (builtins, False),
-            "math": (math, False),
-            "numpy": (sys.modules["numpy"], False),
-            "torch": (torch, False),
-            "torch.nn.functional": (F, False),
-            "torch._C._nn": (torch._C._nn, False),
-            "torch.Tensor": (torch.Tensor, True),
-            "prepare(private)": (trusted, True),
-            "prepare": (sys.modules["prepare"], False),
-            "autoresearch.evaluator": (sys.modules[__name__], False),
-        }
+    rows = min(
+        trusted.EVAL_TOKENS // trusted.MAX_SEQ_LEN, (len(data.tokens) - 1) // trusted.MAX_SEQ_LEN
     )
-    return _Ready(trusted, data, torch, snapshot, clock() - started)
+    batch_size = min(args.batch_size or BATCH_SIZE.get(args.preset, 16), max(rows, 1))
+    shape = (args, batch_size, trusted.MAX_SEQ_LEN, trusted.VOCAB_SIZE, torch)
+    models = (_Model(*shape), _Model(*shape))
+    return _Ready(trusted, data, torch, rows, batch_size, models, clock() - started)
 
 
 def _score(args: argparse.Namespace, ready: _Ready, clock) -> dict:
     loaded = clock()
-    trusted, data, torch, snapshot = ready.trusted, ready.data, ready.torch, ready.snapshot
-    device = torch.device(args.device)
-    train = _import_train(args.train or args.workspace / "train.py")
-    model = _load_model(train, args.checkpoint, device, torch)
-    num_params = sum(p.numel() for p in model.parameters())
-    rows = min(
-        trusted.EVAL_TOKENS // trusted.MAX_SEQ_LEN, (len(data.tokens) - 1) // trusted.MAX_SEQ_LEN
-    )
-    batch_size = args.batch_size or BATCH_SIZE.get(args.preset, 16)
-    batches = max(1, -(-rows // batch_size))
+    trusted, data, torch = ready.trusted, ready.data, ready.torch
+    train = args.train or args.workspace / "train.py"
+    if not args.checkpoint.is_file():
+        raise _Failed("no_checkpoint", f"no checkpoint at {args.checkpoint}")
+    for model in ready.models:
+        model.go(train, args.checkpoint, args.device)
+    batches = max(1, -(-ready.rows // ready.batch_size))
     seed = secrets.randbits(32)
     others = list(range(1, batches))
     probed = {0, *secrets.SystemRandom().sample(others, min(PROBED_BATCHES - 1, len(others)))}
-    on_cuda = device.type == "cuda"
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda)
-
-    sealed = _SealedModel(model, torch, autocast, probed, seed)
+    scored = _Scored(*ready.models, torch, probed, seed)
     eval_started = clock()
     try:
-        bpb = trusted.evaluate_bpb(sealed, batch_size, device, split=args.split)
+        bpb = trusted.evaluate_bpb(
+            scored,
+            ready.batch_size,
+            torch.device(args.device),
+            split=args.split,
+            tokens=data.tokens,
+            token_bytes=data.token_bytes,
+        )
     except trusted.PrepareError as exc:
         raise _Failed("error", str(exc)) from exc
     seconds = clock() - eval_started
-    replaced = snapshot.changed()
-    if replaced:
-        raise _Rejected("train.py replaced names the metric relies on: " + ", ".join(replaced[:8]))
     return {
         "val_bpb": bpb,
         "split": args.split,
-        "num_params": num_params,
+        "num_params": ready.models[0].params,
         "causal": True,
         "seconds": round(seconds, 3),
         "startup_seconds": round(ready.startup_seconds, 3),
         "load_seconds": round(eval_started - loaded, 3),
         "probed_batches": len(probed),
-        "batch_size": batch_size,
-        "scored_tokens": rows * trusted.MAX_SEQ_LEN,
+        "batch_size": ready.batch_size,
+        "scored_tokens": ready.rows * trusted.MAX_SEQ_LEN,
+        "boxed": args.box,
     }
-
-
-def _import_train(path: Path):
-    """Import the untrusted train.py (its module-level code runs here: it must not train)."""
-    spec = importlib.util.spec_from_file_location("train", path)
-    if spec is None or spec.loader is None:
-        raise _Failed("error", f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train"] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # untrusted code: any failure is data about the run, not a bug here
-        raise _Failed("error", f"importing train.py failed: {type(exc).__name__}: {exc}") from exc
-    if not callable(getattr(module, "load_model", None)):
-        raise _Failed(
-            "no_checkpoint",
-            "train.py defines no load_model(path, device): the harness cannot rebuild the model",
-        )
-    return module
-
-
-def _load_model(train, checkpoint: Path, device, torch):
-    try:
-        model = train.load_model(str(checkpoint), device)
-    except Exception as exc:  # untrusted code: an unloadable checkpoint is a crash of the run
-        raise _Failed(
-            "no_checkpoint",
-            f"load_model could not load the checkpoint: {type(exc).__name__}: {exc}",
-        ) from exc
-    if not isinstance(model, torch.nn.Module):
-        raise _Failed("no_checkpoint", f"load_model returned a {type(model).__name__}, not a model")
-    return model
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from statistics import fmean
 
-from . import evaluator, fingerprint, noise, runner
+from . import evaluator, fingerprint, noise, runner, sandbox
 from .agent import (
     Agent,
     AgentExhausted,
@@ -58,6 +58,9 @@ BRANCH_PREFIX = "autoresearch/"
 # seconds a run may take from launch to its first step line (imports, data, compile), unless
 # set (SessionOptions.startup_limit)
 STARTUP_LIMIT_S = 120.0
+# on the cpu device the hard timeout is this many times TIME_BUDGET (plus the start-up limit):
+# the budget is CPU time there, and a run got 1/7 of the cores it asked for on a loaded machine
+HARD_TIMEOUT_CPU_FACTOR = 10
 AGENT_OUTAGE_RETRIES = (
     5  # consecutive endpoint failures (after the client's own retries) before stopping
 )
@@ -91,7 +94,7 @@ class SessionOptions:
     max_hours: float | None = None
     max_cost: float | None = None  # USD of agent tokens
     prices: dict = field(default_factory=dict)  # overrides of pricing.PRICES
-    timeout: float | None = None  # hard limit per run; None = 2 x time_budget + startup_limit
+    timeout: float | None = None  # hard limit per run; None: see hard_timeout
     # seconds a run may take past time_budget from its first step line to its exit (runner.Budget);
     # None = runner.budget_grace(time_budget)
     budget_grace: float | None = None
@@ -118,10 +121,15 @@ class SessionOptions:
     # val_bpb from the sealed evaluator on train.py's checkpoint, with the data fingerprinted
     # (the CLI's default); False trusts train.py's printed val_bpb, as upstream does
     sealed: bool = False
+    # run candidate code without the box (sandbox.py) even where it is available; recorded
+    unsandboxed: bool = False
 
     @property
     def hard_timeout(self) -> float:
-        return self.timeout or 2 * self.time_budget + self.startup_seconds
+        """Wall seconds after which a run is killed whatever it does. On the cpu device the
+        budget is CPU time, which a loaded machine spreads over more wall time: room for that."""
+        factor = HARD_TIMEOUT_CPU_FACTOR if self.device == "cpu" else 2
+        return self.timeout or factor * self.time_budget + self.startup_seconds
 
     @property
     def startup_seconds(self) -> float:
@@ -129,16 +137,19 @@ class SessionOptions:
 
     @property
     def budget(self) -> runner.Budget:
-        """What each run is held to. Sealed, train.py skips its own evaluation, so the clock
-        runs to the child's exit; unsealed, to its last step line. train.py (the default
-        command) must print step lines; another command may print none."""
+        """What each run is held to. On the cpu device, the run's CPU time from launch to exit
+        (runner.Budget's cpu clock); on a GPU, wall time: sealed, train.py skips its own
+        evaluation, so the clock runs to the child's exit; unsealed, to its last step line.
+        train.py (the default command) must print step lines; another command may print none."""
+        clock = "cpu" if self.device == "cpu" and runner.cpu_clock_available() else "wall"
         grace = self.budget_grace
         return runner.Budget(
             self.time_budget,
-            runner.budget_grace(self.time_budget) if grace is None else grace,
+            runner.budget_grace(self.time_budget, clock) if grace is None else grace,
             self.startup_seconds,
             until_exit=self.sealed,
             steps_required=self.command is None,
+            clock=clock,
         )
 
 
@@ -264,6 +275,7 @@ class Session:
         self._warm: runner.WarmChild | None = warm  # the next run's interpreter, imports done
         self._warm_eval: runner.Prestarted | None = None  # the run in flight's evaluator, ready
         self._isolation = runner.Isolation((), "")
+        self._box: sandbox.Box | None = None  # the box candidate code runs in; None: unboxed
         self._sealed: dict = {}  # dataset and fingerprints, as recorded in session.json
         self._eval_notes: dict = {}  # what the sealed evaluation said about the last run
         self._fatal: fingerprint.FingerprintError | None = None  # stops after recording
@@ -381,10 +393,17 @@ class Session:
     def _sealing(self, session: dict | None) -> dict:
         """Probe network isolation; in a sealed session, fingerprint (or, on resume, check)
         what the metric depends on. Returns the fields for session.json."""
+        box = sandbox.probe()
+        self._box = sandbox.require(box, unsandboxed=self.opts.unsandboxed)
+        self.display.note(box.note if self._box else sandbox.UNSANDBOXED_NOTE)
         self._isolation = runner.network_isolation()
         if not self._isolation.prefix:
             self.display.note(self._isolation.note)
-        fields: dict = {"sealed": self.opts.sealed, "network_isolation": self._isolation.note}
+        fields: dict = {
+            "sealed": self.opts.sealed,
+            "network_isolation": self._isolation.note,
+            "sandbox": {**box.record(), "unsandboxed": self.opts.unsandboxed},
+        }
         if not self.opts.sealed:
             return fields
         session = session or {}
@@ -957,7 +976,7 @@ class Session:
             self.root,
             exp_dir / log_name,
             command=[
-                *self._isolation.prefix,
+                *(() if self._box else self._isolation.prefix),
                 *(self.opts.command or [sys.executable, TRAIN_FILE]),
             ],
             env=self._child_env(extra),
@@ -968,6 +987,7 @@ class Session:
             marker=marker,
             warm=warm,
             budget=self.opts.budget,
+            box=self._box,
         )
         self._train_wall += result.wall_seconds
         if not ahead and not self.cancel.is_set():
@@ -1000,7 +1020,7 @@ class Session:
         if not self.opts.warm_start or self.opts.command is not None:
             return
         env = self._child_env(compile_cache_env(os.environ))
-        self._warm = warm_child_for(self.root, env, self._isolation.prefix)
+        self._warm = warm_child_for(self.root, env, self._isolation.prefix, self._box)
 
     def _take_warm(self) -> runner.WarmChild | None:
         """The warm child, if it may run the train.py now in the workspace (it was started
@@ -1045,6 +1065,7 @@ class Session:
                 fingerprints=self._sealed["fingerprints"],
                 dataset=Path(self._sealed["dataset"]),
                 prefix=self._isolation.prefix,
+                boxed=self._box is not None,
             )
         if self._warm_eval is not None:  # its own marker: a resume kills it too
             state = self.ledger.read_state() or {}
@@ -1116,6 +1137,7 @@ class Session:
             cancel=self.cancel,
             marker=self._run_marker,
             warm=warm,
+            boxed=self._box is not None,
         )
         result, self._eval_notes = evaluator.sealed_outcome(result, ev)
         if not self._data_unchanged(f"after experiment {exp_id:04d} was evaluated"):
@@ -1287,11 +1309,11 @@ class Session:
 
 
 def warm_child_for(
-    root: Path, env: Mapping[str, str], prefix: Sequence[str]
+    root: Path, env: Mapping[str, str], prefix: Sequence[str], box: sandbox.Box | None = None
 ) -> runner.WarmChild | None:
     """A WarmChild for the train.py in `root` (the default command), or None when it imports
     nothing worth preloading, writes the environment, or no process could be started (the run
-    then starts cold)."""
+    then starts cold). With `box`, it waits in a box of its own (for its run's `box=`)."""
     try:
         source = (root / TRAIN_FILE).read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -1300,7 +1322,8 @@ def warm_child_for(
     if not preload or not runner.warm_start_ok(source):
         return None
     try:
-        return runner.WarmChild(root, env, preload=preload, prefix=prefix)
+        cell = box.cell(root, dataset=sandbox.dataset_of(env)) if box is not None else None
+        return runner.WarmChild(root, env, preload=preload, prefix=prefix, cell=cell)
     except OSError:
         return None
 

@@ -15,9 +15,15 @@ Guarantees of `run_training`:
   propagates);
 - a crashed run is data: `RunResult.crash_class` says what kind of crash, never an exception.
 
-What it does not do: sandbox the child (it runs with the user's rights; `network_isolation`
-only takes its network away where the OS allows), limit its memory, or decide whether a result
-is good.
+- with `box` (sandbox.py), the child runs in a bubblewrap box of its own, made fresh for the
+  run: it sees the train split and copies of train.py and prepare.py, writes only a private
+  directory (the checkpoint is moved out of it), and every process it started ends with it;
+- with `budget` (Budget), the run is held to its training time: its CPU time on the cpu
+  device, wall time on a GPU.
+
+What it does not do: box the child when no `box` is given (it then runs with the user's rights;
+`network_isolation` only takes its network away where the OS allows), limit its memory, or
+decide whether a result is good.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from . import sandbox
+
 KILL_GRACE_S = 5.0  # seconds between SIGTERM and SIGKILL: room for the child to flush and exit
 DRAIN_S = 2.0  # seconds to wait for the pipe to close once the child and its group are gone
 KILL_CONFIRM_S = 5.0  # seconds to wait until killed processes are really gone
@@ -53,6 +61,12 @@ RECENT_LINES = 1000  # lines kept in memory to find the summary block and classi
 MAX_LINE_BYTES = 1 << 20  # a "line" longer than this is cut, so a child can't exhaust memory
 MAX_KEPT_LINE_CHARS = 4096  # characters of a line kept in memory (the log keeps everything)
 READ_CHUNK = 1 << 16  # bytes per read from the child's pipe
+CPU_POLL_S = 0.5  # seconds between looks at a run's CPU time (Budget's cpu clock)
+# CPU seconds a run may use besides TIME_BUDGET, at least (budget_grace): a cold start-up
+# (2.2-2.5 CPU s to import torch, numpy, tiktoken; about 1 more for the data and the model),
+# step 0, which train.py does not time, the last step, which ends past the budget (a
+# cpu-preset step took 5-6 CPU s on a loaded 2-core machine), and the checkpoint
+CPU_GRACE_S = 20.0
 
 RUN_MARKER_VAR = "AUTORESEARCH_RUN_MARKER"  # set in the child's env to find its descendants
 HARNESS_PREFIX = "[autoresearch]"  # lines the harness adds to a run's log
@@ -92,17 +106,33 @@ class Step:
 
 @dataclass(frozen=True)
 class Budget:
-    """The training time a run is held to: `seconds` (TIME_BUDGET) plus `grace`.
+    """The training time a run is held to: `seconds` (TIME_BUDGET) plus `grace`, on one of two
+    clocks. The rule, for both: an honest train.py meets it on a loaded machine, and time spent
+    training before the first step line or after the budget is counted.
 
-    The harness's clock starts at the run's first step line (train.py prints it after step 0,
-    whose compile is not training time) and stops at the child's exit (`until_exit`, for a
-    sealed session, whose evaluator scores the checkpoint in a process of its own) or else at
-    its last step line (train.py's own evaluation follows it). What comes before the first step
-    line is not counted, so it may take at most `startup` seconds from launch (imports, data,
-    the model, step 0's compile): a first step line later than that makes the run
-    `over_budget`, stopped when the line comes; else a run could train there unseen. With
-    `steps_required` (train.py's contract: it prints step lines) a run with no step line by
-    then is stopped there too; without it (another command), a run that prints no step line is
+    `clock="cpu"` (a run on the CPU): everything is counted in CPU seconds (user + system, all
+    threads) of the run's processes, from launch (a warm child's go: the imports done before it
+    are the harness's, measured and left out) to the exit, start-up included; train.py counts
+    its own TIME_BUDGET on the same clock (`time.process_time`). A loaded machine stretches
+    wall time, not CPU time, so load neither makes an honest run late nor gives one more
+    steps; and training before the first step line or after the last is training on this
+    clock like any other. `grace` (`budget_grace`) is what start-up (imports, data, the model),
+    the checkpoint and the exit take in CPU seconds: the most a cheat can gain. A run past
+    seconds + grace is stopped there (sampled every CPU_POLL_S) or judged at its exit.
+
+    `clock="wall"` (a GPU, whose work the host's CPU time does not measure): the clock starts
+    at the run's first step line (train.py prints it after step 0, whose compile is not
+    training time) and stops at the child's exit (`until_exit`, for a sealed session, whose
+    evaluator scores the checkpoint in a process of its own) or else at its last step line
+    (train.py's own evaluation follows it). What comes before the first step line is not
+    counted, so it may take at most `startup` seconds from launch (imports, data, the model,
+    step 0's compile): a first step line later than that makes the run `over_budget`, stopped
+    when the line comes; else a run could train there unseen. A GPU host runs one session at
+    a time, so its load is the session's own.
+
+    On either clock, with `steps_required` (train.py's contract: it prints step lines) a run
+    that exits without a step line does not count, and on the wall clock one with none by
+    `startup` is stopped; without it (another command), a run that prints no step line is
     timed from launch, with `startup` more allowed. A run past the limit is `over_budget`,
     whatever it measured: stopped when it gets there (sealed), or when a step line comes past
     it (unsealed), else judged when it exits.
@@ -113,26 +143,30 @@ class Budget:
     startup: float
     until_exit: bool = True
     steps_required: bool = False
+    clock: str = "wall"  # "wall" or "cpu"
 
     def _clock(self, launched: float, first_step: float | None) -> tuple[float, str, float]:
         """(when the clock started, what started it, the seconds allowed from then)."""
         limit = self.seconds + self.grace
+        if self.clock == "cpu":
+            return launched, "launch", limit
         if first_step is None:
             return launched, "launch", self.startup if self.steps_required else limit + self.startup
         return first_step, "its first step line", limit
 
     def _slow_start(self, launched: float, first_step: float | None, exited: bool) -> str | None:
         """What the run did wrong before its first step line, None if nothing: the line came
-        past `startup`; or, steps required, none came before the deadline or the exit."""
+        past `startup` (wall clock); or, steps required, none came before the deadline or the
+        exit."""
         if first_step is not None:
-            if first_step - launched <= self.startup:
+            if self.clock == "cpu" or first_step - launched <= self.startup:
                 return None
             return (
                 f"its first step line came {first_step - launched:.1f} s after launch, past the "
                 f"{self.startup:g} s allowed for start-up (imports, data, compile), which is not "
                 "counted as training"
             )
-        if not self.steps_required:
+        if not self.steps_required or (self.clock == "cpu" and not exited):
             return None
         missing = (
             "it exited without a step line"
@@ -143,9 +177,18 @@ class Budget:
         return f"{missing}; the clock starts at the first step line, so train.py must print them"
 
     def deadline(
-        self, launched: float, first_step: float | None, last_step: float | None
+        self,
+        launched: float,
+        first_step: float | None,
+        last_step: float | None,
+        cpu: float | None = None,
     ) -> float | None:
-        """When to stop a run still going (monotonic), or None: not before it exits."""
+        """When to stop a run still going (monotonic), or None: not before it exits. `cpu`:
+        the CPU seconds the run has used so far (the cpu clock)."""
+        if self.clock == "cpu":
+            if cpu is not None and cpu > self.seconds + self.grace:
+                return launched  # over: at once
+            return time.monotonic() + CPU_POLL_S  # look again then
         if first_step is not None and self._slow_start(launched, first_step, False) is not None:
             return first_step  # too late: at once
         start, _, limit = self._clock(launched, first_step)
@@ -155,25 +198,44 @@ class Budget:
             return last_step  # a step line past the limit: it is still training
         return None
 
-    def stopped(self, launched: float, first_step: float | None) -> str:
+    def stopped(self, launched: float, first_step: float | None, cpu: float | None = None) -> str:
         """The log line for a run stopped at its deadline."""
         slow = self._slow_start(launched, first_step, exited=False)
         if slow is not None:
             return f"over budget: {slow}; killed, the result does not count"
         _, since, limit = self._clock(launched, first_step)
+        if self.clock == "cpu":
+            return (
+                f"over budget: {cpu or 0.0:.1f} CPU s since launch, past the {limit:g} s allowed "
+                f"(TIME_BUDGET {self.seconds:g} s + {self.grace:g} s, all processes of the run, "
+                "start-up included); killed, the result does not count"
+            )
         return (
             f"over budget: still running {limit:g} s after {since} (TIME_BUDGET "
             f"{self.seconds:g} s + {limit - self.seconds:g} s); killed, the result does not count"
         )
 
     def overrun(
-        self, launched: float, first_step: float | None, last_step: float | None, exited: float
+        self,
+        launched: float,
+        first_step: float | None,
+        last_step: float | None,
+        exited: float,
+        cpu: float | None = None,
     ) -> str | None:
         """The log line for a run that exited past its limit; None when within it."""
         slow = self._slow_start(launched, first_step, exited=True)
         if slow is not None:
             return f"over budget: {slow}; the result does not count"
         start, since, limit = self._clock(launched, first_step)
+        if self.clock == "cpu":
+            if cpu is None or cpu <= limit:
+                return None
+            return (
+                f"over budget: {cpu:.1f} CPU s from launch to its exit, past the {limit:g} s "
+                f"allowed (TIME_BUDGET {self.seconds:g} s + {self.grace:g} s, all processes of "
+                "the run, start-up included); the result does not count"
+            )
         if self.until_exit or last_step is None:
             end, until = exited, "its exit"
         else:
@@ -187,10 +249,19 @@ class Budget:
         )
 
 
-def budget_grace(seconds: float) -> float:
-    """What a run may take past TIME_BUDGET between its first step line and its exit: the
-    untimed steps after the first, saving the checkpoint, the interpreter's exit."""
+def budget_grace(seconds: float, clock: str = "wall") -> float:
+    """What a run may take past TIME_BUDGET. Wall clock, between its first step line and its
+    exit: the untimed steps after the first, saving the checkpoint, the interpreter's exit.
+    CPU clock, from launch to exit: start-up, step 0, the last step's overrun and the
+    checkpoint (CPU_GRACE_S), or 10 % of a long budget."""
+    if clock == "cpu":
+        return max(CPU_GRACE_S, 0.1 * seconds)
     return max(30.0, 0.1 * seconds)
+
+
+def cpu_clock_available() -> bool:
+    """Whether the CPU time of a run's processes can be read here (Linux /proc)."""
+    return (_PROC / "self" / "task").is_dir()
 
 
 @dataclass
@@ -479,6 +550,35 @@ def _proc_state(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[2])
 
 
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc's time unit
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) used so far by `pid` and its descendants:
+    each live (or not yet reaped) process's own time plus that of the children it reaped.
+    A boxed run's init reaps every process of the box, so at the exit of the box's outer
+    process its own figures hold the whole run. 0.0 without /proc."""
+    ticks, pending, seen = 0, [pid], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            stat = (_PROC / str(current) / "stat").read_text()
+            tasks = list((_PROC / str(current) / "task").iterdir())
+        except OSError:  # gone
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+        for task in tasks:
+            try:
+                pending += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return ticks / _TICKS
+
+
 def _has_marker(pid: int, marker: bytes) -> bool:
     try:
         return marker in (_PROC / str(pid) / "environ").read_bytes().split(b"\0")
@@ -680,8 +780,23 @@ class _Run:
         self.exited = False
         self.eof = False
         self.exited_at: float | None = None
+        self.reaped_cpu = 0.0  # CPU s of the child and the children it reaped (wait4)
         self.kill_reason: str | None = None
         self.leftovers = 0
+
+    def _reap(self) -> None:
+        """Reap the child, keeping its resource usage (what it and the children it waited for
+        used: a box's whole run, its main process being the box's pid 1)."""
+        if self.proc.returncode is not None or not hasattr(os, "wait4"):
+            self.proc.wait()
+            return
+        try:
+            _, status, usage = os.wait4(self.proc.pid, 0)
+        except ChildProcessError:  # reaped elsewhere
+            self.proc.wait()
+            return
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.reaped_cpu = usage.ru_utime + usage.ru_stime
 
     def next_event(self, timeout: float) -> object | None:
         try:
@@ -708,7 +823,7 @@ class _Run:
             _signal_group(self.proc.pid, signal.SIGKILL)
             self.waiter.join(KILL_CONFIRM_S)
         self.kill_leftovers()
-        self.proc.wait()
+        self._reap()
         if not self.eof:
             self.reader.stop()
         self.reader.join(DRAIN_S)
@@ -830,6 +945,7 @@ class Prestarted:
         key: object = None,
     ) -> None:
         self.key = key
+        self.cell: sandbox.Cell | None = None  # the box it runs in, if any (WarmChild)
         self.workdir = Path(workdir)
         self.env = dict(env)  # as given: without the marker variable added below
         self.stands_for = list(stands_for if stands_for is not None else command)
@@ -888,6 +1004,14 @@ class Prestarted:
         """End the child if it was not used: close its stdin (it exits), kill it if it lingers
         `grace` s, and anything it started (found by its marker)."""
         proc, self.proc = self.proc, None
+        cell, self.cell = self.cell, None
+        try:
+            self._end(proc, grace)
+        finally:
+            if cell is not None:
+                cell.close()
+
+    def _end(self, proc: subprocess.Popen[bytes] | None, grace: float) -> None:
         if proc is None:
             return
         try:
@@ -924,10 +1048,19 @@ class WarmChild(Prestarted):
         *,
         preload: Sequence[str] = WARM_PRELOAD,
         prefix: Sequence[str] = (),
+        cell: sandbox.Cell | None = None,
     ) -> None:
+        if cell is not None:  # boxed: the run's box, made now (its files are staged at the go)
+            prefix, env = cell.prefix, cell.env(env)
         self.prefix = tuple(prefix)
         boot = [*prefix, sys.executable, "-c", _WARM_BOOT, json.dumps(list(preload))]
-        super().__init__(boot, workdir, env)
+        try:
+            super().__init__(boot, workdir, env)
+        except BaseException:
+            if cell is not None:
+                cell.close()
+            raise
+        self.cell = cell
 
     def go(self, script: str, env: Mapping[str, str]) -> subprocess.Popen[bytes] | None:
         """Run `script` with `env` (the whole environment)."""
@@ -1004,6 +1137,7 @@ def run_training(
     marker: str | None = None,
     warm: Prestarted | None = None,
     budget: Budget | None = None,
+    box: sandbox.Box | None = None,
 ) -> RunResult:
     """Run one training child in `workdir` and describe what happened.
 
@@ -1026,15 +1160,77 @@ def run_training(
 
     `budget`: the training time the run is held to (see Budget); a run past it is stopped or
     judged as Budget says, the crash class `over_budget`, with a line in its log saying why.
+
+    `box`: run the command in a box (sandbox.Cell): a warm child's own cell when it has one
+    (a warm child started without one is not used), else a new one for `workdir` and the
+    dataset `env` names. train.py and prepare.py are copied in at launch; the checkpoint the
+    run leaves in the box's private directory is moved to `env`'s AUTORESEARCH_CHECKPOINT; the
+    cell is removed when the run is over.
     """
     command = list(command) if command is not None else [sys.executable, "train.py"]
     if warm is not None:
         assert marker in (None, warm.marker), "a warm run keeps the warm child's marker"
-        if not warm.alive() or warm.workdir != Path(workdir):
+        unfit = (box is not None) != (warm.cell is not None)
+        if unfit or not warm.alive() or warm.workdir != Path(workdir):
             warm.discard()
             warm = None
         else:
             marker = warm.marker
+    if box is None:
+        return _run_training(
+            workdir,
+            log_path,
+            command,
+            env,
+            timeout,
+            stall_timeout,
+            on_step,
+            on_line,
+            cancel,
+            marker,
+            warm,
+            budget,
+        )
+    cell = warm.cell if warm is not None else box.cell(workdir, dataset=sandbox.dataset_of(env))
+    if warm is not None:
+        warm.cell = None  # the run owns it now
+    try:
+        cell.stage()
+        boxed = [*cell.prefix, *command]
+        result = _run_training(
+            workdir,
+            log_path,
+            boxed,
+            cell.env(env),
+            timeout,
+            stall_timeout,
+            on_step,
+            on_line,
+            cancel,
+            marker,
+            warm,
+            budget,
+        )
+        cell.take_checkpoint(env.get("AUTORESEARCH_CHECKPOINT"))
+        return result
+    finally:
+        cell.close()
+
+
+def _run_training(
+    workdir: Path,
+    log_path: Path,
+    command: list[str],
+    env: Mapping[str, str],
+    timeout: float,
+    stall_timeout: float | None,
+    on_step: Callable[[Step], None] | None,
+    on_line: Callable[[str], None] | None,
+    cancel: threading.Event | None,
+    marker: str | None,
+    warm: Prestarted | None,
+    budget: Budget | None,
+) -> RunResult:
     marker = marker or uuid.uuid4().hex
     log_path.parent.mkdir(parents=True, exist_ok=True)
     recent: deque[str] = deque(maxlen=RECENT_LINES)
@@ -1083,6 +1279,15 @@ def run_training(
             proc.wait()
             proc.stdout.close()  # type: ignore[union-attr]
             raise
+        # the cpu clock starts at the go: what a warm child used before it is its imports
+        cpu_before = tree_cpu(proc.pid) if budget is not None and budget.clock == "cpu" else 0.0
+        cpu_seen = 0.0  # the most seen while it ran: counts processes no one reaps too
+
+        def cpu_used() -> float:
+            nonlocal cpu_seen
+            cpu_seen = max(cpu_seen, tree_cpu(proc.pid) - cpu_before)
+            return cpu_seen
+
         try:
             _watch(
                 run,
@@ -1093,19 +1298,25 @@ def run_training(
                 on_line=handle_line,
                 deadline=None
                 if budget is None
-                else lambda: budget.deadline(started, first_step_at, last_step_at),
+                else lambda: budget.deadline(
+                    started,
+                    first_step_at,
+                    last_step_at,
+                    cpu_used() if budget.clock == "cpu" else None,
+                ),
             )
         finally:
             run.finish()
+        cpu = max(cpu_seen, run.reaped_cpu - cpu_before)
         exited = run.exited_at or time.monotonic()
         wall = exited - started
         text = "\n".join(recent)
         footer = _footer(run, timeout=timeout, stall_timeout=stall_timeout, wall=wall)
         overrun = None
         if budget is not None and run.kill_reason == "over_budget":
-            overrun = budget.stopped(started, first_step_at)
+            overrun = budget.stopped(started, first_step_at, cpu)
         elif budget is not None and run.kill_reason is None and proc.returncode == 0:
-            overrun = budget.overrun(started, first_step_at, last_step_at, exited)
+            overrun = budget.overrun(started, first_step_at, last_step_at, exited, cpu)
         if overrun is not None:
             footer.append(f"{HARNESS_PREFIX} {overrun}")
         if footer and run.reader.log_error is None:

@@ -60,7 +60,18 @@ def test_every_named_test_exists() -> None:
     named = set(NODE_ID.findall(DOC.read_text(encoding="utf-8")))
     files = sorted({node.split("::")[0] for node in named})
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "slow or not slow",
+            *files,
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -389,6 +389,48 @@ def test_a_run_without_step_lines_does_not_count_where_they_are_required(tmp_pat
     assert result.ok and result.crash_class is None
 
 
+def test_the_cpu_clock_counts_from_launch_to_exit() -> None:
+    """The cpu clock: CPU seconds of the whole run, start-up and the time after the last step
+    line included; wall time does not count."""
+    budget = runner.Budget(10.0, 3.0, 20.0, steps_required=True, clock="cpu")
+    assert budget.deadline(0.0, None, None, cpu=13.5) == 0.0  # over: at once
+    assert budget.deadline(0.0, 500.0, 900.0, cpu=12.9) > 0.0  # not over, however late
+    assert budget.overrun(0.0, 500.0, 600.0, 900.0, cpu=12.9) is None  # an hour of wall: fine
+    assert budget.overrun(0.0, 1.0, 5.0, 6.0, cpu=13.4) == (
+        "over budget: 13.4 CPU s from launch to its exit, past the 13 s allowed (TIME_BUDGET "
+        "10 s + 3 s, all processes of the run, start-up included); the result does not count"
+    )
+    assert "13.5 CPU s since launch" in budget.stopped(0.0, 1.0, 13.5)
+    assert "exited without a step line" in (budget.overrun(0.0, None, None, 5.0, cpu=1.0) or "")
+    assert runner.budget_grace(25.0, "cpu") == runner.CPU_GRACE_S
+    assert runner.budget_grace(1000.0, "cpu") == 100.0
+
+
+@pytest.mark.skipif(not runner.cpu_clock_available(), reason="reads CPU time from /proc")
+@pytest.mark.parametrize(
+    ("phases", "stopped"),
+    [
+        (("0", "0.2", "0", "--idle", "3"), None),  # 3 s of wall past 1.5 s: load, not work
+        (("0", "0.2", "0", "--late", "3"), None),  # a first step line 3 s late: load too
+        (("3", "0.1", "0"), "CPU s"),  # computes before its first step line
+        (("0", "0.1", "3"), "CPU s"),  # computes after its last: the grace stretched
+    ],
+    ids=["idle-wall-time", "slow-start", "before-first-step", "after-last-step"],
+)
+def test_a_run_on_the_cpu_clock(tmp_path: Path, phases: tuple[str, ...], stopped: str | None):
+    """Allowed 1.5 CPU s from launch, and 2 s of start-up on the wall clock: a run that waits
+    (wall time without CPU time, what a loaded machine does to an honest run), even before its
+    first step line, is within it; one that computes 3 CPU s before its first step line or
+    after its last is `over_budget`."""
+    budget = runner.Budget(1.0, 0.5, 2.0, steps_required=True, clock="cpu")
+    result = run_stub(tmp_path, "cpu_train.py", *phases, budget=budget, timeout=120)
+    if stopped is None:
+        assert result.ok and result.crash_class is None, result.log_tail
+    else:
+        assert result.crash_class == "over_budget" and not result.ok
+        assert stopped in result.log_tail and "[autoresearch] over budget: " in result.log_tail
+
+
 def test_sigterm_ignored_escalates_to_sigkill(tmp_path: Path) -> None:
     result = run_stub(tmp_path, "ignore_sigterm.py", timeout=0.5)
     assert result.crash_class == "timeout" and result.exit_code == -9

@@ -147,14 +147,17 @@ NO_CHECKPOINT = (
 TRAIN_PAST_BUDGET = (
     "    checkpoint = os.environ.get",
     "    import time\n"
-    "    time.sleep(8)  # past TIME_BUDGET (5 s) + the grace (1 s) before the checkpoint\n"
+    "    end = time.process_time() + 8  # 8 CPU s after its last step line, before the checkpoint\n"
+    "    while time.process_time() < end:\n"
+    "        x, y, _ = next(loader)\n"
+    "        F.cross_entropy(model(x).view(-1, VOCAB_SIZE), y.view(-1)).backward()\n"
     "    checkpoint = os.environ.get",
 )
 TRAIN_BEFORE_FIRST_STEP = (
     "    for step in range(STEPS):\n",
     "    import time\n"
-    "    end = time.monotonic() + 12  # trains before its first step line, which starts the clock\n"
-    "    while time.monotonic() < end:\n"
+    "    end = time.process_time() + 10  # 10 CPU s of training before its first step line\n"
+    "    while time.process_time() < end:\n"
     "        x, y, _ = next(loader)\n"
     "        loss = F.cross_entropy(model(x).view(-1, VOCAB_SIZE), y.view(-1))\n"
     "        opt.zero_grad()\n"
@@ -199,9 +202,9 @@ class Scripted:
         return _local_proposal(self, description, change(ctx.train_py), time.monotonic(), [], "")
 
 
-# The start-up limit and the training budget are wall-clock rules; on a busy machine an honest
-# stub can take long to import torch or to take its steps, so tests about other properties
-# leave both far away (the tests of those rules set their own).
+# The stubs here train a fixed number of steps, so the start-up limit and the training budget
+# are only limits; tests about other properties leave both far away, so that no machine is
+# slow enough to reach them (the tests of those rules set their own).
 LOAD_PROOF_STARTUP_S = 600.0
 LOAD_PROOF_BUDGET_S = 60.0
 
@@ -406,9 +409,8 @@ def test_an_evaluator_started_ahead_exits_when_let_go(cache: Path, ws: Path) -> 
     [
         (PEEK_AHEAD, "looks ahead"),
         (MIX_ROWS, "mixes rows"),
-        (PATCH_AT_IMPORT, "prepare.evaluate_bpb"),
     ],
-    ids=["peek-ahead", "mix-rows", "patch-evaluate_bpb"],
+    ids=["peek-ahead", "mix-rows"],
 )
 def test_cheating_models_are_rejected(
     cache: Path, ws: Path, tmp_path: Path, change: tuple[str, str], words: str, ahead: bool
@@ -421,8 +423,12 @@ def test_cheating_models_are_rejected(
 
 
 def test_forged_result_line_and_tensor_subclass(cache: Path, ws: Path, tmp_path: Path) -> None:
-    """train.py prints a result line at import and exits; or returns a tensor subclass that
-    rewrites the loss. Neither yields a number."""
+    """train.py prints a result line at import and exits: no number. It returns a tensor
+    subclass that would rewrite the loss, or replaces prepare.evaluate_bpb at import: no effect,
+    since only plain float32 logits leave its model process and the metric is computed in
+    another one: the honest number."""
+    honest = _evaluate(ws, *_checkpoint(ws, STUB, tmp_path), tmp_path)
+    assert honest.status == "ok", honest
     forged = edit(
         STUB,
         (
@@ -435,7 +441,8 @@ def test_forged_result_line_and_tensor_subclass(cache: Path, ws: Path, tmp_path:
     train, checkpoint = _checkpoint(ws, forged.replace("os._exit(0)\n", ""), tmp_path)
     train.write_text(forged)
     result = _evaluate(ws, train, checkpoint, tmp_path)
-    assert result.status == "error" and "without a result" in result.reason
+    assert result.status == "error" and "ended without an answer" in result.reason
+    assert result.val_bpb is None
 
     subclass = edit(
         STUB,
@@ -454,9 +461,10 @@ def test_forged_result_line_and_tensor_subclass(cache: Path, ws: Path, tmp_path:
             "class Bigram(nn.Module):\n",
         ),
     )
-    train, checkpoint = _checkpoint(ws, subclass, tmp_path)
-    result = _evaluate(ws, train, checkpoint, tmp_path)
-    assert result.status == "rejected" and "not a plain torch.Tensor" in result.reason
+    for cheat in (subclass, edit(STUB, PATCH_AT_IMPORT)):
+        train, checkpoint = _checkpoint(ws, cheat, tmp_path)
+        result = _evaluate(ws, train, checkpoint, tmp_path)
+        assert result.status == "ok" and result.val_bpb == pytest.approx(honest.val_bpb), result
 
 
 def test_missing_or_unloadable_checkpoint(cache: Path, ws: Path, tmp_path: Path) -> None:
@@ -497,10 +505,7 @@ def test_exploits_in_a_session_do_not_pay(private_cache: Path, ws: Path) -> None
         ("new seed", lambda s: edit(s, SEED_ONLY)),
         ("easier validation data", lambda s: edit(s, WRITE_VAL)),
     ]
-    with pytest.raises(FingerprintError) as stopped:
-        session(ws, Scripted(steps)).run()
-    assert "val.bin changed since the session started" in str(stopped.value)
-    assert "autoresearch prepare --force" in str(stopped.value)
+    session(ws, Scripted(steps)).run()  # boxed: the validation data are not there to write
 
     recs = {r["description"]: r for r in records(ws)}
     base, best = recs["baseline"], recs["more steps"]
@@ -512,8 +517,9 @@ def test_exploits_in_a_session_do_not_pay(private_cache: Path, ws: Path) -> None
     assert skipped["metrics"]["reported_val_bpb"] == 0.1
     assert "the sealed evaluator measured" in skipped["extra"]["reported_disagrees"]
 
-    wrapped = recs["wrap evaluate_bpb at import"]
-    assert wrapped["status"] == "rejected" and "prepare.evaluate_bpb" in wrapped["extra"]["reason"]
+    wrapped = recs["wrap evaluate_bpb at import"]  # no effect: the metric is computed elsewhere
+    assert wrapped["status"] == "discard" and wrapped["val_bpb"] == pytest.approx(best["val_bpb"])
+    assert wrapped["metrics"]["reported_val_bpb"] == 0.1
     own = recs["own evaluate_bpb in main"]
     assert own["status"] == "discard" and own["val_bpb"] == pytest.approx(best["val_bpb"])
     assert own["metrics"]["reported_val_bpb"] == 0.1
@@ -525,7 +531,11 @@ def test_exploits_in_a_session_do_not_pay(private_cache: Path, ws: Path) -> None
     seed = recs["new seed"]
     assert seed["status"] == "invalid" and "only the random seed" in seed["extra"]["reason"]
     val = recs["easier validation data"]
-    assert val["status"] == "rejected" and "val.bin" in val["extra"]["reason"]
+    assert (val["status"], val["crash_class"]) == ("crash", "other")
+    assert (
+        "No such file or directory" in val["extra"]["log_tail"]
+        and "val" in val["extra"]["log_tail"]
+    )
 
     # results.tsv keeps upstream's statuses; the branch is at the best; checkpoints are kept
     # for the baseline and the best only.
@@ -542,18 +552,19 @@ def test_exploits_in_a_session_do_not_pay(private_cache: Path, ws: Path) -> None
 
 @pytest.mark.slow  # whole sessions with real children: minutes on two cores
 def test_training_past_the_budget_is_not_evaluated(cache: Path, ws: Path) -> None:
-    """A candidate that keeps going 8 s after its last step, against TIME_BUDGET 5 s and a 1 s
-    grace: stopped 6 s after its first step line, `crash`, class `over_budget`, never
-    evaluated."""
+    """A candidate that computes 8 CPU s after its last step line, against TIME_BUDGET 5 s and
+    a 3 s grace on the cpu clock (CPU time of the run from launch): stopped once past 8 CPU s,
+    `crash`, class `over_budget`, never evaluated. The hard timeout is far off, so a loaded
+    machine cannot turn this into a `timeout`."""
     steps = [("train past the budget", lambda s: edit(s, TRAIN_PAST_BUDGET))]
-    result = session(ws, Scripted(steps), time_budget=5.0, budget_grace=1.0).run()
+    result = session(ws, Scripted(steps), time_budget=5.0, budget_grace=3.0, timeout=600.0).run()
     assert result.reason == "agent has no more proposals (script done)"
     base, late = records(ws)
     assert base["status"] == "keep" and base["extra"]["eval_wall_s"] > 0
     assert (late["status"], late["crash_class"]) == ("crash", "over_budget")
     assert "[autoresearch] over budget: " in late["extra"]["log_tail"]
     assert (
-        "still running 6 s after its first step line (TIME_BUDGET 5 s + 1 s); killed"
+        "CPU s since launch, past the 8 s allowed (TIME_BUDGET 5 s + 3 s"
         in (late["extra"]["log_tail"])
     )
     assert late["exit_code"] == -15
@@ -563,17 +574,18 @@ def test_training_past_the_budget_is_not_evaluated(cache: Path, ws: Path) -> Non
 
 
 def test_training_before_the_first_step_line_is_not_evaluated(cache: Path, ws: Path) -> None:
-    """A candidate that trains for 12 s before its first step line (where the harness's clock
-    starts), against a 10 s start-up limit: stopped at the limit, `crash`, class `over_budget`,
-    never evaluated; the baseline, which starts in a few seconds, is kept."""
+    """A candidate that trains for 10 CPU s before its first step line, against TIME_BUDGET
+    5 s and a 3 s grace on the cpu clock, which counts from launch: stopped once past 8 CPU s,
+    `crash`, class `over_budget`, never evaluated; the baseline is kept. No wall-clock limit
+    decides it, so a loaded machine gives the same verdict."""
     steps = [("train before the clock starts", lambda s: edit(s, TRAIN_BEFORE_FIRST_STEP))]
-    result = session(ws, Scripted(steps), startup_limit=10.0).run()
+    result = session(ws, Scripted(steps), time_budget=5.0, budget_grace=3.0, timeout=600.0).run()
     assert result.reason == "agent has no more proposals (script done)"
     base, early = records(ws)
     assert base["status"] == "keep" and base["val_bpb"] is not None
     assert (early["status"], early["crash_class"]) == ("crash", "over_budget")
     tail = early["extra"]["log_tail"]
-    assert "[autoresearch] over budget: no step line within the 10 s allowed for start-up" in tail
+    assert "[autoresearch] over budget: " in tail and "CPU s since launch" in tail
     assert early["exit_code"] == -15
     assert "eval_wall_s" not in early["extra"] and early["val_bpb"] is None
     assert not list((ws / "runs" / TAG).glob("*/checkpoint.pt"))
