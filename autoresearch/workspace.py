@@ -198,10 +198,16 @@ def load_prepare(root: Path):
     if spec is None or spec.loader is None:
         raise WorkspaceError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
+    previous = sys.modules.get("prepare")
     sys.modules["prepare"] = module
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
+        # a module that failed half-way must not stand in for prepare.py afterwards
+        if previous is None:
+            sys.modules.pop("prepare", None)
+        else:
+            sys.modules["prepare"] = previous
         # prepare.py checks its environment at import (AUTORESEARCH_TIME_BUDGET, ...) and
         # raises its own PrepareError, a class this package cannot import beforehand: that
         # one is the user's to fix and joins the error family; anything else is a bug.
