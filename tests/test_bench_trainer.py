@@ -51,7 +51,13 @@ def _versions(tmp_path: Path, names: dict[str, float]) -> dict[str, Path]:
 
 
 def _run(
-    tmp_path: Path, monkeypatch, gpus: int, runs: int, budget=None, budgets=None
+    tmp_path: Path,
+    monkeypatch,
+    gpus: int,
+    runs: int,
+    budget=None,
+    budgets=None,
+    shared_cache: bool = False,
 ) -> tuple[list[dict], list[dict]]:
     trace = tmp_path / "trace.jsonl"
     monkeypatch.setenv("TRACE", str(trace))
@@ -60,10 +66,23 @@ def _run(
     out = tmp_path / "out"
     out.mkdir()
     args = argparse.Namespace(
-        runs=runs, gpus=gpus, out=out, work=tmp_path / "work", budget=budget, doc_eval=False
+        runs=runs,
+        gpus=gpus,
+        out=out,
+        work=tmp_path / "work",
+        budget=budget,
+        doc_eval=False,
+        shared_cache=shared_cache,
     )
     rows = trainer.run_all(versions, args, budgets)
     return rows, [json.loads(line) for line in trace.read_text().splitlines()]
+
+
+def test_shared_cache_gives_every_version_one_compile_cache(tmp_path, monkeypatch) -> None:
+    """--shared-cache: versions that differ only in constants share compiled graphs."""
+    _, trace = _run(tmp_path, monkeypatch, gpus=1, runs=2, shared_cache=True)
+    assert [t["version"] for t in trace] == ["a", "b", "c", "a", "b", "c"]
+    assert {t["cache"] for t in trace} == {"compile-shared"}
 
 
 def test_one_gpu_runs_versions_in_turn(tmp_path, monkeypatch) -> None:
