@@ -60,7 +60,19 @@ def test_every_named_test_exists() -> None:
     named = set(NODE_ID.findall(DOC.read_text(encoding="utf-8")))
     files = sorted({node.split("::")[0] for node in named})
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files],
+        # -m "": the slow tests too (the default addopts leave them out)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "",
+            *files,
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
