@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from autoresearch.workspace import init_workspace
 
 
+@pytest.mark.slow  # rebuilds the whole stdlib dataset: about a minute on two cores
 def test_force_without_source_rebuilds_the_active_dataset(
     tmp_path: Path, stdlib_prepared: Path
 ) -> None:
