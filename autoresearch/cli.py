@@ -485,6 +485,25 @@ def try_(
 
 
 @app.command(cls=_Command)
+def mcp(
+    tag: Annotated[
+        str | None,
+        typer.Option(
+            "--tag",
+            "-t",
+            help="Session tag for every tool (default: as `try` picks it, call by call).",
+        ),
+    ] = None,
+    workspace: Workspace = None,
+) -> None:
+    """Serve try_experiment, status, show and history as MCP tools over stdio, for coding
+    agents that speak the Model Context Protocol (needs `pip install 'autoresearch\\[mcp]'`)."""
+    from .mcp_server import serve
+
+    serve(workspace=workspace, tag=tag)
+
+
+@app.command(cls=_Command)
 def config(workspace: Workspace = None) -> None:
     """Show each setting, its value and where it came from (flag > env > config > default)."""
     commands.show_config(workspace=workspace)

@@ -253,3 +253,70 @@ def test_kill_9_during_try(ws: Path, env: dict, tmp_path: Path, then: str) -> No
 def test_stub_is_unchanged() -> None:
     """The gated edit above relies on the stub's `def main():` line and LR constant."""
     assert STUB_TRAIN.count("def main():\n") == 1 and STUB_TRAIN.count(LR) == 1
+
+
+# ------------------------------------------------------------------ MCP
+
+
+def test_mcp_server_over_stdio_runs_one_experiment(ws: Path, env: dict) -> None:
+    """`autoresearch mcp` in a subprocess, driven by the MCP SDK's own client over stdio:
+    the four tools are listed, try_experiment runs one experiment (the baseline first) and
+    status, history and show read it back."""
+    mcp = pytest.importorskip("mcp")
+    import anyio
+
+    edit(ws, LR, "LR = 0.06  # learning rate")
+    params = mcp.StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "autoresearch", "mcp", "--tag", TAG, "--workspace", str(ws)],
+        env=env,
+        cwd=str(ws),
+    )
+
+    async def session() -> dict:
+        async with mcp.Client(params, read_timeout_seconds=600) as client:
+            tools = {t.name for t in (await client.list_tools()).tools}
+            calls = {}
+            calls["try"] = await client.call_tool("try_experiment", {"description": "LR to 0.06"})
+            calls["status"] = await client.call_tool("status", {})
+            calls["history"] = await client.call_tool("history", {})
+            calls["show"] = await client.call_tool("show", {"experiment_id": 2})
+            return {"tools": tools, **{k: _payload(v) for k, v in calls.items()}}
+
+    got = anyio.run(session)
+    assert got["tools"] == {"try_experiment", "status", "show", "history"}
+    v = got["try"]
+    assert (v["status"], v["exit_code"], v["id"]) == ("keep", 0, 2), v
+    assert v["val_bpb"] == pytest.approx(stub_bpb(lr=0.06))
+    assert got["status"]["best"]["id"] == 2 and got["status"]["counts"] == {"keep": 2}
+    assert [h["description"] for h in got["history"]["result"]] == ["baseline", "LR to 0.06"]
+    assert "LR = 0.06" in got["show"]["diff"] and got["show"]["status"] == "keep"
+    assert [r["id"] for r in records(ws)] == [1, 2]
+    at_best(ws)
+
+
+def _payload(result) -> dict:
+    """A tool's result as data: its structured content (a list comes wrapped in `result`),
+    else the JSON text it returned."""
+    assert not result.is_error, result.content
+    if result.structured_content is not None:
+        return result.structured_content
+    return json.loads(result.content[0].text)
+
+
+def test_mcp_without_the_sdk_says_how_to_install_it(ws: Path, env: dict) -> None:
+    """With the SDK not importable (blocked in sys.modules), `autoresearch mcp` exits 2 with
+    the install command instead of a traceback."""
+    script = (
+        "import sys; sys.modules['mcp'] = None; sys.argv = ['autoresearch'] + sys.argv[1:]; "
+        "from autoresearch.cli import main; main()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "mcp", "--workspace", str(ws)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install 'autoresearch[mcp]'" in proc.stderr and "Traceback" not in proc.stderr
