@@ -554,9 +554,17 @@ def confirm(
 @app.command(cls=_Command)
 def init(
     directory: Annotated[Path, typer.Argument(help="Directory for the new workspace.")],
+    agent_external: Annotated[
+        bool,
+        typer.Option(
+            "--agent-external",
+            help="Write program.md for a coding agent (Claude Code, Codex, Aider, …) that "
+            "edits train.py itself and calls `autoresearch try` in a loop.",
+        ),
+    ] = False,
 ) -> None:
     """Create a workspace: a git repository with program.md, prepare.py, train.py."""
-    commands.init(directory)
+    commands.init(directory, agent_external=agent_external)
 
 
 def main() -> None:

@@ -202,10 +202,17 @@ def train_once(
     return 1
 
 
-def init(directory: Path) -> None:
-    root = init_workspace(directory)
+def init(directory: Path, *, agent_external: bool = False) -> None:
+    from .workspace import EXTERNAL_PROGRAM
+
+    root = init_workspace(directory, program=EXTERNAL_PROGRAM if agent_external else "program.md")
+    then = (
+        "then start your coding agent there with: Read program.md and follow it."
+        if agent_external
+        else "autoresearch run"
+    )
     out.print(
-        f"workspace ready in {root}\nnext: cd {root} && autoresearch prepare && autoresearch run",
+        f"workspace ready in {root}\nnext: cd {root} && autoresearch prepare && {then}",
         highlight=False,
         markup=False,
     )

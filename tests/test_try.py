@@ -216,7 +216,7 @@ def wait_for(path: Path, proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("then", ["try", "run --resume"])
+@pytest.mark.parametrize("then", ["try", "run-resume"])
 def test_kill_9_during_try(ws: Path, env: dict, tmp_path: Path, then: str) -> None:
     """kill -9 of a `try` (and its run) mid-training; another `try` (train.py as the kill
     left it) or `run --resume` finishes that experiment under its id: recorded once, the
@@ -320,3 +320,37 @@ def test_mcp_without_the_sdk_says_how_to_install_it(ws: Path, env: dict) -> None
     )
     assert proc.returncode == 2, proc.stderr
     assert "pip install 'autoresearch[mcp]'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------ the brief
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_init_agent_external_writes_the_coding_agent_brief(tmp_path: Path, env: dict) -> None:
+    """`init --agent-external` commits program.md from the coding agent's template, which
+    says to loop forever over `try`, never to touch prepare.py or git; the README quotes its
+    loop word for word."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "autoresearch", "init", str(tmp_path / "lab"), "--agent-external"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lab = tmp_path / "lab"
+    template = (ROOT / "autoresearch" / "templates" / "program-external.md").read_text()
+    assert (lab / "program.md").read_text() == template
+    assert git(lab, "status", "--porcelain") == ""
+    for line in (
+        "LOOP FOREVER:",
+        'autoresearch try -m "<one line: what you changed>" --json',
+        "NEVER STOP.",
+        "Never edit `prepare.py`.",
+        "Never run git yourself",
+    ):
+        assert line in template, line
+    loop = template[template.index("LOOP FOREVER:") : template.index("## Rules")].rstrip()
+    assert loop in (ROOT / "README.md").read_text()
+    assert "Read program.md and follow it." in proc.stdout
