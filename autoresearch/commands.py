@@ -684,7 +684,9 @@ def try_once(
     settings = resolve(flags, root, os.environ)
     opts = session_options(root, settings, tag=tag, gpu=gpu, resume=False)
     # Progress goes to stderr, one line per experiment: stdout holds the verdict alone.
-    display = Display(Console(stderr=True, markup=False, highlight=False), quiet=True)
+    display = Display(
+        Console(stderr=True, markup=False, highlight=False), quiet=True, device=opts.device
+    )
     try:
         result = verdict(try_experiment(root, description=description, opts=opts, display=display))
     except (TryRefused, WorkspaceBusy) as exc:

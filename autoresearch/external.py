@@ -141,7 +141,7 @@ class TryResult:
     tag: str
     best: Experiment | None
     finished_first: list[int] = field(default_factory=list)
-    working_tree: str = ""  # where the working tree was left, in words
+    working_tree: str = ""  # where the branch and train.py were left, in words
 
     @property
     def exit_code(self) -> int:
@@ -185,23 +185,40 @@ def try_experiment(
             max_hours=None,
             max_cost=None,
         )
-        Session(root, options, agent, display).run()
-        if agent.source is None:  # proposed (or there was none): the record holds it now
+        try:
+            Session(root, options, agent, display).run()
+        finally:
+            if agent.source is not None:
+                # Never proposed (the session stopped first: an error, the baseline crashed,
+                # Ctrl-C): the outside agent gets its edit back in train.py.
+                (root / TRAIN_FILE).write_text(agent.source, encoding="utf-8")
             (ledger.run_dir / CANDIDATE_FILE).unlink(missing_ok=True)
+            if ledger.run_dir.is_dir() and not any(ledger.run_dir.iterdir()):
+                ledger.run_dir.rmdir()  # the session refused to start: leave no trace
         recorded = [e for e in ledger.experiments() if e.id >= before]
         if not recorded:
             raise WorkspaceError(f"session {opts.tag} recorded no experiment for this call")
+        best = ledger.best()
         repo = GitRepo(root)
         try:
-            where = f"{repo.current_branch()} at {repo.head()[:12]}"
+            head, dirty = repo.head(), repo.is_dirty()
+            where = f"{repo.current_branch()} at {head[:12]}"
         finally:
             repo.close()
+        at_best = best is not None and best.commit == head and not dirty
         return TryResult(
             experiment=recorded[-1],
             tag=opts.tag,
-            best=ledger.best(),
+            best=best,
             finished_first=[e.id for e in recorded[:-1]],
-            working_tree=where,
+            working_tree=where
+            + (
+                ", the best"
+                if at_best
+                else ", train.py holds your edit, not tried"
+                if dirty
+                else ""
+            ),
         )
 
 
@@ -383,7 +400,7 @@ def verdict_text(v: dict) -> str:
     best = v["best"]
     if best is not None:
         lines.append(f"best: exp {best['id']:04d} val_bpb {best['val_bpb']:.6f}")
-    lines.append(f"working tree: {v['working_tree']} (the best; edit train.py from here)")
+    lines.append(f"working tree: {v['working_tree']}")
     if v["attempt_ref"] and v["status"] != "keep":
         lines.append(f"the attempt stays at {v['attempt_ref']}")
     if v["log_tail"]:

@@ -354,3 +354,26 @@ def test_init_agent_external_writes_the_coding_agent_brief(tmp_path: Path, env: 
     loop = template[template.index("LOOP FOREVER:") : template.index("## Rules")].rstrip()
     assert loop in (ROOT / "README.md").read_text()
     assert "Read program.md and follow it." in proc.stdout
+
+
+def test_a_session_that_refuses_to_start_gives_the_edit_back(
+    ws: Path, env: dict, tmp_path: Path
+) -> None:
+    """No prepared data: the new session refuses to start after `try` restored train.py for
+    the baseline; the agent's edit is put back in train.py and no trace is left."""
+    edit(ws, LR, "LR = 0.06  # learning rate")
+    edited = (ws / "train.py").read_text()
+    proc = cli(
+        ws,
+        "try",
+        "-m",
+        "LR",
+        "--tag",
+        TAG,
+        env={**env, "AUTORESEARCH_CACHE": str(tmp_path / "none")},
+    )
+    assert proc.returncode == 2 and "autoresearch prepare" in proc.stderr, proc.stderr
+    assert (ws / "train.py").read_text() == edited
+    assert git(ws, "status", "--porcelain") == "M train.py"
+    assert git(ws, "branch", "--list", "autoresearch/*") == ""
+    assert not (ws / "runs").exists() or not any((ws / "runs").iterdir())
