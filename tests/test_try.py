@@ -250,6 +250,33 @@ def test_kill_9_during_try(ws: Path, env: dict, tmp_path: Path, then: str) -> No
     at_best(ws)
 
 
+def test_kill_9_during_the_baseline_of_a_new_tag(tmp_path: Path, env: dict) -> None:
+    """kill -9 while a new tag's baseline trains (train.py restored to the base for it): the
+    candidate was saved in runs/<tag>/, and the next `try` (train.py unchanged, as the kill
+    left it) finishes the baseline and tries that candidate; nothing recorded twice."""
+    gate, entered = tmp_path / "gate", tmp_path / "entered"
+    gated = STUB_TRAIN.replace("def main():\n", GATED.format(gate=str(gate), entered=str(entered)))
+    ws = make_workspace(tmp_path / "ws", gated)  # the baseline itself blocks
+    edit(ws, LR, "LR = 0.06  # learning rate")
+    proc = start_try(ws, "LR to 0.06", env)
+    try:
+        wait_for(entered, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert git(ws, "status", "--porcelain") == ""  # train.py is the base's, for the baseline
+    saved = json.loads((ws / "runs" / TAG / "try-candidate.json").read_text())
+    assert "LR = 0.06" in saved["source"] and saved["description"] == "LR to 0.06"
+    gate.touch()
+    code, v = try_json(ws, "LR to 0.06", env)
+    assert (code, v["status"], v["id"]) == (0, "keep", 2), v
+    recs = records(ws)
+    assert [(r["id"], r["description"]) for r in recs] == [(1, "baseline"), (2, "LR to 0.06")]
+    assert len(recs[0]["extra"]["runs"]) == 2
+    assert not (ws / "runs" / TAG / "try-candidate.json").exists()
+    at_best(ws)
+
+
 def test_stub_is_unchanged() -> None:
     """The gated edit above relies on the stub's `def main():` line and LR constant."""
     assert STUB_TRAIN.count("def main():\n") == 1 and STUB_TRAIN.count(LR) == 1
