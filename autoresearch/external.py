@@ -134,13 +134,14 @@ class ExternalAgent:
 
 @dataclass
 class TryResult:
-    """What one `try` did: the experiment judged for this call, and any experiment a killed
-    earlier call left unfinished that was finished first."""
+    """What one `try` did: the experiment judged for this call, and those recorded before it
+    in the same call (a new session's baseline, an experiment a killed command left
+    unfinished)."""
 
     experiment: Experiment
     tag: str
     best: Experiment | None
-    finished_first: list[int] = field(default_factory=list)
+    recorded_first: list[Experiment] = field(default_factory=list)
     working_tree: str = ""  # where the branch and train.py were left, in words
 
     @property
@@ -199,27 +200,26 @@ def try_experiment(
         if not recorded:
             raise WorkspaceError(f"session {opts.tag} recorded no experiment for this call")
         best = ledger.best()
-        repo = GitRepo(root)
-        try:
-            head, dirty = repo.head(), repo.is_dirty()
-            where = f"{repo.current_branch()} at {head[:12]}"
-        finally:
-            repo.close()
-        at_best = best is not None and best.commit == head and not dirty
         return TryResult(
             experiment=recorded[-1],
             tag=opts.tag,
             best=best,
-            finished_first=[e.id for e in recorded[:-1]],
-            working_tree=where
-            + (
-                ", the best"
-                if at_best
-                else ", train.py holds your edit, not tried"
-                if dirty
-                else ""
-            ),
+            recorded_first=recorded[:-1],
+            working_tree=_where(root, best),
         )
+
+
+def _where(root: Path, best: Experiment | None) -> str:
+    """Where the branch and train.py were left, in words."""
+    repo = GitRepo(root)
+    try:
+        head, dirty, branch = repo.head(), repo.is_dirty(), repo.current_branch()
+    finally:
+        repo.close()
+    where = f"{branch} at {head[:12]}"
+    if best is not None and best.commit == head and not dirty:
+        return where + ", the best"
+    return where + (", train.py holds your edit, not tried" if dirty else "")
 
 
 def _prepare(root: Path, tag: str, ledger: Ledger, description: str) -> tuple[ExternalAgent, bool]:
@@ -363,7 +363,10 @@ def verdict(result: TryResult) -> dict:
         "best": None
         if result.best is None
         else {"id": result.best.id, "val_bpb": result.best.val_bpb, "commit": result.best.commit},
-        "finished_first": result.finished_first,
+        "recorded_first": [
+            {"id": e.id, "status": e.status, "val_bpb": e.val_bpb, "description": e.description}
+            for e in result.recorded_first
+        ],
         "working_tree": result.working_tree,
     }
 
@@ -390,13 +393,14 @@ def verdict_text(v: dict) -> str:
         if v["best_before"] is not None:
             line += f", best before {v['best_before']:.6f}, Δ {v['delta']:+.6f}"
         lines.append(line)
-    if v["noise_bar"] is not None and v["best_before"] is not None:
+    if v["noise_bar"] is not None and v["best_before"] is not None and v["val_bpb"] is not None:
         sigma = "not measured" if v["sigma"] is None else f"{v['sigma']:.6f}"
         lines.append(f"noise bar {v['noise_bar']:.6f} (σ {sigma}); a keep must gain more")
     lines.append(f"why: {v['reason']}")
-    if v["finished_first"]:
-        done = ", ".join(f"{i:04d}" for i in v["finished_first"])
-        lines.append(f"finished first (left unfinished by a stopped command): exp {done}")
+    for e in v["recorded_first"]:
+        lines.append(
+            f"recorded first in this call: exp {e['id']:04d} {e['status']}: {e['description']}"
+        )
     best = v["best"]
     if best is not None:
         lines.append(f"best: exp {best['id']:04d} val_bpb {best['val_bpb']:.6f}")

@@ -89,6 +89,7 @@ def test_keep_discard_crash_and_the_session_is_runs(ws: Path, env: dict) -> None
     recs = records(ws)
     assert [r["status"] for r in recs] == ["keep", "keep"]
     assert recs[0]["description"] == "baseline" and recs[0]["commit"] == base
+    assert [e["id"] for e in v["recorded_first"]] == [1]  # the new session's baseline
     assert len(recs[0]["extra"]["runs"]) == 2  # calibrated as `run` would on the cpu preset
     assert recs[1]["agent"]["name"] == "external" and recs[1]["parent"] == base
     assert git(ws, "log", "-1", "--format=%s") == "exp 0002: LR to 0.06"
@@ -238,7 +239,7 @@ def test_kill_9_during_try(ws: Path, env: dict, tmp_path: Path, then: str) -> No
     gate.touch()
     if then == "try":
         code, v = try_json(ws, "LR to 0.07", env)
-        assert (code, v["status"], v["id"], v["finished_first"]) == (0, "keep", 2, []), v
+        assert (code, v["status"], v["id"], v["recorded_first"]) == (0, "keep", 2, []), v
     else:
         done = cli(ws, *run_args(TAG, "--agent", "tuner", "--resume", n=2), env=env)
         assert done.returncode == 0, done.stderr + done.stdout
