@@ -117,6 +117,8 @@ def test_keep_discard_crash_and_the_session_is_runs(ws: Path, env: dict) -> None
     shown = cli(ws, "show", "3", "--tag", TAG, env=env)
     assert shown.returncode == 0 and "LR = 0.2" in shown.stdout
     assert "LR to 0.06" in cli(ws, "log", "--tag", TAG, env=env).stdout
+    report = cli(ws, "report", "--tag", TAG, env=env)
+    assert report.returncode == 0 and "LR to 0.2" in (ws / "runs" / TAG / "report.html").read_text()
 
     # `run` continues the same session with its own agent, then `try` again after it.
     done = cli(ws, *run_args(TAG, "--agent", "tuner", "--resume", n=5), env=env)
@@ -217,11 +219,12 @@ def wait_for(path: Path, proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("then", ["try", "run-resume"])
+@pytest.mark.parametrize("then", ["try", "run-resume", "try-a-new-edit"])
 def test_kill_9_during_try(ws: Path, env: dict, tmp_path: Path, then: str) -> None:
     """kill -9 of a `try` (and its run) mid-training; another `try` (train.py as the kill
     left it) or `run --resume` finishes that experiment under its id: recorded once, the
-    lock released, git at the best with the attempt ref in place."""
+    lock released, git at the best with the attempt ref in place. A `try` of a further edit
+    finishes it first, then tries the edit on top of it as the next experiment."""
     gate, entered = tmp_path / "gate", tmp_path / "entered"
     lines = GATED.format(gate=str(gate), entered=str(entered))
     edit(ws, "def main():\n", lines)  # the candidate blocks; the baseline (the stub) does not
@@ -240,10 +243,18 @@ def test_kill_9_during_try(ws: Path, env: dict, tmp_path: Path, then: str) -> No
     if then == "try":
         code, v = try_json(ws, "LR to 0.07", env)
         assert (code, v["status"], v["id"], v["recorded_first"]) == (0, "keep", 2, []), v
-    else:
+    elif then == "run-resume":
         done = cli(ws, *run_args(TAG, "--agent", "tuner", "--resume", n=2), env=env)
         assert done.returncode == 0, done.stderr + done.stdout
-    recs = records(ws)
+    else:
+        edit(ws, "WIDTH = 64", "WIDTH = 128")  # built on the unfinished candidate
+        code, v = try_json(ws, "WIDTH to 128", env)
+        assert (v["id"], [e["id"] for e in v["recorded_first"]]) == (3, [2]), v
+        third = records(ws)[2]
+        assert third["description"] == "WIDTH to 128" and third["parent"] == attempt(ws, 2)
+        source = git(ws, "show", f"{attempt(ws, 3)}:train.py")
+        assert "LR = 0.07" in source and "WIDTH = 128" in source
+    recs = records(ws)[:2]
     assert [(r["id"], r["status"]) for r in recs] == [(1, "keep"), (2, "keep")]
     assert recs[1]["description"] == "LR to 0.07" and recs[1]["commit"] == attempt(ws, 2)
     assert recs[1]["val_bpb"] == pytest.approx(stub_bpb(lr=0.07))
