@@ -24,7 +24,8 @@ Guarantees:
 
 What it does not do: edit train.py, repair crashes (the outside agent does that itself;
 `--fix-attempts` is 0 here), or stop an agent from running git by hand (a branch moved by
-hand is refused, as `run --resume` refuses it).
+hand is refused, as `run --resume` refuses it). `ExternalAgent` is not one of `run`'s
+`--agent` choices: it has one proposal, made before the command started.
 """
 
 from __future__ import annotations
