@@ -73,10 +73,12 @@ class TryRefused(AutoresearchError):
 
 class ExternalAgent:
     """An agent whose one proposal was made outside the tool: train.py as the outside agent
-    left it, against `base` (the best train.py when it was read). A best that moved since (an
-    unfinished experiment was kept first) gets the edit by a three-way merge, as the loop
-    re-applies a prepared proposal. After that one proposal it has no more, which ends the
-    session after exactly one new experiment."""
+    left it, edited from `base` (train.py of the checked-out commit: the best, or the
+    unfinished candidate a kill left checked out). When the best it is proposed against is
+    not `base` (that candidate was discarded, or kept while this call finished it), the edit
+    is carried over by a three-way merge, as the loop re-applies a prepared proposal. After
+    that one proposal it has no more, which ends the session after exactly one new
+    experiment."""
 
     name = AGENT_NAME
     model = AGENT_NAME
@@ -100,14 +102,14 @@ class ExternalAgent:
             merged = merge_texts(self.base, ctx.train_py, source)
             if merged is None:
                 raise InvalidProposal(
-                    "the edit conflicts with the new best train.py (kept while this call "
-                    "finished an earlier experiment): edit the new best again",
+                    "the edit conflicts with the best train.py it was to be tried on (an "
+                    "unfinished experiment was judged first): edit the best again",
                     messages=messages,
                     reply=reply,
                     description=self.description,
                     model=self.model,
                 )
-            source, rebased_from = merged, "the best before this call"
+            source, rebased_from = merged, "the checked-out train.py it was edited from"
         try:
             check_compiles(source)
         except EditError as exc:
@@ -256,11 +258,12 @@ def _prepare(root: Path, tag: str, ledger: Ledger, description: str) -> tuple[Ex
             )
         else:
             candidate = source
-        diff = repo.diff(best, None, TRAIN_FILE)
+        diff = repo.diff("HEAD", None, TRAIN_FILE)
+        edited_from = repo.show_file("HEAD", TRAIN_FILE)
         if candidate is not None and not exists:
             _save_candidate(ledger, description, candidate)
             repo.reset_hard(best)  # only train.py differed: the baseline trains the best's
-        return ExternalAgent(description, candidate, best_source, diff), exists
+        return ExternalAgent(description, candidate, edited_from, diff), exists
     finally:
         repo.close()
 
