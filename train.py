@@ -11,6 +11,8 @@ What the harness relies on (docs/architecture.md), and so what every edit must k
   line at most the start-up limit (120 s by default), else the run does not count.
 - Exit code 3 means the loss diverged (nan or exploding) and the run stopped early.
 - AUTORESEARCH_DEVICE=cpu|cuda picks the device (default: cuda when available).
+- AUTORESEARCH_SEED=N seeds the model's initialisation and the order of the training data
+  (default 42); the record of a session says which seed each run used.
 - AUTORESEARCH_CHECKPOINT=PATH saves {"config": ..., "state_dict": ...} after training;
   `load_model(PATH, device)` rebuilds the model from it. In a session the harness's sealed
   evaluator measures val_bpb from that checkpoint, in a process of its own; nothing this file
@@ -70,7 +72,9 @@ WARMDOWN_RATIO = 0.5  # fraction of TIME_BUDGET at the end over which they ramp 
 FINAL_LR_FRAC = 0.0  # learning rate at the end of warmdown, as a fraction of the peak
 LOGIT_SOFTCAP = 15.0  # logits = LOGIT_SOFTCAP * tanh(logits / LOGIT_SOFTCAP)
 UNTIMED_STEPS = 2  # first steps not counted as training time: step 0 compiles
-SEED = 42  # model init and data order
+# model init and data order: the harness sets AUTORESEARCH_SEED per run (a candidate trains
+# with the seeds of the runs it is compared with); 42 when run by hand
+SEED = int(os.environ.get("AUTORESEARCH_SEED", "42"))
 LOG_INTERVAL = 1.0  # seconds between live step lines (keeps logs small)
 
 # Model size and batch of the cpu preset (2 cores, 25 s: most of the cost is the 8192-way

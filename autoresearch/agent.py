@@ -83,6 +83,8 @@ class HistoryEntry:
     delta: float | None  # val_bpb minus the best at the time (negative = better)
     description: str
     source: str | None = None  # train.py of that attempt (None if invalid)
+    # win | within-noise | loss as the keep rule judged it (noise.judge); None: not judged
+    verdict: str | None = None
 
 
 @dataclass
@@ -349,6 +351,8 @@ def _verdict(h: HistoryEntry, noise: float) -> str:
         return h.status
     if h.delta is None:
         return "baseline"
+    if h.verdict:
+        return h.verdict
     if h.delta < -NOISE_SIGMAS * noise:
         return "win"
     if h.delta > NOISE_SIGMAS * noise:

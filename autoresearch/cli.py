@@ -392,7 +392,7 @@ def run(
         typer.Option(
             "--max-repeats",
             min=1,
-            help="Runs of a candidate whose gain is within noise (default 3 on gpu, 2 on cpu).",
+            help="Most runs of a candidate the keep rule may ask for (default 6 on gpu, 2 on cpu).",
             rich_help_panel=KEEP_PANEL,
         ),
     ] = None,
@@ -545,10 +545,29 @@ def show(
 def confirm(
     tag: Tag = None,
     device: DeviceOpt = None,
+    horizon: Annotated[
+        float | None,
+        typer.Option(
+            "--horizon",
+            min=1.0,
+            help="Train the baseline and the best again for this many times TIME_BUDGET (paired "
+            "seeds) and say whether the session's gain holds, on val and test; written to "
+            "runs/<tag>/confirm-horizon.json.",
+        ),
+    ] = None,
+    seeds: Annotated[
+        int, typer.Option("--seeds", min=1, help="Seeds per version with --horizon.")
+    ] = 1,
     workspace: Workspace = None,
 ) -> None:
     """Evaluate the baseline and the best on the held-out test split (never seen by the loop)."""
-    commands.confirm(workspace=workspace, tag=tag, device=device.value if device else None)
+    commands.confirm(
+        workspace=workspace,
+        tag=tag,
+        device=device.value if device else None,
+        horizon=horizon,
+        seeds=seeds,
+    )
 
 
 @app.command(cls=_Command)

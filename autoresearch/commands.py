@@ -306,7 +306,7 @@ def session_options(
         fix_attempts=settings.fix_attempts,
         min_delta=settings.min_delta,
         calibrate=settings.calibrate or (3 if preset == "gpu" else 2),
-        max_repeats=settings.max_repeats or (3 if preset == "gpu" else 2),
+        max_repeats=settings.max_repeats or (6 if preset == "gpu" else 2),
         sealed=settings.sealed,
         resume=resume,
         overlap=overlap,
@@ -330,8 +330,16 @@ def _auto(value: str | None) -> str | None:
     return None if value in (None, "auto") else value
 
 
-def confirm(*, workspace: Path | None, tag: str | None, device: str | None) -> None:
-    """Evaluate the baseline's and the best's checkpoints on the held-out test split."""
+def confirm(
+    *,
+    workspace: Path | None,
+    tag: str | None,
+    device: str | None,
+    horizon: float | None = None,
+    seeds: int = 1,
+) -> None:
+    """Evaluate the baseline's and the best's checkpoints on the held-out test split; with
+    `horizon`, train both again for horizon x TIME_BUDGET first (horizon.confirm_horizon)."""
     from .evaluator import evaluate_checkpoint
     from .fingerprint import Fingerprinter
     from .gitrepo import GitRepo
@@ -357,6 +365,11 @@ def confirm(*, workspace: Path | None, tag: str | None, device: str | None) -> N
         prints, tag=tag, when="by `autoresearch confirm`"
     )
     isolation = runner.network_isolation()
+    if horizon is not None:
+        _confirm_horizon(
+            root, ledger, session, (exps[0], best), horizon, seeds, device, prints, isolation
+        )
+        return
     rows = []
     for role, exp in (("baseline", exps[0]), ("best", best)):
         if rows and exp.id == rows[0]["id"]:
@@ -401,6 +414,67 @@ def confirm(*, workspace: Path | None, tag: str | None, device: str | None) -> N
         )
     _confirm_table(tag, rows)
     ledger.update_session(confirm={"at": _now(), "split": "test", "rows": rows})
+
+
+def _confirm_horizon(
+    root: Path,
+    ledger: Ledger,
+    session: dict,
+    pair: tuple[Experiment, Experiment],
+    horizon: float,
+    seeds: int,
+    device: str,
+    prints: dict,
+    isolation: runner.Isolation,
+) -> None:
+    from .gitrepo import GitRepo
+    from .horizon import FILE, confirm_horizon
+
+    if pair[0].id == pair[1].id:
+        raise WorkspaceError(
+            f"session {ledger.run_dir.name} kept nothing after its baseline: no gain to confirm"
+        )
+    repo = GitRepo(root)
+    try:
+        sources = [repo.show_file(exp.commit, "train.py") for exp in pair]
+    finally:
+        repo.close()
+    budget = float(session.get("time_budget") or 0.0)
+    out.print(
+        f"training the baseline (exp {pair[0].id:04d}) and the best (exp {pair[1].id:04d}) for "
+        f"{horizon:g} x {budget:g} s, {seeds} seed(s) each…",
+        highlight=False,
+    )
+    record = confirm_horizon(
+        root,
+        ledger.run_dir,
+        baseline=(pair[0], sources[0]),
+        best=(pair[1], sources[1]),
+        horizon=horizon,
+        seeds=seeds,
+        time_budget=budget,
+        preset=session["preset"],
+        device=device,
+        dataset=Path(session["dataset"]),
+        fingerprints=prints,
+        prefix=isolation.prefix,
+        on_run=lambda r: out.print(
+            f"  {r['role']} seed {r['seed']}: {r['status']}, val_bpb {r['val_bpb']}, "
+            f"test_bpb {r['test_bpb']}",
+            highlight=False,
+        ),
+    )
+    (ledger.run_dir / FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+    gains = ", ".join(
+        f"{k} {record[k]:+.6f}" if record[k] is not None else f"{k} —"
+        for k in ("session_gain", "val_gain", "test_gain")
+    )
+    answer = {True: "holds", False: "does NOT hold", None: "is unknown (a run failed)"}
+    out.print(
+        f"gain (baseline − best): {gains}. At {horizon:g} x TIME_BUDGET the session's gain "
+        f"{answer[record['holds']]}; recorded in {ledger.run_dir / FILE}",
+        highlight=False,
+    )
 
 
 def _confirm_table(tag: str, rows: list[dict]) -> None:

@@ -63,7 +63,7 @@ DEFAULTS: dict[str, object] = {
     "fix_attempts": 1,  # times the agent may try to fix its own crashed edit
     "min_delta": 0.0,  # val_bpb a change must beat the best by to be kept
     "calibrate": None,  # baseline runs to measure noise; None: 3 on the gpu preset, 2 on cpu
-    "max_repeats": None,  # runs of a within-noise candidate; None: 3 on gpu, 2 on cpu
+    "max_repeats": None,  # most runs of a candidate; None: 6 on gpu, 2 on cpu
     "prices": {},  # model -> {"input": usd_per_1M, "output": usd_per_1M}
     "sealed": True,  # val_bpb from the sealed evaluator (False: from train.py's own output)
 }

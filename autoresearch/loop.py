@@ -11,6 +11,10 @@ Guarantees, whatever happens (a crash of train.py, a dead endpoint, Ctrl-C, kill
 
 What it does not do: measure val_bpb itself (runner.py trains, evaluator.py measures),
 decide what counts as noise (noise.py), or run git (gitrepo.py).
+
+How a candidate is judged is noise.py's: its k-th run trains with the seed of the k-th run of
+the incumbent it is compared with (a recent one, or the incumbent is trained again with that
+seed first), and a sequential test on the paired gains keeps, discards or asks for another run.
 """
 
 from __future__ import annotations
@@ -59,7 +63,6 @@ AGENT_OUTAGE_RETRIES = (
     5  # consecutive endpoint failures (after the client's own retries) before stopping
 )
 AGENT_OUTAGE_WAIT_S = 30.0
-SEED_BASE = 1000  # run r of a commit trains with AUTORESEARCH_SEED = SEED_BASE + r
 CHECKPOINT_FILE = "checkpoint.pt"  # in the experiment's folder while its runs are judged
 CHECKPOINTS_DIR = "checkpoints"  # runs/<tag>/checkpoints/NNNN.pt: the baseline's and the best's
 FAILED_AS = ("interrupted", "rejected")  # run failures recorded under their own status, not crash
@@ -101,7 +104,9 @@ class SessionOptions:
     min_delta: float = 0.0
     calibrate: int = 1  # runs of the baseline to measure noise (the CLI uses 3 on GPU)
     max_repeats: int = 3  # runs of a candidate whose gain is within noise
-    remeasure_every: int = 3  # keeps between re-measurements of the best (0 = never)
+    # runs after which the best's run of a seed is too old to pair with a candidate's run of
+    # that seed: the best is trained with it again first (0 = pair with any age)
+    pair_window: int = noise.PAIR_WINDOW
     overlap: bool = True  # propose the next experiment while the current one trains
     # start the next training child (and, on cuda, the run's sealed evaluator) ahead, so
     # their `import torch` is done when they are due
@@ -254,7 +259,6 @@ class Session:
         self._started = time.monotonic()
         self._train_wall = 0.0
         self.measurements = noise.Measurements(self.ledger.run_dir)
-        self._keeps_since_measure = 0
         self._last_result: runner.RunResult | None = None
         self._last_summary: dict = {}
         self._run_marker: str | None = None  # marks the processes of the run in flight
@@ -546,9 +550,6 @@ class Session:
             reason = self._should_stop()
             if reason:
                 return reason
-            every = self.opts.remeasure_every
-            if every and self._keeps_since_measure >= every:
-                self._remeasure_incumbent()
             try:
                 self._experiment()
                 outages = 0
@@ -757,10 +758,14 @@ class Session:
         fix_of: int | None,
         baseline: bool = False,
     ) -> Experiment:
-        """Train `commit` as many times as the keep rule needs, then record the decision."""
+        """Train `commit` as many times as the keep rule needs, then record the decision.
+
+        The baseline trains `calibrate` times with seeds seed_of(0), seed_of(1), ...; a
+        candidate's k-th run trains with seed_of(k) and is paired with the best's run of that
+        seed (`_partner`); noise.judge decides on the paired gains after each run.
+        """
         best = self.ledger.best()
         parent = self._best_commit()
-        incumbent = [] if baseline else self.measurements.values(parent)
         self.ledger.write_state(
             {
                 "phase": "training",
@@ -779,12 +784,20 @@ class Session:
         needed = self.opts.calibrate if baseline else 1
         verdict: noise.Verdict | None = None
         while True:
-            values = self.measurements.values(commit)  # after --resume, finished runs count
-            if len(values) < needed:
-                purpose = "calibrate" if baseline else ("repeat" if values else "candidate")
-                result = self._train(exp_id, commit, description, len(values), purpose)
+            # after --resume, the runs that finished count
+            rows = self.measurements.candidate_rows(exp_id, commit)
+            if len(rows) < needed:
+                run = len(rows)
+                partner, ran = None, True
+                if not baseline:
+                    partner, pair = self._partner(exp_id, parent, commit, run)
+                    wall += pair.wall_seconds if pair else 0.0
+                    if pair is not None and pair.crash_class == "interrupted":
+                        status = "interrupted"
+                        break
+                purpose = "calibrate" if baseline else ("repeat" if rows else "candidate")
+                result = self._train(exp_id, commit, description, run, purpose, partner=partner)
                 wall += result.wall_seconds
-                ran = True
                 if not result.ok:
                     status = result.crash_class if result.crash_class in FAILED_AS else "crash"
                     break
@@ -792,10 +805,13 @@ class Session:
             if baseline:
                 status = "keep"
                 break
+            gains = self.measurements.gains(rows)
+            if not gains:  # the best could not be trained again and had no run to pair with
+                status = "discard"
+                break
             verdict = noise.judge(
-                values,
-                incumbent,
-                sigma=self.measurements.sigma(),
+                gains,
+                sigma=self.measurements.paired_sigma(exclude_exp=exp_id),
                 min_delta=self.opts.min_delta,
                 max_repeats=self.opts.max_repeats,
             )
@@ -803,9 +819,12 @@ class Session:
                 status = verdict.decision
                 break
             needed += 1
-        values = self.measurements.values(commit)
+        rows = self.measurements.candidate_rows(exp_id, commit)
+        values = [r["val_bpb"] for r in rows]
         if not ran:  # every run was measured before the session stopped (killed while recording)
             self._recall_last_run(exp_id, values)
+        table = self.measurements.rows()
+        partners = [table[r["partner"]]["val_bpb"] for r in rows if r.get("partner") is not None]
         val_bpb = fmean(values) if status in ("keep", "discard") else None
         summary = self._last_summary
         exp = Experiment(
@@ -816,9 +835,11 @@ class Session:
             parent=parent,
             val_bpb=val_bpb,
             memory_gb=summary.get("peak_vram_mb", 0.0) / 1024,
+            # the mean of the best's runs this candidate was compared with, so that
+            # val_bpb - best_before is minus the mean paired gain
             best_before=None
             if baseline
-            else (fmean(incumbent) if incumbent else best and best.val_bpb),
+            else (fmean(partners) if partners else best and best.val_bpb),
             threshold=verdict.threshold if verdict else self.opts.min_delta,
             crash_class=self._last_result.crash_class
             if status in ("crash", "interrupted")
@@ -837,8 +858,12 @@ class Session:
                 if status in ("crash", "interrupted")
                 else "",
                 "runs": values,
-                "incumbent_runs": len(incumbent),
+                "seeds": [r["seed"] for r in rows],
+                "paired_gains": self.measurements.gains(rows),
+                "incumbent_runs": len(partners),
                 "sigma": self.measurements.sigma(),
+                "paired_sigma": verdict.sigma if verdict else None,
+                "verdict": verdict.label if verdict else None,
                 "gpu_busy_s": round(self._train_wall, 1),
                 "session_s": round(time.monotonic() - self._started, 1),
                 **self._eval_notes,
@@ -860,25 +885,61 @@ class Session:
                 end_reason=f"interrupted by Ctrl-C twice: experiment {exp_id:04d} killed "
                 "(`--resume` trains it again)",
             )
-        if status == "keep" and not baseline:
-            self._keeps_since_measure += 1
         return exp
 
+    def _partner(
+        self, exp_id: int, incumbent: str, commit: str, run: int
+    ) -> tuple[int | None, runner.RunResult | None]:
+        """The `n` of the best's run that the candidate's run `run` is paired with: its latest
+        run of that seed when recent (noise.Measurements.partner), else a new one trained now,
+        with the best's train.py put in the workspace for that run (the candidate's is put
+        back after; a kill in between is repaired by --resume, which restores the candidate's).
+        Returns (partner, the pair run's result if one was trained)."""
+        seed = noise.seed_of(run)
+        row = self.measurements.partner(incumbent, seed, self.opts.pair_window)
+        if row is not None:
+            return row["n"], None
+        self.display.note(
+            f"exp {exp_id:04d}: training the best again with seed {seed}, to pair with run "
+            f"{run + 1} of the candidate (same seed, close in time)"
+        )
+        path = self.root / TRAIN_FILE
+        path.write_text(self._source(incumbent), encoding="utf-8")
+        try:
+            result = self._train(exp_id, incumbent, "the best", run, "pair")
+        finally:
+            path.write_text(self._source(commit), encoding="utf-8")
+        if self._fatal is not None:
+            raise self._fatal
+        # the new run; or, when it failed on code that trained before (the machine's fault, not
+        # the candidate's), the best's older run of that seed, if there is one
+        row = self.measurements.partner(incumbent, seed, 0)
+        return (row["n"] if row is not None else None), result
+
     def _train(
-        self, exp_id: int, commit: str, description: str, run: int, purpose: str
+        self,
+        exp_id: int,
+        commit: str,
+        description: str,
+        run: int,
+        purpose: str,
+        *,
+        partner: int | None = None,
     ) -> runner.RunResult:
-        """One training run of the checked-out commit; a valid val_bpb becomes a measurement.
+        """One training run of the train.py in the workspace (`commit`'s) with seed
+        noise.seed_of(run); a valid val_bpb becomes a measurement, paired with row `partner`.
 
         Sealed: the fingerprints are checked before and after the run, train.py saves its
         model to the experiment's checkpoint, and the val_bpb measured is the sealed
         evaluator's (see `_evaluate`).
         """
-        seed = SEED_BASE + run
+        seed = noise.seed_of(run)
         label = description if run == 0 else f"{description} ({purpose} run {run + 1})"
-        self.display.training(exp_id, label, self.opts.time_budget)
         log_name = "run.log" if run == 0 else f"run-{run + 1}.log"
-        if purpose == "remeasure":
-            log_name = f"remeasure-{len(self.measurements.values(commit)) + 1}.log"
+        if purpose == "pair":
+            label = f"{description} ({purpose} run {run + 1})"
+            log_name = f"pair-{run + 1}.log"
+        self.display.training(exp_id, label, self.opts.time_budget)
         exp_dir = self.ledger.experiment_dir(exp_id)
         checkpoint = exp_dir / CHECKPOINT_FILE
         extra = {"AUTORESEARCH_SEED": str(seed), **compile_cache_env(os.environ)}
@@ -922,13 +983,18 @@ class Session:
             self._start_warm()
         if self.opts.sealed:
             result = self._evaluate(exp_id, result, checkpoint, log_name)
-            if purpose == "remeasure":  # the best keeps the checkpoint it was kept with
+            if purpose == "pair":  # the best keeps the checkpoint it was kept with
                 checkpoint.unlink(missing_ok=True)
         self._last_result = result
         self._last_summary = result.summary
         if result.ok:
             self.measurements.add(
-                commit, result.summary["val_bpb"], exp_id=exp_id, purpose=purpose, seed=seed
+                commit,
+                result.summary["val_bpb"],
+                exp_id=exp_id,
+                purpose=purpose,
+                seed=seed,
+                partner=partner,
             )
         return result
 
@@ -1099,31 +1165,6 @@ class Session:
                 old.unlink()
         os.replace(checkpoint, folder / f"{kept:04d}.pt")
 
-    def _remeasure_incumbent(self) -> None:
-        """Train the best commit once more, so "best" is a mean, not a lucky minimum."""
-        best = self.ledger.best()
-        if best is None or best.commit is None:
-            return
-        self._keeps_since_measure = 0
-        self.ledger.write_state({"phase": "remeasure", "id": best.id, "commit": best.commit})
-        self.display.note(f"re-measuring the best, exp {best.id:04d}, to keep its estimate honest")
-        result = self._train(best.id, best.commit, best.description, 1, "remeasure")
-        self.ledger.write_state(None)
-        if self._fatal is not None:
-            raise self._fatal
-        if result.crash_class == "interrupted":
-            raise SessionInterrupted(
-                "interrupted while re-measuring the best; continue with "
-                f"`autoresearch run --resume --tag {self.opts.tag}`",
-                end_reason="interrupted by Ctrl-C twice while re-measuring the best",
-            )
-        mean = self.measurements.mean(best.commit)
-        if mean is not None:
-            self.display.note(
-                f"exp {best.id:04d} now measured {len(self.measurements.values(best.commit))}x: "
-                f"mean val_bpb {mean:.6f}"
-            )
-
     def _record_invalid(
         self,
         exp_id: int,
@@ -1202,6 +1243,7 @@ class Session:
                     delta=delta,
                     description=_history_description(e),
                     source=self._source(e.commit) if e.commit else None,
+                    verdict=e.extra.get("verdict"),
                 )
             )
             if e.status == "keep":

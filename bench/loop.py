@@ -78,7 +78,7 @@ TRAINING_LINE = re.compile(r"^exp (\d{4}) training: (.*)$")
 STEP_LINE = re.compile(r"^\s+step \d+ ")
 EVAL_LINE = re.compile(r"^· exp (\d{4}): sealed evaluation")
 PROPOSING_LINE = re.compile(r"^· exp (\d{4}): \S+ agent (proposing|repairing)")
-EXTRA_RUN = re.compile(r"\((calibrate|repeat|remeasure) run \d+\)$")
+EXTRA_RUN = re.compile(r"\((calibrate|repeat|remeasure|pair) run \d+\)$")
 
 
 # --------------------------------------------------------------------------- the fake agent

@@ -126,16 +126,18 @@ def test_outside_a_workspace_the_error_says_what_to_do(
 
 def test_readme_gives_the_cpu_torch_command_before_the_install() -> None:
     """A copy-paster on a laptop meets the CPU build's command before `pip install -e .`, and
-    the quick start's first command is still the one line that installs and runs."""
+    the quick start still has exactly its two commands: the one line that installs and runs,
+    and the tests."""
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", quick_start, re.S)
+    assert len(blocks) == 2
     cpu = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
-    first_install = next(i for i, b in enumerate(blocks) if "pip install -e ." in b)
-    assert any(cpu in b for b in blocks[:first_install])
-    assert readme.index(cpu) < readme.index("pip install -e .")
-    quick = blocks[first_install].strip()
+    assert quick_start.index(cpu) < quick_start.index("pip install -e .")
+    quick = blocks[0].strip()
     assert quick.startswith("python3 -m venv .venv && .venv/bin/pip install -e . && ")
     assert "prepare --source stdlib" in quick and "run --max-experiments 5" in quick
+    assert blocks[1].strip().endswith("python -m pytest")
 
 
 def test_status_tells_a_killed_session_from_a_live_one(ws: Path, clean_env: None) -> None:

@@ -31,8 +31,8 @@ TAG = "t1"
 LR = ("LR = 0.04  # learning rate", "LR = 0.06  # learning rate")
 WIDTH = ("WIDTH = 64  # model width", "WIDTH = 128  # model width")
 # The replay agent proposes these in order.
-# The second's description is markup to rich, and must be shown as written.
-PATCHES = {"01.txt": reply("LR to 0.06", LR), "02.txt": reply("WIDTH [bold]128[/bold]", WIDTH)}
+# The first's description is markup to rich, and must be shown as written.
+PATCHES = {"01.txt": reply("LR [bold]0.06[/bold]", LR), "02.txt": reply("WIDTH to 128", WIDTH)}
 
 
 @pytest.fixture
@@ -137,10 +137,10 @@ def test_a_first_session_from_a_subdirectory_and_what_it_says(
         mode = stat.S_IMODE((run_dir(ws) / name).stat().st_mode)
         assert mode == 0o644, f"{name}: {oct(mode)}"
 
-    status = autoresearch(sub, "status", env=env)
+    status = autoresearch(sub, "status", env={**env, "COLUMNS": "200"})
     assert status.returncode == 0, status.stderr
     assert "2 experiments: 2 keep" in status.stdout
-    assert "WIDTH [bold]128[/bold]" in status.stdout
+    assert "LR [bold]0.06[/bold]" in status.stdout
     assert "CPU busy training" in status.stdout and "GPU" not in status.stdout
     assert "ended: reached --max-experiments 2" in status.stdout
     as_json = json.loads(autoresearch(sub, "status", "--json", env=env).stdout)
@@ -165,14 +165,14 @@ def test_a_first_session_from_a_subdirectory_and_what_it_says(
     (agent_line,) = [line for line in show2.stdout.splitlines() if line.startswith("agent ")]
     assert "None" not in agent_line  # e.g. no `rebased_from None`
     assert "why: kept: gain" in show2.stdout
-    assert "WIDTH [bold]128[/bold]" in show2.stdout
+    assert "LR [bold]0.06[/bold]" in show2.stdout
 
 
 def test_one_experiment_is_one_experiment(ws: Path, env: dict, patches: Path) -> None:
     done = autoresearch(ws, *run_args(TAG, *replay_args(patches), n=1), env=env)
     assert done.returncode == 0, done.stderr + done.stdout
     assert "1 experiment (1 keep)" in done.stdout
-    assert "WIDTH [bold]128[/bold]" not in done.stdout  # one experiment: the baseline
+    assert "LR [bold]0.06[/bold]" not in done.stdout  # one experiment: the baseline
     assert "1 experiments" not in done.stdout
     status = autoresearch(ws, "status", env=env)
     assert "1 experiment: 1 keep" in status.stdout

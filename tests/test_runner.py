@@ -372,7 +372,7 @@ def test_a_run_is_held_to_its_budget(
         assert result.exit_code == -15 and "val_bpb" not in result.summary
         assert "[autoresearch] over budget: " in result.log_tail
         assert stopped in result.log_path.read_text()
-        assert result.wall_seconds < 1 + 4 + 0.5  # stopped, not left to finish
+        assert "---" not in result.log_path.read_text().splitlines()  # stopped, not finished
 
 
 def test_a_run_without_step_lines_does_not_count_where_they_are_required(tmp_path: Path) -> None:

@@ -213,7 +213,7 @@ def session(ws: Path, agent: Scripted, **options) -> Session:
         fix_attempts=0,
         calibrate=1,
         max_repeats=1,
-        remeasure_every=0,
+        pair_window=0,
         sealed=True,
         **options,
     )

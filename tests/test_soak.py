@@ -93,6 +93,7 @@ class CountingAgent:
     fix = None  # never asked: the stub never crashes
 
 
+@pytest.mark.slow  # 200 experiments: about two minutes on two cores
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 def test_two_hundred_experiments_leak_nothing(tmp_path: Path, monkeypatch) -> None:
     ws = make_workspace(tmp_path / "ws", STUB)
