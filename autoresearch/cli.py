@@ -447,6 +447,80 @@ def run(
     )
 
 
+@app.command("try", cls=_Command)
+def try_(
+    message: Annotated[
+        str,
+        typer.Option(
+            "--message", "-m", help="One line describing the change (the commit message)."
+        ),
+    ],
+    tag: Annotated[
+        str | None,
+        typer.Option(
+            "--tag",
+            "-t",
+            help="Session tag (default: the session whose branch is checked out, else today's "
+            "date). A new tag starts a session: the baseline is measured first.",
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the verdict as JSON on stdout.")
+    ] = False,
+    preset: PresetOpt = None,
+    device: DeviceOpt = None,
+    gpu: GpuOpt = None,
+    unsandboxed: Annotated[
+        bool,
+        typer.Option(
+            "--unsandboxed",
+            help="Run candidate code without the box (bubblewrap) where it is missing; recorded.",
+        ),
+    ] = False,
+    workspace: Workspace = None,
+) -> None:
+    """Run the working tree's train.py as one experiment, exactly as `run` would, and print
+    the verdict: for a coding agent that edits train.py itself.
+
+    Exit status: 0 keep, 10 discard, 11 crash (also rejected, interrupted), 12 refused (a file
+    other than train.py differs from the best commit, train.py is unchanged, or the edit was
+    recorded invalid), 13 busy (another `run` or `try` is working in this workspace).
+    """
+    code = commands.try_once(
+        workspace=workspace,
+        tag=tag,
+        fallback_tag=default_tag(),
+        description=message,
+        as_json=as_json,
+        flags={
+            "preset": preset.value if preset else None,
+            "device": device.value if device else None,
+        },
+        gpu=gpu,
+        unsandboxed=unsandboxed,
+    )
+    raise typer.Exit(code)
+
+
+@app.command(cls=_Command)
+def mcp(
+    tag: Annotated[
+        str | None,
+        typer.Option(
+            "--tag",
+            "-t",
+            help="Session tag for every tool (default: as `try` picks it, call by call).",
+        ),
+    ] = None,
+    workspace: Workspace = None,
+) -> None:
+    """Serve try_experiment, status, show and history as MCP tools over stdio, for coding
+    agents that speak the Model Context Protocol (needs `pip install 'autoresearch\\[mcp]'`)."""
+    from .mcp_server import serve
+
+    serve(workspace=workspace, tag=tag)
+
+
 @app.command(cls=_Command)
 def config(workspace: Workspace = None) -> None:
     """Show each setting, its value and where it came from (flag > env > config > default)."""
@@ -517,9 +591,17 @@ def confirm(
 @app.command(cls=_Command)
 def init(
     directory: Annotated[Path, typer.Argument(help="Directory for the new workspace.")],
+    agent_external: Annotated[
+        bool,
+        typer.Option(
+            "--agent-external",
+            help="Write program.md for a coding agent (Claude Code, Codex, Aider, …) that "
+            "edits train.py itself and calls `autoresearch try` in a loop.",
+        ),
+    ] = False,
 ) -> None:
     """Create a workspace: a git repository with program.md, prepare.py, train.py."""
-    commands.init(directory)
+    commands.init(directory, agent_external=agent_external)
 
 
 def main() -> None:

@@ -12,13 +12,14 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from . import runner, sandbox
-from .config import resolve
+from .config import Settings, resolve
 from .display import (
     STATUS_STYLE,
     Display,
@@ -39,6 +40,9 @@ from .workspace import (
     read_manifest,
     stale_prepare,
 )
+
+if TYPE_CHECKING:
+    from .loop import SessionOptions
 
 # Text from the record, shown literally; a line stays one line when piped (a table still fits)
 out = Console(markup=False, highlight=False, soft_wrap=True)
@@ -198,10 +202,17 @@ def train_once(
     return 1
 
 
-def init(directory: Path) -> None:
-    root = init_workspace(directory)
+def init(directory: Path, *, agent_external: bool = False) -> None:
+    from .workspace import EXTERNAL_PROGRAM
+
+    root = init_workspace(directory, program=EXTERNAL_PROGRAM if agent_external else "program.md")
+    then = (
+        "then start your coding agent there with: Read program.md and follow it."
+        if agent_external
+        else "autoresearch run"
+    )
     out.print(
-        f"workspace ready in {root}\nnext: cd {root} && autoresearch prepare && autoresearch run",
+        f"workspace ready in {root}\nnext: cd {root} && autoresearch prepare && {then}",
         highlight=False,
         markup=False,
     )
@@ -224,7 +235,7 @@ def run_session(
     unsandboxed: bool = False,
 ) -> None:
     from .agent import make_agent
-    from .loop import Session, SessionOptions
+    from .loop import Session
 
     if not tag.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise UsageError(f"--tag {tag!r}: use letters, digits, '-', '_' or '.' only")
@@ -236,8 +247,17 @@ def run_session(
     box = sandbox.require(sandbox.probe(), unsandboxed=unsandboxed)
     first = _first_warm_child(root, gpu, box) if warm_start else None
     try:
-        device, preset = resolve_device(_auto(settings.device), _auto(settings.preset))
-        constants = preset_constants(root, preset)
+        opts = session_options(
+            root,
+            settings,
+            tag=tag,
+            gpu=gpu,
+            resume=resume,
+            overlap=overlap,
+            warm_start=warm_start,
+            unsandboxed=unsandboxed,
+        )
+        device, preset = opts.device, opts.preset
         agent_obj = make_agent(
             agent,
             model=settings.model,
@@ -245,30 +265,6 @@ def run_session(
             patches_dir=patches,
             api_key=os.environ.get("AUTORESEARCH_API_KEY") or os.environ.get("OPENAI_API_KEY"),
             timeout=settings.agent_timeout,
-        )
-        opts = SessionOptions(
-            tag=tag,
-            preset=preset,
-            device=device,
-            time_budget=float(constants["TIME_BUDGET"]),
-            gpu=gpu,
-            max_experiments=settings.max_experiments,
-            max_hours=settings.max_hours,
-            max_cost=settings.max_cost,
-            prices=settings.prices,
-            timeout=settings.timeout,
-            stall_timeout=settings.stall_timeout,
-            budget_grace=settings.budget_grace,
-            startup_limit=settings.startup_limit,
-            fix_attempts=settings.fix_attempts,
-            min_delta=settings.min_delta,
-            calibrate=settings.calibrate or (3 if preset == "gpu" else 2),
-            max_repeats=settings.max_repeats or (6 if preset == "gpu" else 2),
-            sealed=settings.sealed,
-            unsandboxed=unsandboxed,
-            resume=resume,
-            overlap=overlap,
-            warm_start=warm_start,
         )
         display = Display(out, quiet=quiet, device=device)
         display.note(
@@ -284,6 +280,49 @@ def run_session(
     finally:
         if first is not None:  # a no-op once the session has taken it
             first.discard(grace=0.0)  # an error before the first run is not kept waiting
+
+
+def session_options(
+    root: Path,
+    settings: Settings,
+    *,
+    tag: str,
+    gpu: str | None,
+    resume: bool,
+    overlap: bool = True,
+    warm_start: bool = True,
+    unsandboxed: bool = False,
+) -> SessionOptions:
+    """A session's options from the resolved settings, with the hardware's defaults (the
+    device, the preset and its TIME_BUDGET, calibration and repeats); `run` and `try` share it."""
+    from .loop import SessionOptions
+
+    device, preset = resolve_device(_auto(settings.device), _auto(settings.preset))
+    constants = preset_constants(root, preset)
+    return SessionOptions(
+        tag=tag,
+        preset=preset,
+        device=device,
+        time_budget=float(constants["TIME_BUDGET"]),
+        gpu=gpu,
+        max_experiments=settings.max_experiments,
+        max_hours=settings.max_hours,
+        max_cost=settings.max_cost,
+        prices=settings.prices,
+        timeout=settings.timeout,
+        stall_timeout=settings.stall_timeout,
+        budget_grace=settings.budget_grace,
+        startup_limit=settings.startup_limit,
+        fix_attempts=settings.fix_attempts,
+        min_delta=settings.min_delta,
+        calibrate=settings.calibrate or (3 if preset == "gpu" else 2),
+        max_repeats=settings.max_repeats or (6 if preset == "gpu" else 2),
+        sealed=settings.sealed,
+        unsandboxed=unsandboxed,
+        resume=resume,
+        overlap=overlap,
+        warm_start=warm_start,
+    )
 
 
 def _first_warm_child(
@@ -707,3 +746,45 @@ def show(*, workspace: Path | None, tag: str | None, exp_id: int) -> None:
         out.rule(f"log tail: {run_log.name}")
         lines = run_log.read_text(encoding="utf-8", errors="replace").splitlines()
         out.print("\n".join(lines[-30:]))
+
+
+# ------------------------------------------------------------------ try
+
+
+def try_once(
+    *,
+    workspace: Path | None,
+    tag: str | None,
+    fallback_tag: str,
+    description: str,
+    as_json: bool,
+    flags: dict[str, object | None],
+    gpu: str | None,
+    unsandboxed: bool = False,
+) -> int:
+    """One experiment of an outside agent's train.py (external.py); prints the verdict and
+    returns its exit status. A refusal is a verdict too (printed, exit 12 or 13)."""
+    from .external import TryRefused, default_tag, refusal, try_experiment, verdict, verdict_text
+    from .lock import WorkspaceBusy
+
+    root = find_workspace(workspace)
+    tag = tag or default_tag(root, fallback_tag)
+    if not tag.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise UsageError(f"--tag {tag!r}: use letters, digits, '-', '_' or '.' only")
+    settings = resolve(flags, root, os.environ)
+    opts = session_options(
+        root, settings, tag=tag, gpu=gpu, resume=False, unsandboxed=unsandboxed
+    )
+    # Progress goes to stderr, one line per experiment: stdout holds the verdict alone.
+    display = Display(
+        Console(stderr=True, markup=False, highlight=False), quiet=True, device=opts.device
+    )
+    try:
+        result = verdict(try_experiment(root, description=description, opts=opts, display=display))
+    except (TryRefused, WorkspaceBusy) as exc:
+        result = refusal(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        out.print(verdict_text(result))
+    return result["exit_code"]

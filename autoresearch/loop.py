@@ -51,6 +51,7 @@ from .edits import check_compiles
 from .errors import AgentError, AutoresearchError, EditError, WorkspaceError
 from .gitrepo import GitRepo, merge_texts
 from .ledger import Experiment, Ledger, LedgerError
+from .lock import workspace_lock
 from .pricing import cost_usd
 from .workspace import RUNS_DIR, TRAIN_FILE, cache_dir, data_manifest
 
@@ -288,6 +289,12 @@ class Session:
     # ----------------------------------------------------------------- setup
 
     def run(self) -> SessionResult:
+        """`_run` holding the workspace lock (lock.py): another session or `try` on this
+        working tree is refused (WorkspaceBusy) before anything is read or written."""
+        with workspace_lock(self.root, f"a session on tag {self.opts.tag}"):
+            return self._run()
+
+    def _run(self) -> SessionResult:
         """Run until a budget, the agent or Ctrl-C ends the session.
 
         Every way out of a session that started records why in session.json (`end_reason`,

@@ -81,8 +81,14 @@ def _check_workspace(root: Path) -> Path:
     return root
 
 
-def init_workspace(target: Path) -> Path:
-    """Create a new workspace: a git repository with the three files and a .gitignore."""
+# program.md's template for a coding agent that edits train.py and calls `autoresearch try`
+EXTERNAL_PROGRAM = "program-external.md"
+
+
+def init_workspace(target: Path, *, program: str = "program.md") -> Path:
+    """Create a new workspace: a git repository with the three files and a .gitignore;
+    program.md is copied from the template named `program` (EXTERNAL_PROGRAM: the brief for
+    an outside coding agent)."""
     target = target.resolve()
     existing = [n for n in (*WORKSPACE_FILES, ".gitignore") if (target / n).exists()]
     if existing:
@@ -95,7 +101,8 @@ def init_workspace(target: Path) -> Path:
         )
     target.mkdir(parents=True, exist_ok=True)
     for name in WORKSPACE_FILES:
-        (target / name).write_text(template_text(name), encoding="utf-8")
+        source = program if name == "program.md" else name
+        (target / name).write_text(template_text(source), encoding="utf-8")
     (target / ".gitignore").write_text(GITIGNORE, encoding="utf-8")
     init_repository(
         target,
