@@ -772,9 +772,7 @@ def try_once(
     if not tag.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise UsageError(f"--tag {tag!r}: use letters, digits, '-', '_' or '.' only")
     settings = resolve(flags, root, os.environ)
-    opts = session_options(
-        root, settings, tag=tag, gpu=gpu, resume=False, unsandboxed=unsandboxed
-    )
+    opts = session_options(root, settings, tag=tag, gpu=gpu, resume=False, unsandboxed=unsandboxed)
     # Progress goes to stderr, one line per experiment: stdout holds the verdict alone.
     display = Display(
         Console(stderr=True, markup=False, highlight=False), quiet=True, device=opts.device
