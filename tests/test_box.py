@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import sysconfig
 import uuid
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def test_attacks_from_training_are_unable(cache: Path, tmp_path: Path) -> None:
     val = dataset / manifest["splits"]["val"]["shards"][0]["file"]
     test = dataset / manifest["splits"]["test"]["shards"][0]["file"]
     package = Path(autoresearch.__file__).resolve().parent
-    site_dir = Path(sandbox.python_dirs()[0])
+    site_dir = Path(sysconfig.get_paths()["purelib"])  # where a .pth file would run
     token = "autoresearch-daemon-" + uuid.uuid4().hex
     places = [str(ws / "w.pt"), str(dataset.parent / "w.pt"), str(Path.home() / "w.pt")]
     places += ["/tmp/w.pt", str(tmp_path / "w.pt")]
@@ -170,7 +171,7 @@ def test_attacks_from_evaluation_are_unable(cache: Path, tmp_path: Path) -> None
     dataset = active_dataset()
     manifest = json.loads((dataset / "manifest.json").read_text())
     val = dataset / manifest["splits"]["val"]["shards"][0]["file"]
-    site_dir = Path(sandbox.python_dirs()[0])
+    site_dir = Path(sysconfig.get_paths()["purelib"])  # where a .pth file would run
     attacks = {
         "read val": f"lambda: open({str(val)!r}, 'rb').read()",
         "plant a .pth": f"lambda: open({str(site_dir / 'zz_evil.pth')!r}, 'w').write('x')",
