@@ -9,6 +9,7 @@ cache holds a manifest and nothing else.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -102,6 +103,20 @@ def fake_prepared_cache(cache: Path) -> Path:
     (cache / "stub" / "manifest.json").write_text(json.dumps({"source": "stub"}))
     (cache / "ACTIVE").write_text("stub\n")
     return cache
+
+
+def stub_cli_env(tmp_path: Path) -> dict[str, str]:
+    """The environment for the CLI run in a subprocess over a stub workspace: this checkout's
+    package, a fake prepared cache, unsealed (the stub prints val_bpb and saves no
+    checkpoint), and none of the developer's AUTORESEARCH_ or OPENAI_ settings."""
+    cache = fake_prepared_cache(tmp_path / "cache")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "OPENAI_"))}
+    return {
+        **base,
+        "AUTORESEARCH_CACHE": str(cache),
+        "AUTORESEARCH_SEALED": "0",
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+    }
 
 
 def reply(description: str, *edits: tuple[str, str]) -> str:

@@ -18,13 +18,13 @@ import pytest
 from fakellm import FakeLLM
 from loopkit import (
     STUB_TRAIN,
-    fake_prepared_cache,
     git,
     make_workspace,
     openai_args,
     replay_args,
     reply,
     run_args,
+    stub_cli_env,
 )
 
 TAG = "t1"
@@ -42,14 +42,7 @@ def ws(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    cache = fake_prepared_cache(tmp_path / "cache")
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "OPENAI_"))}
-    return {
-        **base,
-        "AUTORESEARCH_CACHE": str(cache),
-        "AUTORESEARCH_SEALED": "0",  # the stub prints val_bpb and saves no checkpoint
-        "PYTHONPATH": str(Path(__file__).parents[1]),
-    }
+    return stub_cli_env(tmp_path)
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from fakellm import FakeLLM
 from loopkit import (
     STUB_TRAIN,
     cli,
-    fake_prepared_cache,
     git,
     make_workspace,
     openai_args,
@@ -25,6 +24,7 @@ from loopkit import (
     results_rows,
     run_args,
     stub_bpb,
+    stub_cli_env,
 )
 
 from autoresearch import commands
@@ -41,14 +41,7 @@ def ws(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    cache = fake_prepared_cache(tmp_path / "cache")
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "OPENAI_"))}
-    return {
-        **base,
-        "AUTORESEARCH_CACHE": str(cache),
-        "AUTORESEARCH_SEALED": "0",  # the stub prints val_bpb and saves no checkpoint
-        "PYTHONPATH": str(Path(__file__).parents[1]),
-    }
+    return stub_cli_env(tmp_path)
 
 
 def run_llm(

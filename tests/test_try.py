@@ -15,7 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
-from loopkit import STUB_TRAIN, cli, fake_prepared_cache, git, make_workspace, run_args, stub_bpb
+from loopkit import (
+    STUB_TRAIN,
+    cli,
+    git,
+    make_workspace,
+    run_args,
+    stub_bpb,
+    stub_cli_env,
+)
 
 from autoresearch.lock import lock_path
 
@@ -30,14 +38,7 @@ def ws(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    cache = fake_prepared_cache(tmp_path / "cache")
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "OPENAI_"))}
-    return {
-        **base,
-        "AUTORESEARCH_CACHE": str(cache),
-        "AUTORESEARCH_SEALED": "0",  # the stub prints val_bpb and saves no checkpoint
-        "PYTHONPATH": str(Path(__file__).parents[1]),
-    }
+    return stub_cli_env(tmp_path)
 
 
 def edit(ws: Path, old: str, new: str) -> None:
