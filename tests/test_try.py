@@ -193,6 +193,9 @@ def test_second_command_is_refused_while_the_lock_is_held(ws: Path, env: dict) -
 # ------------------------------------------------------------------ kill -9
 
 # The candidate's train.py blocks until the test creates the gate: the try is killed there.
+# The gate and the file that says the run reached it live outside the workspace, where the box
+# would hide them from the run, so every command of these tests runs unboxed.
+UNBOXED = "--unsandboxed"
 GATED = """def main():
     import os
     if not os.path.exists({gate!r}):
@@ -204,7 +207,7 @@ GATED = """def main():
 def start_try(ws: Path, description: str, env: dict) -> subprocess.Popen:
     """`try` in the background, in a process group of its own (to SIGKILL it and its run)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "autoresearch", "try", "-m", description, "--tag", TAG],
+        [sys.executable, "-m", "autoresearch", "try", "-m", description, "--tag", TAG, UNBOXED],
         cwd=ws,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -242,14 +245,14 @@ def test_kill_9_during_try(ws: Path, env: dict, tmp_path: Path, then: str) -> No
     assert attempt(ws, 2) == git(ws, "rev-parse", "HEAD")  # the candidate, checked out
     gate.touch()
     if then == "try":
-        code, v = try_json(ws, "LR to 0.07", env)
+        code, v = try_json(ws, "LR to 0.07", env, UNBOXED)
         assert (code, v["status"], v["id"], v["recorded_first"]) == (0, "keep", 2, []), v
     elif then == "run-resume":
-        done = cli(ws, *run_args(TAG, "--agent", "tuner", "--resume", n=2), env=env)
+        done = cli(ws, *run_args(TAG, "--agent", "tuner", "--resume", UNBOXED, n=2), env=env)
         assert done.returncode == 0, done.stderr + done.stdout
     else:
         edit(ws, "WIDTH = 64", "WIDTH = 128")  # built on the unfinished candidate
-        code, v = try_json(ws, "WIDTH to 128", env)
+        code, v = try_json(ws, "WIDTH to 128", env, UNBOXED)
         assert (v["id"], [e["id"] for e in v["recorded_first"]]) == (3, [2]), v
         third = records(ws)[2]
         assert third["description"] == "WIDTH to 128" and third["parent"] == attempt(ws, 2)
@@ -281,7 +284,7 @@ def test_kill_9_during_the_baseline_of_a_new_tag(tmp_path: Path, env: dict) -> N
     saved = json.loads((ws / "runs" / TAG / "try-candidate.json").read_text())
     assert "LR = 0.06" in saved["source"] and saved["description"] == "LR to 0.06"
     gate.touch()
-    code, v = try_json(ws, "LR to 0.06", env)
+    code, v = try_json(ws, "LR to 0.06", env, UNBOXED)
     assert (code, v["status"], v["id"]) == (0, "keep", 2), v
     recs = records(ws)
     assert [(r["id"], r["description"]) for r in recs] == [(1, "baseline"), (2, "LR to 0.06")]
