@@ -159,11 +159,19 @@ def test_child_env_strips_secrets_and_sets_the_contract() -> None:
         "PATH": "/bin",
         "TOKENIZERS_PARALLELISM": "false",
         "A": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
         "PYTHONUNBUFFERED": "1",
         "AUTORESEARCH_PRESET": "cpu",
         "AUTORESEARCH_DEVICE": "cpu",
         "CUDA_VISIBLE_DEVICES": "3",
     }
+    # the user's own OpenMP setting wins
+    assert (
+        child_env({"OMP_WAIT_POLICY": "ACTIVE"}, preset="cpu", device="cpu", gpu=None)[
+            "OMP_WAIT_POLICY"
+        ]
+        == "ACTIVE"
+    )
 
 
 def test_child_sees_no_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
