@@ -33,7 +33,7 @@ def test_confirm_horizon_trains_both_with_paired_seeds_and_records_the_answer(
 ) -> None:
     steps = [("more steps", lambda s: edit(s, MORE_STEPS, SEEDED))]
     # generous limits: 40 steps on a busy machine must not become over_budget here
-    session(ws, Scripted(steps), budget_grace=300.0, startup_limit=600.0).run()
+    session(ws, Scripted(steps), time_budget=5.0, budget_grace=300.0, startup_limit=600.0).run()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "COLUMNS": "120"}
     proc = subprocess.run(
         [sys.executable, "-m", "autoresearch", "confirm", "--tag", TAG, "--horizon", "2",
