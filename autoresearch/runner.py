@@ -1181,12 +1181,13 @@ def run_training(
             warm = None
         else:
             marker = warm.marker
-    if box is None:
+
+    def train(cmd: list[str], run_env: Mapping[str, str]) -> RunResult:
         return _run_training(
             workdir,
             log_path,
-            command,
-            env,
+            cmd,
+            run_env,
             timeout,
             stall_timeout,
             on_step,
@@ -1196,26 +1197,15 @@ def run_training(
             warm,
             budget,
         )
+
+    if box is None:
+        return train(command, env)
     cell = warm.cell if warm is not None else box.cell(workdir, dataset=sandbox.dataset_of(env))
     if warm is not None:
         warm.cell = None  # the run owns it now
     try:
         cell.stage()
-        boxed = [*cell.prefix, *command]
-        result = _run_training(
-            workdir,
-            log_path,
-            boxed,
-            cell.env(env),
-            timeout,
-            stall_timeout,
-            on_step,
-            on_line,
-            cancel,
-            marker,
-            warm,
-            budget,
-        )
+        result = train([*cell.prefix, *command], cell.env(env))
         cell.take_checkpoint(env.get("AUTORESEARCH_CHECKPOINT"))
         return result
     finally:
