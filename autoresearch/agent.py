@@ -1220,12 +1220,13 @@ class ReplayAgent:
 
 
 def _local_proposal(
-    agent: TunerAgent | ReplayAgent,
+    agent: Agent,
     description: str,
     source: str,
     started: float,
     messages: list[dict],
     reply: str,
+    rebased_from: str | None = None,
 ) -> Proposal:
     """A proposal made in one attempt without an LLM: no tokens, timed from `started`."""
     return Proposal(
@@ -1239,4 +1240,5 @@ def _local_proposal(
         tokens_out=0,
         seconds=time.monotonic() - started,
         agent=agent.name,
+        rebased_from=rebased_from,
     )

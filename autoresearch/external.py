@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .agent import AgentExhausted, Context, InvalidProposal, Proposal
+from .agent import AgentExhausted, Context, InvalidProposal, Proposal, _local_proposal
 from .display import Display
 from .edits import check_compiles
 from .errors import AutoresearchError, EditError, UsageError, WorkspaceError
@@ -117,18 +117,8 @@ class ExternalAgent:
                 str(exc), messages=messages, reply=reply, description=self.description,
                 model=self.model,
             ) from None  # fmt: skip
-        return Proposal(
-            description=self.description,
-            source=source,
-            messages=messages,
-            reply=reply,
-            model=self.model,
-            attempts=1,
-            tokens_in=0,
-            tokens_out=0,
-            seconds=time.monotonic() - started,
-            agent=self.name,
-            rebased_from=rebased_from,
+        return _local_proposal(
+            self, self.description, source, started, messages, reply, rebased_from
         )
 
     def fix(self, ctx: Context, failed_source: str, crash_tail: str) -> Proposal:
