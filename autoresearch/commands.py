@@ -42,7 +42,7 @@ from .workspace import (
 )
 
 if TYPE_CHECKING:
-    from .loop import SessionOptions
+    from .options import SessionOptions
 
 # Text from the record, shown literally; a line stays one line when piped (a table still fits)
 out = Console(markup=False, highlight=False, soft_wrap=True)
@@ -295,7 +295,7 @@ def session_options(
 ) -> SessionOptions:
     """A session's options from the resolved settings, with the hardware's defaults (the
     device, the preset and its TIME_BUDGET, calibration and repeats); `run` and `try` share it."""
-    from .loop import SessionOptions
+    from .options import SessionOptions
 
     device, preset = resolve_device(_auto(settings.device), _auto(settings.preset))
     constants = preset_constants(root, preset)

@@ -27,7 +27,6 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
@@ -38,10 +37,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .ledger import Experiment, decision_of
+from .options import SessionOptions
 from .runner import Step
-
-if TYPE_CHECKING:
-    from .loop import SessionOptions
 
 REFRESH_PER_SECOND = 4  # dashboard redraws; a step line only updates state
 RECENT = 10  # experiments in the dashboard's table (fewer when the terminal is short)

@@ -43,7 +43,8 @@ from .errors import AutoresearchError, EditError, UsageError, WorkspaceError
 from .gitrepo import GitRepo, merge_texts
 from .ledger import Experiment, Ledger, decision_of
 from .lock import BUSY_EXIT, WorkspaceBusy, workspace_lock
-from .loop import Session, SessionOptions, branch_name, normalized_hash
+from .loop import Session, branch_name, normalized_hash
+from .options import SessionOptions
 from .workspace import RUNS_DIR, TRAIN_FILE
 
 AGENT_NAME = "external"  # the agent's name in the record (session.json, experiments.jsonl)

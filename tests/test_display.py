@@ -19,7 +19,8 @@ from rich.style import Style
 
 from autoresearch.display import STATUS_STYLE, Display, format_delta, result_line
 from autoresearch.ledger import Experiment
-from autoresearch.loop import Session, SessionInterrupted, SessionOptions
+from autoresearch.loop import Session, SessionInterrupted
+from autoresearch.options import SessionOptions
 from autoresearch.runner import Step
 
 NAN = math.nan

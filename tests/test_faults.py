@@ -48,7 +48,8 @@ from autoresearch import loop
 from autoresearch.agent import ReplayAgent
 from autoresearch.display import Display
 from autoresearch.ledger import Ledger, LedgerError
-from autoresearch.loop import Session, SessionOptions
+from autoresearch.loop import Session
+from autoresearch.options import SessionOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "f"

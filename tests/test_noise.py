@@ -17,8 +17,9 @@ from loopkit import cli, fake_prepared_cache, git, make_workspace, replay_args, 
 from autoresearch import noise
 from autoresearch.agent import ReplayAgent, history_table
 from autoresearch.display import Display
-from autoresearch.loop import Session, SessionOptions
+from autoresearch.loop import Session
 from autoresearch.noise import Measurements, judge, paired_sigma
+from autoresearch.options import SessionOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 

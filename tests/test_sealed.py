@@ -29,7 +29,8 @@ from autoresearch.display import Display
 from autoresearch.evaluator import evaluate_checkpoint, start_warm
 from autoresearch.fingerprint import Fingerprinter, FingerprintError, active_dataset
 from autoresearch.ledger import Experiment, tsv_row
-from autoresearch.loop import Session, SessionOptions, seed_only_change
+from autoresearch.loop import Session, seed_only_change
+from autoresearch.options import SessionOptions
 
 TAG = "sealed"
 

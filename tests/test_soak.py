@@ -16,7 +16,8 @@ from loopkit import fake_prepared_cache, git, make_workspace
 
 from autoresearch.agent import Context, Proposal, _local_proposal
 from autoresearch.display import Display
-from autoresearch.loop import Session, SessionOptions
+from autoresearch.loop import Session
+from autoresearch.options import SessionOptions
 
 ITERATIONS = 200
 WARMUP = 20  # experiments before the first sample: imports, caches and pools settle
