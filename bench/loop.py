@@ -4,6 +4,7 @@ each experiment costs outside its training budget, with an LLM endpoint that is 
     python bench/loop.py                                  # 6 experiments, replies take 60 s
     python bench/loop.py --compare                        # the same again with --no-overlap
     python bench/loop.py --compare-warm                   # ... and again with --no-warm-start
+    python bench/loop.py --compare-box                    # ... and again with --unsandboxed
     python bench/loop.py --budget 60 --reply-delay 12     # scaled down, same 300:60 ratio
     python bench/loop.py --graph-edit-every 3             # every 3rd edit misses the compile cache
     python bench/loop.py --preset cpu --reply-delay 5 --experiments 3 --compare   # CPU smoke
@@ -151,7 +152,7 @@ def autoresearch(ws: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def run_session(
-    ws: Path, args: argparse.Namespace, overlap: bool, warm: bool, log_path: Path
+    ws: Path, args: argparse.Namespace, overlap: bool, warm: bool, boxed: bool, log_path: Path
 ) -> dict:
     """One session in a fresh workspace `ws`; returns what was measured."""
     subprocess.run(
@@ -182,6 +183,8 @@ def run_session(
         "--overlap" if overlap else "--no-overlap",
         "--warm-start" if warm else "--no-warm-start",
     ]
+    if not boxed:
+        command.append("--unsandboxed")
     if args.preset:
         command += ["--preset", args.preset]
     lines: list[tuple[float, str]] = []
@@ -218,7 +221,7 @@ def run_session(
         r["evaluator"] = evaluator_report(ws / "runs" / TAG / f"{r['id']:04d}" / "run.eval.log")
     tl = timeline(lines)
     return {
-        "mode": mode_name(overlap, warm),
+        "mode": mode_name(overlap, warm, boxed),
         "exit_code": exit_code,
         "cli_wall_s": round(wall, 2),
         "time_budget": session.get("time_budget"),
@@ -476,8 +479,12 @@ def stale_templates(root: Path = ROOT) -> list[str]:
     ]
 
 
-def mode_name(overlap: bool, warm: bool) -> str:
-    return ("overlap" if overlap else "no-overlap") + ("" if warm else "-cold-starts")
+def mode_name(overlap: bool, warm: bool, boxed: bool = True) -> str:
+    return (
+        ("overlap" if overlap else "no-overlap")
+        + ("" if warm else "-cold-starts")
+        + ("" if boxed else "-unboxed")
+    )
 
 
 def main() -> None:
@@ -498,6 +505,11 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true", help="also run with --no-overlap")
     parser.add_argument("--no-overlap", action="store_true", help="only run with --no-overlap")
     parser.add_argument("--compare-warm", action="store_true", help="also run with --no-warm-start")
+    parser.add_argument(
+        "--compare-box",
+        action="store_true",
+        help="also run with --unsandboxed (what the box costs; the boxed session runs first)",
+    )
     parser.add_argument(
         "--prepare",
         choices=("pycode",),
@@ -526,14 +538,16 @@ def main() -> None:
     sessions = []
     with tempfile.TemporaryDirectory(prefix="autoresearch-loopbench-") as tmp:
         parent = args.out if args.keep else Path(tmp)
-        modes = [(overlap, True) for overlap in (True, False)] if args.compare else []
-        modes = modes or [(not args.no_overlap, True)]
+        modes = [(overlap, True, True) for overlap in (True, False)] if args.compare else []
+        modes = modes or [(not args.no_overlap, True, True)]
         if args.compare_warm:
-            modes.append((modes[0][0], False))
-        for overlap, warm in modes:
-            mode = mode_name(overlap, warm)
+            modes.append((modes[0][0], False, True))
+        if args.compare_box:
+            modes.append((modes[0][0], True, False))
+        for overlap, warm, boxed in modes:
+            mode = mode_name(overlap, warm, boxed)
             ws = parent / f"ws-{mode}"
-            sessions.append(run_session(ws, args, overlap, warm, args.out / f"{mode}.log"))
+            sessions.append(run_session(ws, args, overlap, warm, boxed, args.out / f"{mode}.log"))
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "experiments": args.experiments,

@@ -180,8 +180,10 @@ def main() -> None:
 
 
 def save(args: argparse.Namespace, trains: list[Path], runs: list[dict], summary=None) -> None:
+    from trainer import card  # bench/trainer.py: python, torch, card and driver
+
     settings = {**vars(args), "out": str(args.out), "train": [str(t) for t in trains]}
-    data = {"args": settings, "runs": runs, "summary": summary}
+    data = {"args": settings, "machine": card(), "runs": runs, "summary": summary}
     (args.out / "noise.json").write_text(json.dumps(data, indent=1))
 
 
