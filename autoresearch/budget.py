@@ -43,8 +43,11 @@ class Budget:
     (train.py's own evaluation follows it). What comes before the first step line is not
     counted, so it may take at most `startup` seconds from launch (imports, data, the model,
     step 0's compile): a first step line later than that makes the run `over_budget`, stopped
-    when the line comes; else a run could train there unseen. A GPU host runs one session at
-    a time, so its load is the session's own.
+    when the line comes; else a run could train there unseen. Time the run spent held back by
+    other programs is not counted in that (`waited`, procs.cpu_wait: its main thread ready to
+    run and waiting for a CPU, less what the run's own other processes used), so a busy
+    machine does not make an honest start-up late, while time spent sleeping, on the GPU or
+    computing before the first step line is counted.
 
     On either clock, with `steps_required` (train.py's contract: it prints step lines) a run
     that exits without a step line does not count, and on the wall clock one with none by
@@ -61,26 +64,34 @@ class Budget:
     steps_required: bool = False
     clock: str = "wall"  # "wall" or "cpu"
 
-    def _clock(self, launched: float, first_step: float | None) -> tuple[float, str, float]:
+    def _clock(
+        self, launched: float, first_step: float | None, waited: float = 0.0
+    ) -> tuple[float, str, float]:
         """(when the clock started, what started it, the seconds allowed from then)."""
         limit = self.seconds + self.grace
+        launched += (
+            waited  # wall clock from launch: time held back by other programs is not counted
+        )
         if self.clock == "cpu":
             return launched, "launch", limit
         if first_step is None:
             return launched, "launch", self.startup if self.steps_required else limit + self.startup
         return first_step, "its first step line", limit
 
-    def _slow_start(self, launched: float, first_step: float | None, exited: bool) -> str | None:
+    def _slow_start(
+        self, launched: float, first_step: float | None, exited: bool, waited: float = 0.0
+    ) -> str | None:
         """What the run did wrong before its first step line, None if nothing: the line came
         past `startup` (wall clock); or, steps required, none came before the deadline or the
         exit."""
         if first_step is not None:
-            if self.clock == "cpu" or first_step - launched <= self.startup:
+            if self.clock == "cpu" or first_step - launched - waited <= self.startup:
                 return None
+            held = f" ({waited:.1f} s of it waiting for a CPU, not counted)" if waited else ""
             return (
-                f"its first step line came {first_step - launched:.1f} s after launch, past the "
-                f"{self.startup:g} s allowed for start-up (imports, data, compile), which is not "
-                "counted as training"
+                f"its first step line came {first_step - launched:.1f} s after launch{held}, "
+                f"past the {self.startup:g} s allowed for start-up (imports, data, compile), "
+                "which is not counted as training"
             )
         if not self.steps_required or (self.clock == "cpu" and not exited):
             return None
@@ -98,25 +109,34 @@ class Budget:
         first_step: float | None,
         last_step: float | None,
         cpu: float | None = None,
+        waited: float = 0.0,
     ) -> float | None:
         """When to stop a run still going (monotonic), or None: not before it exits. `cpu`:
-        the CPU seconds the run has used so far (the cpu clock)."""
+        the CPU seconds the run has used so far (the cpu clock); `waited`: the seconds it was
+        held back by other programs before its first step line (the wall clock; a deadline
+        moves when it grows, so ask again)."""
         if self.clock == "cpu":
             if cpu is not None and cpu > self.seconds + self.grace:
                 return launched  # over: at once
             return time.monotonic() + CPU_POLL_S  # look again then
-        if first_step is not None and self._slow_start(launched, first_step, False) is not None:
+        if first_step is not None and self._slow_start(launched, first_step, False, waited):
             return first_step  # too late: at once
-        start, _, limit = self._clock(launched, first_step)
+        start, _, limit = self._clock(launched, first_step, waited)
         if self.until_exit or (first_step is None and self.steps_required):
             return start + limit
         if first_step is not None and last_step is not None and last_step > start + limit:
             return last_step  # a step line past the limit: it is still training
         return None
 
-    def stopped(self, launched: float, first_step: float | None, cpu: float | None = None) -> str:
+    def stopped(
+        self,
+        launched: float,
+        first_step: float | None,
+        cpu: float | None = None,
+        waited: float = 0.0,
+    ) -> str:
         """The log line for a run stopped at its deadline."""
-        slow = self._slow_start(launched, first_step, exited=False)
+        slow = self._slow_start(launched, first_step, False, waited)
         if slow is not None:
             return f"over budget: {slow}; killed, the result does not count"
         _, since, limit = self._clock(launched, first_step)
@@ -138,12 +158,13 @@ class Budget:
         last_step: float | None,
         exited: float,
         cpu: float | None = None,
+        waited: float = 0.0,
     ) -> str | None:
         """The log line for a run that exited past its limit; None when within it."""
-        slow = self._slow_start(launched, first_step, exited=True)
+        slow = self._slow_start(launched, first_step, True, waited)
         if slow is not None:
             return f"over budget: {slow}; the result does not count"
-        start, since, limit = self._clock(launched, first_step)
+        start, since, limit = self._clock(launched, first_step, waited)
         if self.clock == "cpu":
             if cpu is None or cpu <= limit:
                 return None

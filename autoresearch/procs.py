@@ -38,7 +38,33 @@ def tree_cpu(pid: int) -> float:
     each live (or not yet reaped) process's own time plus that of the children it reaped.
     A boxed run's init reaps every process of the box, so at the exit of the box's outer
     process its own figures hold the whole run. 0.0 without /proc."""
-    ticks, pending, seen = 0, [pid], set()
+    return sum(cpu for _, cpu in _tree(pid)) / _TICKS
+
+
+def cpu_wait(pid: int) -> float:
+    """Seconds the run rooted at `pid` was held back by other programs: the most that the main
+    thread of any of its processes waited for a CPU while ready to run (the kernel's run
+    delay, /proc/PID/task/PID/schedstat), less the CPU time of the run's other threads and
+    processes, which may have been what it waited for. So a run slowed by a busy machine gets
+    its wait back, and one that makes its own thread wait (busy processes on its own cores)
+    gets nothing for it. 0.0 without /proc or the kernel's schedstats."""
+    tree = _tree(pid)
+    total = sum(cpu for _, cpu in tree) / _TICKS
+    best = 0.0
+    for current, _ in tree:
+        try:
+            ran, waited, _ = (
+                (PROC / str(current) / "task" / str(current) / "schedstat").read_text().split()
+            )
+        except (OSError, ValueError):  # gone, or a kernel without schedstats
+            continue
+        best = max(best, int(waited) / 1e9 - (total - int(ran) / 1e9))
+    return best
+
+
+def _tree(pid: int) -> list[tuple[int, int]]:
+    """(pid, CPU ticks of it and the children it reaped) for `pid` and each live descendant."""
+    found, pending, seen = [], [pid], set()
     while pending:
         current = pending.pop()
         if current in seen:
@@ -50,13 +76,13 @@ def tree_cpu(pid: int) -> float:
         except OSError:  # gone
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
-        ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+        found.append((current, sum(int(f) for f in fields[11:15])))  # u/s time, cu/cs time
         for task in tasks:
             try:
                 pending += [int(c) for c in (task / "children").read_text().split()]
             except OSError:
                 continue
-    return ticks / _TICKS
+    return found
 
 
 def _has_marker(pid: int, marker: bytes) -> bool:

@@ -46,7 +46,7 @@ from pathlib import Path
 from . import sandbox
 from .budget import Budget
 from .crashes import classify_crash
-from .procs import RUN_MARKER_VAR, signal_group, tree_cpu
+from .procs import RUN_MARKER_VAR, cpu_wait, signal_group, tree_cpu
 from .trainlog import Step, parse_step, parse_summary
 from .warm import Prestarted
 from .watch import HARNESS_PREFIX, Run, watch
@@ -179,6 +179,17 @@ def _run_training(
     budget: Budget | None,
 ) -> RunResult:
     marker = marker or uuid.uuid4().hex
+    proc: subprocess.Popen[bytes] | None = None
+    wall_clock = False  # the budget's wall clock: its start-up's waits are measured
+    wait_before = waited = 0.0
+
+    def waited_before_step() -> float:
+        """Seconds the run was held back by other programs, until its first step line."""
+        nonlocal waited
+        if wall_clock and first_step_at is None and proc is not None:
+            waited = max(waited, cpu_wait(proc.pid) - wait_before)
+        return waited
+
     log_path.parent.mkdir(parents=True, exist_ok=True)
     recent: deque[str] = deque(maxlen=RECENT_LINES)
     last_step: Step | None = None
@@ -194,7 +205,9 @@ def _run_training(
         if step is not None:
             last_step = step
             last_step_at = time.monotonic()
-            first_step_at = first_step_at or last_step_at
+            if first_step_at is None:
+                waited_before_step()  # what it waited for a CPU until now, then no more
+                first_step_at = last_step_at
             if on_step is not None:
                 on_step(step)
 
@@ -229,6 +242,10 @@ def _run_training(
         # the cpu clock starts at the go: what a warm child used before it is its imports
         cpu_before = tree_cpu(proc.pid) if budget is not None and budget.clock == "cpu" else 0.0
         cpu_seen = 0.0  # the most seen while it ran: counts processes no one reaps too
+        # the wall clock's start-up: seconds held back by other programs (procs.cpu_wait),
+        # from the go (a warm child's waits during its imports are not the run's)
+        wall_clock = budget is not None and budget.clock == "wall"
+        wait_before = cpu_wait(proc.pid) if wall_clock else 0.0
 
         def cpu_used() -> float:
             nonlocal cpu_seen
@@ -250,6 +267,7 @@ def _run_training(
                     first_step_at,
                     last_step_at,
                     cpu_used() if budget.clock == "cpu" else None,
+                    waited_before_step(),
                 ),
             )
         finally:
@@ -261,9 +279,9 @@ def _run_training(
         footer = _footer(run, timeout=timeout, stall_timeout=stall_timeout, wall=wall)
         overrun = None
         if budget is not None and run.kill_reason == "over_budget":
-            overrun = budget.stopped(started, first_step_at, cpu)
+            overrun = budget.stopped(started, first_step_at, cpu, waited)
         elif budget is not None and run.kill_reason is None and proc.returncode == 0:
-            overrun = budget.overrun(started, first_step_at, last_step_at, exited, cpu)
+            overrun = budget.overrun(started, first_step_at, last_step_at, exited, cpu, waited)
         if overrun is not None:
             footer.append(f"{HARNESS_PREFIX} {overrun}")
         if footer and run.reader.log_error is None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -379,6 +380,72 @@ def test_a_run_is_held_to_its_budget(
         assert "[autoresearch] over budget: " in result.log_tail
         assert stopped in result.log_path.read_text()
         assert "---" not in result.log_path.read_text().splitlines()  # stopped, not finished
+
+
+def test_time_held_back_by_other_programs_is_not_start_up() -> None:
+    """On the wall clock, the seconds a run waited for a CPU before its first step line
+    (`waited`) are not counted against the start-up limit; everything else is."""
+    budget = Budget(10.0, 3.0, 20.0, steps_required=True)
+    assert budget.deadline(0.0, None, None, waited=5.0) == 25.0  # none yet: later by the wait
+    assert budget.deadline(0.0, 24.0, 24.0, waited=5.0) == 37.0  # 19 s of start-up: in time
+    assert budget.overrun(0.0, 24.0, 30.0, 31.0, waited=5.0) is None
+    assert budget.overrun(0.0, 26.0, 30.0, 31.0, waited=5.0) == (
+        "over budget: its first step line came 26.0 s after launch (5.0 s of it waiting for a "
+        "CPU, not counted), past the 20 s allowed for start-up (imports, data, compile), which "
+        "is not counted as training; the result does not count"
+    )
+    assert budget.deadline(0.0, 26.0, 26.0, waited=5.0) == 26.0  # too late: at once
+    # the cpu clock counts CPU time from launch, start-up included: a wait changes nothing
+    cpu = Budget(10.0, 3.0, 20.0, steps_required=True, clock="cpu")
+    assert cpu.overrun(0.0, 90.0, 95.0, 96.0, cpu=12.0, waited=0.0) is None
+
+
+SCHEDSTAT = Path("/proc/self/task") / str(os.getpid()) / "schedstat"
+
+
+@pytest.fixture
+def competitor() -> Iterator[int]:
+    """A busy process pinned to one CPU, started by the test: the core it returns is busy."""
+    if not SCHEDSTAT.exists() or not hasattr(os, "sched_setaffinity"):
+        pytest.skip("needs Linux's per-task schedstat and CPU affinity")
+    core = min(os.sched_getaffinity(0))
+    hog = subprocess.Popen(
+        [sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{core}}})\nwhile True: pass"],
+        start_new_session=True,  # a scheduling group (autogroup) of its own, as another program's
+    )
+    try:
+        yield core
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def test_a_start_up_slowed_by_a_busy_machine_is_not_over_budget(
+    tmp_path: Path, competitor: int
+) -> None:
+    """0.2 CPU s of start-up at a low priority, on a core a competitor keeps busy: more than the
+    2 s start-up limit in wall time (it gets a few percent of the core; without the rule this
+    run was `over_budget`), but the waiting is the machine's, not the run's, so it counts."""
+    budget = Budget(1.0, 0.5, 2.0, steps_required=True)
+    result = run_stub(
+        tmp_path, "contended_start.py", str(competitor), "10", "0.2", budget=budget, timeout=300
+    )
+    assert result.ok and result.crash_class is None, result.log_tail
+    assert "over budget" not in result.log_path.read_text()
+
+
+@pytest.mark.parametrize("steps", [True, False], ids=["late-step-line", "no-step-line"])
+def test_a_start_up_spent_computing_is_over_budget_on_a_busy_machine_too(
+    tmp_path: Path, competitor: int, steps: bool
+) -> None:
+    """3 CPU s of work before the first step line (or with none), past the 2 s start-up limit:
+    over budget, though a competitor on its core makes it wait too; the run's own computing
+    is counted, only its waiting is not."""
+    budget = Budget(1.0, 0.5, 2.0, steps_required=True)
+    args = [str(competitor), "0", "3.0", *([] if steps else ["--no-steps"])]
+    result = run_stub(tmp_path, "contended_start.py", *args, budget=budget, timeout=300)
+    assert not result.ok and result.crash_class == "over_budget"
+    assert "[autoresearch] over budget: " in result.log_tail
 
 
 def test_a_run_without_step_lines_does_not_count_where_they_are_required(tmp_path: Path) -> None:
