@@ -24,7 +24,7 @@ def command_args(root: Path, split: str, preset: str, device: str, boxed: bool) 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The trusted evaluator's command line (command_args, plus what the run brings)."""
     parser = argparse.ArgumentParser(
-        prog="autoresearch.evaluator", description="the sealed evaluator"
+        prog="autoresearch.sealed_eval", description="the trusted evaluator"
     )
     parser.add_argument("--workspace", required=True, type=Path)
     parser.add_argument("--train", type=Path, help="train.py to import (default: the workspace's)")
