@@ -16,8 +16,11 @@ and writes the answer to `runs/<tag>/confirm-horizon.json` (FILE):
      "holds": true when both are positive, null when a run failed}
 
 What it guarantees: both versions train from the same commit's bytes, on the session's pinned
-dataset, checked against the session's fingerprints, in children without secrets (and, where
-possible, without network), evaluated by the trusted metric. What it does not: prove the gain
+dataset, checked against the session's fingerprints, in children without secrets, in the same
+box as the session's runs (sandbox.py: the train split only, no network, one private writable
+directory; the checkpoint is taken out of it), evaluated by the trusted metric with the model
+boxed too. Without the box only where the session ran without it (`--unsandboxed`, recorded in
+its session.json), and then without network where the OS allows. What it does not: prove the gain
 with the keep rule's error rates; with one or two seeds it says whether the sign survives.
 """
 
@@ -32,9 +35,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from statistics import fmean
 
-from . import noise, runner
+from . import noise, sandbox
+from .childenv import child_env
 from .evaluator import evaluate_checkpoint
-from .ledger import Experiment
+from .ledger import Experiment, Ledger
+from .runner import RunResult, run_training
 
 FILE = "confirm-horizon.json"
 EVAL_TIMEOUT_S = 1800.0  # seconds one evaluation may take
@@ -55,10 +60,14 @@ def confirm_horizon(
     dataset: Path,
     fingerprints: Mapping[str, str],
     prefix: Sequence[str] = (),
+    unsandboxed: bool | None = None,
     on_run=None,
 ) -> dict:
     """Train and evaluate the two versions ((experiment, train.py source) each); returns the
-    record described in the module docstring (the caller writes it)."""
+    record described in the module docstring (the caller writes it). `unsandboxed`: run the
+    candidate's code without the box; None: as the session did (its session.json). Raises
+    sandbox.SandboxError where the box is needed and missing."""
+    box = box_for(run_dir, unsandboxed)
     budget = horizon * time_budget
     runs = []
     with tempfile.TemporaryDirectory(prefix="autoresearch-horizon-") as tmp:
@@ -83,6 +92,7 @@ def confirm_horizon(
                     dataset=dataset,
                     fingerprints=fingerprints,
                     prefix=prefix,
+                    box=box,
                 )
                 runs.append({"role": role, "id": exp.id, "seed": seed, **row})
                 if on_run is not None:
@@ -99,6 +109,15 @@ def confirm_horizon(
         "runs": runs,
         **verdict(runs, baseline[0].val_bpb, best[0].val_bpb),
     }
+
+
+def box_for(run_dir: Path, unsandboxed: bool | None) -> sandbox.Box | None:
+    """The box the runs use: the session's (sandbox.require), None when `unsandboxed`, or,
+    for None, when the session in `run_dir` ran with `--unsandboxed` (its session.json)."""
+    if unsandboxed is None:
+        recorded = (Ledger(run_dir).read_session() or {}).get("sandbox") or {}
+        unsandboxed = bool(recorded.get("unsandboxed", False))
+    return sandbox.require(sandbox.probe(), unsandboxed=unsandboxed)
 
 
 def verdict(runs: list[dict], baseline_bpb: float | None, best_bpb: float | None) -> dict:
@@ -130,26 +149,19 @@ def _one(
     dataset: Path,
     fingerprints: Mapping[str, str],
     prefix: Sequence[str],
+    box: sandbox.Box | None,
 ) -> dict:
     """Train one version once with `seed` for `budget` seconds; evaluate it on val and test."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint = workdir / "checkpoint.pt"
-    checkpoint.unlink(missing_ok=True)
-    extra = {
-        "AUTORESEARCH_SEED": str(seed),
-        "AUTORESEARCH_TIME_BUDGET": f"{budget:g}",
-        "AUTORESEARCH_CHECKPOINT": str(checkpoint),
-        "AUTORESEARCH_SKIP_EVAL": "1",
-        "AUTORESEARCH_CACHE": str(dataset.parent),
-        "AUTORESEARCH_DATASET": dataset.name,
-    }
-    env = runner.child_env(dict(os.environ), preset=preset, device=device, gpu=None, extra=extra)
-    result = runner.run_training(
+    result, checkpoint = train(
         workdir,
         stem.with_suffix(".log"),
-        command=[*prefix, sys.executable, "train.py"],
-        env=env,
-        timeout=2 * budget + STARTUP_S,
+        seed=seed,
+        budget=budget,
+        preset=preset,
+        device=device,
+        dataset=dataset,
+        prefix=prefix,
+        box=box,
     )
     row = {
         "status": "ok",
@@ -176,8 +188,47 @@ def _one(
             train_file=workdir / "train.py",
             dataset=dataset,
             prefix=prefix,
+            boxed=box is not None,
         )
         if not ev.ok:
             return {**row, "status": ev.status, "reason": ev.reason}
         row[f"{split}_bpb"] = ev.val_bpb
     return row
+
+
+def train(
+    workdir: Path,
+    log_path: Path,
+    *,
+    seed: int,
+    budget: float,
+    preset: str,
+    device: str,
+    dataset: Path,
+    prefix: Sequence[str],
+    box: sandbox.Box | None,
+) -> tuple[RunResult, Path]:
+    """One training run of `workdir`'s train.py for `budget` seconds with `seed`, boxed as a
+    session's run is when `box` is given (else behind `prefix`, the network isolation); returns
+    the result and where its checkpoint is (there only if the run left one)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = workdir / "checkpoint.pt"
+    checkpoint.unlink(missing_ok=True)
+    extra = {
+        "AUTORESEARCH_SEED": str(seed),
+        "AUTORESEARCH_TIME_BUDGET": f"{budget:g}",
+        "AUTORESEARCH_CHECKPOINT": str(checkpoint),
+        "AUTORESEARCH_SKIP_EVAL": "1",
+        "AUTORESEARCH_CACHE": str(dataset.parent),
+        "AUTORESEARCH_DATASET": dataset.name,
+    }
+    env = child_env(dict(os.environ), preset=preset, device=device, gpu=None, extra=extra)
+    result = run_training(
+        workdir,
+        log_path,
+        command=[*(() if box is not None else prefix), sys.executable, "train.py"],
+        env=env,
+        timeout=2 * budget + STARTUP_S,
+        box=box,
+    )
+    return result, checkpoint

@@ -175,7 +175,7 @@ def test_attacks_from_evaluation_are_unable(cache: Path, tmp_path: Path) -> None
     attacks = {
         "read val": f"lambda: open({str(val)!r}, 'rb').read()",
         "plant a .pth": f"lambda: open({str(site_dir / 'zz_evil.pth')!r}, 'w').write('x')",
-        "call the evaluator": "lambda: __import__('autoresearch.evaluator')",
+        "call the evaluator": "lambda: __import__('autoresearch.sealed_eval')",
         "override an operator": "override",
     }
     calls = "".join(f"    attempt({name!r}, {action})\n" for name, action in attacks.items())

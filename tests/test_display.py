@@ -21,7 +21,7 @@ from autoresearch.display import STATUS_STYLE, Display, format_delta, result_lin
 from autoresearch.ledger import Experiment
 from autoresearch.loop import Session, SessionInterrupted
 from autoresearch.options import SessionOptions
-from autoresearch.runner import Step
+from autoresearch.trainlog import Step
 
 NAN = math.nan
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

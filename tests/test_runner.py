@@ -9,21 +9,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from loopkit import alive
 
-from autoresearch import runner
-from autoresearch.runner import (
-    RunResult,
-    Step,
-    child_env,
-    classify_crash,
-    parse_step,
-    parse_summary,
-    run_training,
-)
+from autoresearch import watch
+from autoresearch.budget import CPU_GRACE_S, Budget, budget_grace, cpu_clock_available
+from autoresearch.childenv import child_env
+from autoresearch.crashes import classify_crash
+from autoresearch.procs import RUN_MARKER_VAR, kill_orphans, marked_processes
+from autoresearch.runner import TAIL_LINES, RunResult, run_training
+from autoresearch.trainlog import Step, parse_step, parse_summary
+from autoresearch.warm import WARM_COMPILER, Prestarted, WarmChild, warm_preload, warm_start_ok
 
 STUBS = Path(__file__).parent / "stubs"
 LINUX = Path("/proc/self/stat").exists()
@@ -31,7 +30,7 @@ LINUX = Path("/proc/self/stat").exists()
 
 @pytest.fixture(autouse=True)
 def short_grace(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runner, "KILL_GRACE_S", 0.5)
+    monkeypatch.setattr(watch, "KILL_GRACE_S", 0.5)
 
 
 def run_stub(
@@ -198,7 +197,7 @@ def test_ok_run_is_parsed_and_streamed(tmp_path: Path) -> None:
     assert [s.step for s in steps] == [0, 1, 2] and result.last_step == steps[-1]
     assert lines[0].startswith("step 00000") and lines[-1].startswith("depth:")
     assert result.log_path.read_text().splitlines() == lines
-    assert result.log_tail.splitlines() == lines[-runner.TAIL_LINES :]
+    assert result.log_tail.splitlines() == lines[-TAIL_LINES:]
     assert result.wall_seconds > 0
 
 
@@ -279,7 +278,7 @@ def test_hard_timeout_kills_a_busy_child(tmp_path: Path) -> None:
 
 
 def test_budget_is_counted_from_the_first_step_line() -> None:
-    budget = runner.Budget(10.0, 3.0, 20.0)  # 13 s from the first step line, 33 s from launch
+    budget = Budget(10.0, 3.0, 20.0)  # 13 s from the first step line, 33 s from launch
     assert budget.deadline(0.0, 5.0, 6.0) == 18.0
     assert budget.deadline(0.0, None, None) == 33.0  # no step line yet: from launch
     assert budget.stopped(0.0, 5.0) == (
@@ -296,14 +295,14 @@ def test_budget_is_counted_from_the_first_step_line() -> None:
     assert "33.5 s from launch to its exit" in (budget.overrun(0.0, None, None, 33.5) or "")
     # unsealed, train.py evaluates itself after its last step line: that time is not counted,
     # and the run is stopped only once a step line comes past the limit
-    unsealed = runner.Budget(10.0, 3.0, 20.0, until_exit=False)
+    unsealed = Budget(10.0, 3.0, 20.0, until_exit=False)
     assert unsealed.deadline(0.0, 5.0, 17.9) is None and unsealed.deadline(0.0, None, None) is None
     assert unsealed.deadline(0.0, 5.0, 18.5) == 18.5  # at once
     assert unsealed.overrun(0.0, 5.0, 17.9, 60.0) is None
     assert "13.5 s from its first step line to its last step line" in (
         unsealed.overrun(0.0, 5.0, 18.5, 19.0) or ""
     )
-    assert runner.budget_grace(300.0) == 30.0 and runner.budget_grace(1000.0) == 100.0
+    assert budget_grace(300.0) == 30.0 and budget_grace(1000.0) == 100.0
     # the time before the first step line is not counted, so at most `startup` (20 s) of it:
     # a first step line later than that stops the run when it comes, sealed or not
     for held in (budget, unsealed):
@@ -320,8 +319,8 @@ def test_budget_is_counted_from_the_first_step_line() -> None:
         )
     # train.py must print step lines: without one it is stopped once `startup` has passed, and
     # one that exits without any does not count (another command may print none, as above)
-    strict = runner.Budget(10.0, 3.0, 20.0, steps_required=True)
-    for held in (strict, runner.Budget(10.0, 3.0, 20.0, until_exit=False, steps_required=True)):
+    strict = Budget(10.0, 3.0, 20.0, steps_required=True)
+    for held in (strict, Budget(10.0, 3.0, 20.0, until_exit=False, steps_required=True)):
         assert held.deadline(0.0, None, None) == 20.0
         assert held.stopped(0.0, None) == (
             "over budget: no step line within the 20 s allowed for start-up (imports, data, "
@@ -369,7 +368,7 @@ def test_a_run_is_held_to_its_budget(
     from launch for a run without step lines, 2 s where step lines are required): a run past
     either is stopped there, `over_budget`, with the harness's line in its log."""
     required = "required" in timing
-    budget = runner.Budget(1.0, 0.5, 2.0, until_exit=until_exit, steps_required=required)
+    budget = Budget(1.0, 0.5, 2.0, until_exit=until_exit, steps_required=required)
     args = [a for a in timing if a != "required"]
     result = run_stub(tmp_path, "slow_train.py", *args, budget=budget)
     if stopped is None:
@@ -383,16 +382,82 @@ def test_a_run_is_held_to_its_budget(
         assert "---" not in result.log_path.read_text().splitlines()  # stopped, not finished
 
 
+def test_time_held_back_by_other_programs_is_not_start_up() -> None:
+    """On the wall clock, the seconds a run waited for a CPU before its first step line
+    (`waited`) are not counted against the start-up limit; everything else is."""
+    budget = Budget(10.0, 3.0, 20.0, steps_required=True)
+    assert budget.deadline(0.0, None, None, waited=5.0) == 25.0  # none yet: later by the wait
+    assert budget.deadline(0.0, 24.0, 24.0, waited=5.0) == 37.0  # 19 s of start-up: in time
+    assert budget.overrun(0.0, 24.0, 30.0, 31.0, waited=5.0) is None
+    assert budget.overrun(0.0, 26.0, 30.0, 31.0, waited=5.0) == (
+        "over budget: its first step line came 26.0 s after launch (5.0 s of it waiting for a "
+        "CPU, not counted), past the 20 s allowed for start-up (imports, data, compile), which "
+        "is not counted as training; the result does not count"
+    )
+    assert budget.deadline(0.0, 26.0, 26.0, waited=5.0) == 26.0  # too late: at once
+    # the cpu clock counts CPU time from launch, start-up included: a wait changes nothing
+    cpu = Budget(10.0, 3.0, 20.0, steps_required=True, clock="cpu")
+    assert cpu.overrun(0.0, 90.0, 95.0, 96.0, cpu=12.0, waited=0.0) is None
+
+
+SCHEDSTAT = Path("/proc/self/task") / str(os.getpid()) / "schedstat"
+
+
+@pytest.fixture
+def competitor() -> Iterator[int]:
+    """A busy process pinned to one CPU, started by the test: the core it returns is busy."""
+    if not SCHEDSTAT.exists() or not hasattr(os, "sched_setaffinity"):
+        pytest.skip("needs Linux's per-task schedstat and CPU affinity")
+    core = min(os.sched_getaffinity(0))
+    hog = subprocess.Popen(
+        [sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{core}}})\nwhile True: pass"],
+        start_new_session=True,  # a scheduling group (autogroup) of its own, as another program's
+    )
+    try:
+        yield core
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def test_a_start_up_slowed_by_a_busy_machine_is_not_over_budget(
+    tmp_path: Path, competitor: int
+) -> None:
+    """0.2 CPU s of start-up at a low priority, on a core a competitor keeps busy: more than the
+    2 s start-up limit in wall time (it gets a few percent of the core; without the rule this
+    run was `over_budget`), but the waiting is the machine's, not the run's, so it counts."""
+    budget = Budget(1.0, 0.5, 2.0, steps_required=True)
+    result = run_stub(
+        tmp_path, "contended_start.py", str(competitor), "10", "0.2", budget=budget, timeout=300
+    )
+    assert result.ok and result.crash_class is None, result.log_tail
+    assert "over budget" not in result.log_path.read_text()
+
+
+@pytest.mark.parametrize("steps", [True, False], ids=["late-step-line", "no-step-line"])
+def test_a_start_up_spent_computing_is_over_budget_on_a_busy_machine_too(
+    tmp_path: Path, competitor: int, steps: bool
+) -> None:
+    """3 CPU s of work before the first step line (or with none), past the 2 s start-up limit:
+    over budget, though a competitor on its core makes it wait too; the run's own computing
+    is counted, only its waiting is not."""
+    budget = Budget(1.0, 0.5, 2.0, steps_required=True)
+    args = [str(competitor), "0", "3.0", *([] if steps else ["--no-steps"])]
+    result = run_stub(tmp_path, "contended_start.py", *args, budget=budget, timeout=300)
+    assert not result.ok and result.crash_class == "over_budget"
+    assert "[autoresearch] over budget: " in result.log_tail
+
+
 def test_a_run_without_step_lines_does_not_count_where_they_are_required(tmp_path: Path) -> None:
     """train.py's contract: the clock starts at its first step line, so a run that exits 0
     with a val_bpb but never printed one is `over_budget`; another command may print none."""
     args = ("0.2", "0", "0", "--no-steps")
-    budget = runner.Budget(1.0, 0.5, 2.0, steps_required=True)
+    budget = Budget(1.0, 0.5, 2.0, steps_required=True)
     result = run_stub(tmp_path, "slow_train.py", *args, budget=budget)
     assert result.exit_code == 0 and result.summary["val_bpb"] == 1.0
     assert not result.ok and result.crash_class == "over_budget"
     assert "[autoresearch] over budget: it exited without a step line" in result.log_tail
-    lenient = runner.Budget(1.0, 0.5, 2.0)
+    lenient = Budget(1.0, 0.5, 2.0)
     result = run_stub(tmp_path, "slow_train.py", *args, budget=lenient)
     assert result.ok and result.crash_class is None
 
@@ -400,7 +465,7 @@ def test_a_run_without_step_lines_does_not_count_where_they_are_required(tmp_pat
 def test_the_cpu_clock_counts_from_launch_to_exit() -> None:
     """The cpu clock: CPU seconds of the whole run, start-up and the time after the last step
     line included; wall time does not count."""
-    budget = runner.Budget(10.0, 3.0, 20.0, steps_required=True, clock="cpu")
+    budget = Budget(10.0, 3.0, 20.0, steps_required=True, clock="cpu")
     assert budget.deadline(0.0, None, None, cpu=13.5) == 0.0  # over: at once
     assert budget.deadline(0.0, 500.0, 900.0, cpu=12.9) > 0.0  # not over, however late
     assert budget.overrun(0.0, 500.0, 600.0, 900.0, cpu=12.9) is None  # an hour of wall: fine
@@ -410,11 +475,11 @@ def test_the_cpu_clock_counts_from_launch_to_exit() -> None:
     )
     assert "13.5 CPU s since launch" in budget.stopped(0.0, 1.0, 13.5)
     assert "exited without a step line" in (budget.overrun(0.0, None, None, 5.0, cpu=1.0) or "")
-    assert runner.budget_grace(25.0, "cpu") == runner.CPU_GRACE_S
-    assert runner.budget_grace(1000.0, "cpu") == 100.0
+    assert budget_grace(25.0, "cpu") == CPU_GRACE_S
+    assert budget_grace(1000.0, "cpu") == 100.0
 
 
-@pytest.mark.skipif(not runner.cpu_clock_available(), reason="reads CPU time from /proc")
+@pytest.mark.skipif(not cpu_clock_available(), reason="reads CPU time from /proc")
 @pytest.mark.parametrize(
     ("phases", "stopped"),
     [
@@ -430,7 +495,7 @@ def test_a_run_on_the_cpu_clock(tmp_path: Path, phases: tuple[str, ...], stopped
     (wall time without CPU time, what a loaded machine does to an honest run), even before its
     first step line, is within it; one that computes 3 CPU s before its first step line or
     after its last is `over_budget`."""
-    budget = runner.Budget(1.0, 0.5, 2.0, steps_required=True, clock="cpu")
+    budget = Budget(1.0, 0.5, 2.0, steps_required=True, clock="cpu")
     result = run_stub(tmp_path, "cpu_train.py", *phases, budget=budget, timeout=120)
     if stopped is None:
         assert result.ok and result.crash_class is None, result.log_tail
@@ -519,7 +584,7 @@ def test_an_untraceable_escapee_holding_the_pipe_does_not_hang_the_run(
 ) -> None:
     # New session and a scrubbed environment: the one descendant the harness cannot find.
     # It keeps the pipe open; the run must still end once the child has exited.
-    monkeypatch.setattr(runner, "DRAIN_S", 0.3)
+    monkeypatch.setattr(watch, "DRAIN_S", 0.3)
     (tmp_path / "train.py").write_text(
         "import os, subprocess, sys\n"
         "p = subprocess.Popen(['sleep', '1000'], start_new_session=True,"
@@ -551,18 +616,18 @@ def test_kill_orphans_finds_the_runs_of_a_killed_harness(tmp_path: Path) -> None
         [sys.executable, str(harness), str(tmp_path), marker],
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
     )
-    tag = f"{runner.RUN_MARKER_VAR}={marker}".encode()
+    tag = f"{RUN_MARKER_VAR}={marker}".encode()
     deadline = time.monotonic() + 30
-    while not runner._marked_processes(tag):
+    while not marked_processes(tag):
         assert time.monotonic() < deadline, "the child never started"
         time.sleep(0.05)
     proc.kill()
     proc.wait()
-    orphans = runner._marked_processes(tag)
+    orphans = marked_processes(tag)
     assert orphans  # the child outlived its harness
-    assert runner.kill_orphans(marker) == len(orphans)
-    assert not runner._marked_processes(tag)
-    assert runner.kill_orphans(marker) == 0
+    assert kill_orphans(marker) == len(orphans)
+    assert not marked_processes(tag)
+    assert kill_orphans(marker) == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,12 +635,12 @@ def test_kill_orphans_finds_the_runs_of_a_killed_harness(tmp_path: Path) -> None
 # ---------------------------------------------------------------------------------------------
 
 
-def warm_child(tmp_path: Path, preload: tuple[str, ...] = ("json",)) -> runner.WarmChild:
+def warm_child(tmp_path: Path, preload: tuple[str, ...] = ("json",)) -> WarmChild:
     env = child_env(os.environ, preset="cpu", device="cpu", gpu=None, extra={"SPAWN_ONLY": "1"})
-    return runner.WarmChild(tmp_path, env, preload=preload)
+    return WarmChild(tmp_path, env, preload=preload)
 
 
-def run_warm(tmp_path: Path, stub: str, warm: runner.WarmChild, **extra: str) -> RunResult:
+def run_warm(tmp_path: Path, stub: str, warm: WarmChild, **extra: str) -> RunResult:
     env = child_env(os.environ, preset="cpu", device="cpu", gpu=None, extra=extra)
     return run_training(
         tmp_path,
@@ -602,7 +667,7 @@ def test_a_warm_run_runs_the_script_as_main_with_the_go_environment(tmp_path: Pa
     assert run == {"name": "__main__", "argv": [str(STUBS / "preloaded.py")], "stdin": ""}
     env = printed(result, "ENV")
     assert env["AT_GO"] == "yes" and "SPAWN_ONLY" not in env  # the go's environment, whole
-    assert env[runner.RUN_MARKER_VAR] == warm.marker
+    assert env[RUN_MARKER_VAR] == warm.marker
     assert env["PYTHONUNBUFFERED"] == "1"
     assert warm.proc is None  # the run owns the process now
 
@@ -641,7 +706,7 @@ def test_a_dead_warm_child_means_a_cold_launch(tmp_path: Path) -> None:
     warm.proc.wait()
     result = run_warm(tmp_path, "preloaded.py", warm)
     assert result.ok and printed(result, "PRELOADED") == []  # a fresh interpreter ran it
-    assert printed(result, "ENV")[runner.RUN_MARKER_VAR] == warm.marker  # the recorded marker
+    assert printed(result, "ENV")[RUN_MARKER_VAR] == warm.marker  # the recorded marker
     assert warm.proc is None
 
 
@@ -679,20 +744,20 @@ if "--wait" in sys.argv:
 else:
     print("COLD", json.dumps(sys.argv[1:]))
 print("WHICH", json.dumps(os.environ.get("WHICH")))
-print("MARKER", os.environ.get("{runner.RUN_MARKER_VAR}"))
+print("MARKER", os.environ.get("{RUN_MARKER_VAR}"))
 """
 PRESTARTED_FOR = [sys.executable, "-c", PRESTARTED, "--for", "a"]
 
 
-def prestarted(tmp_path: Path) -> runner.Prestarted:
+def prestarted(tmp_path: Path) -> Prestarted:
     env = child_env(os.environ, preset="cpu", device="cpu", gpu=None, extra={"WHICH": "start"})
-    warm = runner.Prestarted([*PRESTARTED_FOR, "--wait"], tmp_path, env, stands_for=PRESTARTED_FOR)
+    warm = Prestarted([*PRESTARTED_FOR, "--wait"], tmp_path, env, stands_for=PRESTARTED_FOR)
     warm.message = {"go": "yes"}
     return warm
 
 
 def run_prestarted(
-    tmp_path: Path, warm: runner.Prestarted, *, which: str = "start", run_for: str = "a"
+    tmp_path: Path, warm: Prestarted, *, which: str = "start", run_for: str = "a"
 ) -> str:
     """The log of a run of `PRESTARTED --for run_for --run` with WHICH=which, given `warm`."""
     env = child_env(os.environ, preset="cpu", device="cpu", gpu=None, extra={"WHICH": which})
@@ -732,22 +797,20 @@ def test_a_prestarted_child_refuses_another_run_and_it_starts_cold(
     assert f'WHICH "{which}"' in log  # the caller's environment, not the child's
     assert f"MARKER {warm.marker}" in log  # the marker the caller recorded
     assert warm.proc is None and not alive(pid)  # discarded, not left waiting
-    assert not runner._marked_processes(f"{runner.RUN_MARKER_VAR}={warm.marker}".encode())
+    assert not marked_processes(f"{RUN_MARKER_VAR}={warm.marker}".encode())
 
 
 def test_warm_preload_reads_module_level_imports() -> None:
-    assert runner.warm_preload("import torch\nimport numpy as np\nimport math\n") == (
+    assert warm_preload("import torch\nimport numpy as np\nimport math\n") == (
         "torch",
         "numpy",
     )
-    assert runner.warm_preload("import torch.nn as nn\nfrom torch.nn import functional\n") == (
-        "torch.nn",
-    )
+    assert warm_preload("import torch.nn as nn\nfrom torch.nn import functional\n") == ("torch.nn",)
     compiled = "import torch\nmodel = torch.compile(model)\n"
-    assert runner.warm_preload(compiled) == ("torch", *runner.WARM_COMPILER)
-    assert runner.warm_preload("import math\nfrom .x import torch\n") == ()
-    assert runner.warm_preload("def f():\n    import torch\n") == ()  # not at module level
-    assert runner.warm_preload("import torch(\n") == ()
+    assert warm_preload(compiled) == ("torch", *WARM_COMPILER)
+    assert warm_preload("import math\nfrom .x import torch\n") == ()
+    assert warm_preload("def f():\n    import torch\n") == ()  # not at module level
+    assert warm_preload("import torch(\n") == ()
 
 
 def test_a_preload_that_fails_to_import_still_runs_the_script(tmp_path: Path) -> None:
@@ -772,4 +835,4 @@ def test_a_preload_that_fails_to_import_still_runs_the_script(tmp_path: Path) ->
     ],
 )
 def test_warm_start_ok_refuses_a_train_py_that_sets_the_environment(source: str, ok: bool) -> None:
-    assert runner.warm_start_ok(source) is ok
+    assert warm_start_ok(source) is ok

@@ -329,7 +329,7 @@ def test_honest_checkpoint_is_measured_and_probed(cache: Path, ws: Path, tmp_pat
     assert _result_line(result.log_path)["started_ahead"] is False
 
 
-EVALUATOR_WAITING = b"autoresearch.evaluator"  # in an evaluator's command line...
+EVALUATOR_WAITING = b"autoresearch.sealed_eval"  # in an evaluator's command line...
 WAIT_FLAG = b"--wait"  # ...and this in one started ahead
 
 

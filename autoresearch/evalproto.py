@@ -1,0 +1,48 @@
+"""What the harness and the trusted evaluator agree on: the evaluator's command line, its result
+statuses and exit codes. Both sides import it; it imports nothing of either, and no candidate
+code ever runs with it loaded (the model process, model_server.py, does not import the package).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+STATUSES = ("ok", "rejected", "no_checkpoint", "error")  # the result line's `status`
+EXIT_REJECTED = 3  # the evaluator's exit codes besides 0 (ok) and 1 (an uncaught error)
+EXIT_FAILED = 2
+
+
+def command_args(root: Path, split: str, preset: str, device: str, boxed: bool) -> list[str]:
+    """The arguments that fix what an evaluator evaluates on, known before the checkpoint exists
+    (what an evaluator started ahead is started with)."""
+    args = ["--workspace", str(root), "--split", split, "--preset", preset, "--device", device]
+    return [*args, "--box"] if boxed else args
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The trusted evaluator's command line (command_args, plus what the run brings)."""
+    parser = argparse.ArgumentParser(
+        prog="autoresearch.sealed_eval", description="the trusted evaluator"
+    )
+    parser.add_argument("--workspace", required=True, type=Path)
+    parser.add_argument("--train", type=Path, help="train.py to import (default: the workspace's)")
+    parser.add_argument("--checkpoint", type=Path, help="required unless --wait")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--preset", required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--nonce-file", type=Path)
+    parser.add_argument("--fingerprints", type=Path)
+    parser.add_argument("--box", action="store_true", help="run the model processes boxed")
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="started ahead: read the fingerprints from a first stdin line, get ready, then wait "
+        "for a go line with the checkpoint, train.py and the nonce",
+    )
+    args = parser.parse_args(argv)
+    if args.checkpoint is None and not args.wait:
+        parser.error("--checkpoint is required")
+    return args
