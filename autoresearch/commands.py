@@ -33,6 +33,7 @@ from .display import (
 from .errors import DataError, UsageError, WorkspaceError
 from .ledger import Experiment, Ledger, decision_of, measured_runs
 from .settings import SETTINGS
+from .status import Status
 from .workspace import (
     RUNS_DIR,
     find_workspace,
@@ -179,7 +180,7 @@ def train_once(
     display.result(
         Experiment(
             id=0,
-            status="keep" if result.ok else "crash",
+            status=Status.keep if result.ok else Status.crash,
             description="train.py",
             commit=None,
             parent="",
@@ -371,7 +372,7 @@ def confirm(
         )
     exps = ledger.experiments()
     best = ledger.best()
-    if not exps or exps[0].status != "keep" or best is None:
+    if not exps or exps[0].status != Status.keep or best is None:
         raise WorkspaceError(f"session {tag} has no measured baseline: nothing to confirm")
     preset = session["preset"]
     device, _ = resolve_device(device, preset)
@@ -679,7 +680,7 @@ def _state_line(state: str, session: dict, tag: str) -> str:
 def log(*, workspace: Path | None, tag: str | None) -> None:
     root = find_workspace(workspace)
     exps = session_ledger(root, tag).experiments()
-    keeps = [e for e in exps if e.status == "keep"]
+    keeps = [e for e in exps if e.status == Status.keep]
     if not keeps:
         out.print("no experiments kept yet")
         return

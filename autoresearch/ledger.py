@@ -27,13 +27,15 @@ import json
 import math
 import os
 import secrets
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterator, Mapping, MutableMapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import AutoresearchError
+from .status import FAILED, RECORDED, CrashClass, Status
 
-STATUSES = ("keep", "discard", "crash", "invalid", "interrupted", "rejected")
+STATUSES = tuple(s.value for s in RECORDED)  # the statuses a record may hold
 TSV_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 JSONL_FILE = "experiments.jsonl"
 TORN_FILE = "experiments.jsonl.torn"  # torn last lines cut from the jsonl, kept for forensics
@@ -49,12 +51,100 @@ class LedgerError(AutoresearchError):
     """The record could not be written or read; the message says what to do next."""
 
 
+@dataclass(eq=False)
+class Extra(MutableMapping[str, Any]):
+    """An experiment's further values (experiments.jsonl's `extra` object), each declared here.
+
+    Read as attributes (`exp.extra.verdict`) or, as before, as a mapping
+    (`exp.extra.get("verdict")`, `exp.extra["reason"] = ...`): a key counts as present only when the record holds it, so
+    `"cost_usd" in exp.extra` still tells an unknown price (None recorded) from a record
+    written before costs were (absent). Keys this version does not declare (a newer writer's)
+    are kept in `other` and written back unchanged. An older record simply lacks some keys.
+    A new value is one field here, with a default.
+    """
+
+    cost_usd: float | None = None  # USD of the agent's tokens; None: no known price
+    log_tail: str | None = None  # a crashed or interrupted run's last log lines
+    runs: list | None = None  # val_bpb of each run judged (the baseline's calibration runs)
+    seeds: list | None = None  # the seed of each of those runs
+    paired_gains: list | None = None  # best's val_bpb minus the candidate's, pair by pair
+    incumbent_runs: int | list | None = None  # runs of the best compared with (older: a list)
+    sigma: float | None = None  # run-to-run σ of val_bpb when it was judged
+    paired_sigma: float | None = None  # σ of one paired gain, as the keep rule used it
+    verdict: str | None = None  # the keep rule's label (status.Label); None: not judged
+    gpu_busy_s: float | None = None  # the session's training seconds so far
+    session_s: float | None = None  # the session's wall seconds so far
+    reason: str | None = None  # why invalid or rejected, in words
+    reported_val_bpb: float | None = None  # sealed: train.py's own printed val_bpb
+    reported_disagrees: str | None = None  # sealed: how far that is from the measured one
+    other: dict[str, Any] = field(default_factory=dict)
+    present: frozenset[str] = field(default=frozenset(), repr=False)
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any] | None) -> Extra:
+        """From a record's mapping: declared keys to fields, the rest to `other`."""
+        if isinstance(values, Extra):
+            return values
+        values = dict(values or {})
+        declared = {k: values.pop(k) for k in list(values) if k in _EXTRA_FIELDS}
+        return cls(**declared, other=values, present=frozenset(declared))
+
+    def __post_init__(self) -> None:
+        # Built with keywords (not `of`): a field given a value other than its default counts
+        # as present.
+        set_ = {f.name for f in fields(self) if f.name in _EXTRA_FIELDS and _is_set(self, f)}
+        self.present = frozenset(self.present | set_)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record's `extra` object: the present keys, then the undeclared ones."""
+        return {**{k: getattr(self, k) for k in _EXTRA_ORDER if k in self.present}, **self.other}
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.present:
+            return getattr(self, key)
+        return self.other[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in _EXTRA_FIELDS:
+            setattr(self, key, value)
+            self.present = self.present | {key}
+        else:
+            self.other[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key in self.present:
+            setattr(self, key, None)
+            self.present = self.present - {key}
+        else:
+            del self.other[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.present) + len(self.other)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and self.to_dict() == dict(other.items())
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _is_set(extra: Extra, f: Any) -> bool:
+    default = f.default if f.default is not MISSING else f.default_factory()
+    return getattr(extra, f.name) != default
+
+
+_EXTRA_ORDER = tuple(f.name for f in fields(Extra) if f.name not in ("other", "present"))
+_EXTRA_FIELDS = frozenset(_EXTRA_ORDER)
+
+
 @dataclass
 class Experiment:
     """One experiment, as recorded in experiments.jsonl."""
 
     id: int
-    status: str  # one of STATUSES
+    status: str  # a Status (a str enum: compares equal to its string)
     description: str
     commit: str | None  # full sha of the candidate commit (None if invalid before commit)
     parent: str  # full sha of the best commit it was based on
@@ -62,7 +152,7 @@ class Experiment:
     memory_gb: float
     best_before: float | None
     threshold: float
-    crash_class: str | None = None
+    crash_class: str | None = None  # a CrashClass when the run crashed
     exit_code: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # the whole summary block
     started_at: str = ""  # ISO 8601 UTC
@@ -73,7 +163,15 @@ class Experiment:
     )  # name, model, attempts, tokens_in, tokens_out, seconds
     attempt_ref: str | None = None  # refs/autoresearch/<tag>/attempts/NNNN
     fix_of: int | None = None  # id of the crashed experiment this repairs
-    extra: dict = field(default_factory=dict)  # room for later fields (noise, repeats, cost…)
+    extra: Extra = field(default_factory=Extra)  # further values, declared in Extra
+
+    def __post_init__(self) -> None:
+        # Records and older callers give plain strings and dicts; keep the declared types.
+        if self.status in Status.__members__.values():
+            self.status = Status(self.status)
+        if self.crash_class in CrashClass.__members__.values():
+            self.crash_class = CrashClass(self.crash_class)
+        self.extra = Extra.of(self.extra)
 
 
 _FIELDS = {f.name for f in fields(Experiment)}
@@ -92,7 +190,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def _to_line(exp: Experiment) -> bytes:
-    return (json.dumps(_jsonable(asdict(exp)), allow_nan=False) + "\n").encode("ascii")
+    record = {**asdict(exp), "extra": exp.extra.to_dict()}
+    return (json.dumps(_jsonable(record), allow_nan=False) + "\n").encode("ascii")
 
 
 def _from_record(record: Any) -> Experiment:
@@ -104,12 +203,11 @@ def _from_record(record: Any) -> Experiment:
     known = {k: v for k, v in record.items() if k in _FIELDS}
     for key in ("best_before", "threshold"):
         known.setdefault(key, None if key == "best_before" else 0.0)
-    exp = Experiment(**known)
-    exp.extra = dict(exp.extra or {})
+    extra = dict(known.pop("extra", None) or {})
     for key, value in record.items():
         if key not in _FIELDS:
-            exp.extra.setdefault(key, value)
-    return exp
+            extra.setdefault(key, value)
+    return Experiment(**known, extra=Extra.of(extra))
 
 
 def _parse_line(line: bytes) -> Experiment:
@@ -126,13 +224,13 @@ def tsv_row(exp: Experiment) -> str:
     """
     commit = exp.commit[:7] if exp.commit else "-"
     val = exp.val_bpb
-    failed = exp.status in ("crash", "invalid", "rejected")
+    failed = exp.status in FAILED
     no_value = failed or val is None or not math.isfinite(val)
     memory = exp.memory_gb if math.isfinite(exp.memory_gb) else 0.0
     status, description = exp.status, exp.description
-    if status == "rejected":
-        reason = str(exp.extra.get("reason", ""))
-        status = "crash"
+    if status == Status.rejected:
+        reason = str(exp.extra.reason or "")
+        status = Status.crash
         description += f" (rejected: {reason[:REJECTED_REASON_CHARS]})" if reason else " (rejected)"
     description = description.replace("\t", " ").replace("\r", " ").replace("\n", " ")
     return f"{commit}\t{0.0 if no_value else val:.6f}\t{memory:.1f}\t{status}\t{description}"
@@ -161,16 +259,16 @@ def decision_of(exp: Experiment) -> Decision:
     """The keep rule's numbers for `exp`, read from the record (fields `val_bpb`,
     `best_before`, `threshold`, `extra.paired_sigma` or else `extra.sigma`, `extra.runs`,
     `extra.incumbent_runs`, `extra.reason`, `crash_class`), and a one-line reason."""
-    extra = exp.extra or {}
-    runs = extra.get("runs")
+    extra = exp.extra
+    runs = extra.runs
     n = len(runs) if isinstance(runs, list) else 0
-    inc = extra.get("incumbent_runs")
+    inc = extra.incumbent_runs
     m = len(inc) if isinstance(inc, list) else inc if isinstance(inc, int) else None
     # The σ the rule used: a paired gain's spread where the record has one (a judged
     # candidate), else the run-to-run σ of val_bpb (the baseline's calibration, older records).
     key = "paired_sigma" if "paired_sigma" in extra and exp.best_before is not None else "sigma"
     sigma = _number_or_none(extra.get(key))
-    judged = exp.status in ("keep", "discard") and exp.best_before is not None
+    judged = exp.status in (Status.keep, Status.discard) and exp.best_before is not None
     bar = _number_or_none(exp.threshold) if judged else None  # no bar without a comparison
     gain = None
     if _number_or_none(exp.val_bpb) is not None and _number_or_none(exp.best_before) is not None:
@@ -212,25 +310,25 @@ def _reason(
     m: int | None,
 ) -> str:
     noise = "σ not measured yet" if sigma is None else f"σ {sigma:.6f}"
-    said = " ".join(str((exp.extra or {}).get("reason") or "").split())
-    if exp.status == "keep" and exp.best_before is None:
+    said = " ".join(str(exp.extra.reason or "").split())
+    if exp.status == Status.keep and exp.best_before is None:
         return f"the baseline, the first best ({_runs(n, None)}, {noise})"
-    if exp.status == "keep" and gain is not None and bar is not None:
+    if exp.status == Status.keep and gain is not None and bar is not None:
         return f"kept: gain {gain:.6f} cleared the bar {bar:.6f} ({_runs(n, m)}, {noise})"
-    if exp.status == "discard" and gain is not None and gain <= 0:
+    if exp.status == Status.discard and gain is not None and gain <= 0:
         return f"discarded: no gain (val_bpb {-gain:+.6f} against the best, {_runs(n, m)})"
-    if exp.status == "discard" and gain is not None and bar is not None:
+    if exp.status == Status.discard and gain is not None and bar is not None:
         return (
             f"discarded: gain {gain:.6f} within noise, not above the bar {bar:.6f} "
             f"({_runs(n, m)}, {noise})"
         )
-    if exp.status == "crash":
+    if exp.status == Status.crash:
         return f"crashed ({exp.crash_class or 'unknown class'}): the run gave no val_bpb"
-    if exp.status == "interrupted":
+    if exp.status == Status.interrupted:
         return "interrupted by Ctrl-C twice: killed before it was judged"
-    if exp.status in ("invalid", "rejected"):
-        return f"{exp.status}: {said}" if said else exp.status
-    return exp.status
+    if exp.status in (Status.invalid, Status.rejected):
+        return f"{exp.status}: {said}" if said else str(exp.status)
+    return str(exp.status)
 
 
 def measured_runs(run_dir: Path, exp: Experiment) -> list[dict]:
@@ -371,7 +469,7 @@ class Ledger:
 
     def best(self) -> Experiment | None:
         """The incumbent: the latest experiment with status keep."""
-        return next((e for e in reversed(self.experiments()) if e.status == "keep"), None)
+        return next((e for e in reversed(self.experiments()) if e.status == Status.keep), None)
 
     # ----------------------------------------------------------------------------- writing
 

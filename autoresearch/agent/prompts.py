@@ -9,10 +9,11 @@ trimmed one.
 
 from __future__ import annotations
 
+from ..noise import prompt_label
+from ..status import Status
 from .base import Context, HistoryEntry
 
 HISTORY_RECENT = 30  # experiments shown in full when the history is long (plus every keep)
-NOISE_SIGMAS = 2.0  # |Δ| within this many σ of the noise is labelled "within-noise"
 # Prompt trimming ladder, used when the endpoint says the context is too long: the history
 # goes first, then the crash log (a repair keeps at least FIX_MIN_CRASH_LINES of it).
 # (recent experiments shown, older keeps shown (None = all), crash-log lines shown).
@@ -125,13 +126,13 @@ def history_table(
     Shows everything when there are at most `recent` entries; otherwise the last `recent` plus
     the earlier keeps (the last `keeps` of them, or all when None), and a line saying how many
     were left out. With `noise` known, Δ is also given in units of σ and each row is labelled
-    win / within-noise / loss / crash.
+    with the keep rule's verdict (win / within-noise / loss / not-better), or crash, etc.
     """
     if not history:
         return "(no experiments yet)"
     cut = max(0, len(history) - recent)
     older, shown = history[:cut], history[cut:]
-    older_keeps = [h for h in older if h.status == "keep"]
+    older_keeps = [h for h in older if h.status == Status.keep]
     if keeps is not None:
         older_keeps = older_keeps[-keeps:] if keeps else []
     rows = older_keeps + shown
@@ -144,7 +145,7 @@ def history_table(
     for h in rows:
         cells = [str(h.id), _num(h.val_bpb), _delta(h.delta, noise), h.status]
         if noise:
-            cells.append(_verdict(h, noise))
+            cells.append(_verdict(h))
         cells.append(" ".join(h.description.split()).replace("|", "\\|"))
         lines.append("| " + " | ".join(cells) + " |")
     omitted = len(history) - len(rows)
@@ -164,28 +165,29 @@ def _best_line(ctx: Context) -> str:
         line = f"Its val_bpb is {ctx.best_bpb:.6f} (lower is better)."
     if ctx.noise:
         line += (
-            f" Run-to-run noise: σ ≈ {ctx.noise:.6f} val_bpb; a difference within "
-            f"±{NOISE_SIGMAS:g}σ cannot be told apart from noise."
+            f" Run-to-run noise: σ ≈ {ctx.noise:.6f} val_bpb. The verdict column is the keep "
+            "rule's: win (kept), loss (worse beyond the noise), within-noise (not kept, not "
+            "clearly worse), not-better (not kept, judged on one run before the noise was known)."
         )
     return line
 
 
-def _verdict(h: HistoryEntry, noise: float) -> str:
-    if h.status == "crash" or (
-        h.val_bpb is None and h.status not in ("invalid", "interrupted", "running", "rejected")
-    ):
-        return "crash"
+def _verdict(h: HistoryEntry) -> str:
+    """The row's label: for a judged experiment the keep rule's own verdict
+    (noise.prompt_label), so the agent is told what the rule decided and nothing else."""
+    if h.status == Status.crash or (h.val_bpb is None and h.status not in _NOT_MEASURED):
+        return str(Status.crash)
     if h.val_bpb is None:
-        return h.status
+        return str(h.status)
     if h.delta is None:
         return "baseline"
-    if h.verdict:
-        return h.verdict
-    if h.delta < -NOISE_SIGMAS * noise:
-        return "win"
-    if h.delta > NOISE_SIGMAS * noise:
-        return "loss"
-    return "within-noise"
+    if h.status in (Status.keep, Status.discard):
+        return str(prompt_label(h.status, h.verdict))
+    return str(h.status)
+
+
+# statuses that have no val_bpb without having crashed
+_NOT_MEASURED = (Status.invalid, Status.interrupted, Status.running, Status.rejected)
 
 
 def _num(x: float | None) -> str:

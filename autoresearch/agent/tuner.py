@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ..edits import DESCRIPTION_MAX_CHARS, check_compiles
+from ..status import Status
 from .base import (
     AgentExhausted,
     Context,
@@ -313,11 +314,11 @@ class TunerAgent(RegisteredAgent):
         tried = _tried(ctx)
         current = {n: k.value for n, k in knobs.items()}
         moves, explored = _moves(ctx.history, ctx.preset)
-        settled = [m for m in moves if m[2] != "running"]  # a run in flight has no result yet
+        settled = [m for m in moves if m[2] != Status.running]  # a run in flight has no result yet
         plan: list[tuple[str, int, bool]] = []  # (knob, direction, primary step only)
         if settled:
             name, direction, status = settled[-1]
-            plan.append((name, direction if status == "keep" else -direction, True))
+            plan.append((name, direction if status == Status.keep else -direction, True))
         rng = random.Random(f"{TUNER_SEED}:{len(ctx.history)}")
         names = list(knobs)
         rng.shuffle(names)
@@ -410,7 +411,7 @@ def _moves(
         if len(changed) == 1:
             n = changed[0]
             moves.append((n, _direction(parent[n], values[n]), h.status))
-        if h.status == "keep":
+        if h.status == Status.keep:
             parent = values
     return moves, explored
 
