@@ -37,6 +37,7 @@ from .base import (
     agent_names,
     check_endpoint,
     make_agent,
+    register,
     unregister,
 )
 from .conversation import MAX_ATTEMPTS, ChatAgent, Completion, ContextTooLong
@@ -87,6 +88,7 @@ __all__ = [
     "knob_steps",
     "make_agent",
     "preset_dead_names",
+    "register",
     "resolve_api_key",
     "system_message",
     "unregister",

@@ -149,12 +149,8 @@ class RegisteredAgent:
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        if "name" not in cls.__dict__:
-            return  # a subclass of a registered agent that keeps its parent's name
-        known = _REGISTRY.get(cls.name)
-        if known is not None and known.__qualname__ != cls.__qualname__:
-            raise TypeError(f"agent name {cls.name!r} is taken by {known.__qualname__}")
-        _REGISTRY[cls.name] = cls
+        if "name" in cls.__dict__:  # a subclass that keeps its parent's name is not another
+            register(cls)
 
     @classmethod
     def create(cls, options: AgentOptions) -> RegisteredAgent:
@@ -180,6 +176,15 @@ def agent_class(name: str) -> type[RegisteredAgent]:
     if name not in _REGISTRY:
         raise UsageError(f"unknown agent {name!r}: choose one of {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
+
+
+def register(cls: type[RegisteredAgent]) -> None:
+    """Register `cls` under its `name` (defining a subclass does this); again after
+    `unregister`, for tests."""
+    known = _REGISTRY.get(cls.name)
+    if known is not None and known.__qualname__ != cls.__qualname__:
+        raise TypeError(f"agent name {cls.name!r} is taken by {known.__qualname__}")
+    _REGISTRY[cls.name] = cls
 
 
 def unregister(name: str) -> None:
