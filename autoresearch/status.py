@@ -41,7 +41,7 @@ class Status(Word):
         return self in FAILED
 
 
-FAILED = frozenset({Status.crash, Status.invalid, Status.rejected})
+FAILED = (Status.crash, Status.invalid, Status.rejected)
 RECORDED = tuple(s for s in Status if s is not Status.running)  # what experiments.jsonl holds
 
 
