@@ -165,14 +165,14 @@ class RegisteredAgent:
 
 
 def agent_names() -> tuple[str, ...]:
-    """The registered agents' names, in the order they were defined."""
-    _load_builtins()
+    """The registered agents' names, in the order they were defined. The built-in agents are
+    defined when the package is imported (its __init__ imports their modules), which
+    importing this module implies."""
     return tuple(_REGISTRY)
 
 
 def agent_class(name: str) -> type[RegisteredAgent]:
     """The class registered as `name`; UsageError naming the choices for any other."""
-    _load_builtins()
     if name not in _REGISTRY:
         raise UsageError(f"unknown agent {name!r}: choose one of {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
@@ -190,12 +190,6 @@ def register(cls: type[RegisteredAgent]) -> None:
 def unregister(name: str) -> None:
     """Forget an agent (for tests that define one)."""
     _REGISTRY.pop(name, None)
-
-
-def _load_builtins() -> None:
-    # The built-in agents register themselves when their modules are imported; the package
-    # imports them, so importing it is enough (this guards a caller that imported base only).
-    from . import endpoint, replay, tuner  # noqa: F401
 
 
 def make_agent(
