@@ -60,9 +60,14 @@ class HalvingAgent(RegisteredAgent):
         raise AgentExhausted("no repairs")
 
 
+# Defining the class registered it; the registry is global, so it is a choice only while a
+# test of this file runs (other files' tests see the built-in agents alone).
+unregister(HalvingAgent.name)
+
+
 @pytest.fixture
 def registered() -> Iterator[str]:
-    register(HalvingAgent)  # defining it registered it; again after an earlier test's cleanup
+    register(HalvingAgent)
     yield HalvingAgent.name
     unregister(HalvingAgent.name)  # the registry is global: leave it as found
 
@@ -102,3 +107,23 @@ def test_an_agent_defined_in_a_test_runs_a_session_through_the_cli(
     assert [r["agent"].get("name") for r in records[1:]] == [registered, registered]
     session = json.loads((ws / "runs/walk/session.json").read_text())
     assert "two proposals are all this agent has" in session["end_reason"]
+
+
+def test_defining_a_subclass_with_a_name_registers_it_and_a_taken_name_is_refused() -> None:
+    class Quiet(RegisteredAgent):
+        name = "quiet-test"
+
+    try:
+        assert agent_names()[-1] == "quiet-test"
+
+        class Heir(Quiet):  # keeps its parent's name: not a second registration
+            pass
+
+        assert agent_names().count("quiet-test") == 1
+        with pytest.raises(TypeError, match="taken"):
+
+            class Impostor(RegisteredAgent):
+                name = "tuner"
+    finally:
+        unregister("quiet-test")
+    assert "quiet-test" not in agent_names() and "tuner" in agent_names()
