@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 
 from ..errors import AgentError, AutoresearchError, UsageError
+from ..settings import BY_KEY
+
+# seconds one request to an endpoint may take (the `agent_timeout` setting's default)
+AGENT_TIMEOUT_S: float = BY_KEY["agent_timeout"].default  # type: ignore[assignment]
 
 # ============================================================================ data types
 
@@ -129,7 +133,7 @@ class AgentOptions:
     base_url: str | None = None
     patches_dir: Path | None = None
     api_key: str | None = None
-    timeout: float = 600.0  # seconds one request to an endpoint may take
+    timeout: float = AGENT_TIMEOUT_S  # seconds one request to an endpoint may take
 
 
 # ============================================================================ the registry
@@ -199,7 +203,7 @@ def make_agent(
     base_url: str | None = None,
     patches_dir: Path | None = None,
     api_key: str | None = None,
-    timeout: float = 600.0,
+    timeout: float = AGENT_TIMEOUT_S,
 ) -> Agent:
     """Build the registered agent `name`; UsageError for an unknown name or bad arguments."""
     options = AgentOptions(model, base_url, patches_dir, api_key, timeout)

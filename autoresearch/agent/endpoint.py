@@ -18,7 +18,7 @@ from openai.types.chat import ChatCompletion
 
 from ..errors import AgentError, UsageError
 from . import prompts
-from .base import AgentOptions, EndpointError
+from .base import AGENT_TIMEOUT_S, AgentOptions, EndpointError
 from .conversation import MAX_ATTEMPTS, ChatAgent, Completion, ContextTooLong
 
 CLIENT_MAX_RETRIES = 4  # the openai client's retries of 429/5xx/timeouts, with its own backoff
@@ -53,7 +53,7 @@ class OpenAIAgent(ChatAgent):
         model: str | None,
         base_url: str | None = None,
         api_key: str | None = None,
-        timeout: float = 600.0,
+        timeout: float = AGENT_TIMEOUT_S,
         max_retries: int = CLIENT_MAX_RETRIES,
         max_attempts: int = MAX_ATTEMPTS,
     ) -> None:
