@@ -7,6 +7,7 @@ Help text is rich markup (Typer's default): a literal `[` is written `\\[`.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import sys
 from enum import Enum
@@ -20,6 +21,17 @@ from typer.core import TyperCommand, TyperGroup
 
 from . import __version__, commands
 from .errors import AutoresearchError
+from .settings import (  # noqa: F401 - the panels are re-exported for tests and docs
+    AGENT_PANEL,
+    HARDWARE_PANEL,
+    KEEP_PANEL,
+    LIMITS_PANEL,
+    RUN_PANEL,
+    SETTINGS,
+    Preset,
+    Setting,
+    default_help,
+)
 
 
 class _NoFlagTypes:
@@ -51,24 +63,6 @@ app = typer.Typer(
     add_completion=False,
 )
 err = Console(stderr=True)
-
-# Help panels of `run`, in the order they are shown.
-AGENT_PANEL = "The agent"
-LIMITS_PANEL = "When the session ends"
-HARDWARE_PANEL = "Hardware"
-RUN_PANEL = "Each training run"
-KEEP_PANEL = "The keep rule"
-
-
-class Preset(str, Enum):
-    gpu = "gpu"
-    cpu = "cpu"
-
-
-class AgentName(str, Enum):
-    openai = "openai"
-    tuner = "tuner"
-    replay = "replay"
 
 
 class Device(str, Enum):
@@ -206,245 +200,78 @@ def train(
     """Run train.py once with a live progress bar and print its summary block."""
     code = commands.train_once(
         workspace=workspace,
-        preset=preset.value if preset else None,
+        preset=preset.value if preset and preset is not Preset.auto else None,
         device=device.value if device else None,
         gpu=gpu,
     )
     raise typer.Exit(code)
 
 
-@app.command(cls=_Command)
-def run(
-    tag: Annotated[
-        str | None,
-        typer.Option(
-            "--tag",
-            "-t",
-            help="Session tag; the branch is autoresearch/<tag> (default: today's date, e.g. nov26).",
-        ),
-    ] = None,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume",
-            help="Continue the tag's session after any stop, kill -9 included; what did not "
-            "finish is trained again.",
-        ),
-    ] = False,
-    agent: Annotated[
-        AgentName | None,
-        typer.Option(
-            "--agent",
-            "-a",
-            help="openai (an endpoint), tuner (offline, no LLM) or replay. "
-            "Default: openai when a model or base URL is configured, else tuner.",
-            rich_help_panel=AGENT_PANEL,
-        ),
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model", "-m", help="Model name at the endpoint.", rich_help_panel=AGENT_PANEL
-        ),
-    ] = None,
-    base_url: Annotated[
-        str | None,
-        typer.Option(
-            "--base-url",
-            help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.",
-            rich_help_panel=AGENT_PANEL,
-        ),
-    ] = None,
-    agent_timeout: Annotated[
-        float | None,
-        typer.Option(
-            "--agent-timeout",
-            min=1.0,
-            help="Seconds one request to the endpoint may take before it is retried (default 600).",
-            rich_help_panel=AGENT_PANEL,
-        ),
-    ] = None,
-    patches: Annotated[
-        Path | None,
-        typer.Option(
-            "--patches",
-            help="Directory of prepared replies (replay agent).",
-            rich_help_panel=AGENT_PANEL,
-        ),
-    ] = None,
-    overlap: Annotated[
-        bool,
-        typer.Option(
-            "--overlap/--no-overlap",
-            help="Let the agent propose the next experiment while the current one trains.",
-            rich_help_panel=AGENT_PANEL,
-        ),
-    ] = True,
-    max_experiments: Annotated[
-        int | None,
-        typer.Option(
-            "--max-experiments",
-            "-n",
-            min=1,
-            help="Stop after this many experiments (the baseline counts).",
-            rich_help_panel=LIMITS_PANEL,
-        ),
-    ] = None,
-    max_hours: Annotated[
-        float | None,
-        typer.Option(
-            "--max-hours",
-            min=0.001,
-            help="Start no experiment after this many hours.",
-            rich_help_panel=LIMITS_PANEL,
-        ),
-    ] = None,
-    max_cost: Annotated[
-        float | None,
-        typer.Option(
-            "--max-cost",
-            min=0.0,
-            help="Stop once the agent's tokens cost this many USD.",
-            rich_help_panel=LIMITS_PANEL,
-        ),
-    ] = None,
-    preset: PresetOpt = None,
-    device: DeviceOpt = None,
-    gpu: GpuOpt = None,
-    timeout: Annotated[
-        float | None,
-        typer.Option(
-            "--timeout",
-            min=1.0,
-            help="Hard limit per run in seconds (default: 2 x TIME_BUDGET + 120; 10 x on the cpu "
-            "device).",
-            rich_help_panel=RUN_PANEL,
-        ),
-    ] = None,
-    stall_timeout: Annotated[
-        float | None,
-        typer.Option(
-            "--stall-timeout",
-            min=1.0,
-            help="Kill a run that prints nothing for this many seconds.",
-            rich_help_panel=RUN_PANEL,
-        ),
-    ] = None,
-    budget_grace: Annotated[
-        float | None,
-        typer.Option(
-            "--budget-grace",
-            min=0.0,
-            help="Seconds a run may take past TIME_BUDGET from its first step line to its exit; "
-            "a run that takes longer is a crash, over_budget (default: the larger of 30 s and "
-            "10% of TIME_BUDGET).",
-            rich_help_panel=RUN_PANEL,
-        ),
-    ] = None,
-    startup_limit: Annotated[
-        float | None,
-        typer.Option(
-            "--startup-limit",
-            min=1.0,
-            help="Seconds a run may take from launch to its first step line (imports, data, "
-            "compile), which is not counted as training; a later first step line makes the run "
-            "a crash, over_budget (default 120).",
-            rich_help_panel=RUN_PANEL,
-        ),
-    ] = None,
-    fix_attempts: Annotated[
-        int | None,
-        typer.Option(
-            "--fix-attempts",
-            min=0,
-            max=10,
-            help="Repairs the agent may try after a crash (default 1).",
-            rich_help_panel=RUN_PANEL,
-        ),
-    ] = None,
-    warm_start: Annotated[
-        bool,
-        typer.Option(
-            "--warm-start/--no-warm-start",
-            help="Start training and evaluator processes (their `import torch`) before they are due.",
-            rich_help_panel=RUN_PANEL,
-        ),
-    ] = True,
-    min_delta: Annotated[
-        float | None,
-        typer.Option(
-            "--min-delta",
-            min=0.0,
-            help="Keep only if val_bpb beats the best by more than this (default 0).",
-            rich_help_panel=KEEP_PANEL,
-        ),
-    ] = None,
-    calibrate: Annotated[
-        int | None,
-        typer.Option(
-            "--calibrate",
-            min=1,
-            help="Runs of the baseline that measure the noise of val_bpb (default 3 on gpu, 2 on cpu).",
-            rich_help_panel=KEEP_PANEL,
-        ),
-    ] = None,
-    max_repeats: Annotated[
-        int | None,
-        typer.Option(
-            "--max-repeats",
-            min=1,
-            help="Most runs of a candidate the keep rule may ask for (default 6 on gpu, 2 on cpu).",
-            rich_help_panel=KEEP_PANEL,
-        ),
-    ] = None,
-    unsandboxed: Annotated[
-        bool,
-        typer.Option(
-            "--unsandboxed",
-            help="Run candidate code without the box (bubblewrap) where it is missing; recorded.",
-            rich_help_panel=RUN_PANEL,
-        ),
-    ] = False,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="Only one line per experiment.")
-    ] = False,
-    workspace: Workspace = None,
-) -> None:
+class _Run:
     """Run the research loop: propose, train, keep or revert, until a budget ends it.
 
     Settings not given as flags come from AUTORESEARCH_* variables, then from
     \\[tool.autoresearch] in the workspace's pyproject.toml (see `autoresearch config`).
     """
-    commands.run_session(
-        workspace=workspace,
-        tag=tag or default_tag(),
-        flags={
-            "agent": agent.value if agent else None,
-            "model": model,
-            "base_url": base_url,
-            "agent_timeout": agent_timeout,
-            "max_experiments": max_experiments,
-            "max_hours": max_hours,
-            "max_cost": max_cost,
-            "preset": preset.value if preset else None,
-            "device": device.value if device else None,
-            "timeout": timeout,
-            "stall_timeout": stall_timeout,
-            "budget_grace": budget_grace,
-            "startup_limit": startup_limit,
-            "fix_attempts": fix_attempts,
-            "min_delta": min_delta,
-            "calibrate": calibrate,
-            "max_repeats": max_repeats,
-        },
-        patches=patches,
-        gpu=gpu,
-        resume=resume,
-        overlap=overlap,
-        warm_start=warm_start,
-        unsandboxed=unsandboxed,
-        quiet=quiet,
+
+    # Its options are settings.SETTINGS, read whenever Typer builds the command: the
+    # signature is made from the table, and `--agent`'s choices from the agent registry.
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.Signature(
+            [
+                _parameter("tag", Annotated[str | None, _TAG_OPTION], None),
+                *(_setting_parameter(s) for s in SETTINGS if s.cli),
+                _parameter("workspace", Workspace, None),
+            ]
+        )
+
+    @property
+    def __annotations__(self) -> dict[str, object]:  # type: ignore[override]
+        return {p.name: p.annotation for p in self.__signature__.parameters.values()}
+
+    def __call__(self, **values: object) -> None:
+        flags = {s.key: values.pop(s.key) for s in SETTINGS if s.cli and s.config}
+        flags = {k: v.value if isinstance(v, Enum) else v for k, v in flags.items()}
+        commands.run_session(tag=values.pop("tag") or default_tag(), flags=flags, **values)
+
+
+_TAG_OPTION = typer.Option(
+    "--tag",
+    "-t",
+    help="Session tag; the branch is autoresearch/<tag> (default: today's date, e.g. nov26).",
+)
+
+
+def _parameter(name: str, annotation: object, default: object) -> inspect.Parameter:
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
     )
+
+
+def _setting_parameter(setting: Setting) -> inspect.Parameter:
+    """`run`'s option for a setting. One the config file may also set defaults to None here
+    (not given), so the environment, the config and then the table's default apply."""
+    names = [setting.flag or setting.flag_name] + ([setting.short] if setting.short else [])
+    option = typer.Option(
+        *names,
+        help=default_help(setting),
+        rich_help_panel=setting.panel,
+        min=setting.low,
+        max=setting.high,
+    )
+    kind: object = setting.type
+    if setting.key == "agent":
+        from .agent import agent_names
+
+        kind = Enum("AgentName", {name: name for name in agent_names()}, type=str)
+    default = None if setting.config else setting.default
+    if default is None:
+        kind = kind | None  # type: ignore[operator]
+    return _parameter(setting.key, Annotated[kind, option], default)
+
+
+app.command("run", cls=_Command)(_Run())
 
 
 @app.command("try", cls=_Command)

@@ -32,6 +32,8 @@ from .display import (
 )
 from .errors import DataError, UsageError, WorkspaceError
 from .ledger import Experiment, Ledger, decision_of, measured_runs
+from .settings import SETTINGS
+from .status import Status
 from .workspace import (
     RUNS_DIR,
     find_workspace,
@@ -178,7 +180,7 @@ def train_once(
     display.result(
         Experiment(
             id=0,
-            status="keep" if result.ok else "crash",
+            status=Status.keep if result.ok else Status.crash,
             description="train.py",
             commit=None,
             parent="",
@@ -299,30 +301,32 @@ def session_options(
 
     device, preset = resolve_device(_auto(settings.device), _auto(settings.preset))
     constants = preset_constants(root, preset)
-    return SessionOptions(
+    # Every setting that fills a session field, from the table; a setting left unset whose
+    # default depends on the preset (calibrate, max_repeats) takes the preset's value.
+    fields = {
+        s.field_name: getattr(settings, s.key)
+        for s in SETTINGS
+        if s.config and s.field_name is not None
+    }
+    fields.update(
+        {
+            s.field_name: s.by_preset(preset)
+            for s in SETTINGS
+            if s.by_preset is not None and s.field_name and fields.get(s.field_name) is None
+        }
+    )
+    fields.update(
         tag=tag,
-        preset=preset,
+        preset=preset,  # resolved: the settings may say auto
         device=device,
         time_budget=float(constants["TIME_BUDGET"]),
         gpu=gpu,
-        max_experiments=settings.max_experiments,
-        max_hours=settings.max_hours,
-        max_cost=settings.max_cost,
-        prices=settings.prices,
-        timeout=settings.timeout,
-        stall_timeout=settings.stall_timeout,
-        budget_grace=settings.budget_grace,
-        startup_limit=settings.startup_limit,
-        fix_attempts=settings.fix_attempts,
-        min_delta=settings.min_delta,
-        calibrate=settings.calibrate or (3 if preset == "gpu" else 2),
-        max_repeats=settings.max_repeats or (6 if preset == "gpu" else 2),
-        sealed=settings.sealed,
         unsandboxed=unsandboxed,
         resume=resume,
         overlap=overlap,
         warm_start=warm_start,
     )
+    return SessionOptions(**fields)
 
 
 def _first_warm_child(
@@ -368,7 +372,7 @@ def confirm(
         )
     exps = ledger.experiments()
     best = ledger.best()
-    if not exps or exps[0].status != "keep" or best is None:
+    if not exps or exps[0].status != Status.keep or best is None:
         raise WorkspaceError(f"session {tag} has no measured baseline: nothing to confirm")
     preset = session["preset"]
     device, _ = resolve_device(device, preset)
@@ -676,7 +680,7 @@ def _state_line(state: str, session: dict, tag: str) -> str:
 def log(*, workspace: Path | None, tag: str | None) -> None:
     root = find_workspace(workspace)
     exps = session_ledger(root, tag).experiments()
-    keeps = [e for e in exps if e.status == "keep"]
+    keeps = [e for e in exps if e.status == Status.keep]
     if not keeps:
         out.print("no experiments kept yet")
         return

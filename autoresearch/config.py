@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
-import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoresearch.errors import AutoresearchError, UsageError
+from autoresearch.settings import BY_KEY, ENV_PREFIX, SETTINGS  # noqa: F401 - ENV_PREFIX re-exported
 
 try:
     import tomllib
@@ -34,210 +32,57 @@ except ModuleNotFoundError:  # Python 3.10: tomli is the same parser under anoth
 
 CONFIG_FILE = "pyproject.toml"
 CONFIG_TABLE = "[tool.autoresearch]"
-ENV_PREFIX = "AUTORESEARCH_"
 
-AGENTS = ("openai", "tuner", "replay")
-PRESETS = ("auto", "gpu", "cpu")  # auto: gpu when CUDA is available, else cpu
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-# key -> default. None means "no limit" for the max_* keys, "the client's default" for
-# base_url, and "derived from the preset's time budget" for timeout.
-DEFAULTS: dict[str, object] = {
-    "agent": None,  # None: openai when a model or base_url is set, else the offline tuner
-    "model": None,
-    "base_url": None,
-    "agent_timeout": 600.0,  # seconds one request to the endpoint may take (slow local models)
-    "preset": "auto",
-    "device": "auto",
-    "max_experiments": None,  # experiments, baseline included
-    "max_hours": None,  # hours of wall time for the whole session
-    "max_cost": None,  # USD of agent tokens; needs a known price for the model
-    "timeout": None,  # seconds before a training run is killed
-    "stall_timeout": None,  # seconds without output before a training run is killed
-    # seconds a run may take past TIME_BUDGET from its first step line to its exit;
-    # None: max(30, 10 % of TIME_BUDGET)
-    "budget_grace": None,
-    # seconds a run may take from launch to its first step line (imports, data, compile);
-    # None: 120
-    "startup_limit": None,
-    "fix_attempts": 1,  # times the agent may try to fix its own crashed edit
-    "min_delta": 0.0,  # val_bpb a change must beat the best by to be kept
-    "calibrate": None,  # baseline runs to measure noise; None: 3 on the gpu preset, 2 on cpu
-    "max_repeats": None,  # most runs of a candidate; None: 6 on gpu, 2 on cpu
-    "prices": {},  # model -> {"input": usd_per_1M, "output": usd_per_1M}
-    "sealed": True,  # val_bpb from the sealed evaluator (False: from train.py's own output)
+# key -> built-in default, for the keys the config file and the environment accept; the
+# defaults, checks and help live in settings.SETTINGS (None: see each setting's help there).
+DEFAULTS: dict[str, object] = {s.key: s.default for s in SETTINGS if s.config}
+CHECKS: dict[str, Callable[[object], object]] = {
+    s.key: s.check for s in SETTINGS if s.config and s.check is not None
 }
+# Settings that make no sense in one environment variable.
+NOT_FROM_ENV = frozenset(s.key for s in SETTINGS if s.config and not s.env)
 
 
-@dataclass(frozen=True)
 class Settings:
-    """Validated settings; `sources[key]` says where each value came from."""
+    """Validated settings, one attribute per key of DEFAULTS; `sources[key]` says where each
+    value came from."""
 
-    agent: str | None
-    model: str | None
-    base_url: str | None
-    preset: str
-    device: str
-    max_experiments: int | None
-    max_hours: float | None
-    max_cost: float | None
-    timeout: float | None
-    stall_timeout: float | None
-    fix_attempts: int
-    min_delta: float
-    calibrate: int | None
-    max_repeats: int | None
-    prices: dict[str, dict[str, float]]
-    sealed: bool = True
-    agent_timeout: float = 600.0
-    budget_grace: float | None = None
-    startup_limit: float | None = None
-    sources: dict[str, str] = field(default_factory=dict)
+    def __init__(self, values: Mapping[str, object], sources: Mapping[str, str]) -> None:
+        missing = set(DEFAULTS) - set(values)
+        if missing:
+            raise ValueError(f"settings without a value: {', '.join(sorted(missing))}")
+        self._values = dict(values)
+        self.sources = dict(sources)
+
+    def __getattr__(self, key: str) -> object:
+        values = self.__dict__.get("_values", {})
+        if key not in values:
+            raise AttributeError(key)
+        return values[key]
+
+    def __repr__(self) -> str:
+        return f"Settings({self._values!r})"
 
     @property
     def agent_name(self) -> str:
         """The agent to use: as set, else openai when an endpoint is configured, else tuner."""
         if self.agent:
-            return self.agent
+            return str(self.agent)
         return "openai" if (self.model or self.base_url) else "tuner"
 
     def rows(self) -> list[tuple[str, object, str]]:
         """(key, value, source) for every setting, in the order of DEFAULTS."""
-        return [(key, getattr(self, key), self.sources[key]) for key in DEFAULTS]
-
-
-# --- validation: each checker returns the clean value or raises ValueError with the reason
-
-
-def _string(value: object) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError("expected a non-empty string")
-    return value.strip()
-
-
-def _choice(choices: tuple[str, ...]) -> Callable[[object], str]:
-    def check(value: object) -> str:
-        text = _string(value).lower()
-        if text not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}")
-        return text
-
-    return check
-
-
-def _device(value: object) -> str:
-    text = _string(value).lower()
-    if not _DEVICE.match(text):
-        raise ValueError("expected auto, cpu, mps, cuda or cuda:N")
-    return text
-
-
-def _boolean(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected true or false")
-
-
-def _url(value: object) -> str:
-    text = _string(value)
-    if not text.startswith(("http://", "https://")):
-        raise ValueError("expected a URL starting with http:// or https://")
-    return text
-
-
-def _number(value: object) -> float:
-    if isinstance(value, bool):  # bool is an int; `max_hours = true` is a mistake
-        raise ValueError("expected a number")
-    if isinstance(value, str):
-        value = value.strip()
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError("expected a number") from None
-    if not math.isfinite(number):
-        raise ValueError("expected a finite number")
-    return number
-
-
-def _integer(value: object) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected a whole number")
-    if isinstance(value, str):
-        value = value.strip()
-        if not re.fullmatch(r"[+-]?\d+", value):
-            raise ValueError("expected a whole number")
-        return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    raise ValueError("expected a whole number")
-
-
-def _at_least(
-    check: Callable[[object], float], low: float, strict: bool = False
-) -> Callable[[object], float]:
-    def bounded(value: object) -> float:
-        number = check(value)
-        if number < low or (strict and number == low):
-            raise ValueError(f"expected a number {'>' if strict else '>='} {low:g}")
-        return number
-
-    return bounded
-
-
-def _prices(value: object) -> dict[str, dict[str, float]]:
-    if not isinstance(value, Mapping):
-        raise ValueError("expected a table of model = { input = USD, output = USD } per 1M tokens")
-    table: dict[str, dict[str, float]] = {}
-    for model, rates in value.items():
-        if not isinstance(rates, Mapping) or set(rates) != {"input", "output"}:
-            raise ValueError(f"model {model!r}: expected {{ input = USD, output = USD }}")
-        try:
-            table[str(model)] = {k: _at_least(_number, 0.0)(rates[k]) for k in ("input", "output")}
-        except ValueError as e:
-            raise ValueError(f"model {model!r}: {e}") from None
-    return table
-
-
-CHECKS: dict[str, Callable[[object], object]] = {
-    "agent": _choice(AGENTS),
-    "model": _string,
-    "base_url": _url,
-    "agent_timeout": _at_least(_number, 0.0, strict=True),
-    "preset": _choice(PRESETS),
-    "device": _device,
-    "max_experiments": _at_least(_integer, 1),
-    "max_hours": _at_least(_number, 0.0, strict=True),
-    "max_cost": _at_least(_number, 0.0),
-    "timeout": _at_least(_number, 0.0, strict=True),
-    "stall_timeout": _at_least(_number, 0.0, strict=True),
-    "budget_grace": _at_least(_number, 0.0),
-    "startup_limit": _at_least(_number, 0.0, strict=True),
-    "fix_attempts": _at_least(_integer, 0),
-    "min_delta": _at_least(_number, 0.0),
-    "calibrate": _at_least(_integer, 1),
-    "max_repeats": _at_least(_integer, 1),
-    "prices": _prices,
-    "sealed": _boolean,
-}
-# Settings that make no sense in one environment variable.
-NOT_FROM_ENV = frozenset({"prices"})
+        return [(key, self._values[key], self.sources[key]) for key in DEFAULTS]
 
 
 def env_name(key: str) -> str:
     """The environment variable for a setting: `max_cost` -> `AUTORESEARCH_MAX_COST`."""
-    return ENV_PREFIX + key.upper()
+    return BY_KEY[key].env_name
 
 
 def flag_name(key: str) -> str:
     """The command-line option for a setting: `max_cost` -> `--max-cost`."""
-    return "--" + key.replace("_", "-")
+    return BY_KEY[key].flag_name
 
 
 def read_config(workspace: Path) -> dict[str, object]:
@@ -309,4 +154,4 @@ def resolve(
         except ValueError as e:
             raise UsageError(f"{key} = {raw!r} from {source}: {e}") from None
         sources[key] = source
-    return Settings(**values, sources=sources)  # type: ignore[arg-type]
+    return Settings(values, sources)

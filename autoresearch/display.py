@@ -39,6 +39,7 @@ from rich.text import Text
 from .ledger import Experiment, decision_of
 from .options import SessionOptions
 from .runner import Step
+from .status import FAILED, Status
 
 REFRESH_PER_SECOND = 4  # dashboard redraws; a step line only updates state
 RECENT = 10  # experiments in the dashboard's table (fewer when the terminal is short)
@@ -48,12 +49,12 @@ DASHBOARD_FIXED_LINES = 15  # dashboard lines besides the table's rows, to fit s
 CTRL_C_ECHO_COLUMNS = 2  # right margin kept free for the terminal's "^C" echo
 
 STATUS_STYLE = {
-    "keep": "bold green",
-    "discard": "dim",
-    "crash": "bold red",
-    "invalid": "yellow",
-    "interrupted": "magenta",
-    "rejected": "red",
+    Status.keep: "bold green",
+    Status.discard: "dim",
+    Status.crash: "bold red",
+    Status.invalid: "yellow",
+    Status.interrupted: "magenta",
+    Status.rejected: "red",
 }
 _STATUS_ORDER = {status: i for i, status in enumerate(STATUS_STYLE)}
 PHASE_STYLE = {"proposing": "cyan", "repairing": "yellow", "training": "bold blue"}
@@ -104,7 +105,7 @@ def result_line(exp: Experiment) -> str:
     bpb = f"val_bpb {exp.val_bpb:.6f}" if exp.val_bpb is not None else "val_bpb    —    "
     extra = (
         exp.crash_class or exp.extra.get("reason", "")
-        if exp.status in ("crash", "invalid", "rejected")
+        if exp.status in FAILED
         else format_delta(exp)
     )
     line = f"exp {exp.id:04d} {exp.status:<11} {bpb}  {extra:<18} {exp.description}"
@@ -114,7 +115,7 @@ def result_line(exp: Experiment) -> str:
 def _noise_note(exp: Experiment) -> str:
     """Why a lower val_bpb was still discarded: its gain did not clear the noise bar."""
     d = decision_of(exp)
-    if exp.status != "discard" or d.gain is None or d.gain <= 0 or d.bar is None:
+    if exp.status != Status.discard or d.gain is None or d.gain <= 0 or d.bar is None:
         return ""
     runs = max(d.runs, 1)
     return f"  [within noise: gain {d.gain:.6f} <= bar {d.bar:.6f} after {plural(runs, 'run')}]"
@@ -204,7 +205,7 @@ class Record:
             cost_usd=cost,
             unpriced=unpriced,
             baseline=exps[0] if exps else None,
-            best=next((e for e in reversed(exps) if e.status == "keep"), None),
+            best=next((e for e in reversed(exps) if e.status == Status.keep), None),
         )
 
 
@@ -369,7 +370,7 @@ class Dashboard:
         table.add_column("time", justify="right", no_wrap=True)
         table.add_column("description", ratio=1, no_wrap=True, overflow="ellipsis")
         for e in record.experiments[-rows:]:
-            if e.status in ("crash", "invalid", "rejected"):
+            if e.status in FAILED:
                 delta = _clean(e.crash_class or "")
             elif _finite(e.val_bpb) and _finite(e.best_before):
                 delta = f"{e.val_bpb - e.best_before:+.6f}"

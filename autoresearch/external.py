@@ -45,6 +45,7 @@ from .ledger import Experiment, Ledger, decision_of
 from .lock import BUSY_EXIT, WorkspaceBusy, workspace_lock
 from .loop import Session, branch_name, normalized_hash
 from .options import SessionOptions
+from .status import Status
 from .workspace import RUNS_DIR, TRAIN_FILE
 
 AGENT_NAME = "external"  # the agent's name in the record (session.json, experiments.jsonl)
@@ -58,7 +59,7 @@ EXIT_DISCARD = 10
 EXIT_CRASH = 11  # crash, rejected or interrupted: no val_bpb
 EXIT_REFUSED = 12  # not trained: the working tree's change was refused, or recorded `invalid`
 EXIT_BUSY = BUSY_EXIT  # 13: another `run` or `try` holds this workspace
-EXIT_CODES = {"keep": EXIT_KEEP, "discard": EXIT_DISCARD, "invalid": EXIT_REFUSED}
+EXIT_CODES = {Status.keep: EXIT_KEEP, Status.discard: EXIT_DISCARD, Status.invalid: EXIT_REFUSED}
 
 
 class TryRefused(AutoresearchError):
@@ -294,7 +295,7 @@ def _unfinished_source(ledger: Ledger, repo: GitRepo) -> str | None:
     state = ledger.read_state() or {}
     exps = ledger.experiments()
     commit = state.get("commit") if state.get("id") not in {e.id for e in exps} else None
-    if not commit and exps and exps[-1].status == "interrupted":
+    if not commit and exps and exps[-1].status == Status.interrupted:
         commit = exps[-1].commit
     return repo.show_file(commit, TRAIN_FILE) if commit else None
 
@@ -336,7 +337,7 @@ def verdict(result: TryResult) -> dict:
     exp = result.experiment
     d = decision_of(exp)
     extra = exp.extra or {}
-    crashed = exp.status not in ("keep", "discard", "invalid")
+    crashed = exp.status not in EXIT_CODES
     return {
         "status": exp.status,
         "exit_code": result.exit_code,
@@ -400,7 +401,7 @@ def verdict_text(v: dict) -> str:
     if best is not None:
         lines.append(f"best: exp {best['id']:04d} val_bpb {best['val_bpb']:.6f}")
     lines.append(f"working tree: {v['working_tree']}")
-    if v["attempt_ref"] and v["status"] != "keep":
+    if v["attempt_ref"] and v["status"] != Status.keep:
         lines.append(f"the attempt stays at {v['attempt_ref']}")
     if v["log_tail"]:
         lines.append(f"crash class: {v['crash_class']}; last lines of the log:")

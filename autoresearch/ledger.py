@@ -27,13 +27,22 @@ import json
 import math
 import os
 import secrets
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import AutoresearchError
+from .experiment import (  # noqa: F401 - re-exported: the record's types were defined here
+    STATUSES,
+    Experiment,
+    Extra,
+    _from_record,
+    _jsonable,
+    _parse_line,
+    _to_line,
+)
+from .status import FAILED, Status
 
-STATUSES = ("keep", "discard", "crash", "invalid", "interrupted", "rejected")
 TSV_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 JSONL_FILE = "experiments.jsonl"
 TORN_FILE = "experiments.jsonl.torn"  # torn last lines cut from the jsonl, kept for forensics
@@ -49,73 +58,6 @@ class LedgerError(AutoresearchError):
     """The record could not be written or read; the message says what to do next."""
 
 
-@dataclass
-class Experiment:
-    """One experiment, as recorded in experiments.jsonl."""
-
-    id: int
-    status: str  # one of STATUSES
-    description: str
-    commit: str | None  # full sha of the candidate commit (None if invalid before commit)
-    parent: str  # full sha of the best commit it was based on
-    val_bpb: float | None
-    memory_gb: float
-    best_before: float | None
-    threshold: float
-    crash_class: str | None = None
-    exit_code: int | None = None
-    metrics: dict[str, float] = field(default_factory=dict)  # the whole summary block
-    started_at: str = ""  # ISO 8601 UTC
-    ended_at: str = ""
-    train_seconds: float | None = None  # harness-measured wall time of the child
-    agent: dict = field(
-        default_factory=dict
-    )  # name, model, attempts, tokens_in, tokens_out, seconds
-    attempt_ref: str | None = None  # refs/autoresearch/<tag>/attempts/NNNN
-    fix_of: int | None = None  # id of the crashed experiment this repairs
-    extra: dict = field(default_factory=dict)  # room for later fields (noise, repeats, cost…)
-
-
-_FIELDS = {f.name for f in fields(Experiment)}
-_REQUIRED = ("id", "status", "description", "commit", "parent", "val_bpb", "memory_gb")
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON has no NaN or infinity: non-finite floats are recorded as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _to_line(exp: Experiment) -> bytes:
-    return (json.dumps(_jsonable(asdict(exp)), allow_nan=False) + "\n").encode("ascii")
-
-
-def _from_record(record: Any) -> Experiment:
-    """An Experiment from a parsed jsonl object; unknown keys (a newer writer) go to `extra`."""
-    if not isinstance(record, dict) or any(key not in record for key in _REQUIRED):
-        raise ValueError("not an experiment record")
-    if not isinstance(record["id"], int) or record["status"] not in STATUSES:
-        raise ValueError("bad id or status")
-    known = {k: v for k, v in record.items() if k in _FIELDS}
-    for key in ("best_before", "threshold"):
-        known.setdefault(key, None if key == "best_before" else 0.0)
-    exp = Experiment(**known)
-    exp.extra = dict(exp.extra or {})
-    for key, value in record.items():
-        if key not in _FIELDS:
-            exp.extra.setdefault(key, value)
-    return exp
-
-
-def _parse_line(line: bytes) -> Experiment:
-    return _from_record(json.loads(line))
-
-
 def tsv_row(exp: Experiment) -> str:
     """The results.tsv row of an experiment (upstream's columns and formats).
 
@@ -126,13 +68,13 @@ def tsv_row(exp: Experiment) -> str:
     """
     commit = exp.commit[:7] if exp.commit else "-"
     val = exp.val_bpb
-    failed = exp.status in ("crash", "invalid", "rejected")
+    failed = exp.status in FAILED
     no_value = failed or val is None or not math.isfinite(val)
     memory = exp.memory_gb if math.isfinite(exp.memory_gb) else 0.0
     status, description = exp.status, exp.description
-    if status == "rejected":
-        reason = str(exp.extra.get("reason", ""))
-        status = "crash"
+    if status == Status.rejected:
+        reason = str(exp.extra.reason or "")
+        status = Status.crash
         description += f" (rejected: {reason[:REJECTED_REASON_CHARS]})" if reason else " (rejected)"
     description = description.replace("\t", " ").replace("\r", " ").replace("\n", " ")
     return f"{commit}\t{0.0 if no_value else val:.6f}\t{memory:.1f}\t{status}\t{description}"
@@ -161,16 +103,16 @@ def decision_of(exp: Experiment) -> Decision:
     """The keep rule's numbers for `exp`, read from the record (fields `val_bpb`,
     `best_before`, `threshold`, `extra.paired_sigma` or else `extra.sigma`, `extra.runs`,
     `extra.incumbent_runs`, `extra.reason`, `crash_class`), and a one-line reason."""
-    extra = exp.extra or {}
-    runs = extra.get("runs")
+    extra = exp.extra
+    runs = extra.runs
     n = len(runs) if isinstance(runs, list) else 0
-    inc = extra.get("incumbent_runs")
+    inc = extra.incumbent_runs
     m = len(inc) if isinstance(inc, list) else inc if isinstance(inc, int) else None
     # The σ the rule used: a paired gain's spread where the record has one (a judged
     # candidate), else the run-to-run σ of val_bpb (the baseline's calibration, older records).
     key = "paired_sigma" if "paired_sigma" in extra and exp.best_before is not None else "sigma"
     sigma = _number_or_none(extra.get(key))
-    judged = exp.status in ("keep", "discard") and exp.best_before is not None
+    judged = exp.status in (Status.keep, Status.discard) and exp.best_before is not None
     bar = _number_or_none(exp.threshold) if judged else None  # no bar without a comparison
     gain = None
     if _number_or_none(exp.val_bpb) is not None and _number_or_none(exp.best_before) is not None:
@@ -212,25 +154,25 @@ def _reason(
     m: int | None,
 ) -> str:
     noise = "σ not measured yet" if sigma is None else f"σ {sigma:.6f}"
-    said = " ".join(str((exp.extra or {}).get("reason") or "").split())
-    if exp.status == "keep" and exp.best_before is None:
+    said = " ".join(str(exp.extra.reason or "").split())
+    if exp.status == Status.keep and exp.best_before is None:
         return f"the baseline, the first best ({_runs(n, None)}, {noise})"
-    if exp.status == "keep" and gain is not None and bar is not None:
+    if exp.status == Status.keep and gain is not None and bar is not None:
         return f"kept: gain {gain:.6f} cleared the bar {bar:.6f} ({_runs(n, m)}, {noise})"
-    if exp.status == "discard" and gain is not None and gain <= 0:
+    if exp.status == Status.discard and gain is not None and gain <= 0:
         return f"discarded: no gain (val_bpb {-gain:+.6f} against the best, {_runs(n, m)})"
-    if exp.status == "discard" and gain is not None and bar is not None:
+    if exp.status == Status.discard and gain is not None and bar is not None:
         return (
             f"discarded: gain {gain:.6f} within noise, not above the bar {bar:.6f} "
             f"({_runs(n, m)}, {noise})"
         )
-    if exp.status == "crash":
+    if exp.status == Status.crash:
         return f"crashed ({exp.crash_class or 'unknown class'}): the run gave no val_bpb"
-    if exp.status == "interrupted":
+    if exp.status == Status.interrupted:
         return "interrupted by Ctrl-C twice: killed before it was judged"
-    if exp.status in ("invalid", "rejected"):
-        return f"{exp.status}: {said}" if said else exp.status
-    return exp.status
+    if exp.status in (Status.invalid, Status.rejected):
+        return f"{exp.status}: {said}" if said else str(exp.status)
+    return str(exp.status)
 
 
 def measured_runs(run_dir: Path, exp: Experiment) -> list[dict]:
@@ -371,7 +313,7 @@ class Ledger:
 
     def best(self) -> Experiment | None:
         """The incumbent: the latest experiment with status keep."""
-        return next((e for e in reversed(self.experiments()) if e.status == "keep"), None)
+        return next((e for e in reversed(self.experiments()) if e.status == Status.keep), None)
 
     # ----------------------------------------------------------------------------- writing
 

@@ -67,6 +67,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean, median
 
+from .status import Decision, Label
+
 FILE = "measurements.jsonl"
 SEED_BASE = 1000  # the k-th run of a commit trains with AUTORESEARCH_SEED = SEED_BASE + k
 ALPHA = 0.05  # false keeps of a change that gains nothing, over all its repeats
@@ -90,12 +92,12 @@ def seed_of(run: int) -> int:
 
 @dataclass(frozen=True)
 class Verdict:
-    decision: str  # keep | discard | repeat
+    decision: Decision  # keep | discard | repeat (a str enum)
     gain: float  # mean paired gain, incumbent - candidate (positive = better)
     threshold: float  # the mean gain that would have kept the change at this n
     runs: int  # candidate runs so far
     sigma: float | None  # spread of one paired gain, as used
-    label: str | None  # win | within-noise | loss (None without a sigma)
+    label: Label | None  # win | within-noise | loss (None without a sigma)
 
 
 def judge(
@@ -111,7 +113,7 @@ def judge(
         raise ValueError("judge needs at least one paired gain")
     gain = fmean(gains)
     if not sigma:
-        decision = "keep" if gain > min_delta else "discard"
+        decision = Decision.keep if gain > min_delta else Decision.discard
         return Verdict(decision, gain, min_delta, n, sigma, None)
     effect = EFFECT_SIGMAS * sigma
     upper, lower = math.log(1 / ALPHA), math.log(BETA / (1 - ALPHA))
@@ -119,19 +121,29 @@ def judge(
     llr = slope * sum(g - min_delta - effect / 2 for g in gains)
     keep_bar = min_delta + effect / 2 + upper / (slope * n)
     if llr >= upper:
-        decision = "keep"
+        decision = Decision.keep
     elif llr <= lower or n >= max_repeats:
-        decision = "discard"
+        decision = Decision.discard
     else:
-        decision = "repeat"
+        decision = Decision.repeat
     mirrored = -slope * sum(g + effect / 2 for g in gains)  # H1': the change loses `effect`
-    if decision == "keep":
-        label = "win"
+    if decision == Decision.keep:
+        label = Label.win
     elif mirrored >= upper:
-        label = "loss"
+        label = Label.loss
     else:
-        label = "within-noise"
+        label = Label.within_noise
     return Verdict(decision, gain, keep_bar, n, sigma, label)
+
+
+def prompt_label(status: str, label: str | None) -> Label:
+    """The label the agent reads for an experiment the keep rule judged (kept or discarded):
+    the rule's own (`Verdict.label`, as recorded); for one judged without a sigma, or
+    recorded before labels were, the rule's decision: win when kept, not-better otherwise.
+    So the agent is never told "win" about a change the rule discarded, nor the reverse."""
+    if label:
+        return Label(label)
+    return Label.win if status == Decision.keep else Label.not_better
 
 
 def paired_sigma(seed_sigma: float | None, gain_sets: Iterable[Sequence[float]]) -> float | None:

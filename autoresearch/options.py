@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import noise, runner
+from .settings import BY_KEY, calibrate_for, max_repeats_for
 
 # seconds a run may take from launch to its first step line (imports, data, compile), unless
 # set (SessionOptions.startup_limit)
@@ -34,10 +35,12 @@ class SessionOptions:
     # None = STARTUP_LIMIT_S
     startup_limit: float | None = None
     stall_timeout: float | None = None
-    fix_attempts: int = 1
-    min_delta: float = 0.0
-    calibrate: int = 1  # runs of the baseline to measure noise (the CLI uses 3 on GPU)
-    max_repeats: int = 3  # runs of a candidate whose gain is within noise
+    fix_attempts: int = BY_KEY["fix_attempts"].default  # type: ignore[assignment]
+    min_delta: float = BY_KEY["min_delta"].default  # type: ignore[assignment]
+    # runs of the baseline to measure noise, and most runs of a candidate; None: the preset's
+    # (settings.calibrate_for, settings.max_repeats_for), filled in at construction
+    calibrate: int = None  # type: ignore[assignment]
+    max_repeats: int = None  # type: ignore[assignment]
     # runs after which the best's run of a seed is too old to pair with a candidate's run of
     # that seed: the best is trained with it again first (0 = pair with any age)
     pair_window: int = noise.PAIR_WINDOW
@@ -50,11 +53,17 @@ class SessionOptions:
     start_ahead: bool | None = None
     resume: bool = False
     command: list[str] | None = None  # the training command; default: python train.py
-    # val_bpb from the sealed evaluator on train.py's checkpoint, with the data fingerprinted
-    # (the CLI's default); False trusts train.py's printed val_bpb, as upstream does
-    sealed: bool = False
+    # val_bpb from the sealed evaluator on train.py's checkpoint, with the data fingerprinted;
+    # False trusts train.py's printed val_bpb, as upstream does
+    sealed: bool = BY_KEY["sealed"].default  # type: ignore[assignment]
     # run candidate code without the box (sandbox.py) even where it is available; recorded
     unsandboxed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.calibrate is None:
+            self.calibrate = calibrate_for(self.preset)
+        if self.max_repeats is None:
+            self.max_repeats = max_repeats_for(self.preset)
 
     @property
     def hard_timeout(self) -> float:

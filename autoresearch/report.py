@@ -35,15 +35,17 @@ from matplotlib.transforms import blended_transform_factory
 
 from autoresearch import gitrepo
 from autoresearch.errors import WorkspaceError
-from autoresearch.ledger import Decision, Experiment, Ledger, decision_of
+from autoresearch.ledger import STATUSES, Decision, Experiment, Ledger, decision_of
+from autoresearch.status import FAILED as NOT_MEASURED
+from autoresearch.status import Status
 
 RUNS_DIR = "runs"
 TRAIN_FILE = "train.py"
 PLOT_FILE = "progress.png"
 REPORT_FILE = "report.html"
 
-STATUSES = ("keep", "discard", "crash", "invalid", "interrupted", "rejected")
-FAILED = ("crash", "invalid", "interrupted", "rejected")  # statuses with no val_bpb to plot
+# statuses with no val_bpb to plot
+FAILED = (Status.crash, Status.invalid, Status.interrupted, Status.rejected)
 
 # Plot colours; the page's CSS uses the same greens and reds for the statuses.
 GREEN, DARK_GREEN, GREY, RED, AMBER = "#2ecc71", "#1a7a3a", "#b0b0b0", "#d62728", "#e69500"
@@ -103,7 +105,7 @@ def baseline_of(experiments: Sequence[Experiment]) -> Experiment | None:
 
 def best_of(experiments: Sequence[Experiment]) -> Experiment | None:
     """The kept experiment with the lowest val_bpb (the earliest on a tie), or None."""
-    kept = [e for e in _sorted(experiments) if e.status == "keep" and e.val_bpb is not None]
+    kept = [e for e in _sorted(experiments) if e.status == Status.keep and e.val_bpb is not None]
     return min(kept, key=lambda e: e.val_bpb) if kept else None
 
 
@@ -137,7 +139,7 @@ def diff_pairs(experiments: Sequence[Experiment]) -> list[DiffKey]:
     if base and best and base.commit and best.commit and base.commit != best.commit:
         pairs.append((base.commit, best.commit))
     for e in _sorted(experiments):
-        if e.status == "keep" and e.id != base.id and e.parent and e.commit:
+        if e.status == Status.keep and e.id != base.id and e.parent and e.commit:
             pairs.append((e.parent, e.commit))
     return pairs
 
@@ -160,7 +162,7 @@ def _shorten(text: str | None, width: int = LABEL_CHARS) -> str:
 
 
 def _title(tag: str, summary: Summary) -> str:
-    kept = summary.counts.get("keep", 0)
+    kept = summary.counts.get(Status.keep, 0)
     n = summary.experiments
     head = f"autoresearch {tag}: {n} experiment{'s' * (n != 1)}, {kept} kept"
     if summary.baseline is None or summary.best is None or summary.delta is None:
@@ -194,9 +196,9 @@ def progress_figure(experiments: Sequence[Experiment], tag: str) -> Figure:
     strip = blended_transform_factory(ax.transData, ax.transAxes)  # x in data, y in axes units
 
     scored = [e for e in ordered if _finite(e.val_bpb) and e.status not in FAILED]
-    kept = [e for e in scored if e.status == "keep"]
-    lower = [e for e in scored if e.status != "keep" and _discarded_lower(e)]
-    others = [e for e in scored if e.status != "keep" and not _discarded_lower(e)]
+    kept = [e for e in scored if e.status == Status.keep]
+    lower = [e for e in scored if e.status != Status.keep and _discarded_lower(e)]
+    others = [e for e in scored if e.status != Status.keep and not _discarded_lower(e)]
     scored_ids = {e.id for e in scored}
     failed = [e for e in ordered if e.id not in scored_ids]
 
@@ -234,7 +236,7 @@ def progress_figure(experiments: Sequence[Experiment], tag: str) -> Figure:
             zorder=4,
             label="kept",
         )
-    for statuses, colour in ((("crash", "invalid", "rejected"), RED), (("interrupted",), AMBER)):
+    for statuses, colour in ((NOT_MEASURED, RED), ((Status.interrupted,), AMBER)):
         xs = [e.id for e in failed if e.status in statuses]
         if xs:
             ax.scatter(
@@ -279,7 +281,7 @@ def _finite(x: float | None) -> bool:
 
 def _discarded_lower(e: Experiment) -> bool:
     """A discard whose val_bpb was below the best it was judged against: within noise."""
-    return e.status == "discard" and _finite(e.best_before) and e.val_bpb < e.best_before
+    return e.status == Status.discard and _finite(e.best_before) and e.val_bpb < e.best_before
 
 
 def _y_limits(values: Sequence[float], *, has_strip: bool) -> tuple[float, float]:
@@ -296,7 +298,7 @@ def _y_limits(values: Sequence[float], *, has_strip: bool) -> tuple[float, float
 def _plot_running_best(ax: Axes, ordered: Sequence[Experiment], kept: Sequence[Experiment]) -> None:
     xs, ys, best = [], [], None
     for e in ordered:
-        if e.status == "keep" and e.val_bpb is not None and (best is None or e.val_bpb < best):
+        if e.status == Status.keep and e.val_bpb is not None and (best is None or e.val_bpb < best):
             best = e.val_bpb
         if best is not None:
             xs.append(e.id)
@@ -476,12 +478,12 @@ def _table_html(experiments: Sequence[Experiment]) -> str:
     rows = []
     for e in experiments:
         d = decision_of(e)
-        status = e.status if e.status in STATUSES else "invalid"
+        status = e.status if e.status in STATUSES else Status.invalid
         fix = f' <span class="muted">(fix of #{int(e.fix_of)})</span>' if e.fix_of else ""
         # A lower val_bpb that was discarded is not a win: amber, not green.
         delta = None if d.gain is None else -d.gain
         delta_html = _delta_html(delta)
-        if e.status != "keep" and delta is not None and delta < 0:
+        if e.status != Status.keep and delta is not None and delta < 0:
             delta_html = f'<span class="noise">{delta:+.6f}</span>'
         runs = "—" if not d.runs else f"{d.runs}"
         if d.runs and d.incumbent_runs:
@@ -547,7 +549,7 @@ def _changes_html(experiments: Sequence[Experiment], diffs: Mapping[DiffKey, str
     base = baseline_of(experiments)
     parts = []
     for e in experiments:
-        if e.status != "keep" or (base is not None and e.id == base.id):
+        if e.status != Status.keep or (base is not None and e.id == base.id):
             continue
         delta = None
         if e.val_bpb is not None and e.best_before is not None:

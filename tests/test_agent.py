@@ -28,6 +28,7 @@ from autoresearch.agent import (
     resolve_api_key,
 )
 from autoresearch.errors import AgentError, UsageError
+from autoresearch.noise import judge, prompt_label
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "autoresearch" / "templates" / "train.py"
 SECRET = "sk-test-secret-0123456789"
@@ -475,9 +476,9 @@ def test_history_table_keeps_recent_and_all_keeps_when_long():
 def test_history_table_labels_against_noise():
     history = [
         HistoryEntry(0, "keep", 1.0, None, "baseline"),
-        HistoryEntry(1, "keep", 0.99, -0.01, "big win"),
-        HistoryEntry(2, "discard", 0.9905, 0.0005, "noise | pipe"),
-        HistoryEntry(3, "discard", 1.01, 0.02, "loss"),
+        HistoryEntry(1, "keep", 0.99, -0.01, "big win", verdict="win"),
+        HistoryEntry(2, "discard", 0.9905, 0.0005, "noise | pipe", verdict="within-noise"),
+        HistoryEntry(3, "discard", 1.01, 0.02, "loss", verdict="loss"),
         HistoryEntry(4, "crash", None, None, "oom"),
         HistoryEntry(5, "invalid", None, None, "bad edit"),
     ]
@@ -485,6 +486,29 @@ def test_history_table_labels_against_noise():
     verdicts = [row.split("|")[5].strip() for row in rows]
     assert verdicts == ["baseline", "win", "within-noise", "loss", "crash", "invalid"]
     assert "(-10.0σ)" in rows[1] and "noise \\| pipe" in rows[2]
+
+
+def test_the_prompts_labels_are_the_keep_rules_verdicts():
+    """The label is what noise.judge decided, never a rule of the prompt's own: a change the
+    rule discarded is not called a win however large its single-run Δ looks, and one judged
+    without a label (no sigma yet, or an older record) is labelled by the decision."""
+    gains = [0.004]  # one paired run, 4 σ better
+    verdict = judge(gains, sigma=0.001, min_delta=0.0, max_repeats=1)
+    assert verdict.decision == "keep" and verdict.label == "win"
+    shy = judge([0.0015], sigma=0.001, min_delta=0.0, max_repeats=1)
+    assert shy.decision == "discard" and shy.label == "within-noise"
+    history = [
+        HistoryEntry(0, "keep", 1.0, None, "baseline"),
+        HistoryEntry(1, "keep", 0.996, -0.004, "kept", verdict=verdict.label),
+        HistoryEntry(2, "discard", 0.9945, -0.0015, "1.5σ lower", verdict=shy.label),
+        HistoryEntry(3, "discard", 0.99, -0.006, "6σ lower, judged without σ"),
+        HistoryEntry(4, "keep", 0.99, -0.006, "kept without σ"),
+    ]
+    rows = history_table(history, noise=0.001).splitlines()[2:]
+    verdicts = [row.split("|")[5].strip() for row in rows]
+    assert verdicts == ["baseline", "win", "within-noise", "not-better", "win"]
+    for h, label in zip(history[1:], verdicts[1:], strict=True):
+        assert label == prompt_label(h.status, h.verdict)
 
 
 # ------------------------------------------------------------------------ TunerAgent

@@ -56,7 +56,7 @@ def test_run_help_keeps_its_brackets_and_groups_its_options() -> None:
     for panel in (cli.AGENT_PANEL, cli.LIMITS_PANEL, cli.HARDWARE_PANEL, cli.KEEP_PANEL):
         assert re.search(rf"─ {panel} ─", done.stdout), panel
     # an Enum choice, shown as such
-    assert "<openai|tuner|replay>" in text.replace(" ", "")
+    assert "<openai|replay|tuner>" in text.replace(" ", "")
 
 
 def test_config_shows_the_table_name(ws: Path, clean_env: None) -> None:

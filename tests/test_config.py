@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from autoresearch import config
+from autoresearch.agent import agent_names
 from autoresearch.config import DEFAULTS, Settings, resolve
 from autoresearch.errors import UsageError
 
@@ -95,7 +96,7 @@ def test_rows_for_the_config_table(tmp_path: Path):
 @pytest.mark.parametrize(
     ("flags", "env", "words"),
     [
-        ({"agent": "gpt"}, {}, ["agent", "flag --agent", "openai, tuner, replay"]),
+        ({"agent": "gpt"}, {}, ["agent", "flag --agent", ", ".join(agent_names())]),
         ({}, {"AUTORESEARCH_MAX_EXPERIMENTS": "ten"}, ["max_experiments", "AUTORESEARCH_MAX_"]),
         ({}, {"AUTORESEARCH_MAX_EXPERIMENTS": "0"}, ["max_experiments", ">= 1"]),
         ({}, {"AUTORESEARCH_MAX_HOURS": "0"}, ["max_hours", "> 0"]),

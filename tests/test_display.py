@@ -39,9 +39,10 @@ class Clock:
 
 
 def opts(**budgets: object) -> SessionOptions:
-    return SessionOptions(
-        **{"tag": "demo", "preset": "cpu", "device": "cpu", "time_budget": 300.0, **budgets}
-    )
+    # unsealed, one calibration run: the stub prints val_bpb and saves no checkpoint
+    base = {"tag": "demo", "preset": "cpu", "device": "cpu", "time_budget": 300.0}
+    unsealed = {"sealed": False, "calibrate": 1, "max_repeats": 3}
+    return SessionOptions(**{**base, **unsealed, **budgets})
 
 
 def exp(

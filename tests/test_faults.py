@@ -584,8 +584,9 @@ def test_disk_full_while_recording_then_resume(
 
     monkeypatch.setattr(Ledger, "append", append)
     opts = SessionOptions(
-        tag=TAG, preset="cpu", device="cpu", time_budget=1.0, max_experiments=3, fix_attempts=0
-    )
+        tag=TAG, preset="cpu", device="cpu", time_budget=1.0, max_experiments=3, fix_attempts=0,
+        calibrate=1, max_repeats=3, sealed=False,  # the stub prints val_bpb, saves no checkpoint
+    )  # fmt: skip
     with pytest.raises(LedgerError) as full:
         Session(ws, opts, ReplayAgent(patches), Display(quiet=True)).run()
     monkeypatch.undo()

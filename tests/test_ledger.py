@@ -17,12 +17,16 @@ import pytest
 from autoresearch import ledger as ledger_module
 from autoresearch.errors import AutoresearchError
 from autoresearch.ledger import (
+    JSONL_FILE,
+    STATUSES,
     TSV_HEADER,
     Experiment,
     Ledger,
     LedgerError,
+    decision_of,
     tsv_row,
 )
+from autoresearch.status import CrashClass, Status
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 PARENT = "fedcba9876543210fedcba9876543210fedcba98"
@@ -305,3 +309,71 @@ def test_real_kill_9_while_appending(ledger: Ledger) -> None:
     ledger.append(make(len(ids) + 1))
     assert [e.id for e in ledger.experiments()] == list(range(1, len(ids) + 2))
     assert len(tsv_lines(ledger)) == len(ids) + 2
+
+
+# ------------------------------------------------------------------- declared values, enums
+
+
+def test_older_records_load_with_the_declared_extra_fields(tmp_path: Path):
+    """Records written by earlier versions: one without `extra` at all, one with an older
+    key set (no `verdict`, `incumbent_runs` as a list) and a key of its own at the top level,
+    one from a newer writer with a key this version does not declare. Each loads; declared
+    values read as attributes with their defaults where absent; nothing is lost on rewrite."""
+    run_dir = tmp_path / "runs" / "old"
+    run_dir.mkdir(parents=True)
+    base = {"description": "d", "commit": "a" * 40, "parent": "b" * 40, "memory_gb": 1.0}
+    lines = [
+        {"id": 1, "status": "keep", "val_bpb": 1.0, **base},
+        {
+            "id": 2, "status": "discard", "val_bpb": 1.01, "best_before": 1.0, **base,
+            "extra": {"runs": [1.01], "incumbent_runs": [1.0], "sigma": 0.002},
+            "noise_sigma": 0.002,
+        },
+        {
+            "id": 3, "status": "crash", "val_bpb": None, "crash_class": "oom", **base,
+            "extra": {"log_tail": "CUDA out of memory", "from_the_future": {"x": 1}},
+        },
+    ]  # fmt: skip
+    (run_dir / JSONL_FILE).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    first, second, third = Ledger(run_dir).experiments()
+
+    assert first.extra.verdict is None and first.extra.cost_usd is None
+    assert "cost_usd" not in first.extra and len(first.extra) == 0
+    assert second.extra.runs == [1.01] and second.extra.incumbent_runs == [1.0]
+    assert second.extra.get("verdict") is None and second.extra["noise_sigma"] == 0.002
+    assert decision_of(second).incumbent_runs == 1
+    assert third.extra.log_tail == "CUDA out of memory"
+    assert third.extra["from_the_future"] == {"x": 1}
+    assert third.status is Status.crash and third.crash_class is CrashClass.oom
+
+    again = Ledger(tmp_path / "runs" / "copy")
+    for exp in (first, second, third):
+        again.append(exp)
+    written = [json.loads(x) for x in (again.run_dir / JSONL_FILE).read_text().splitlines()]
+    assert written[0]["extra"] == {}
+    assert written[1]["extra"] == {
+        "runs": [1.01], "incumbent_runs": [1.0], "sigma": 0.002, "noise_sigma": 0.002,
+    }  # fmt: skip
+    assert written[2]["extra"]["from_the_future"] == {"x": 1}
+    assert written[2]["status"] == "crash" and written[2]["crash_class"] == "oom"
+
+
+def test_statuses_are_enums_that_read_and_write_as_their_words(tmp_path: Path):
+    ledger = Ledger(tmp_path / "runs" / "t")
+    exp = Experiment(1, "keep", "baseline", "a" * 40, "a" * 40, 1.0, 0.0, None, 0.0)
+    assert exp.status is Status.keep and exp.status == "keep" and f"{exp.status:<5}|" == "keep |"
+    exp.extra["cost_usd"] = None  # an unknown price, recorded as such
+    ledger.append(exp)
+    back = ledger.experiments()[0]
+    assert back.status is Status.keep and "cost_usd" in back.extra
+    assert json.loads((ledger.run_dir / JSONL_FILE).read_text())["extra"] == {"cost_usd": None}
+    assert STATUSES == tuple(s.value for s in Status if s is not Status.running)
+
+
+def test_every_crash_class_the_runner_and_evaluator_name_is_a_crashclass():
+    """Until runner.py and evaluator.py spell them as CrashClass members, their own lists
+    must not drift from it."""
+    from autoresearch import evaluator, runner
+
+    named = set(runner.CRASH_CLASSES) | set(evaluator.CRASH_CLASSES) | {"rejected"}
+    assert named == {c.value for c in CrashClass}

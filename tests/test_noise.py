@@ -231,6 +231,7 @@ def test_a_drift_of_the_machine_is_not_kept_as_a_gain(tmp_path: Path) -> None:
             # the drifting stub counts runs in a file outside the workspace, which the box
             # rightly hides from a run; this test is about the keep rule, not the box
             unsandboxed=True,
+            sealed=False,  # the stub prints val_bpb and saves no checkpoint
         )
         session = Session(ws, opts, ReplayAgent(patches), Display(quiet=True))
         session.run()

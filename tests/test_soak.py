@@ -101,8 +101,9 @@ def test_two_hundred_experiments_leak_nothing(tmp_path: Path, monkeypatch) -> No
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(fake_prepared_cache(tmp_path / "cache")))
     display = Sampling()
     opts = SessionOptions(
-        tag="soak", preset="cpu", device="cpu", time_budget=1.0, max_experiments=ITERATIONS
-    )
+        tag="soak", preset="cpu", device="cpu", time_budget=1.0, max_experiments=ITERATIONS,
+        calibrate=1, max_repeats=3, sealed=False,  # the stub prints val_bpb, saves no checkpoint
+    )  # fmt: skip
     result = Session(ws, opts, CountingAgent(), display).run()
 
     assert len(result.experiments) == ITERATIONS
