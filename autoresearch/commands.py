@@ -274,7 +274,7 @@ def run_session(
             f"hard timeout {opts.hard_timeout:g}s"
             + ("" if opts.sealed else "; unsealed: val_bpb as train.py prints it")
         )
-        if stale := stale_prepare(root):
+        if stale := stale_prepare(root, session_running=True):  # this one, about to start
             display.note(stale)
         Session(root, opts, agent_obj, display, warm=first).run()
     finally:
@@ -643,6 +643,8 @@ def status(*, workspace: Path | None, tag: str | None, as_json: bool) -> None:
         )
     out.print(busy_line(exps, device))
     out.print(_state_line(state, session, ledger.run_dir.name))
+    if stale := stale_prepare(root, session_running=state == "running"):
+        out.print(stale, markup=False, highlight=False)
 
 
 def session_state(session: dict) -> str:

@@ -37,18 +37,34 @@ def template_text(name: str) -> str:
     return (TEMPLATES / name).read_text(encoding="utf-8")
 
 
-def stale_prepare(root: Path) -> str | None:
+def stale_prepare(root: Path, *, session_running: bool = False) -> str | None:
     """What to tell the user when the workspace's prepare.py is not the installed tool's
-    template (a copy from an older version, or edited by hand): the command that updates it.
-    None when they are the same bytes."""
+    template (a copy from an older version, or edited by hand): the command that updates it,
+    and what the update does to sessions' fingerprints. None when they are the same bytes.
+
+    With `session_running` (a session is running, or is about to start in this process) the
+    command is given for after that session: a sealed session fingerprints prepare.py, so
+    changing it mid-session stops the session."""
     ours, template = root / "prepare.py", TEMPLATES / "prepare.py"
     if ours.read_bytes() == template.read_bytes():
         return None
+    update = (
+        f"cp {template.resolve()} {ours} && git -C {root} commit -m 'prepare.py: the installed"
+        " template' prepare.py"
+    )
+    when = (
+        "Once the running session has ended (a sealed session fingerprints prepare.py:"
+        " changing it now stops the session), update it"
+        if session_running
+        else "To update it"
+    )
     return (
         f"{ours} differs from the installed autoresearch's template (an older copy, or edited"
-        f" by hand); data prepared or read by it may not match this version. To update it: "
-        f"cp {template} {ours} && git -C {root} commit -m 'prepare.py: the installed"
-        " template' prepare.py"
+        " by hand); data prepared or read by it may not match this version. Sealed sessions"
+        " started after an update are fingerprinted with the new prepare.py (their val_bpb may not"
+        " compare with earlier sessions'); a session started before keeps its copy on its"
+        " autoresearch/<tag> branch, and its `--resume` stops if that copy changes, so commit"
+        f" the update on the branch you start sessions from. {when}: {update}"
     )
 
 
