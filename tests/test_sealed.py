@@ -406,7 +406,7 @@ def test_an_evaluator_started_ahead_exits_when_let_go(cache: Path, ws: Path) -> 
     warm = start_warm(ws, split="val", preset="cpu", device="cpu", dataset=active_dataset())
     assert warm is not None and warm.proc is not None
     proc = warm.proc
-    deadline = time.monotonic() + 30  # its command line shows once its exec is complete
+    deadline = time.monotonic() + 120  # its command line shows once its exec is complete
     while _waiting_evaluators(ws) - before != {proc.pid} and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _waiting_evaluators(ws) - before == {proc.pid}
