@@ -38,6 +38,7 @@ from .workspace import (
     init_workspace,
     load_prepare,
     read_manifest,
+    read_presets,
     stale_prepare,
 )
 
@@ -54,6 +55,8 @@ CONFIRM_TIMEOUT_S = 1800.0  # seconds one test-split evaluation may take
 
 def resolve_device(device: str | None, preset: str | None) -> tuple[str, str]:
     """(device, preset): defaults follow the hardware; `--device cuda` without a GPU is an error."""
+    if device == "cpu":  # nothing to ask the hardware (and no `import torch`, 2 CPU s)
+        return device, preset or "cpu"
     import torch
 
     has_cuda = torch.cuda.is_available()
@@ -65,13 +68,16 @@ def resolve_device(device: str | None, preset: str | None) -> tuple[str, str]:
 
 
 def preset_constants(root: Path, preset: str) -> dict:
-    """The preset's constants as prepare.py defines them (prepare.py is the one source)."""
-    module = load_prepare(root)
-    if preset not in module.PRESETS:
-        raise UsageError(
-            f"unknown preset {preset!r}: prepare.py defines {', '.join(module.PRESETS)}"
-        )
-    constants = dict(module.PRESETS[preset])
+    """The preset's constants as prepare.py defines them (prepare.py is the one source).
+
+    Read from its source when it can be (read_presets); imported when not, or when
+    AUTORESEARCH_TIME_BUDGET is set, whose check is prepare.py's own."""
+    presets = None if os.environ.get("AUTORESEARCH_TIME_BUDGET") else read_presets(root)
+    if presets is None:
+        presets = load_prepare(root).PRESETS
+    if preset not in presets:
+        raise UsageError(f"unknown preset {preset!r}: prepare.py defines {', '.join(presets)}")
+    constants = dict(presets[preset])
     override = os.environ.get("AUTORESEARCH_TIME_BUDGET")
     if override:
         constants["TIME_BUDGET"] = float(override)

@@ -10,7 +10,9 @@ PrepareError (a bad AUTORESEARCH_TIME_BUDGET, say) into a DataError.
 
 from __future__ import annotations
 
+import ast
 import json
+import operator
 import os
 import shutil
 from collections.abc import Mapping
@@ -205,6 +207,79 @@ def _named_files(manifest: dict) -> list[str]:
     for split in (manifest.get("splits") or {}).values():
         entries += split.get("shards", []) if isinstance(split, dict) else []
     return [e["file"] for e in entries if isinstance(e, dict) and isinstance(e.get("file"), str)]
+
+
+PRESETS_NAME = "PRESETS"  # prepare.py's table of presets: {name: {constant: number}}
+_ARITHMETIC = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Pow: operator.pow,
+}
+
+
+def read_presets(root: Path) -> dict[str, dict[str, int | float]] | None:
+    """prepare.py's PRESETS read from its source without running it (running it imports
+    torch, two CPU seconds a command that only needs the table does not have to spend).
+
+    Reads the module-level `PRESETS = {...}` of string keys and numbers, with + - * / // **
+    between numbers (`40 * 524288`, `2**16`), when no other module-level statement names
+    PRESETS (so nothing changes it after). None otherwise: the caller then imports prepare.py
+    (`load_prepare`), as for any other name.
+    """
+    try:
+        tree = ast.parse((root / "prepare.py").read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return None  # importing it says what is wrong
+    # module-level statements that name PRESETS (function bodies only run when called)
+    naming = [
+        node
+        for node in tree.body
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        and any(isinstance(n, ast.Name) and n.id == PRESETS_NAME for n in ast.walk(node))
+    ]
+    if len(naming) != 1 or not isinstance(naming[0], (ast.Assign, ast.AnnAssign)):
+        return None  # changed or used after its assignment, or never assigned
+    node = naming[0]
+    target = node.targets[0] if isinstance(node, ast.Assign) else node.target
+    if not (isinstance(target, ast.Name) and target.id == PRESETS_NAME) or node.value is None:
+        return None
+    if isinstance(node, ast.Assign) and len(node.targets) != 1:
+        return None
+    try:
+        table = _constant(node.value)
+    except ValueError:
+        return None
+    ok = isinstance(table, dict) and all(
+        isinstance(name, str) and isinstance(values, dict) for name, values in table.items()
+    )
+    return table if ok else None
+
+
+def _constant(node: ast.expr) -> object:
+    """The value of a literal of dicts, strings and numbers with arithmetic; ValueError for
+    anything else (a name, a call)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float)):
+        if isinstance(node.value, bool):
+            raise ValueError("not a number")
+        return node.value
+    if isinstance(node, ast.Dict) and None not in node.keys:
+        return {_constant(k): _constant(v) for k, v in zip(node.keys, node.values, strict=True)}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _number(_constant(node.operand))
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+        left, right = _number(_constant(node.left)), _number(_constant(node.right))
+        return _ARITHMETIC[type(node.op)](left, right)
+    raise ValueError(f"not a constant: {ast.dump(node)[:80]}")
+
+
+def _number(value: object) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("not a number")
+    return value
 
 
 def load_prepare(root: Path):

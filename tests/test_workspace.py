@@ -189,3 +189,35 @@ def test_a_wheel_ships_the_templates_contents(tmp_path: Path) -> None:
             info = z.getinfo(f"autoresearch/templates/{name}")
             assert stat.S_ISREG(info.external_attr >> 16), name  # a file, not a link
             assert z.read(info) == (ROOT / name).read_bytes(), name
+
+
+# ------------------------------------------------------------------------------------------------
+# prepare.py's presets, read without importing it
+# ------------------------------------------------------------------------------------------------
+
+
+def test_presets_read_from_the_source_are_the_imported_ones() -> None:
+    assert workspace.read_presets(ROOT) == workspace.load_prepare(ROOT).PRESETS
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ('PRESETS: dict = {"cpu": {"A": 2**4, "B": -3 * 2.5}}\n', {"cpu": {"A": 16, "B": -7.5}}),
+        ('PRESETS = {"cpu": {"A": 1}}\nPRESETS = {"cpu": {"A": 2}}\n', None),  # assigned again
+        ('PRESETS = {"cpu": {"A": 1}}\nPRESETS["cpu"]["A"] = 2\n', None),  # changed after
+        ('PRESETS = {"cpu": {"A": 1}}\nPRESETS.update(gpu={"A": 2})\n', None),
+        ('PRESETS = {"cpu": {"A": 1}}\ndef f():\n    return PRESETS\n', {"cpu": {"A": 1}}),
+        ('PRESETS = dict(cpu={"A": 1})\n', None),  # a call: only importing it can say
+        ('N = 3\nPRESETS = {"cpu": {"A": N}}\n', None),  # a name
+        ('PRESETS = {"cpu": {"A": True}}\n', None),  # not a number
+        ('PRESETS = {"cpu": 1}\n', None),  # not a table of tables
+        ("X = 1\n", None),
+        ("def broken(:\n", None),
+    ],
+)
+def test_presets_not_plain_numbers_are_left_to_the_import(
+    tmp_path: Path, source: str, expected: dict | None
+) -> None:
+    (tmp_path / "prepare.py").write_text(source)
+    assert workspace.read_presets(tmp_path) == expected
