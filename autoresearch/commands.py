@@ -40,6 +40,7 @@ from .workspace import (
     init_workspace,
     load_prepare,
     read_manifest,
+    read_presets,
     stale_prepare,
 )
 
@@ -56,6 +57,8 @@ CONFIRM_TIMEOUT_S = 1800.0  # seconds one test-split evaluation may take
 
 def resolve_device(device: str | None, preset: str | None) -> tuple[str, str]:
     """(device, preset): defaults follow the hardware; `--device cuda` without a GPU is an error."""
+    if device == "cpu":  # nothing to ask the hardware (and no `import torch`, 2 CPU s)
+        return device, preset or "cpu"
     import torch
 
     has_cuda = torch.cuda.is_available()
@@ -67,13 +70,16 @@ def resolve_device(device: str | None, preset: str | None) -> tuple[str, str]:
 
 
 def preset_constants(root: Path, preset: str) -> dict:
-    """The preset's constants as prepare.py defines them (prepare.py is the one source)."""
-    module = load_prepare(root)
-    if preset not in module.PRESETS:
-        raise UsageError(
-            f"unknown preset {preset!r}: prepare.py defines {', '.join(module.PRESETS)}"
-        )
-    constants = dict(module.PRESETS[preset])
+    """The preset's constants as prepare.py defines them (prepare.py is the one source).
+
+    Read from its source when it can be (read_presets); imported when not, or when
+    AUTORESEARCH_TIME_BUDGET is set, whose check is prepare.py's own."""
+    presets = None if os.environ.get("AUTORESEARCH_TIME_BUDGET") else read_presets(root)
+    if presets is None:
+        presets = load_prepare(root).PRESETS
+    if preset not in presets:
+        raise UsageError(f"unknown preset {preset!r}: prepare.py defines {', '.join(presets)}")
+    constants = dict(presets[preset])
     override = os.environ.get("AUTORESEARCH_TIME_BUDGET")
     if override:
         constants["TIME_BUDGET"] = float(override)
@@ -276,7 +282,7 @@ def run_session(
             f"hard timeout {opts.hard_timeout:g}s"
             + ("" if opts.sealed else "; unsealed: val_bpb as train.py prints it")
         )
-        if stale := stale_prepare(root):
+        if stale := stale_prepare(root, session_running=True):  # this one, about to start
             display.note(stale)
         Session(root, opts, agent_obj, display, warm=first).run()
     finally:
@@ -647,6 +653,8 @@ def status(*, workspace: Path | None, tag: str | None, as_json: bool) -> None:
         )
     out.print(busy_line(exps, device))
     out.print(_state_line(state, session, ledger.run_dir.name))
+    if stale := stale_prepare(root, session_running=state == "running"):
+        out.print(stale, markup=False, highlight=False)
 
 
 def session_state(session: dict) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import os
 import warnings
@@ -35,6 +36,7 @@ from matplotlib.transforms import blended_transform_factory
 
 from autoresearch import gitrepo
 from autoresearch.errors import WorkspaceError
+from autoresearch.horizon import FILE as HORIZON_FILE
 from autoresearch.ledger import STATUSES, Decision, Experiment, Ledger, decision_of
 from autoresearch.status import FAILED as NOT_MEASURED
 from autoresearch.status import Status
@@ -563,13 +565,82 @@ def _changes_html(experiments: Sequence[Experiment], diffs: Mapping[DiffKey, str
     return "".join(parts) or '<p class="muted">No change beat the baseline.</p>'
 
 
+def _g(value: object) -> str:
+    """A number as a person writes it (2, not 2.0); anything else escaped as text."""
+    return f"{value:g}" if isinstance(value, (int, float)) else _e(value)
+
+
+def _horizon_html(record: Mapping | None) -> str:
+    """`autoresearch confirm --horizon K`'s answer (runs/<tag>/confirm-horizon.json): whether
+    the session's gain holds at K x TIME_BUDGET, the mean paired gains and every run."""
+    if record is None:
+        return ""
+    holds = record.get("holds")
+    answer = (
+        '<span class="better">the gain holds</span>: the best is lower on val and on test'
+        if holds is True
+        else '<span class="worse">the gain does not hold</span>: the best is not lower on val, or on test'
+        if holds is False
+        else '<span class="muted">no answer: a run failed</span>'
+    )
+    seeds = ", ".join(_e(s) for s in record.get("seeds") or [])
+    rows = "".join(
+        f"<tr><td>{_e(r.get('role'))}</td><td>#{_e(r.get('id'))}</td><td>{_e(r.get('seed'))}</td>"
+        f"<td>{_e(r.get('status'))}</td><td>{_num(r.get('val_bpb'))}</td>"
+        f"<td>{_num(r.get('test_bpb'))}</td><td>{_e(r.get('num_steps'))}</td>"
+        f"<td class='reason'>{_e(r.get('reason'))}</td></tr>"
+        for r in record.get("runs") or []
+    )
+    gains = " · ".join(
+        f"{label} {_num(record.get(key))}"
+        for label, key in (
+            ("session gain", "session_gain"),
+            ("val gain", "val_gain"),
+            ("test gain", "test_gain"),
+        )
+    )
+    return (
+        f"<h2>At {_g(record.get('horizon'))} × TIME_BUDGET</h2>"
+        f"<p><code>autoresearch confirm --horizon {_g(record.get('horizon'))}</code>: "
+        f"{answer}.</p>"
+        f"<p class='muted'>{_g(record.get('time_budget'))} s of training per run, seeds "
+        f"{seeds}, paired (baseline − best, mean over seeds): {gains} · "
+        f"{_e(_clock(record.get('at')))}</p>"
+        "<table><tr><th>version</th><th>exp</th><th>seed</th><th>status</th><th>val_bpb</th>"
+        f"<th>test_bpb</th><th>steps</th><th>reason</th></tr>{rows}</table>"
+    )
+
+
+def read_horizon(run_dir: Path) -> dict | None:
+    """The confirm-horizon record of a session, or None when `confirm --horizon` never ran;
+    WorkspaceError when the file is there but unreadable."""
+    path = run_dir / HORIZON_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WorkspaceError(
+            f"cannot read {path} ({exc}): run `autoresearch confirm --horizon K` again, "
+            "or move the file away"
+        ) from exc
+    if not isinstance(record, dict):
+        raise WorkspaceError(f"{path} holds no confirm record: move it away")
+    return record
+
+
 def render_html(
-    experiments: Sequence[Experiment], tag: str, png: bytes, diffs: Mapping[DiffKey, str]
+    experiments: Sequence[Experiment],
+    tag: str,
+    png: bytes,
+    diffs: Mapping[DiffKey, str],
+    horizon: Mapping | None = None,
 ) -> str:
     """The whole report page as one string: no remote resources, no scripts, all text escaped.
 
     `diffs` maps (from commit, to commit) to `git diff` text of train.py, for the pairs that
-    `diff_pairs` names; a missing pair is shown as "diff not available".
+    `diff_pairs` names; a missing pair is shown as "diff not available". `horizon` is
+    `confirm --horizon`'s record, shown when given.
     """
     ordered = _sorted(experiments)
     summary = summarize(ordered)
@@ -596,6 +667,7 @@ def render_html(
 <h1>autoresearch · {_e(tag)}</h1>
 <p class="muted">val_bpb on the validation split, lower is better.</p>
 {_summary_html(summary)}
+{_horizon_html(horizon)}
 <img class="plot" alt="val_bpb per experiment" src="data:image/png;base64,{image}">
 <h2>Experiments</h2>
 {_table_html(ordered)}
@@ -612,11 +684,15 @@ def render_html(
 
 
 def build_report(
-    experiments: Sequence[Experiment], tag: str, run_dir: Path, diffs: Mapping[DiffKey, str]
+    experiments: Sequence[Experiment],
+    tag: str,
+    run_dir: Path,
+    diffs: Mapping[DiffKey, str],
+    horizon: Mapping | None = None,
 ) -> tuple[Path, Path]:
     """Write `run_dir/progress.png` and `run_dir/report.html`; return (png path, html path)."""
     png = plot_progress(experiments, tag)
-    page = render_html(experiments, tag, png, diffs).encode("utf-8")
+    page = render_html(experiments, tag, png, diffs, horizon).encode("utf-8")
     run_dir.mkdir(parents=True, exist_ok=True)
     png_path, html_path = run_dir / PLOT_FILE, run_dir / REPORT_FILE
     _replace(png_path, png)
@@ -645,4 +721,4 @@ def write_report(workspace: Path, tag: str) -> tuple[Path, Path]:
             f"or start a session with `autoresearch run --tag {tag}`"
         )
     diffs = git_diffs(workspace, diff_pairs(experiments))
-    return build_report(experiments, tag, run_dir, diffs)
+    return build_report(experiments, tag, run_dir, diffs, read_horizon(run_dir))

@@ -10,7 +10,9 @@ PrepareError (a bad AUTORESEARCH_TIME_BUDGET, say) into a DataError.
 
 from __future__ import annotations
 
+import ast
 import json
+import operator
 import os
 import shutil
 from collections.abc import Mapping
@@ -37,18 +39,34 @@ def template_text(name: str) -> str:
     return (TEMPLATES / name).read_text(encoding="utf-8")
 
 
-def stale_prepare(root: Path) -> str | None:
+def stale_prepare(root: Path, *, session_running: bool = False) -> str | None:
     """What to tell the user when the workspace's prepare.py is not the installed tool's
-    template (a copy from an older version, or edited by hand): the command that updates it.
-    None when they are the same bytes."""
+    template (a copy from an older version, or edited by hand): the command that updates it,
+    and what the update does to sessions' fingerprints. None when they are the same bytes.
+
+    With `session_running` (a session is running, or is about to start in this process) the
+    command is given for after that session: a sealed session fingerprints prepare.py, so
+    changing it mid-session stops the session."""
     ours, template = root / "prepare.py", TEMPLATES / "prepare.py"
     if ours.read_bytes() == template.read_bytes():
         return None
+    update = (
+        f"cp {template.resolve()} {ours} && git -C {root} commit -m 'prepare.py: the installed"
+        " template' prepare.py"
+    )
+    when = (
+        "Once the running session has ended (a sealed session fingerprints prepare.py:"
+        " changing it now stops the session), update it"
+        if session_running
+        else "To update it"
+    )
     return (
         f"{ours} differs from the installed autoresearch's template (an older copy, or edited"
-        f" by hand); data prepared or read by it may not match this version. To update it: "
-        f"cp {template} {ours} && git -C {root} commit -m 'prepare.py: the installed"
-        " template' prepare.py"
+        " by hand); data prepared or read by it may not match this version. Sealed sessions"
+        " started after an update are fingerprinted with the new prepare.py (their val_bpb may not"
+        " compare with earlier sessions'); a session started before keeps its copy on its"
+        " autoresearch/<tag> branch, and its `--resume` stops if that copy changes, so commit"
+        f" the update on the branch you start sessions from. {when}: {update}"
     )
 
 
@@ -189,6 +207,79 @@ def _named_files(manifest: dict) -> list[str]:
     for split in (manifest.get("splits") or {}).values():
         entries += split.get("shards", []) if isinstance(split, dict) else []
     return [e["file"] for e in entries if isinstance(e, dict) and isinstance(e.get("file"), str)]
+
+
+PRESETS_NAME = "PRESETS"  # prepare.py's table of presets: {name: {constant: number}}
+_ARITHMETIC = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Pow: operator.pow,
+}
+
+
+def read_presets(root: Path) -> dict[str, dict[str, int | float]] | None:
+    """prepare.py's PRESETS read from its source without running it (running it imports
+    torch, two CPU seconds a command that only needs the table does not have to spend).
+
+    Reads the module-level `PRESETS = {...}` of string keys and numbers, with + - * / // **
+    between numbers (`40 * 524288`, `2**16`), when no other module-level statement names
+    PRESETS (so nothing changes it after). None otherwise: the caller then imports prepare.py
+    (`load_prepare`), as for any other name.
+    """
+    try:
+        tree = ast.parse((root / "prepare.py").read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return None  # importing it says what is wrong
+    # module-level statements that name PRESETS (function bodies only run when called)
+    naming = [
+        node
+        for node in tree.body
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        and any(isinstance(n, ast.Name) and n.id == PRESETS_NAME for n in ast.walk(node))
+    ]
+    if len(naming) != 1 or not isinstance(naming[0], (ast.Assign, ast.AnnAssign)):
+        return None  # changed or used after its assignment, or never assigned
+    node = naming[0]
+    target = node.targets[0] if isinstance(node, ast.Assign) else node.target
+    if not (isinstance(target, ast.Name) and target.id == PRESETS_NAME) or node.value is None:
+        return None
+    if isinstance(node, ast.Assign) and len(node.targets) != 1:
+        return None
+    try:
+        table = _constant(node.value)
+    except ValueError:
+        return None
+    ok = isinstance(table, dict) and all(
+        isinstance(name, str) and isinstance(values, dict) for name, values in table.items()
+    )
+    return table if ok else None
+
+
+def _constant(node: ast.expr) -> object:
+    """The value of a literal of dicts, strings and numbers with arithmetic; ValueError for
+    anything else (a name, a call)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float)):
+        if isinstance(node.value, bool):
+            raise ValueError("not a number")
+        return node.value
+    if isinstance(node, ast.Dict) and None not in node.keys:
+        return {_constant(k): _constant(v) for k, v in zip(node.keys, node.values, strict=True)}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _number(_constant(node.operand))
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+        left, right = _number(_constant(node.left)), _number(_constant(node.right))
+        return _ARITHMETIC[type(node.op)](left, right)
+    raise ValueError(f"not a constant: {ast.dump(node)[:80]}")
+
+
+def _number(value: object) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("not a number")
+    return value
 
 
 def load_prepare(root: Path):

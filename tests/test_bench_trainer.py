@@ -17,10 +17,12 @@ _spec = importlib.util.spec_from_file_location("bench_trainer", ROOT / "bench" /
 trainer = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(trainer)
 
-# Follows the output contract; appends what it was given, and when it ran, to $TRACE.
+# Follows the output contract; appends what it was given, and when it ran, to $TRACE. When:
+# on the monotonic clock, which all processes share and no clock adjustment moves (a step of
+# the wall clock between two runs made them seem to overlap).
 STUB = """
 import json, os, time
-start = time.time()
+start = time.monotonic()
 print("step 00000 (0.0%) | loss 9.0 | dt 500ms | tok/sec 1,000 | mfu 1.0% | remaining 1s")
 time.sleep(1.0)
 print("step 00001 (50.0%) | loss 5.0 | dt 300ms | tok/sec 2,000 | mfu 2.0% | remaining 0s")
@@ -35,7 +37,7 @@ with open(os.environ["TRACE"], "a") as f:
         "cache": os.path.basename(os.environ["TORCHINDUCTOR_CACHE_DIR"]),
         "budget": os.environ.get("AUTORESEARCH_TIME_BUDGET"),
         "start": start,
-        "end": time.time(),
+        "end": time.monotonic(),
     }) + "\\n")
 """
 

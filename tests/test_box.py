@@ -153,7 +153,7 @@ def _cmdlines() -> list[bytes]:
 
 def test_unsandboxed_is_recorded(cache: Path, tmp_path: Path) -> None:
     ws = make_workspace(tmp_path / "ws", STUB)
-    session(ws, Scripted([]), unsandboxed=True).run()
+    session(ws, Scripted([]), unsandboxed=True, sealed=False).run()  # the record is the point
     recorded = json.loads((ws / "runs" / TAG / "session.json").read_text())["sandbox"]
     assert recorded["unsandboxed"] is True
     assert sys.platform != "linux" or recorded["boxed"] is True  # available, not used
@@ -232,11 +232,12 @@ def test_a_missing_box_stops_the_session_unless_unsandboxed(
     ws = make_workspace(tmp_path / "ws", STUB)
     missing = sandbox.Box(False, "no box: `bwrap` not found (install the bubblewrap package)")
     monkeypatch.setattr(sandbox, "probe", lambda: missing)
+    # unsealed: the box is required all the same, and no evaluator process is needed here
     with pytest.raises(sandbox.SandboxError) as stopped:
-        session(ws, Scripted([])).run()
+        session(ws, Scripted([]), sealed=False).run()
     assert "apt-get install bubblewrap" in str(stopped.value)
     assert "--unsandboxed" in str(stopped.value)
     assert not (ws / "runs" / TAG / "experiments.jsonl").exists()
-    session(ws, Scripted([]), unsandboxed=True, resume=False).run()
+    session(ws, Scripted([]), unsandboxed=True, resume=False, sealed=False).run()
     recorded = json.loads((ws / "runs" / TAG / "session.json").read_text())["sandbox"]
     assert recorded == {**missing.record(), "unsandboxed": True}

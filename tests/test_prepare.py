@@ -169,12 +169,6 @@ def test_print_config_names_dataset_and_cache(
     assert f"cache: {active.parent}" in out
 
 
-def test_template_copy_is_identical() -> None:
-    assert (ROOT / "prepare.py").read_bytes() == (
-        ROOT / "autoresearch" / "templates" / "prepare.py"
-    ).read_bytes()
-
-
 # ------------------------------------------------------------------------------------------------
 # tokenizer
 # ------------------------------------------------------------------------------------------------

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from autoresearch import report
+from autoresearch import cli, horizon, report
 from autoresearch.errors import WorkspaceError
 from autoresearch.ledger import FIRST_ID, Experiment, Ledger
 
@@ -465,3 +467,90 @@ def test_the_sigma_shown_is_the_one_the_rule_used():
     row = re.search(r'<tr id="exp-7" .*?</tr>', page, re.S).group(0)
     assert "σ 0.009000" in row and '<td class="num">0.009000</td>' in row
     assert "σ 0.004000" not in row
+
+
+# ------------------------------------------------------------------------------------------------
+# `confirm --horizon`'s answer in the report, through the CLI
+# ------------------------------------------------------------------------------------------------
+
+
+def horizon_record(holds: bool | None) -> dict:
+    """A record as autoresearch.horizon writes it: 2 x a 5 s budget, seeds 1000 and 1001."""
+    best_val = 0.95 if holds is not False else 1.05
+    runs = [
+        {"role": role, "id": exp_id, "seed": seed, "status": "ok", "reason": "",
+         "val_bpb": val, "test_bpb": val + 0.01, "num_steps": 40, "wall_s": 12.0}
+        for seed in (1000, 1001)
+        for role, exp_id, val in (("baseline", 0, 1.0), ("best", 6, best_val))
+    ]  # fmt: skip
+    if holds is None:
+        runs[-1] = {**runs[-1], "status": "crash", "reason": "<oom> in step 3",
+                    "val_bpb": None, "test_bpb": None}  # fmt: skip
+    return {
+        "horizon": 2.0,
+        "time_budget": 10.0,
+        "seeds": [1000, 1001],
+        "at": "2025-11-27T08:00:00+00:00",
+        "baseline": {"id": 0, "commit": "a" * 40, "val_bpb": 1.0},
+        "best": {"id": 6, "commit": "b" * 40, "val_bpb": 0.9701},
+        "runs": runs,
+        **horizon.verdict(runs, 1.0, 0.9701),
+    }
+
+
+def report_through_cli(workspace: Path) -> tuple[object, str]:
+    """`autoresearch report --tag` in process (Typer's CliRunner): the result and the page."""
+    for name in ("program.md", "prepare.py"):  # what makes the repo a workspace
+        (workspace / name).touch()
+    done = CliRunner().invoke(cli.app, ["report", "--tag", TAG, "--workspace", str(workspace)])
+    page = workspace / "runs" / TAG / report.REPORT_FILE
+    return done, page.read_text() if page.is_file() else ""
+
+
+def horizon_section(page: str) -> str:
+    assert page.count("× TIME_BUDGET</h2>") == 1
+    return page.split("× TIME_BUDGET</h2>", 1)[1].split("</table>", 1)[0]
+
+
+@pytest.mark.parametrize(
+    ("holds", "answer"),
+    [
+        (True, "the gain holds"),
+        (False, "the gain does not hold"),
+        (None, "no answer: a run failed"),
+    ],
+)
+def test_report_shows_the_confirm_horizon_answer(
+    session: tuple[Path, list[Experiment]], holds: bool | None, answer: str
+) -> None:
+    workspace, _ = session
+    done, page = report_through_cli(workspace)
+    assert done.exit_code == 0, done.output
+    assert "TIME_BUDGET</h2>" not in page  # no confirm --horizon yet: no section
+
+    record = horizon_record(holds)
+    (workspace / "runs" / TAG / horizon.FILE).write_text(json.dumps(record))
+    done, page = report_through_cli(workspace)
+    assert done.exit_code == 0, done.output
+    section = horizon_section(page)
+    assert "<h2>At 2 × TIME_BUDGET</h2>" in page and "confirm --horizon 2</code>" in page
+    assert answer in section
+    assert "seeds 1000, 1001" in section and "10 s of training per run" in section
+    assert f"session gain {record['session_gain']:.6f}" in section
+    assert section.count("<tr><td>baseline</td>") == 2 and section.count("<tr><td>best</td>") == 2
+    if holds is None:
+        assert "&lt;oom&gt; in step 3" in section and "<oom>" not in section  # escaped
+        assert "val gain —" in section
+    else:
+        assert f"val gain {record['val_gain']:.6f}" in section
+        assert f"test gain {record['test_gain']:.6f}" in section
+
+
+def test_an_unreadable_confirm_horizon_record_is_named(
+    session: tuple[Path, list[Experiment]],
+) -> None:
+    workspace, _ = session
+    (workspace / "runs" / TAG / horizon.FILE).write_text('{"horizon": 2,')
+    done, _ = report_through_cli(workspace)
+    assert isinstance(done.exception, WorkspaceError)  # main() prints it as one line
+    assert horizon.FILE in str(done.exception) and "confirm --horizon K" in str(done.exception)
