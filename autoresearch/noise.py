@@ -68,6 +68,7 @@ from pathlib import Path
 from statistics import fmean, median
 
 FILE = "measurements.jsonl"
+DEFAULT_SLOT = "0"  # the slot of a session with one: every run before slots existed
 SEED_BASE = 1000  # the k-th run of a commit trains with AUTORESEARCH_SEED = SEED_BASE + k
 ALPHA = 0.05  # false keeps of a change that gains nothing, over all its repeats
 BETA = 0.2  # missed keeps of a change that gains `effect` (sets the early discard bound)
@@ -198,8 +199,11 @@ class Measurements:
         purpose: str,
         seed: int,
         partner: int | None = None,
+        slot: str = DEFAULT_SLOT,
+        card: str | None = None,
     ) -> dict:
-        """Record one run; `partner` is the `n` of the incumbent run it is compared with."""
+        """Record one run; `partner` is the `n` of the incumbent run it is compared with,
+        `slot` where it trained (and `card`, the GPU's name, on cuda)."""
         row = {
             "n": len(self.rows()),
             "commit": commit,
@@ -208,7 +212,10 @@ class Measurements:
             "purpose": purpose,
             "seed": seed,
             "partner": partner,
+            "slot": slot,
         }
+        if card is not None:
+            row["card"] = card
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = (json.dumps(row) + "\n").encode()
         with open(self.path, "ab") as f:
@@ -240,12 +247,19 @@ class Measurements:
             if r["exp"] == exp_id and r["commit"] == commit and r.get("purpose") != "pair"
         ]
 
-    def partner(self, incumbent: str, seed: int, window: int) -> dict | None:
-        """The incumbent's latest run with `seed`, if fewer than `window` runs came after it
-        (window 0: whatever its age)."""
+    def partner(
+        self, incumbent: str, seed: int, window: int, *, slot: str = DEFAULT_SLOT
+    ) -> dict | None:
+        """The incumbent's latest run with `seed` on `slot`, if fewer than `window` runs came
+        after it (window 0: whatever its age). A row recorded before slots existed was
+        trained on the one slot there was, DEFAULT_SLOT."""
         rows = self.rows()
         for r in reversed(rows[-window:] if window > 0 else rows):
-            if r["commit"] == incumbent and r.get("seed") == seed:
+            if (
+                r["commit"] == incumbent
+                and r.get("seed") == seed
+                and r.get("slot", DEFAULT_SLOT) == slot
+            ):
                 return r
         return None
 
