@@ -311,6 +311,23 @@ def run(
     preset: PresetOpt = None,
     device: DeviceOpt = None,
     gpu: GpuOpt = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Candidates trained at once on the cpu, each in a worktree of its own.",
+            rich_help_panel=HARDWARE_PANEL,
+        ),
+    ] = 1,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            "--gpus",
+            help="Cards to train on at once, one candidate per card: e.g. 0,1,2,3, or all.",
+            rich_help_panel=HARDWARE_PANEL,
+        ),
+    ] = None,
     timeout: Annotated[
         float | None,
         typer.Option(
@@ -444,6 +461,8 @@ def run(
         warm_start=warm_start,
         unsandboxed=unsandboxed,
         quiet=quiet,
+        workers=workers,
+        gpus=gpus,
     )
 
 

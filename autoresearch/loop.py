@@ -7,7 +7,9 @@
 
 Guarantees, whatever happens (a crash of train.py, a dead endpoint, Ctrl-C, kill -9):
 - The branch `autoresearch/<tag>` only ever points at the session's base commit, a kept
-  experiment, or the candidate being trained; the tool resets only commits it made itself.
+  experiment, or (with one slot) the candidate being trained; with several slots
+  (coordinator.py) candidates are committed in the slots' own worktrees and the branch
+  points only at the base or a kept experiment. The tool resets only commits it made itself.
 - Every candidate commit is reachable through `refs/autoresearch/<tag>/attempts/NNNN` from
   the moment it exists, so a discarded, crashed or interrupted idea is never lost.
 - `runs/<tag>/experiments.jsonl` is appended before the branch is reset, and
@@ -24,10 +26,12 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from . import noise, record, resume
 from .agent import Agent, AgentExhausted, Context, InvalidProposal, Proposal, check_endpoint
+from .coordinator import Coordinator
 from .display import Display
 from .errors import AgentError, AutoresearchError
 from .gitrepo import GitRepo
@@ -135,20 +139,24 @@ class Session:
             begun = (
                 resume.resume(*args) if self.opts.resume else resume.start(*args, self.agent.name)
             )
-            self.slot = Slot(
-                self.root,
-                self.opts,
-                begun.sealing,
-                self.display,
-                self.cancel,
-                mark=self._mark,
-                warm=self._warm,
-            )
-            self._warm = None
+            if not begun.slotted:
+                self.slot = Slot(
+                    self.root,
+                    self.opts,
+                    begun.sealing,
+                    self.display,
+                    self.cancel,
+                    mark=self._mark,
+                    warm=self._warm,
+                )
+                self._warm = None  # the slot's now
             began = True
             self.ledger.update_session(ended=None, end_reason=None, pid=os.getpid())
             self.display.session_start(self.opts, self.ledger.experiments(), agent=self.agent.name)
-            ending = self._loop(begun.pending)
+            if begun.slotted:
+                ending = self._coordinate(begun)
+            else:
+                ending = self._loop(begun.pending)
             self.ledger.write_state(None)  # e.g. the agent gave up while proposing
         except KeyboardInterrupt:
             # Second Ctrl-C while the agent was thinking: nothing was committed for it.
@@ -200,9 +208,9 @@ class Session:
 
     def _loop(self, pending: dict | None) -> _Ending:
         if pending and pending.get("commit"):
-            self._judge(self._candidate_in_flight(pending))
+            self._judge(self.candidate_in_flight(pending))
         if not self.ledger.experiments():
-            head, best = self.repo.head(), self._best()
+            head, best = self.repo.head(), self.best()
             self._judge(Candidate(self.ledger.next_id(), head, "baseline", best, {}, baseline=True))
             if self.ledger.best() is None:
                 return _Ending("baseline crashed")
@@ -210,7 +218,7 @@ class Session:
             return _Ending("baseline crashed")  # the re-run of an interrupted baseline
         outages = 0
         while True:
-            reason = self._should_stop()
+            reason = self.should_stop()
             if reason:
                 return _Ending(reason)
             try:
@@ -220,28 +228,45 @@ class Session:
                 return _Ending(f"agent has no more proposals ({exc})")
             except AgentError as exc:
                 outages += 1
-                if outages >= AGENT_OUTAGE_RETRIES:
-                    return _Ending(f"agent unavailable: {exc}", agent_unavailable=True)
-                self.display.note(
-                    f"agent error ({exc}); retrying in {AGENT_OUTAGE_WAIT_S:.0f}s "
-                    f"({outages}/{AGENT_OUTAGE_RETRIES})"
-                )
-                self._sleep(AGENT_OUTAGE_WAIT_S)
+                reason = self.agent_trouble(exc, outages)
+                if reason:
+                    return _Ending(reason, agent_unavailable=True)
+
+    def _coordinate(self, begun: resume.Begun) -> _Ending:
+        """The loop with several slots at once (coordinator.py)."""
+        coordinator = Coordinator(self, begun.sealing)
+        try:
+            reason, unavailable = coordinator.run(list(begun.in_flight))
+        finally:
+            coordinator.close()
+        return _Ending(reason, agent_unavailable=unavailable)
+
+    def agent_trouble(self, exc: AgentError, outages: int) -> str | None:
+        """After the `outages`-th endpoint failure in a row: why the session ends, or None
+        once it waited to ask again."""
+        if outages >= AGENT_OUTAGE_RETRIES:
+            return f"agent unavailable: {exc}"
+        self.display.note(
+            f"agent error ({exc}); retrying in {AGENT_OUTAGE_WAIT_S:.0f}s "
+            f"({outages}/{AGENT_OUTAGE_RETRIES})"
+        )
+        self._sleep(AGENT_OUTAGE_WAIT_S)
+        return None
 
     def _experiment(self) -> None:
         """Propose, refuse or commit, train and judge; repair crashes within --fix-attempts."""
         exp_id = self.ledger.next_id()
         self.ledger.write_state({"phase": "proposing", "id": exp_id})
         try:
-            proposal = self.proposer.next(exp_id, self._best(), self._context)
+            proposal = self.proposer.next(exp_id, self.best(), self._context)
         except InvalidProposal as exc:
-            self._refuse(exp_id, exc=exc)
+            self.refuse(exp_id, exc=exc)
             return
         fix_of, fixes_left = None, self.opts.fix_attempts
         while True:
-            reason = self._refusal(proposal)
+            reason = self.refusal(proposal)
             if reason:
-                self._refuse(exp_id, proposal=proposal, reason=reason)
+                self.refuse(exp_id, proposal=proposal, reason=reason)
                 return
             candidate = self._commit(exp_id, proposal, fix_of)
             exp = self._judge(candidate)
@@ -259,14 +284,16 @@ class Session:
                     exp.extra["log_tail"],
                 )
             except InvalidProposal as exc:
-                self._refuse(exp_id, exc=exc, fix_of=fix_of)
+                self.refuse(exp_id, exc=exc, fix_of=fix_of)
                 return
 
-    def _should_stop(self) -> str | None:
+    def should_stop(self, in_flight: int = 0) -> str | None:
+        """Why no further experiment may start, with `in_flight` ones started already."""
         if self.stop_requested:
             return "stopped by Ctrl-C"
         exps = self.ledger.experiments()
-        if self.opts.max_experiments is not None and len(exps) >= self.opts.max_experiments:
+        limit = self.opts.max_experiments
+        if limit is not None and len(exps) + in_flight >= limit:
             return f"reached --max-experiments {self.opts.max_experiments}"
         if self.opts.max_cost is not None:
             spent = sum(e.extra.get("cost_usd") or 0.0 for e in exps)
@@ -284,12 +311,18 @@ class Session:
 
     # ----------------------------------------------------------------- the steps
 
-    def _refusal(self, proposal: Proposal) -> str | None:
-        """Why a proposal is recorded as invalid without training, if it is."""
+    def refusal(self, proposal: Proposal, in_flight: Sequence[tuple[int, str]] = ()) -> str | None:
+        """Why a proposal is recorded as invalid without training, if it is: the same train.py
+        as a recorded experiment or one in flight (`in_flight`: (id, commit)), or new seeds."""
         duplicate = duplicate_of(proposal.source, self.ledger.experiments(), self.sources)
+        if duplicate is None:
+            same = normalized_hash(proposal.source)
+            duplicate = next(
+                (i for i, c in in_flight if normalized_hash(self.sources(c)) == same), None
+            )
         if duplicate is not None:
             return f"train.py identical to experiment {duplicate:04d}"
-        seeds = seed_only_change(self.sources(self._best()), proposal.source)
+        seeds = seed_only_change(self.sources(self.best()), proposal.source)
         if seeds:
             return (
                 f"only the random seed changed ({', '.join(seeds)}): a new seed "
@@ -299,7 +332,7 @@ class Session:
 
     def _commit(self, exp_id: int, proposal: Proposal, fix_of: int | None) -> Candidate:
         """Commit the proposal's train.py on the branch, with its attempt ref and artifacts."""
-        best, info = self._best(), agent_info(proposal)
+        best, info = self.best(), agent_info(proposal)
         self.ledger.write_state(
             {
                 "phase": "committing",
@@ -318,13 +351,13 @@ class Session:
         self.ledger.write_artifact(exp_id, "patch.diff", self.repo.diff(best, commit, TRAIN_FILE))
         return Candidate(exp_id, commit, proposal.description, best, info, fix_of)
 
-    def _candidate_in_flight(self, pending: dict) -> Candidate:
+    def candidate_in_flight(self, pending: dict) -> Candidate:
         """The experiment state.json names (or an interrupted one's re-run), trained again."""
         return Candidate(
             pending["id"],
             pending["commit"],
             pending["description"],
-            self._best(),
+            pending.get("parent") or self.best(),
             pending.get("agent", {}),
             pending.get("fix_of"),
             baseline=pending.get("baseline", not self.ledger.experiments()),
@@ -378,16 +411,10 @@ class Session:
         if trial.fatal is not None:
             raise trial.fatal
         if exp.status == "interrupted":
-            raise SessionInterrupted(
-                f"interrupted: experiment {c.exp_id:04d} killed, branch reset to the best "
-                "commit; continue with `autoresearch run --resume --tag " + self.opts.tag + "`, "
-                "which trains it again",
-                end_reason=f"interrupted by Ctrl-C twice: experiment {c.exp_id:04d} killed "
-                "(`--resume` trains it again)",
-            )
+            self.raise_interrupted([c.exp_id])
         return exp
 
-    def _refuse(
+    def refuse(
         self,
         exp_id: int,
         *,
@@ -408,7 +435,7 @@ class Session:
             exc=exc,
             proposal=proposal,
             reason=reason,
-            parent=self._best(),
+            parent=self.best(),
             best_val=best.val_bpb if best else None,
             min_delta=self.opts.min_delta,
             prices=self.opts.prices,
@@ -432,23 +459,41 @@ class Session:
         if limit is not None and self.ledger.next_id() + 1 > limit:
             return
         flight = [(running.exp_id, running.commit)] if running is not None else []
-        self.proposer.prepare(self._context(flight), self._best())
+        self.proposer.prepare(self._context(flight), self.best())
 
     # ----------------------------------------------------------------- helpers
 
-    def _best(self) -> str:
+    def best(self) -> str:
         return resume.best_commit(self.ledger)
 
-    def _context(self, running: list[tuple[int, str]] | None = None) -> Context:
+    def session_seconds(self) -> float:
+        return round(time.monotonic() - self._started, 1)
+
+    def raise_interrupted(self, ids: Sequence[int]) -> None:
+        """Ctrl-C twice killed experiments `ids`: the session ends (exit status 130)."""
+        named = ", ".join(f"{i:04d}" for i in ids)
+        raise SessionInterrupted(
+            f"interrupted: experiment {named} killed, branch reset to the best commit; "
+            "continue with `autoresearch run --resume --tag " + self.opts.tag + "`, "
+            "which trains it again",
+            end_reason=f"interrupted by Ctrl-C twice: experiment {named} killed "
+            "(`--resume` trains it again)",
+        )
+
+    def _context(self, running: Sequence[tuple[int, str]] | None = None) -> Context:
+        return self.context_for(running or ())
+
+    def context_for(self, running: Sequence[tuple[int, str]]) -> Context:
+        """What the agent is shown, with the candidates in flight (`running`: (id, commit))."""
         return context(
             self.root,
             self.ledger.experiments(),
             self.ledger.best(),
-            best_source=self.sources(self._best()),
+            best_source=self.sources(self.best()),
             sources=self.sources,
             measurements=self.measurements,
             preset=self.opts.preset,
-            running=running or (),
+            running=running,
         )
 
     def _mark(self, key: str, marker: str) -> None:

@@ -62,6 +62,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +176,7 @@ class Measurements:
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / FILE
         self._rows: list[dict] | None = None
+        self._lock = threading.Lock()
 
     def rows(self) -> list[dict]:
         if self._rows is None:
@@ -204,6 +206,20 @@ class Measurements:
     ) -> dict:
         """Record one run; `partner` is the `n` of the incumbent run it is compared with,
         `slot` where it trained (and `card`, the GPU's name, on cuda)."""
+        with self._lock:  # slots record from threads of their own; `n` must stay unique
+            return self._add(commit, val_bpb, exp_id, purpose, seed, partner, slot, card)
+
+    def _add(
+        self,
+        commit: str,
+        val_bpb: float,
+        exp_id: int,
+        purpose: str,
+        seed: int,
+        partner: int | None,
+        slot: str,
+        card: str | None,
+    ) -> dict:
         row = {
             "n": len(self.rows()),
             "commit": commit,

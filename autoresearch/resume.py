@@ -35,6 +35,9 @@ class Begun:
 
     sealing: Sealing
     pending: dict | None  # the experiment in flight when the session died (state.json's)
+    # with slots (coordinator.py): every experiment in flight to train again, on any slot
+    in_flight: tuple[dict, ...] = ()
+    slotted: bool = False  # the session runs slots: it was asked to, or its state has them
 
 
 def best_commit(ledger: Ledger, session: dict | None = None) -> str:
@@ -86,7 +89,7 @@ def start(
         agent=agent,
         **fields,
     )
-    return Begun(sealing, None)
+    return Begun(sealing, None, (), len(opts.slot_gpus) > 1)
 
 
 def seal(
@@ -135,19 +138,21 @@ def resume(
             "it was not made by this tool, or its runs/ directory was removed"
         )
     repo.clear_stale_lock()
-    state = ledger.read_state()
-    if state:
-        markers = [state[k] for k in ("run_marker", "eval_marker") if state.get(k)]
-        orphans = sum(runner.kill_orphans(marker) for marker in markers)
-        if orphans:
-            display.note(f"killed {orphans} process(es) the stopped session left running")
+    state = ledger.read_state() or {}
+    entries = list(state["slots"].values()) if "slots" in state else [state] if state else []
+    markers = [e[k] for e in entries for k in ("run_marker", "eval_marker") if e.get(k)]
+    orphans = sum(runner.kill_orphans(marker) for marker in markers)
+    if orphans:
+        display.note(f"killed {orphans} process(es) the stopped session left running")
     done = {e.id for e in ledger.experiments()}
-    pending = state if state and state.get("id") not in done else None
-    rerun = None if pending else _interrupted_last(ledger)
+    flying = [e for e in entries if e.get("id") not in done]
+    pending = flying[0] if flying and "slots" not in state else None
+    rerun = None if flying else _interrupted_last(ledger)
     pending = pending or rerun
+    in_flight = [e for e in flying if e.get("commit")] or ([rerun] if rerun else [])
+    slotted = len(opts.slot_gpus) > 1 or "slots" in state
     ours = {session["base"]} | {e.commit for e in ledger.experiments() if e.commit}
-    if pending and pending.get("commit"):
-        ours.add(pending["commit"])
+    ours |= {e["commit"] for e in in_flight}
     tip = repo.branch_sha(branch)
     if tip not in ours:
         best, saved = best_commit(ledger, session)[:12], f"{opts.tag}-by-hand"
@@ -168,10 +173,11 @@ def resume(
             f"uncommitted changes to {', '.join(sorted(dirty - {TRAIN_FILE}))}: "
             "commit or stash them, then resume"
         )
-    # Only train.py can be dirty here, and only the session writes it: restore it.
-    target = (
-        pending["commit"] if pending and pending.get("commit") else best_commit(ledger, session)
-    )
+    # Only train.py can be dirty here, and only the session writes it: restore it. With slots
+    # the workspace holds the best, and candidates are checked out in the slots' worktrees.
+    target = best_commit(ledger, session)
+    if pending and pending.get("commit") and not slotted:
+        target = pending["commit"]
     sealing, fields = seal(root, opts, display, session)
     ledger.update_session(**fields)
     repo.checkout(branch, force=True)
@@ -180,15 +186,13 @@ def resume(
     if rerun:
         _carry_over(repo, ledger, opts.tag, rerun)
     again = f" (experiment {rerun['rerun_of']:04d}, interrupted)" if rerun else ""
+    ids = ", ".join(f"{e['id']:04d}" for e in in_flight)
+    several = "s" if len(in_flight) > 1 else ""
     display.note(
         f"resuming {branch}: {plural(len(done), 'experiment')} recorded"
-        + (
-            f", re-running experiment {pending['id']:04d}{again}"
-            if pending and pending.get("commit")
-            else ""
-        )
+        + (f", re-running experiment{several} {ids}{again}" if ids else "")
     )
-    return Begun(sealing, pending)
+    return Begun(sealing, pending, tuple(in_flight), slotted)
 
 
 def _branch(opts: SessionOptions) -> str:

@@ -86,12 +86,16 @@ class Slot:
         cancel: threading.Event,
         *,
         mark: Callable[[str, str], None],
-        name: str = "0",
+        name: str = noise.DEFAULT_SLOT,
         gpu: str | None = None,
+        card: str | None = None,
+        shown: bool = False,
         warm: runner.WarmChild | None = None,
     ) -> None:
         """`mark(key, marker)` records a process marker ("run_marker", "eval_marker") where a
-        resume finds it; `gpu`: the card this slot trains on (default: the session's)."""
+        resume finds it; `gpu`: the card this slot trains on (default: the session's), `card`
+        its name for the record; `shown`: the display shows this slot's line (one of
+        several)."""
         self.root = root
         self.opts = opts
         self.sealing = sealing
@@ -100,6 +104,8 @@ class Slot:
         self.mark = mark
         self.name = name
         self.gpu = gpu if gpu is not None else opts.gpu
+        self.card = card
+        self._shown = name if shown else None
         self.train_wall = 0.0  # seconds this slot spent training
         self._warm = warm  # the next run's interpreter, imports done
         self._warm_eval: runner.Prestarted | None = None  # the run in flight's evaluator
@@ -115,7 +121,10 @@ class Slot:
         """
         seed = noise.seed_of(run)
         opts = self.opts
-        self.display.training(exp_id, label, opts.time_budget)
+        if self._shown is None:
+            self.display.training(exp_id, label, opts.time_budget)
+        else:
+            self.display.training(exp_id, label, opts.time_budget, slot=self._shown)
         checkpoint = exp_dir / CHECKPOINT_FILE
         extra = {"AUTORESEARCH_SEED": str(seed), **compile_cache_env(os.environ)}
         if opts.sealed:
@@ -143,7 +152,7 @@ class Slot:
             env=self._child_env(extra),
             timeout=opts.hard_timeout,
             stall_timeout=opts.stall_timeout,
-            on_step=self.display.step,
+            on_step=self._on_step,
             cancel=self.cancel,
             marker=marker,
             warm=warm,
@@ -161,6 +170,12 @@ class Slot:
         if not keep:
             checkpoint.unlink(missing_ok=True)
         return outcome
+
+    def _on_step(self, step) -> None:
+        if self._shown is None:
+            self.display.step(step)
+        else:
+            self.display.step(step, slot=self._shown)
 
     def _evaluate(
         self,

@@ -178,6 +178,7 @@ class Trial:
                 seed=outcome.seed,
                 partner=partner,
                 slot=self.slot.name,
+                card=self.slot.card,
             )
         return outcome
 
