@@ -210,8 +210,10 @@ class Coordinator:
             return
         s.proposer.prepare(s.context_for(self._running()), s.best())
 
-    def _running(self) -> list[tuple[int, str]]:
-        return [(j.candidate.exp_id, j.candidate.commit) for j in self.jobs.values()]
+    def _running(self) -> list[tuple[int, str, str]]:
+        """The candidates in flight, for the agent's context and the duplicate check."""
+        return [(j.candidate.exp_id, j.candidate.commit, j.candidate.description)
+                for j in self.jobs.values()]  # fmt: skip
 
     def _next_id(self) -> int:
         flying = [j.candidate.exp_id for j in self.jobs.values()]

@@ -311,14 +311,17 @@ class Session:
 
     # ----------------------------------------------------------------- the steps
 
-    def refusal(self, proposal: Proposal, in_flight: Sequence[tuple[int, str]] = ()) -> str | None:
+    def refusal(
+        self, proposal: Proposal, in_flight: Sequence[tuple[int, str, str]] = ()
+    ) -> str | None:
         """Why a proposal is recorded as invalid without training, if it is: the same train.py
-        as a recorded experiment or one in flight (`in_flight`: (id, commit)), or new seeds."""
+        as a recorded experiment or one in flight (`in_flight`: (id, commit, description)),
+        or new seeds only."""
         duplicate = duplicate_of(proposal.source, self.ledger.experiments(), self.sources)
         if duplicate is None:
             same = normalized_hash(proposal.source)
             duplicate = next(
-                (i for i, c in in_flight if normalized_hash(self.sources(c)) == same), None
+                (i for i, c, _ in in_flight if normalized_hash(self.sources(c)) == same), None
             )
         if duplicate is not None:
             return f"train.py identical to experiment {duplicate:04d}"
@@ -458,7 +461,8 @@ class Session:
         limit = self.opts.max_experiments
         if limit is not None and self.ledger.next_id() + 1 > limit:
             return
-        flight = [(running.exp_id, running.commit)] if running is not None else []
+        # the candidate's own description is not shown: with one slot, as it always was
+        flight = [(running.exp_id, running.commit, "")] if running is not None else []
         self.proposer.prepare(self._context(flight), self.best())
 
     # ----------------------------------------------------------------- helpers
@@ -480,11 +484,12 @@ class Session:
             "(`--resume` trains it again)",
         )
 
-    def _context(self, running: Sequence[tuple[int, str]] | None = None) -> Context:
+    def _context(self, running: Sequence[tuple[int, str, str]] | None = None) -> Context:
         return self.context_for(running or ())
 
-    def context_for(self, running: Sequence[tuple[int, str]]) -> Context:
-        """What the agent is shown, with the candidates in flight (`running`: (id, commit))."""
+    def context_for(self, running: Sequence[tuple[int, str, str]]) -> Context:
+        """What the agent is shown, with the candidates in flight (`running`: (id, commit,
+        description))."""
         return context(
             self.root,
             self.ledger.experiments(),

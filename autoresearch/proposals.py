@@ -70,11 +70,11 @@ def context(
     sources: Callable[[str], str],
     measurements: noise.Measurements,
     preset: str,
-    running: Sequence[tuple[int, str]] = (),
+    running: Sequence[tuple[int, str, str]] = (),
 ) -> Context:
     """What the agent is shown: program.md, the best train.py, every experiment, and the
-    candidates in flight (`running`: (id, commit)) listed as `running`, so that it does not
-    propose the same idea twice."""
+    candidates in flight (`running`: (id, commit, description)) listed as `running`, so that
+    it does not propose the same idea twice."""
     history = []
     best_so_far: float | None = None
     for e in exps:
@@ -94,14 +94,14 @@ def context(
         )
         if e.status == "keep":
             best_so_far = e.val_bpb
-    for exp_id, commit in running:
+    for exp_id, commit, description in running:
         history.append(
             HistoryEntry(
                 id=exp_id,
                 status="running",
                 val_bpb=None,
                 delta=None,
-                description="(training now)",
+                description=f"(training now) {description}".rstrip(),
                 source=sources(commit),
             )
         )

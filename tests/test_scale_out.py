@@ -19,12 +19,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from fakellm import FakeLLM
 from loopkit import (
     STUB_TRAIN,
     alive,
     cli,
     git,
     make_workspace,
+    openai_args,
     replay_args,
     reply,
     results_rows,
@@ -311,3 +313,21 @@ def test_slots_from_the_command_line(ws: Path, env: dict) -> None:
     proc = cli(ws, *run_args(TAG, "--agent", "tuner", "--gpus", "0", n=1), env=env)
     assert proc.returncode == 2 and "--gpus needs --device cuda" in proc.stderr + proc.stdout
     assert not (ws / "runs" / TAG).exists()
+
+
+def test_each_proposal_sees_the_candidates_in_flight(ws: Path, env: dict) -> None:
+    """The agent proposes for every free slot; the second request lists the first candidate,
+    in flight on slot 0, as running, with its description."""
+    with FakeLLM() as server:
+        server.enqueue(reply("LR to 0.06", _lr("0.04", "0.06")))
+        server.enqueue(
+            reply("WIDTH to 128", ("WIDTH = 64  # model width", "WIDTH = 128  # model width"))
+        )
+        args = run_args(TAG, *openai_args(server.base_url), "--workers", "2", "--no-overlap", n=3)
+        proc = cli(ws, *args, "--unsandboxed", env={**env, "OPENAI_API_KEY": "sk-test"})
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        first, second = (json.dumps(r["messages"]) for r in server.requests[-2:])
+    assert "training now" not in first
+    assert re.search(r"\| running \|( [^|]* \|)? \(training now\) LR to 0\.06 \|", second)
+    recs = _check_consistent(ws, 3)
+    assert {r["extra"].get("slot") for r in recs[1:]} == {"0", "1"}
