@@ -259,6 +259,7 @@ def _setting_parameter(setting: Setting) -> inspect.Parameter:
         rich_help_panel=setting.panel,
         min=setting.low,
         max=setting.high,
+        show_default=False,  # default_help already says it, with what "not set" means
     )
     kind: object = setting.type
     if setting.key == "agent":

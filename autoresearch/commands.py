@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -241,6 +242,8 @@ def run_session(
     quiet: bool,
     warm_start: bool = True,
     unsandboxed: bool = False,
+    workers: int = 1,
+    gpus: str | None = None,
 ) -> None:
     from .agent import make_agent
     from .loop import Session
@@ -265,6 +268,7 @@ def run_session(
             warm_start=warm_start,
             unsandboxed=unsandboxed,
         )
+        opts = replace(opts, **_slots(opts, workers, gpus))
         device, preset = opts.device, opts.preset
         agent_obj = make_agent(
             agent,
@@ -288,6 +292,31 @@ def run_session(
     finally:
         if first is not None:  # a no-op once the session has taken it
             first.discard(grace=0.0)  # an error before the first run is not kept waiting
+
+
+def _slots(opts: SessionOptions, workers: int, gpus: str | None) -> dict:
+    """SessionOptions' `workers` and `gpus` from --workers and --gpus: slots on the cpu, or
+    one slot per card; never two trainings on one card."""
+    if gpus is None:
+        if workers > 1 and opts.device == "cuda":
+            raise UsageError(
+                f"--workers {workers} on cuda would put {workers} trainings on one card: "
+                "name the cards with --gpus (e.g. --gpus 0,1), one slot each"
+            )
+        return {"workers": workers, "gpus": ()}
+    if opts.device != "cuda":
+        raise UsageError("--gpus needs --device cuda; on the cpu use --workers N")
+    if opts.gpu is not None:
+        raise UsageError("--gpu and --gpus: give one of them")
+    if gpus.strip() == "all":
+        import torch
+
+        cards = tuple(str(i) for i in range(torch.cuda.device_count()))
+    else:
+        cards = tuple(g.strip() for g in gpus.split(",") if g.strip())
+    if not cards or not all(c.isdigit() for c in cards) or len(set(cards)) != len(cards):
+        raise UsageError(f"--gpus {gpus!r}: give distinct card indices (e.g. 0,1,2,3) or all")
+    return {"workers": len(cards), "gpus": cards}
 
 
 def session_options(
@@ -609,6 +638,7 @@ def status(*, workspace: Path | None, tag: str | None, as_json: bool) -> None:
             if best
             else None,
             "counts": _counts(exps),
+            "in_flight": in_flight(ledger.read_state()) if state == "running" else [],
             "busy": {"device": device_name(device), "percent": busy},
             # the same number under its older name, for GPU sessions only
             "gpu_busy_percent": busy if device_name(device) == "GPU" else None,
@@ -653,8 +683,35 @@ def status(*, workspace: Path | None, tag: str | None, as_json: bool) -> None:
         )
     out.print(busy_line(exps, device))
     out.print(_state_line(state, session, ledger.run_dir.name))
+    if state == "running":
+        for line in in_flight_lines(ledger.read_state()):
+            out.print(line, highlight=False, markup=False)
     if stale := stale_prepare(root, session_running=state == "running"):
         out.print(stale, markup=False, highlight=False)
+
+
+def in_flight(state: dict | None) -> list[dict]:
+    """What a running session has in flight, one entry per slot (state.json)."""
+    if not state:
+        return []
+    if "slots" in state:
+        return [{"slot": name, **entry} for name, entry in sorted(state["slots"].items())]
+    return [{"slot": "0", **state}] if state.get("id") is not None else []
+
+
+def in_flight_lines(state: dict | None) -> list[str]:
+    """`slot 1: exp 0003 training for 2m05s: WIDTH to 128`, one line per slot."""
+    lines = []
+    for e in in_flight(state):
+        since = e.get("since")
+        took = ""
+        if since:
+            seconds = (datetime.now(timezone.utc) - datetime.fromisoformat(since)).total_seconds()
+            took = f" for {int(seconds // 60)}m{int(seconds % 60):02d}s"
+        what = f": {e['description']}" if e.get("description") else ""
+        card = f" (card {e['card']})" if e.get("card") else ""
+        lines.append(f"slot {e['slot']}{card}: exp {e['id']:04d} {e.get('phase', '?')}{took}{what}")
+    return lines
 
 
 def session_state(session: dict) -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from rich import box
@@ -114,6 +114,8 @@ def result_line(exp: Experiment) -> str:
 
 def _noise_note(exp: Experiment) -> str:
     """Why a lower val_bpb was still discarded: its gain did not clear the noise bar."""
+    if exp.status == "discard" and exp.extra.get("reason"):  # e.g. a stale base, no merge
+        return f"  [{' '.join(str(exp.extra['reason']).split())}]"
     d = decision_of(exp)
     if exp.status != Status.discard or d.gain is None or d.gain <= 0 or d.bar is None:
         return ""
@@ -237,6 +239,8 @@ class Dashboard:
         self.budgets = Budgets()
         self.record = Record()
         self.run: Run | None = None
+        # with several slots (--workers, --gpus): the run on each slot, by slot name
+        self.slots: Mapping[str, Run] = {}
         self.device: str | None = None  # cuda or cpu, once known: names busy, shows MFU
         self.notes: tuple[str, ...] = ()
         self.closed = False  # the last frame: nothing runs any more
@@ -288,6 +292,15 @@ class Dashboard:
     # -- sections
 
     def _current(self, run: Run | None, now: float) -> list[RenderableType]:
+        slots = self.slots
+        if slots:
+            lines = [self._slot_line(name, r, now) for name, r in sorted(slots.items())]
+            if run is not None and run.phase != "training":
+                lines += self._run_view(run, now)
+            return lines
+        return self._run_view(run, now)
+
+    def _run_view(self, run: Run | None, now: float) -> list[RenderableType]:
         if run is None:
             idle = "session over" if self.closed else "waiting for the next experiment…"
             return [Text(idle, style="dim")]
@@ -317,6 +330,20 @@ class Dashboard:
             Text(f"{pct:5.1f}%" + (f"  step {step.step:05d}" if step is not None else "")),
         )
         return [head, bar, self._step_stats(run, step, elapsed)]
+
+    @staticmethod
+    def _slot_line(name: str, run: Run, now: float) -> Text:
+        """`slot 1  exp 0003  42.0%  1m20s  WIDTH to 128`: one line per slot."""
+        step = run.step
+        pct = f"{step.pct:5.1f}%" if step is not None and _finite(step.pct) else "start"
+        return Text.assemble(
+            (f"slot {_clean(name)}  ", "bold"),
+            (f"exp {run.exp_id:04d}  ", "bold"),
+            (f"{pct}  {_duration(now - run.started)}  ", PHASE_STYLE.get(run.phase, "")),
+            run.description,
+            no_wrap=True,
+            overflow="ellipsis",
+        )
 
     def _step_stats(self, run: Run, step: Step | None, elapsed: str) -> Text:
         if step is None:
@@ -479,7 +506,7 @@ class Display:
         self._clock = clock
         self._auto_refresh = auto_refresh
         self._live: Live | None = None
-        self._next_pct = 0.0
+        self._next_pct: dict[str | None, float] = {}  # per slot: the next plain step line
 
     # -- lifecycle
 
@@ -548,35 +575,52 @@ class Display:
             what = f"repairing experiment {fix_of:04d}" if fix_of else "proposing"
             self.note(f"exp {exp_id:04d}: {agent} agent {what}…")
 
-    def training(self, exp_id: int, description: str, budget: float) -> None:
-        self._next_pct = 0.0
-        self._set_run(
-            Run(exp_id, "training", self._clock(), description=_clean(description), budget=budget)
-        )
+    def training(
+        self, exp_id: int, description: str, budget: float, slot: str | None = None
+    ) -> None:
+        """A run starts; `slot`: which one, in a session of several (the dashboard shows a
+        line per slot)."""
+        run = Run(exp_id, "training", self._clock(), description=_clean(description), budget=budget)
+        self._next_pct[slot] = 0.0
+        dash = self.dashboard
+        if slot is None:
+            self._set_run(run)
+        else:
+            dash.slots = {**dash.slots, slot: run}
+            if dash.run is not None and dash.run.exp_id == exp_id:  # proposed, now training
+                self._set_run(None)
         if self.quiet:
             return
         if self.live:
             self._start_live()
             return
-        self._print(Text(f"exp {exp_id:04d} training: {_clean(description)}"))
+        on = "" if slot is None else f" on slot {_clean(slot)}"
+        self._print(Text(f"exp {exp_id:04d} training{on}: {_clean(description)}"))
 
-    def step(self, step: Step) -> None:
-        run = self.dashboard.run
-        if run is not None:
-            self.dashboard.run = replace(run, step=step)
-        if self.quiet or self.live or not (step.pct >= self._next_pct):
+    def step(self, step: Step, slot: str | None = None) -> None:
+        dash = self.dashboard
+        if slot is None:
+            run = dash.run
+            if run is not None:
+                dash.run = replace(run, step=step)
+        elif slot in dash.slots:
+            dash.slots = {**dash.slots, slot: replace(dash.slots[slot], step=step)}
+        if self.quiet or self.live or not (step.pct >= self._next_pct.get(slot, 0.0)):
             return
-        self._next_pct = step.pct + PLAIN_STEP_EVERY_PCT
+        self._next_pct[slot] = step.pct + PLAIN_STEP_EVERY_PCT
         mfu = f"mfu {step.mfu:.1f}% | " if self.dashboard.gpu else ""
         stats = (
             f"loss {step.loss:.4f} | {step.tok_per_sec:,.0f} tok/s | {mfu}"
             f"{step.remaining_s:.0f}s left"
         )
-        self._print(Text(f"  step {step.step:05d} ({step.pct:.1f}%) | {stats}"))
+        on = "" if slot is None else f"[slot {_clean(slot)}] "
+        self._print(Text(f"  {on}step {step.step:05d} ({step.pct:.1f}%) | {stats}"))
 
     def result(self, exp: Experiment) -> None:
         dash = self.dashboard
-        self._set_run(None)
+        if not dash.slots or (dash.run is not None and dash.run.exp_id == exp.id):
+            self._set_run(None)
+        dash.slots = {k: r for k, r in dash.slots.items() if r.exp_id != exp.id}
         dash.record = Record.of((*dash.record.experiments, exp))
         if self._live is not None and dash.started is not None:
             return  # the dashboard's table shows it

@@ -278,6 +278,18 @@ class GitRepo:
             raise ValueError(f"ref must be a full name under refs/, got {ref!r}")
         self._run("update-ref", "-m", "autoresearch", ref, self.rev_parse(sha))
 
+    def add_worktree(self, path: Path, sha: str) -> None:
+        """A linked working tree at `path`, detached at `sha`; one left there (by a killed
+        session) is replaced."""
+        self.remove_worktree(path)
+        self._run("worktree", "add", "--quiet", "--force", "--detach", str(path), self._rev(sha))
+
+    def remove_worktree(self, path: Path) -> None:
+        """Remove the linked working tree at `path` (its changes with it), if there is one."""
+        if (path / ".git").exists():
+            self._run("worktree", "remove", "--force", "--force", str(path), ok=(0, 128))
+        self._run("worktree", "prune")
+
     def clear_stale_lock(self) -> list[Path]:
         """Remove lock files a killed git process left behind; returns the ones removed.
 

@@ -62,6 +62,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,7 @@ from statistics import fmean, median
 from .status import Decision, Label
 
 FILE = "measurements.jsonl"
+DEFAULT_SLOT = "0"  # the slot of a session with one: every run before slots existed
 SEED_BASE = 1000  # the k-th run of a commit trains with AUTORESEARCH_SEED = SEED_BASE + k
 ALPHA = 0.05  # false keeps of a change that gains nothing, over all its repeats
 BETA = 0.2  # missed keeps of a change that gains `effect` (sets the early discard bound)
@@ -186,6 +188,7 @@ class Measurements:
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / FILE
         self._rows: list[dict] | None = None
+        self._lock = threading.Lock()
 
     def rows(self) -> list[dict]:
         if self._rows is None:
@@ -210,8 +213,25 @@ class Measurements:
         purpose: str,
         seed: int,
         partner: int | None = None,
+        slot: str = DEFAULT_SLOT,
+        card: str | None = None,
     ) -> dict:
-        """Record one run; `partner` is the `n` of the incumbent run it is compared with."""
+        """Record one run; `partner` is the `n` of the incumbent run it is compared with,
+        `slot` where it trained (and `card`, the GPU's name, on cuda)."""
+        with self._lock:  # slots record from threads of their own; `n` must stay unique
+            return self._add(commit, val_bpb, exp_id, purpose, seed, partner, slot, card)
+
+    def _add(
+        self,
+        commit: str,
+        val_bpb: float,
+        exp_id: int,
+        purpose: str,
+        seed: int,
+        partner: int | None,
+        slot: str,
+        card: str | None,
+    ) -> dict:
         row = {
             "n": len(self.rows()),
             "commit": commit,
@@ -220,7 +240,10 @@ class Measurements:
             "purpose": purpose,
             "seed": seed,
             "partner": partner,
+            "slot": slot,
         }
+        if card is not None:
+            row["card"] = card
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = (json.dumps(row) + "\n").encode()
         with open(self.path, "ab") as f:
@@ -252,12 +275,19 @@ class Measurements:
             if r["exp"] == exp_id and r["commit"] == commit and r.get("purpose") != "pair"
         ]
 
-    def partner(self, incumbent: str, seed: int, window: int) -> dict | None:
-        """The incumbent's latest run with `seed`, if fewer than `window` runs came after it
-        (window 0: whatever its age)."""
+    def partner(
+        self, incumbent: str, seed: int, window: int, *, slot: str = DEFAULT_SLOT
+    ) -> dict | None:
+        """The incumbent's latest run with `seed` on `slot`, if fewer than `window` runs came
+        after it (window 0: whatever its age). A row recorded before slots existed was
+        trained on the one slot there was, DEFAULT_SLOT."""
         rows = self.rows()
         for r in reversed(rows[-window:] if window > 0 else rows):
-            if r["commit"] == incumbent and r.get("seed") == seed:
+            if (
+                r["commit"] == incumbent
+                and r.get("seed") == seed
+                and r.get("slot", DEFAULT_SLOT) == slot
+            ):
                 return r
         return None
 

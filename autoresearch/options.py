@@ -58,6 +58,16 @@ class SessionOptions:
     sealed: bool = BY_KEY["sealed"].default  # type: ignore[assignment]
     # run candidate code without the box (sandbox.py) even where it is available; recorded
     unsandboxed: bool = False
+    # slots training at once (coordinator.py): `workers` on the cpu, one per card of `gpus`
+    workers: int = 1
+    gpus: tuple[str, ...] = ()
+
+    @property
+    def slot_gpus(self) -> list[str | None]:
+        """The card of each slot (None: the session's `gpu`, or none on the cpu)."""
+        if self.gpus:
+            return list(self.gpus)
+        return [self.gpu] * self.workers
 
     def __post_init__(self) -> None:
         if self.calibrate is None:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from .noise import PAIR_WINDOW
+
 # Help panels of `run`, in the order they are shown.
 AGENT_PANEL = "The agent"
 LIMITS_PANEL = "When the session ends"
@@ -227,6 +229,11 @@ SETTINGS: tuple[Setting, ...] = (
             default_text="cuda when available, else cpu"),
     Setting("gpu", str, None, "GPU index to use (sets CUDA_VISIBLE_DEVICES).", HARDWARE_PANEL,
             config=False),
+    Setting("workers", int, 1, "Candidates trained at once on the cpu, each in a worktree of "
+            "its own.", HARDWARE_PANEL, config=False, field=None, low=1),
+    Setting("gpus", str, None, "Cards to train on at once, one candidate per card: e.g. "
+            "0,1,2,3, or all.", HARDWARE_PANEL, config=False, field=None,
+            default_text="one card"),
     Setting("timeout", float, None, "Hard limit per run in seconds.", RUN_PANEL,
             _at_least(_number, 0.0, strict=True), low=1.0,
             default_text="2 x TIME_BUDGET + 120; 10 x on the cpu device"),
@@ -258,6 +265,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_repeats", int, None, "Most runs of a candidate the keep rule may ask for.",
             KEEP_PANEL, _at_least(_integer, 1), low=1, default_text="6 on gpu, 2 on cpu",
             by_preset=max_repeats_for),
+    Setting("pair_window", int, PAIR_WINDOW, "Runs after which the best's run of a seed is too "
+            "old to pair with a candidate's run of that seed: the best is trained with that "
+            "seed again first (0: pair with any age).", KEEP_PANEL, _at_least(_integer, 0),
+            low=0),
     Setting("prices", dict, {}, "USD per 1M tokens by model: model = { input = USD, output = "
             "USD }.", check=_prices, env=False, cli=False),
     Setting("resume", bool, False, "Continue the tag's session after any stop, kill -9 "

@@ -471,3 +471,39 @@ def test_a_lower_but_discarded_result_says_it_was_within_noise() -> None:
     assert "[within noise: gain 0.039000 <= bar 0.045000 after 2 runs]" in line
     worse = Experiment(**{**exp.__dict__, "val_bpb": 2.2})
     assert "within noise" not in result_line(worse)
+
+
+def test_slots_show_one_line_each_and_leave_when_recorded(clock: Clock) -> None:
+    """With several slots (--workers, --gpus) the dashboard shows what each one trains, its
+    progress and for how long; a recorded experiment's line goes, the other slot's stays."""
+    d = live_display(clock)
+    d.session_start(opts(max_experiments=5), [exp(1, "keep", 1.0, description="baseline")])
+    try:
+        d.proposing(2, "tuner")
+        d.training(2, "LR to 0.06", 300.0, slot="0")
+        clock.advance(30)
+        d.proposing(3, "tuner")
+        d.training(3, "WIDTH to 128", 300.0, slot="1")
+        clock.advance(15)
+        d.step(step(40.0), slot="0")
+        text = frame(d)
+        assert re.search(r"slot 0\s+exp 0002\s+40\.0%\s+45s\s+LR to 0\.06", text)
+        assert re.search(r"slot 1\s+exp 0003\s+start\s+15s\s+WIDTH to 128", text)
+        assert "thinking" not in text  # both proposals are training now
+        d.result(exp(2, "keep", 0.98, 1.0, "LR to 0.06"))
+        d.proposing(4, "tuner")
+        text = frame(d)
+    finally:
+        d.close()
+    assert "slot 0" not in text
+    assert re.search(r"slot 1\s+exp 0003", text)
+    assert re.search(r"exp 0004\s+proposing\s+tuner agent is thinking", text)
+
+
+def test_plain_lines_name_the_slot() -> None:
+    d, buf = plain_display()
+    d.training(2, "LR to 0.06", 300.0, slot="1")
+    d.step(step(50.0), slot="1")
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "exp 0002 training on slot 1: LR to 0.06"
+    assert lines[1].startswith("  [slot 1] step 00100 (50.0%) | loss 3.2100")

@@ -95,6 +95,7 @@ def test_record_keeps_seed_partner_and_survives_a_torn_line(tmp_path: Path) -> N
         "purpose": "repeat",
         "seed": 1001,
         "partner": 2,
+        "slot": "0",  # the one slot of a session without --workers/--gpus
     }
 
 

@@ -1,0 +1,333 @@
+"""`--workers N`: several candidates trained at once, one coordinator deciding.
+
+Real git (a worktree per slot), the real CLI in subprocesses, the replay agent, and a stub
+trainer with a gate: a candidate whose GATE names a file prints its first step line, then
+waits for that file before it finishes. The test opens a gate when the record says so, so the
+order in which slots finish is the test's, not the machine's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from fakellm import FakeLLM
+from loopkit import (
+    STUB_TRAIN,
+    alive,
+    cli,
+    git,
+    make_workspace,
+    openai_args,
+    replay_args,
+    reply,
+    results_rows,
+    run_args,
+    stub_bpb,
+    stub_cli_env,
+)
+
+from autoresearch import commands
+from autoresearch.errors import UsageError
+from autoresearch.options import SessionOptions
+
+TAG = "w2"
+
+GATED_TRAIN = (
+    STUB_TRAIN.replace(
+        "LR = 0.04  # learning rate\n",
+        # two unchanged lines between LR and WIDTH: edits of each merge (diff3 needs a gap)
+        "LR = 0.04  # learning rate\nEPOCHS = 1  # unused\nNOTE = ''  # unused\n",
+    )
+    .replace(
+        "SLEEP = 0.0  # seconds per step\n",
+        'SLEEP = 0.0  # seconds per step\nGATE = ""  # a file to wait for after the first step\n',
+    )
+    .replace("import time\n", "import os\nimport time\nfrom pathlib import Path\n")
+    .replace(
+        "        time.sleep(SLEEP)\n",
+        "        time.sleep(SLEEP)\n"
+        "        if GATE and i == 1:\n"
+        "            with open(GATE + '.pids', 'a') as f:\n"
+        "                f.write(f'{os.getpid()}\\n')\n"
+        "            while not Path(GATE).exists():\n"
+        "                time.sleep(0.05)\n",
+    )
+)
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    return make_workspace(tmp_path / "ws", GATED_TRAIN)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return stub_cli_env(tmp_path)
+
+
+def _gate_edit(gate: Path) -> tuple[str, str]:
+    line = 'GATE = ""  # a file to wait for after the first step'
+    return line, line.replace('""', repr(str(gate)))
+
+
+def _lr(old: str, new: str) -> tuple[str, str]:
+    return f"LR = {old}  # learning rate", f"LR = {new}  # learning rate"
+
+
+def _patches(tmp_path: Path, *replies: str) -> Path:
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    for i, text in enumerate(replies, 1):
+        (patches / f"{i:02d}.txt").write_text(text)
+    return patches
+
+
+def _records(ws: Path) -> list[dict]:
+    path = ws / "runs" / TAG / "experiments.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def _measurements(ws: Path) -> list[dict]:
+    path = ws / "runs" / TAG / "measurements.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _state(ws: Path) -> dict:
+    try:
+        return json.loads((ws / "runs" / TAG / "state.json").read_text()) or {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _wait_for(
+    predicate, what: str, proc: subprocess.Popen, log: Path, timeout: float = 300.0
+) -> None:
+    """Polls an event of the session `proc` (a record, a state); fails at once when the
+    session ended without it. The timeout only guards a hang."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None and not predicate():
+            raise AssertionError(f"the session ended before: {what}\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached: {what}\n{log.read_text()}")
+        time.sleep(0.05)
+
+
+def _start(ws: Path, env: dict, patches: Path, n: int, log: Path, *extra: str) -> subprocess.Popen:
+    # unsandboxed: the box would hide the gate (a file of the test's) from the candidate
+    args = run_args(TAG, *replay_args(patches), "--workers", "2", "--unsandboxed", *extra, n=n)
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "autoresearch", *args, "--workspace", str(ws)],
+            cwd=ws,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _check_consistent(ws: Path, n: int) -> list[dict]:
+    """Every id once, the branch at the best, the working tree clean, pairs within a slot."""
+    recs = _records(ws)
+    assert sorted(r["id"] for r in recs) == list(range(1, n + 1))
+    assert len(results_rows(ws, TAG)) == n
+    best = [r for r in recs if r["status"] == "keep"][-1]
+    assert git(ws, "rev-parse", "HEAD") == best["commit"]
+    assert git(ws, "rev-parse", "--abbrev-ref", "HEAD") == f"autoresearch/{TAG}"
+    assert git(ws, "status", "--porcelain") == ""
+    rows = _measurements(ws)
+    for row in rows:
+        if row.get("partner") is not None:
+            partner = rows[row["partner"]]
+            assert partner["slot"] == row["slot"] and partner["seed"] == row["seed"]
+    assert not (ws / "runs" / TAG / "slots").exists() or not any(
+        (ws / "runs" / TAG / "slots").iterdir()
+    )  # the slots' worktrees are removed at the end
+    return recs
+
+
+def test_two_slots_train_at_once_and_a_stale_keep_is_rebased_and_measured_again(
+    ws: Path, env: dict, tmp_path: Path
+) -> None:
+    """Slot 0 keeps LR 0.06 while slot 1's WIDTH 128 (made on the base) waits at its gate;
+    released, WIDTH 128 beat its base, so it is merged onto the new best and trained again
+    there (paired with the new best's run on slot 1) before it is kept."""
+    gate = tmp_path / "gate-width"
+    patches = _patches(
+        tmp_path,
+        reply("LR to 0.06", _lr("0.04", "0.06")),
+        reply(
+            "WIDTH to 128",
+            ("WIDTH = 64  # model width", "WIDTH = 128  # model width"),
+            _gate_edit(gate),
+        ),
+    )
+    log = tmp_path / "run.log"
+    proc = _start(ws, env, patches, 3, log)
+    try:
+        # both candidates in flight at once: slot 1 trains while slot 0's is recorded
+        _wait_for(lambda: Path(str(gate) + ".pids").is_file(), "WIDTH 128 training", proc, log)
+        _wait_for(lambda: any(r["id"] == 2 for r in _records(ws)), "LR 0.06 kept", proc, log)
+        assert [r["status"] for r in _records(ws)] == ["keep", "keep"]
+        assert len(_state(ws).get("slots", {})) == 1  # slot 1 still in flight
+        status = subprocess.run(
+            [sys.executable, "-m", "autoresearch", "status", "--tag", TAG, "--workspace", str(ws)],
+            cwd=ws, env=env, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert re.search(r"slot 1: exp 0003 training for \d+m\d\ds: WIDTH to 128", status)
+        gate.touch()
+        assert proc.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    recs = _check_consistent(ws, 3)
+    lr, width = recs[1], recs[2]
+    assert (lr["id"], lr["status"], lr["extra"]["slot"]) == (2, "keep", "0")
+    assert (width["id"], width["status"], width["extra"]["slot"]) == (3, "keep", "1")
+    # measured again on the new best, which is its parent; the first measurement kept aside
+    assert width["parent"] == lr["commit"]
+    assert width["extra"]["rebased"]["parent"] == recs[0]["commit"]
+    assert width["val_bpb"] == pytest.approx(stub_bpb(0.06, 128))
+    merged = git(ws, "show", f"{width['commit']}:train.py")
+    assert "LR = 0.06" in merged and "WIDTH = 128" in merged
+    stale = git(ws, "rev-parse", f"refs/autoresearch/{TAG}/attempts/0003-stale")
+    assert stale == width["extra"]["rebased"]["commit"]
+    assert "LR = 0.04" in git(ws, "show", f"{stale}:train.py")
+    # the runs that decided the keep are the merged commit's, paired with the new best's
+    rows = _measurements(ws)
+    decisive = [r for r in rows if r["commit"] == width["commit"]]
+    assert decisive and all(rows[r["partner"]]["commit"] == lr["commit"] for r in decisive)
+    assert {r["slot"] for r in decisive} == {"1"}
+
+
+def test_a_stale_keep_that_no_longer_merges_is_recorded_discard(
+    ws: Path, env: dict, tmp_path: Path
+) -> None:
+    """LR 0.05 (made on the base, slot 1) beats the base, but LR 0.06 was kept meanwhile on
+    the same line: it cannot be merged, so it is recorded `discard` with the reason."""
+    gate = tmp_path / "gate-lr"
+    patches = _patches(
+        tmp_path,
+        reply("LR to 0.06", _lr("0.04", "0.06")),
+        reply("LR to 0.05", _lr("0.04", "0.05"), _gate_edit(gate)),
+    )
+    log = tmp_path / "run.log"
+    proc = _start(ws, env, patches, 3, log)
+    try:
+        _wait_for(lambda: any(r["id"] == 2 for r in _records(ws)), "LR 0.06 kept", proc, log)
+        gate.touch()
+        assert proc.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    recs = _check_consistent(ws, 3)
+    late = recs[2]
+    assert late["status"] == "discard" and "no longer applies" in late["extra"]["reason"]
+    assert late["parent"] == recs[0]["commit"]  # judged against its own base, never kept
+    assert git(ws, "rev-parse", "HEAD") == recs[1]["commit"]
+
+
+@pytest.mark.slow  # two sessions with real children: minutes on two cores
+def test_kill_9_with_two_runs_in_flight_then_resume(ws: Path, env: dict, tmp_path: Path) -> None:
+    """Killed with both slots training: the resume kills both leftovers, trains both
+    experiments again under their ids, and records every experiment once."""
+    gates = [tmp_path / "gate-a", tmp_path / "gate-b"]
+    patches = _patches(
+        tmp_path,
+        reply("LR to 0.06", _lr("0.04", "0.06"), _gate_edit(gates[0])),
+        reply(
+            "WIDTH to 128",
+            ("WIDTH = 64  # model width", "WIDTH = 128  # model width"),
+            _gate_edit(gates[1]),
+        ),
+    )
+    log = tmp_path / "run.log"
+    proc = _start(ws, env, patches, 3, log)
+    try:
+        for gate in gates:
+            pids = Path(str(gate) + ".pids")
+            _wait_for(pids.is_file, f"{gate.name} waiting", proc, log)
+        flight = _state(ws)["slots"]
+        assert sorted(e["id"] for e in flight.values()) == [2, 3]
+        assert all(e.get("run_marker") for e in flight.values())
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert [r["id"] for r in _records(ws)] == [1]
+    leftovers = [int(p) for g in gates for p in Path(str(g) + ".pids").read_text().split()]
+    assert len(leftovers) == 2 and all(alive(pid) for pid in leftovers)  # still waiting
+    for gate in gates:
+        Path(str(gate) + ".pids").unlink()
+    resumed = _start(ws, env, patches, 3, tmp_path / "resume.log", "--resume")
+    try:
+        log = tmp_path / "resume.log"
+        _wait_for(lambda: "left running" in log.read_text(), "leftovers killed", resumed, log)
+        _wait_for(lambda: not any(alive(p) for p in leftovers), "leftovers gone", resumed, log)
+        for gate in gates:  # the experiments trained again may now finish
+            gate.touch()
+        assert resumed.wait(timeout=300) == 0, log.read_text()
+    finally:
+        if resumed.poll() is None:
+            os.killpg(resumed.pid, signal.SIGKILL)
+    assert "re-running" in (tmp_path / "resume.log").read_text()
+    recs = _check_consistent(ws, 3)
+    assert [r["description"] for r in sorted(recs, key=lambda r: r["id"])] == [
+        "baseline",
+        "LR to 0.06",
+        "WIDTH to 128",
+    ]
+    # every candidate run counted once: one measured run per (experiment, commit, seed)
+    runs = [(r["exp"], r["commit"], r["seed"]) for r in _measurements(ws) if r["purpose"] != "pair"]
+    assert len(runs) == len(set(runs))
+
+
+def test_slots_from_the_command_line(ws: Path, env: dict) -> None:
+    """--gpus gives one slot per card and needs cuda; --workers N on cuda without --gpus is
+    refused (two trainings would share a card); on the cpu --workers N gives N slots."""
+    cuda = SessionOptions(tag=TAG, preset="gpu", device="cuda", time_budget=300.0)
+    assert commands._slots(cuda, 1, "0, 2,3") == {"workers": 3, "gpus": ("0", "2", "3")}
+    assert replace(cuda, workers=3, gpus=("0", "2", "3")).slot_gpus == ["0", "2", "3"]
+    for workers, gpus, message in [
+        (2, None, "would put 2 trainings on one card"),
+        (1, "0,0", "distinct card indices"),
+        (1, "0,x", "distinct card indices"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            commands._slots(cuda, workers, gpus)
+    with pytest.raises(UsageError, match="--gpu and --gpus"):
+        commands._slots(replace(cuda, gpu="1"), 1, "0,1")
+    cpu = replace(cuda, preset="cpu", device="cpu")
+    assert replace(cpu, **commands._slots(cpu, 2, None)).slot_gpus == [None, None]
+    proc = cli(ws, *run_args(TAG, "--agent", "tuner", "--gpus", "0", n=1), env=env)
+    assert proc.returncode == 2 and "--gpus needs --device cuda" in proc.stderr + proc.stdout
+    assert not (ws / "runs" / TAG).exists()
+
+
+def test_each_proposal_sees_the_candidates_in_flight(ws: Path, env: dict) -> None:
+    """The agent proposes for every free slot; the second request lists the first candidate,
+    in flight on slot 0, as running, with its description."""
+    with FakeLLM() as server:
+        server.enqueue(reply("LR to 0.06", _lr("0.04", "0.06")))
+        server.enqueue(
+            reply("WIDTH to 128", ("WIDTH = 64  # model width", "WIDTH = 128  # model width"))
+        )
+        args = run_args(TAG, *openai_args(server.base_url), "--workers", "2", "--no-overlap", n=3)
+        proc = cli(ws, *args, "--unsandboxed", env={**env, "OPENAI_API_KEY": "sk-test"})
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        first, second = (json.dumps(r["messages"]) for r in server.requests[-2:])
+    assert "training now" not in first
+    assert re.search(r"\| running \|( [^|]* \|)? \(training now\) LR to 0\.06 \|", second)
+    recs = _check_consistent(ws, 3)
+    assert {r["extra"].get("slot") for r in recs[1:]} == {"0", "1"}
