@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import record
-from .agent import AgentError, AgentExhausted, InvalidProposal, Proposal
+from .agent import AgentExhausted, InvalidProposal, Proposal
 from .edits import check_compiles
-from .errors import EditError
+from .errors import AgentError, EditError
 from .gitrepo import GitRepo, merge_texts
 from .slot import Sealing, Slot
 from .trial import Candidate, Trial, TrialOutcome
