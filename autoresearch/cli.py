@@ -328,6 +328,24 @@ def run(
             rich_help_panel=HARDWARE_PANEL,
         ),
     ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="Where runs train: local (this host), or ray (Ray tasks placed on a cluster; "
+            "--workers N at once; pip install 'autoresearch[ray]').",
+            rich_help_panel=HARDWARE_PANEL,
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="The Ray cluster to use with --backend ray (e.g. 10.0.0.1:6379; default: a "
+            "cluster of this host).",
+            rich_help_panel=HARDWARE_PANEL,
+        ),
+    ] = None,
     timeout: Annotated[
         float | None,
         typer.Option(
@@ -463,6 +481,8 @@ def run(
         quiet=quiet,
         workers=workers,
         gpus=gpus,
+        backend=backend,
+        address=address,
     )
 
 
