@@ -110,7 +110,7 @@ def node_dataset(session_dataset: str, environ: dict[str, str]) -> Path:
     when set, else at the session's path (the same path on every node)."""
     cache = environ.get("AUTORESEARCH_CACHE")
     dataset = Path(session_dataset)
-    return Path(cache) / dataset.name if cache else dataset
+    return Path(cache).expanduser() / dataset.name if cache else dataset
 
 
 def train_on_node(payload: Payload) -> Returned:
