@@ -332,8 +332,8 @@ def run(
         str,
         typer.Option(
             "--backend",
-            help="Where runs train: local (this host), or ray (Ray tasks placed on a cluster; "
-            "--workers N at once; pip install 'autoresearch[ray]').",
+            help="Where runs train: local (this host), or ray (Ray tasks placed on a cluster, "
+            "--workers N at once; needs Ray installed).",
             rich_help_panel=HARDWARE_PANEL,
         ),
     ] = "local",
