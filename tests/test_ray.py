@@ -232,3 +232,53 @@ def test_a_node_whose_data_differs_refuses_to_train(cluster: str, tmp_path: Path
     assert passed.outcome.result.crash_class != "rejected"
     assert passed.outcome.fatal is None
     assert "run.log" in passed.files  # it trained
+
+
+@pytest.mark.slow  # about 30 s
+@needs_ray
+def test_a_session_on_ray_killed_9_mid_run_resumes_and_records_every_run_once(
+    cluster: str, tmp_path: Path
+) -> None:
+    """The coordinator is killed (SIGKILL) while its baseline trains as a Ray task; `--resume`
+    trains it again on the cluster and the record holds every experiment once."""
+    gate = tmp_path / "gate"
+    source = GATED_TRAIN.replace(
+        "SLEEP = 0.0  # seconds per step\n",
+        f"SLEEP = 0.0  # seconds per step\nGATE = {str(gate)!r}\n",
+    )
+    ws = make_workspace(tmp_path / "ws", source)
+    env = stub_cli_env(tmp_path)
+    patches = _patches(tmp_path, reply("LR to 0.06", _lr("0.04", "0.06")))
+    args = run_args(TAG, *replay_args(patches), "--backend", "ray", "--workers", "2", n=2)
+    command = [sys.executable, "-m", "autoresearch", *args, "--unsandboxed",
+               "--address", cluster, "--workspace", str(ws)]  # fmt: skip
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            command, cwd=ws, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    pids = Path(str(gate) + ".pids")
+    try:
+        deadline = time.monotonic() + 300  # guards a hang only
+        while not pids.is_file() or not pids.read_text().endswith("\n"):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the coordinator, with its baseline in flight
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        gate.touch()  # the orphaned run ends; the runs trained from now on pass the gate
+    state = json.loads((ws / "runs" / TAG / "state.json").read_text())
+    assert [e["id"] for e in state["slots"].values()] == [1]  # the baseline in flight
+    resumed = cli(ws, *command[3:-2], "--resume", env=env)  # less --workspace: cli adds it
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    recs = _records(ws)
+    assert [r["id"] for r in recs] == [1, 2]  # every experiment once
+    assert recs[0]["status"] == "keep" and recs[0]["val_bpb"] == pytest.approx(stub_bpb())
+    rows = _measurements(ws)
+    assert sorted(r["seed"] for r in rows if r["exp"] == 1) == [seed_of(0), seed_of(1)]
+    assert git(ws, "status", "--porcelain") == ""
+    assert not (ws / "runs" / TAG / "state.json").exists()  # nothing in flight
