@@ -3,8 +3,8 @@
 One cluster for the module (`ray.init` in this process, two CPUs); the sessions are the real
 CLI in subprocesses connected to it with `--address`, over a stub workspace (loopkit.py) on
 the cpu preset; marked slow. A Ray worker is killed by the pid its run wrote (the parent of
-train.py); the coordinator is killed -9 and resumed. The
-tests that need Ray skip where it is not installed; the one about a missing Ray runs anyway.
+train.py); the coordinator is killed -9 and resumed. The tests that need Ray skip where it is
+not installed; the one about a missing Ray runs anyway.
 """
 
 from __future__ import annotations
