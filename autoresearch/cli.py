@@ -233,6 +233,7 @@ class _Run:
     def __call__(self, **values: object) -> None:
         flags = {s.key: values.pop(s.key) for s in SETTINGS if s.cli and s.config}
         flags = {k: v.value if isinstance(v, Enum) else v for k, v in flags.items()}
+        values = {k: v.value if isinstance(v, Enum) else v for k, v in values.items()}
         commands.run_session(tag=values.pop("tag") or default_tag(), flags=flags, **values)
 
 

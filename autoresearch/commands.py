@@ -244,6 +244,8 @@ def run_session(
     unsandboxed: bool = False,
     workers: int = 1,
     gpus: str | None = None,
+    backend: str = "local",
+    address: str | None = None,
 ) -> None:
     from .agent import make_agent
     from .loop import Session
@@ -268,7 +270,14 @@ def run_session(
             warm_start=warm_start,
             unsandboxed=unsandboxed,
         )
-        opts = replace(opts, **_slots(opts, workers, gpus))
+        if backend not in ("local", "ray"):
+            raise UsageError(f"--backend {backend!r}: local or ray")
+        if backend == "ray":
+            opts = replace(opts, **_ray_slots(opts, workers, gpus, address))
+        else:
+            if address is not None:
+                raise UsageError("--address names a Ray cluster: use it with --backend ray")
+            opts = replace(opts, **_slots(opts, workers, gpus))
         device, preset = opts.device, opts.preset
         agent_obj = make_agent(
             agent,
@@ -292,6 +301,17 @@ def run_session(
     finally:
         if first is not None:  # a no-op once the session has taken it
             first.discard(grace=0.0)  # an error before the first run is not kept waiting
+
+
+def _ray_slots(opts: SessionOptions, workers: int, gpus: str | None, address: str | None) -> dict:
+    """SessionOptions' slot fields for --backend ray: `workers` runs at once, each a Ray task
+    with a card (cuda) or a core (cpu) of its own, placed by Ray."""
+    from .rayslot import require_ray
+
+    if gpus is not None or opts.gpu is not None:
+        raise UsageError("--backend ray places each run on a card: give --workers N, not --gpu(s)")
+    require_ray()
+    return {"workers": workers, "gpus": (), "backend": "ray", "address": address}
 
 
 def _slots(opts: SessionOptions, workers: int, gpus: str | None) -> dict:

@@ -18,7 +18,10 @@ Guarantees, on top of loop.py's:
   kills what a kill -9 left running and trains every unfinished experiment again; the runs
   that finished are in measurements.jsonl and count once.
 
-What it does not do: place slots on other hosts, or run two trainings on one card.
+With `--backend ray` each slot is a rayslot.RaySlot: its runs are Ray tasks placed by Ray
+on any node of the cluster; the coordinator stays here.
+
+What it does not do: run two trainings on one card.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .agent import AgentExhausted, InvalidProposal, Proposal
 from .edits import check_compiles
 from .errors import AgentError, EditError
 from .gitrepo import GitRepo, merge_texts
+from .rayslot import RaySlot
 from .slot import Sealing, Slot
 from .trial import Candidate, Trial, TrialOutcome
 from .workspace import TRAIN_FILE
@@ -98,14 +102,18 @@ class Coordinator:
         self.slots: list[Slot] = []
         self.trees: dict[str, SlotTree] = {}
         best = s.best()
+        ray = s.opts.backend == "ray"  # each slot's runs are Ray tasks (rayslot.py)
         for i, gpu in enumerate(s.opts.slot_gpus):
             name = str(i)
             tree = SlotTree(s.repo, s.ledger.run_dir / SLOTS_DIR / name, best)
             self.trees[name] = tree
-            card = card_name(gpu) if s.opts.device == "cuda" else None
+            card = card_name(gpu) if s.opts.device == "cuda" and not ray else None
             self.slots.append(
                 Slot(tree.path, s.opts, sealing, s.display, s.cancel, mark=self.mark(name),
                      name=name, gpu=gpu, card=card, shown=True)
+                if not ray else
+                RaySlot(tree.path, s.opts, sealing, s.display, s.cancel, mark=self.mark(name),
+                        name=name, shown=True, address=s.opts.address)
             )  # fmt: skip
         self._pool = ThreadPoolExecutor(max_workers=len(self.slots), thread_name_prefix="slot")
 

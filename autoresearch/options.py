@@ -61,6 +61,14 @@ class SessionOptions:
     # slots training at once (coordinator.py): `workers` on the cpu, one per card of `gpus`
     workers: int = 1
     gpus: tuple[str, ...] = ()
+    # where the slots train: "local" (this host) or "ray" (Ray tasks on a cluster, rayslot.py)
+    backend: str = "local"
+    address: str | None = None  # the Ray cluster's address; None: a cluster of this host
+
+    @property
+    def slotted(self) -> bool:
+        """The coordinator runs the session: several slots, or slots on Ray."""
+        return len(self.slot_gpus) > 1 or self.backend == "ray"
 
     @property
     def slot_gpus(self) -> list[str | None]:

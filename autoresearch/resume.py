@@ -89,7 +89,7 @@ def start(
         agent=agent,
         **fields,
     )
-    return Begun(sealing, None, (), len(opts.slot_gpus) > 1)
+    return Begun(sealing, None, (), opts.slotted)
 
 
 def seal(
@@ -150,7 +150,7 @@ def resume(
     rerun = None if flying else _interrupted_last(ledger)
     pending = pending or rerun
     in_flight = [e for e in flying if e.get("commit")] or ([rerun] if rerun else [])
-    slotted = len(opts.slot_gpus) > 1 or "slots" in state
+    slotted = opts.slotted or "slots" in state
     ours = {session["base"]} | {e.commit for e in ledger.experiments() if e.commit}
     ours |= {e["commit"] for e in in_flight}
     tip = repo.branch_sha(branch)

@@ -38,6 +38,11 @@ class Preset(str, Enum):
     cpu = "cpu"
 
 
+class Backend(str, Enum):
+    local = "local"  # slots on this host (coordinator.py)
+    ray = "ray"  # slots as Ray tasks on a cluster (rayslot.py)
+
+
 # --- validation: each check returns the clean value or raises ValueError with the reason
 
 
@@ -234,6 +239,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("gpus", str, None, "Cards to train on at once, one candidate per card: e.g. "
             "0,1,2,3, or all.", HARDWARE_PANEL, config=False, field=None,
             default_text="one card"),
+    Setting("backend", Backend, "local", "Where runs train: local (this host), or ray (Ray "
+            "tasks placed on a cluster, --workers N at once; needs Ray installed).",
+            HARDWARE_PANEL, config=False, field=None),
+    Setting("address", str, None, "The Ray cluster to use with --backend ray (e.g. "
+            "10.0.0.1:6379).", HARDWARE_PANEL, config=False, field=None,
+            default_text="a cluster of this host"),
     Setting("timeout", float, None, "Hard limit per run in seconds.", RUN_PANEL,
             _at_least(_number, 0.0, strict=True), low=1.0,
             default_text="2 x TIME_BUDGET + 120; 10 x on the cpu device"),
