@@ -27,12 +27,18 @@ from pathlib import Path
 from . import evaluator, fingerprint, noise, runner, sandbox
 from .display import Display
 from .options import SessionOptions
+from .status import CrashClass
 from .workspace import TRAIN_FILE, cache_dir
 
 CHECKPOINT_FILE = "checkpoint.pt"  # in the experiment's folder while its runs are judged
 # crash classes of runs whose checkpoint is not evaluated: the harness ended them, or they
 # trained past the budget
-NOT_EVALUATED = ("timeout", "stall", "interrupted", "over_budget")
+NOT_EVALUATED = (
+    CrashClass.timeout,
+    CrashClass.stall,
+    CrashClass.interrupted,
+    CrashClass.over_budget,
+)
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,13 @@ from . import noise, runner
 from .display import Display
 from .options import SessionOptions
 from .slot import RunOutcome, Slot
+from .status import Status
 from .workspace import TRAIN_FILE
 
-FAILED_AS = ("interrupted", "rejected")  # run failures recorded under their own status, not crash
+FAILED_AS = (
+    Status.interrupted,
+    Status.rejected,
+)  # run failures recorded under their own status, not crash
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ class Trial:
                 wall += last.result.wall_seconds
                 if not last.result.ok:
                     crash = last.result.crash_class
-                    status = crash if crash in FAILED_AS else "crash"
+                    status = crash if crash in FAILED_AS else Status.crash
                     break
                 continue
             if c.baseline:
