@@ -164,7 +164,8 @@ def test_a_new_workspace_gets_the_top_level_files(tmp_path: Path) -> None:
 
 def test_a_wheel_ships_the_templates_contents(tmp_path: Path) -> None:
     """Built from a copy of the source tree (links kept as links), the wheel holds the three
-    files as regular files with the top-level contents, so an installed tool can init."""
+    files as regular files with the top-level contents, so an installed tool can init; and
+    every module of the package (a subpackage left out of pyproject.toml installs broken)."""
     src = tmp_path / "src"
     shutil.copytree(
         ROOT / "autoresearch",
@@ -189,6 +190,13 @@ def test_a_wheel_ships_the_templates_contents(tmp_path: Path) -> None:
             info = z.getinfo(f"autoresearch/templates/{name}")
             assert stat.S_ISREG(info.external_attr >> 16), name  # a file, not a link
             assert z.read(info) == (ROOT / name).read_bytes(), name
+        shipped = set(z.namelist())
+    modules = {
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "autoresearch").rglob("*.py")
+        if "templates" not in p.parts and "__pycache__" not in p.parts
+    }
+    assert modules and modules <= shipped, sorted(modules - shipped)
 
 
 # ------------------------------------------------------------------------------------------------
