@@ -44,7 +44,7 @@ class Extra(MutableMapping[str, Any]):
     verdict: str | None = None  # the keep rule's label (status.Label); None: not judged
     gpu_busy_s: float | None = None  # the session's training seconds so far
     session_s: float | None = None  # the session's wall seconds so far
-    reason: str | None = None  # why invalid or rejected, in words
+    reason: str | None = None  # why invalid, rejected, or discarded without a verdict, in words
     reported_val_bpb: float | None = None  # sealed: train.py's own printed val_bpb
     reported_disagrees: str | None = None  # sealed: how far that is from the measured one
     other: dict[str, Any] = field(default_factory=dict)

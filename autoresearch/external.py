@@ -291,7 +291,7 @@ def _best_commit(ledger: Ledger, repo: GitRepo) -> str:
 
 def _unfinished_source(ledger: Ledger, repo: GitRepo) -> str | None:
     """train.py of the experiment a killed command left unfinished (state.json names it and
-    the record lacks it, or the last was interrupted), as `Session._resume` finds it."""
+    the record lacks it, or the last was interrupted), as `resume.resume` finds it."""
     state = ledger.read_state() or {}
     exps = ledger.experiments()
     commit = state.get("commit") if state.get("id") not in {e.id for e in exps} else None

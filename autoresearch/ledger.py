@@ -159,6 +159,8 @@ def _reason(
         return f"the baseline, the first best ({_runs(n, None)}, {noise})"
     if exp.status == Status.keep and gain is not None and bar is not None:
         return f"kept: gain {gain:.6f} cleared the bar {bar:.6f} ({_runs(n, m)}, {noise})"
+    if exp.status == Status.discard and said:  # discarded for a reason of its own, e.g. a
+        return f"discarded: {said}"  # stale base it no longer merges onto
     if exp.status == Status.discard and gain is not None and gain <= 0:
         return f"discarded: no gain (val_bpb {-gain:+.6f} against the best, {_runs(n, m)})"
     if exp.status == Status.discard and gain is not None and bar is not None:

@@ -377,3 +377,22 @@ def test_every_crash_class_the_runner_and_evaluator_name_is_a_crashclass():
 
     named = set(runner.CRASH_CLASSES) | set(evaluator.CRASH_CLASSES) | {"rejected"}
     assert named == {c.value for c in CrashClass}
+
+
+def test_a_discard_with_a_reason_of_its_own_says_it_not_within_noise():
+    """A candidate that beat its own base but no longer merges onto the new best (scale-out)
+    is discarded with a reason: `show` and the report give that reason, not a noise verdict
+    its numbers contradict."""
+    base = dict(description="d", commit="a" * 40, parent="b" * 40, memory_gb=0.0)
+    reason = "beat its base bbbbbbb, but no longer applies to the new best ccccccc"
+    stale = Experiment(
+        id=4, status=Status.discard, val_bpb=0.9, best_before=1.0, threshold=0.01,
+        extra={"runs": [0.9], "incumbent_runs": 1, "paired_sigma": 0.004, "reason": reason},
+        **base,
+    )  # fmt: skip
+    assert decision_of(stale).reason == f"discarded: {reason}"
+    plain = Experiment(
+        id=5, status=Status.discard, val_bpb=0.995, best_before=1.0, threshold=0.01,
+        extra={"runs": [0.995], "incumbent_runs": 1, "paired_sigma": 0.004}, **base,
+    )  # fmt: skip
+    assert "within noise" in decision_of(plain).reason
