@@ -219,31 +219,22 @@ class Measurements:
         """Record one run; `partner` is the `n` of the incumbent run it is compared with,
         `slot` where it trained (and `card`, the GPU's name, on cuda)."""
         with self._lock:  # slots record from threads of their own; `n` must stay unique
-            return self._add(commit, val_bpb, exp_id, purpose, seed, partner, slot, card)
+            return self._append(
+                {
+                    "n": len(self.rows()),
+                    "commit": commit,
+                    "val_bpb": val_bpb,
+                    "exp": exp_id,
+                    "purpose": purpose,
+                    "seed": seed,
+                    "partner": partner,
+                    "slot": slot,
+                    **({"card": card} if card is not None else {}),
+                }
+            )
 
-    def _add(
-        self,
-        commit: str,
-        val_bpb: float,
-        exp_id: int,
-        purpose: str,
-        seed: int,
-        partner: int | None,
-        slot: str,
-        card: str | None,
-    ) -> dict:
-        row = {
-            "n": len(self.rows()),
-            "commit": commit,
-            "val_bpb": val_bpb,
-            "exp": exp_id,
-            "purpose": purpose,
-            "seed": seed,
-            "partner": partner,
-            "slot": slot,
-        }
-        if card is not None:
-            row["card"] = card
+    def _append(self, row: dict) -> dict:
+        """Write `row` durably to the file, then to the rows in memory."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = (json.dumps(row) + "\n").encode()
         with open(self.path, "ab") as f:
