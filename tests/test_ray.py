@@ -101,6 +101,15 @@ def _dataset(path: Path, val: bytes) -> Path:
     return path
 
 
+def _wait_for(pids: Path, proc: subprocess.Popen, log: Path) -> None:
+    """Until the run at the gate has written its pids (a whole line), while the session lives."""
+    deadline = time.monotonic() + 300  # guards a hang only
+    while not pids.is_file() or not pids.read_text().endswith("\n"):
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+
+
 def _patches(tmp_path: Path, *replies: str) -> Path:
     patches = tmp_path / "patches"
     patches.mkdir()
@@ -160,11 +169,7 @@ def test_a_session_on_ray_retrains_a_run_whose_worker_was_killed_and_records_it_
         )  # fmt: skip
     pids = Path(str(gate) + ".pids")
     try:
-        deadline = time.monotonic() + 300  # guards a hang only
-        while not pids.is_file() or not pids.read_text().endswith("\n"):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        _wait_for(pids, proc, log)
         worker = int(pids.read_text().split()[0])
         os.kill(worker, signal.SIGKILL)  # the Ray worker running the baseline's task
         gate.touch()  # the orphaned run and the one trained again pass the gate
@@ -261,11 +266,7 @@ def test_a_session_on_ray_killed_9_mid_run_resumes_and_records_every_run_once(
         )  # fmt: skip
     pids = Path(str(gate) + ".pids")
     try:
-        deadline = time.monotonic() + 300  # guards a hang only
-        while not pids.is_file() or not pids.read_text().endswith("\n"):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        _wait_for(pids, proc, log)
         os.killpg(proc.pid, signal.SIGKILL)  # the coordinator, with its baseline in flight
         proc.wait(timeout=60)
     finally:
