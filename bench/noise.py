@@ -3,6 +3,7 @@
     python bench/noise.py --out noise-cpu --preset cpu --budget 10 --seeds 3 --repeats 2
     python bench/noise.py --out noise-gpu --pycode --seeds 4 --repeats 2         # gpu, 300 s
     python bench/noise.py --out pair --train old.py --train train.py --seeds 4 --repeats 1
+    python bench/noise.py --out pair2 --train old.py --train train.py --seeds 3 --first-seed 4
 
 Each version (--train, default this repository's train.py) runs in a directory of its own
 beside this repository's prepare.py, on the active prepared dataset (AUTORESEARCH_CACHE), with
@@ -19,7 +20,8 @@ The table (also written to OUT/noise.json with every run):
 - with two versions, paired: the standard deviation of B - A over the runs of one seed and
   repeat, against unpaired, sqrt(sd_A^2 + sd_B^2) over seeds (what the difference of two runs
   of different seeds spreads by), and the mean difference with its standard error both ways;
-- num_steps per run, since a wall-clock budget ends at a different step from run to run.
+- num_steps per run, since a wall-clock budget ends at a different step from run to run, and
+  tokens per training second (what a lever that makes runs repeatable costs in speed).
 
 What it does not do: separate initialisation from data order (both follow the one seed), or
 measure between calls of a GPU (run it in two calls and compare the JSON files).
@@ -56,7 +58,14 @@ def one_run(
         "num_steps": result.summary.get("num_steps"),
         "training_s": result.summary.get("training_seconds"),
         "wall_s": round(result.wall_seconds, 1),
+        "tok_per_s": tokens_per_second(result.summary),
     }
+
+
+def tokens_per_second(summary: dict) -> float | None:
+    """Training throughput of one run (what a determinism lever would cost)."""
+    tokens, seconds = summary.get("total_tokens_M"), summary.get("training_seconds")
+    return round(tokens * 1e6 / seconds) if tokens and seconds else None
 
 
 def sd(values: list[float]) -> float | None:
@@ -73,6 +82,7 @@ def summarize(runs: list[dict], versions: list[str]) -> dict:
         groups = [vals for (ver, _), vals in by.items() if ver == v]
         firsts = [vals[0] for vals in groups]
         steps = [r["num_steps"] for r in ok if r["version"] == v]
+        rates = [r["tok_per_s"] for r in ok if r["version"] == v and r.get("tok_per_s")]
         out["versions"][v] = {
             "mean": statistics.fmean(firsts) if firsts else None,
             "same_seed_sd": noise.pooled_sigma(groups),
@@ -80,6 +90,7 @@ def summarize(runs: list[dict], versions: list[str]) -> dict:
             "seeds": len(groups),
             "steps_mean": statistics.fmean(steps) if steps else None,
             "steps_sd": sd(steps),
+            "tok_per_s": statistics.fmean(rates) if rates else None,
         }
     if len(versions) == 2:
         a, b = versions
@@ -110,12 +121,15 @@ def fmt(x: float | None, digits: int = 5) -> str:
 
 def print_table(summary: dict) -> None:
     print(f"\n{summary['ok']} of {summary['runs']} runs measured\n")
-    print("| version | seeds | mean val_bpb | same seed sd | across seeds sd | steps (sd) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| version | seeds | mean val_bpb | same seed sd | across seeds sd | steps (sd) | tok/s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, v in summary["versions"].items():
         print(
             f"| {name} | {v['seeds']} | {fmt(v['mean'])} | {fmt(v['same_seed_sd'])} "
-            f"| {fmt(v['across_seeds_sd'])} | {fmt(v['steps_mean'], 1)} ({fmt(v['steps_sd'], 1)}) |"
+            f"| {fmt(v['across_seeds_sd'])} | {fmt(v['steps_mean'], 1)} ({fmt(v['steps_sd'], 1)}) "
+            f"| {fmt(v['tok_per_s'], 0)} |"
         )
     p = summary.get("paired")
     if p:
@@ -131,6 +145,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory for logs and noise.json")
     parser.add_argument("--train", type=Path, action="append", help="a train.py (twice: paired)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 1000, 1001, ... (default 3)")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="start at seed 1000 + this (more seeds in a later call)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="runs per seed (default 2)")
     parser.add_argument("--preset", choices=("gpu", "cpu"), default="gpu")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
@@ -159,7 +179,7 @@ def main() -> None:
     runs = []
     for repeat in range(args.repeats):
         for k in range(args.seeds):
-            seed = noise.seed_of(k)
+            seed = noise.seed_of(args.first_seed + k)
             for name, d in zip(versions, dirs, strict=True):
                 log = args.out / "logs" / f"{name.replace(':', '_')}-s{seed}-r{repeat}.log"
                 log.parent.mkdir(exist_ok=True)
