@@ -52,7 +52,11 @@ crossed the same bar, within-noise otherwise.
 What it does not do: the bound holds for a sigma known in advance; the session's estimate
 is a plug-in, so the rate can be somewhat above 5 % when the estimate runs low
 (bench/keep_rule.py measures it with the estimate: 1.9-3.2 %); outliers that are not Gaussian
-are not modelled. A drift is cancelled only down to what it moves in the runs between a pair
+are not modelled. Nor is a gain that depends on the seed: on an H100 at a 45 s budget one
+change gained 0.0004 to 0.0072 over six seeds (sd 0.0025 about a mean of 0.0037, each seed's
+gain reproduced on another machine within 0.0006), so one run tells what a change does to
+one seed, and σ, learned from such gains, widens the test (docs/benchmarks.md, "the gain that
+depends on the seed"). A drift is cancelled only down to what it moves in the runs between a pair
 (the incumbent's run comes first, so a steady drift leaves up to `window` runs' worth of it).
 It does not tell the gain at a longer horizon (`autoresearch confirm --horizon K`).
 """

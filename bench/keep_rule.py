@@ -17,6 +17,12 @@ known true effect (the gain over the best at the time). Each run's val_bpb is
   default 0.003.
 - drift(t): a random walk of the machine's level, in val_bpb per sqrt(hour); between calls the
   same code has scored up to ~0.013 apart, within a session it is unknown: default 0.
+- b[change][seed] ~ N(0, (interaction x gain)^2 + sigma_interaction^2), drawn once per change
+  and seed and inherited by the changes made on top of it: a change does not move every seed
+  by its gain. On an H100 at a 45 s budget, MATRIX_LR 0.04 -> 0.05 gained 0.0054, 0.0046,
+  0.0004, 0.0015, 0.0030, 0.0072 on seeds 1000-1005 (mean 0.0037, sd 0.0025), and the gains of
+  seeds 1000-1002 came out within 0.0006 of the same on another machine: the spread is the
+  seed's, not the run's. About 0.7 x the gain (docs/benchmarks.md); default 0.
 
 The rule that was ("today"): train.py ignored the harness's seed (every run had seed 42, so a[]
 is one constant); the baseline trains `calibrate` times, a candidate is kept when its mean beats
@@ -62,25 +68,43 @@ class Model:
     calibrate: int = 3
     max_repeats: int = 3
     window: int = noise.PAIR_WINDOW
+    interaction: float = 0.0  # sd of a change's gain from seed to seed, per unit of its gain
+    sigma_interaction: float = 0.0  # the same, for every change, whatever its gain
 
 
 class Machine:
-    """One session's machine: the clock (in runs), the drift and the seeds' effects."""
+    """One session's machine: the clock (in runs), the drift, and what each seed does to each
+    version of the code (the seed's effect on the baseline, then each change's own on top)."""
 
     def __init__(self, model: Model, rng: random.Random, seeds_work: bool) -> None:
         self.model, self.rng, self.seeds_work = model, rng, seeds_work
         self.drift = 0.0
-        self.seed_effect: dict[int, float] = {}
+        self.offsets: dict[int, dict[int, float]] = {0: {}}  # code -> seed -> its seed effect
+        self.parents: dict[int, tuple[int, float]] = {}  # code -> (parent code, interaction sd)
         self.runs = 0
 
-    def run(self, level: float, seed: int) -> float:
+    def change(self, code: int, parent: int, gain: float) -> None:
+        """Code `code` is `parent` changed for a true gain of `gain`: on each seed, the gain
+        moves by N(0, (interaction gain)^2 + sigma_interaction^2) (drawn when first run)."""
+        sd = math.hypot(self.model.interaction * gain, self.model.sigma_interaction)
+        self.parents[code], self.offsets[code] = (parent, sd), {}
+
+    def offset(self, code: int, seed: int) -> float:
+        table = self.offsets[code]
+        if seed not in table:
+            if code == 0:
+                table[seed] = self.rng.gauss(0.0, self.model.sigma_seed)
+            else:
+                parent, sd = self.parents[code]
+                table[seed] = self.offset(parent, seed) + self.rng.gauss(0.0, sd)
+        return table[seed]
+
+    def run(self, code: int, level: float, seed: int) -> float:
         self.runs += 1
         self.drift += self.rng.gauss(0.0, self.model.drift_per_hour * math.sqrt(RUN_HOURS))
         key = seed if self.seeds_work else 42
-        if key not in self.seed_effect:
-            self.seed_effect[key] = self.rng.gauss(0.0, self.model.sigma_seed)
         return (
-            level + self.drift + self.seed_effect[key] + self.rng.gauss(0.0, self.model.sigma_run)
+            level + self.drift + self.offset(code, key) + self.rng.gauss(0.0, self.model.sigma_run)
         )
 
 
@@ -102,16 +126,17 @@ def session_today(model: Model, effects: list[float], rng: random.Random) -> lis
     """(decision, candidate runs) per candidate; the machine's run count is the cost."""
     machine = Machine(model, rng, seeds_work=False)
     values: dict[int, list[float]] = {
-        0: [machine.run(0.0, noise.seed_of(r)) for r in range(model.calibrate)]
+        0: [machine.run(0, 0.0, noise.seed_of(r)) for r in range(model.calibrate)]
     }
     level, best, keeps, out = {0: 0.0}, 0, 0, []
     for i, effect in enumerate(effects, start=1):
         if keeps >= REMEASURE_EVERY:
-            values[best].append(machine.run(level[best], noise.seed_of(1)))
+            values[best].append(machine.run(best, level[best], noise.seed_of(1)))
             keeps = 0
         level[i], values[i] = level[best] - effect, []
+        machine.change(i, best, effect)
         while True:
-            values[i].append(machine.run(level[i], noise.seed_of(len(values[i]))))
+            values[i].append(machine.run(i, level[i], noise.seed_of(len(values[i]))))
             sigma = noise.pooled_sigma(values.values())
             decision = today_judge(values[i], values[best], sigma, model.max_repeats)
             if decision != "repeat":
@@ -128,7 +153,7 @@ def session_paired(model: Model, effects: list[float], rng: random.Random) -> li
     rows: list[tuple[int, int, int, float]] = []  # (commit, experiment, seed, val_bpb)
 
     def train(commit: int, exp: int, seed: int, level: float) -> float:
-        value = machine.run(level, seed)
+        value = machine.run(commit, level, seed)
         rows.append((commit, exp, seed, value))
         return value
 
@@ -150,6 +175,7 @@ def session_paired(model: Model, effects: list[float], rng: random.Random) -> li
     level, best, gain_sets, out = {0: 0.0}, 0, [], []
     for i, effect in enumerate(effects, start=1):
         level[i], gains = level[best] - effect, []
+        machine.change(i, best, effect)
         while True:
             seed = noise.seed_of(len(gains))
             p = partner(best, seed)
@@ -240,7 +266,8 @@ def print_scenario(s: dict) -> None:
     print(
         f"\n## {s['name']}: sigma_run {m['sigma_run']}, sigma_seed {m['sigma_seed']}, "
         f"drift {m['drift_per_hour']}/sqrt(h), calibrate {m['calibrate']}, "
-        f"max_repeats {m['max_repeats']}, window {m['window']}\n"
+        f"max_repeats {m['max_repeats']}, window {m['window']}, "
+        f"interaction {m['interaction']} x gain + {m['sigma_interaction']}\n"
     )
     print(
         "| effect | today: kept | paired: kept | today: cand. runs | paired: cand. runs | today: all runs | paired: all runs |"
@@ -316,6 +343,18 @@ def main() -> None:
     parser.add_argument("--sigma-run", type=float, default=Model.sigma_run)
     parser.add_argument("--sigma-seed", type=float, default=Model.sigma_seed)
     parser.add_argument("--drift-per-hour", type=float, default=Model.drift_per_hour)
+    parser.add_argument(
+        "--interaction",
+        type=float,
+        default=Model.interaction,
+        help="sd of a change's gain over seeds, as a fraction of its gain",
+    )
+    parser.add_argument(
+        "--sigma-interaction",
+        type=float,
+        default=Model.sigma_interaction,
+        help="sd of every change's gain over seeds, in val_bpb, whatever its gain",
+    )
     parser.add_argument("--window", type=int, default=Model.window)
     parser.add_argument("--max-repeats", type=int, default=Model.max_repeats)
     parser.add_argument("--sessions", type=int, default=100)
@@ -333,6 +372,8 @@ def main() -> None:
         args.drift_per_hour,
         max_repeats=args.max_repeats,
         window=args.window,
+        interaction=args.interaction,
+        sigma_interaction=args.sigma_interaction,
     )
     models = [("given", base)]
     if args.scenarios:
@@ -341,6 +382,7 @@ def main() -> None:
             ("drift 0.01/sqrt(h)", replace(base, drift_per_hour=0.01)),
             ("drift 0.01/sqrt(h), window 1", replace(base, drift_per_hour=0.01, window=1)),
             ("sigma_run 0.0008", replace(base, sigma_run=0.0008)),
+            ("interaction 0.7 x gain", replace(base, interaction=0.7)),
         ]
     results = [scenario(name, m, args.sessions, args.candidates, args.seed) for name, m in models]
     for s in results:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import sys
 from pathlib import Path
 
@@ -39,6 +40,25 @@ def test_a_large_effect_is_always_kept_and_none_is_rarely() -> None:
     by_effect = {r["effect"]: r["keep_rate"] for r in rows}
     assert by_effect[0.02] == 1.0 and by_effect[0.0] <= 0.1
     assert keep_rule.smallest_kept(rows) is not None
+
+
+def test_a_change_moves_each_seed_by_its_own_gain_and_keeps_it() -> None:
+    """The interaction term: drawn once per change and seed, inherited by changes on top."""
+    model = keep_rule.Model(sigma_run=0.0, sigma_seed=0.0, interaction=0.5)
+    machine = keep_rule.Machine(model, random.Random(7), seeds_work=True)
+    machine.change(1, 0, 0.01)  # sd 0.005 over seeds
+    machine.change(2, 1, 0.0)  # a change that does nothing: no interaction of its own
+    gains = [machine.run(0, 0.0, s) - machine.run(1, -0.01, s) for s in range(1000, 1200)]
+    assert statistics.stdev(gains) == pytest.approx(0.005, rel=0.25)
+    assert machine.run(1, -0.01, 1003) == machine.run(1, -0.01, 1003)  # once per seed
+    assert all(machine.run(2, -0.01, s) == machine.run(1, -0.01, s) for s in range(1000, 1010))
+
+
+def test_noise_table_reports_tokens_per_training_second() -> None:
+    assert bench_noise.tokens_per_second({"total_tokens_M": 3.0, "training_seconds": 2.0}) == (
+        1_500_000
+    )
+    assert bench_noise.tokens_per_second({"val_bpb": 1.0}) is None  # an old log: no figure
 
 
 def test_noise_table_separates_paired_from_unpaired_spread() -> None:
