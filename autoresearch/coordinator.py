@@ -75,6 +75,9 @@ class SlotTree:
         repo.remove_worktree(self.path)
 
 
+BASELINE_CRASHED = "baseline crashed"  # the end reason of a session with no baseline
+
+
 @dataclass
 class Job:
     """A candidate in flight on a slot."""
@@ -123,7 +126,7 @@ class Coordinator:
         """Until a budget, the agent or Ctrl-C ends the session: (why, agent unavailable)."""
         s = self.s
         queue = [s.candidate_in_flight(p) for p in in_flight]
-        if not s.ledger.experiments() and not queue:
+        if s.ledger.best() is None and not queue:  # new, or resumed after the baseline crashed
             head, best = s.repo.head(), s.best()
             queue.append(Candidate(s.ledger.next_id(), head, "baseline", best, {}, baseline=True))
         try:
@@ -143,8 +146,8 @@ class Coordinator:
         ending: str | None = None
         unavailable, outages = False, 0
         while True:
-            if ending is None and s.ledger.experiments() and s.ledger.best() is None:
-                ending = "baseline crashed"
+            if ending is None and s.ledger.best() is None and not queue and not self.jobs:
+                ending = BASELINE_CRASHED
             # the baseline (and the re-run of an interrupted one) trains alone: every
             # candidate is built on it
             alone = any(j.candidate.baseline for j in self.jobs.values())

@@ -31,5 +31,12 @@ class AgentError(AutoresearchError):
     """The agent could not produce a proposal (endpoint dead, no valid reply after retries)."""
 
 
+class BaselineCrashed(AutoresearchError):
+    """train.py as committed produced no measurement: a session has nothing to compare with.
+    The crash is recorded (it is data); the session ends with this error once it is."""
+
+    exit_code = 3
+
+
 class EditError(AutoresearchError):
     """A proposed edit could not be applied; the message is written for the model to read."""

@@ -209,6 +209,10 @@ class GitRepo:
 
     # --------------------------------------------------------------------------- reading
 
+    def is_ancestor(self, a: str, b: str) -> bool:
+        """Whether commit `a` is `b` or one of its ancestors."""
+        return self._status("merge-base", "--is-ancestor", self._rev(a), self._rev(b)) == 0
+
     def diff(self, a: str, b: str | None, path: Path | str) -> str:
         """Unified diff of `path` from commit `a` to commit `b` (None: the working tree)."""
         revs = [self._rev(a)] + ([self._rev(b)] if b is not None else [])

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 from . import noise, record, resume
 from .agent import Agent, AgentExhausted, Context, InvalidProposal, Proposal, check_endpoint
-from .coordinator import Coordinator
+from .coordinator import BASELINE_CRASHED, Coordinator
 from .display import Display
-from .errors import AgentError, AutoresearchError
+from .errors import AgentError, AutoresearchError, BaselineCrashed
 from .gitrepo import GitRepo
 from .ledger import Experiment, Ledger, LedgerError
 from .lock import workspace_lock
@@ -85,6 +85,10 @@ class SessionResult:
 class _Ending:
     reason: str
     agent_unavailable: bool = False  # a failure: exit status 1 once the record is written
+
+    @property
+    def baseline_crashed(self) -> bool:  # a failure too: exit status 3 (BaselineCrashed)
+        return self.reason == BASELINE_CRASHED
 
 
 class Session:
@@ -186,6 +190,10 @@ class Session:
         self.ledger.update_session(ended=now(), end_reason=ending.reason)
         exps = self.ledger.experiments()
         self.display.session_end(ending.reason, exps, self.ledger.best())
+        if ending.baseline_crashed:
+            raise BaselineCrashed(
+                resume.baseline_crash(self.ledger, self.opts.tag, exps[-1] if exps else None)
+            )
         if ending.agent_unavailable:
             raise AgentError(
                 f"{ending.reason.rstrip(' .')}. Check the endpoint, then continue with "
@@ -209,13 +217,11 @@ class Session:
     def _loop(self, pending: dict | None) -> _Ending:
         if pending and pending.get("commit"):
             self._judge(self.candidate_in_flight(pending))
-        if not self.ledger.experiments():
+        elif self.ledger.best() is None:  # a new session, or one resumed after its baseline crashed
             head, best = self.repo.head(), self.best()
             self._judge(Candidate(self.ledger.next_id(), head, "baseline", best, {}, baseline=True))
-            if self.ledger.best() is None:
-                return _Ending("baseline crashed")
-        elif pending and pending.get("baseline") and self.ledger.best() is None:
-            return _Ending("baseline crashed")  # the re-run of an interrupted baseline
+        if self.ledger.best() is None:  # the baseline, or the re-run of an interrupted one
+            return _Ending(BASELINE_CRASHED)
         outages = 0
         while True:
             reason = self.should_stop()

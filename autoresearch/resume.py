@@ -3,8 +3,10 @@
 `start` refuses a workspace whose state the session could damage (an existing branch, a
 detached HEAD, uncommitted work, a record without its branch), then creates and checks out
 `autoresearch/<tag>`. `resume` kills the processes the stopped session left running (their
-markers are in state.json), refuses a branch moved by hand, restores train.py and returns
-the experiment in flight, to be trained again under its id. Both probe the box and, in a
+markers are in state.json), refuses a branch moved by hand (except, while the record has no
+baseline because it crashed, commits on top of the session's base: the fix, whose tip the
+baseline is trained at again), restores train.py and returns the experiment in flight, to be
+trained again under its id. Both probe the box and, in a
 sealed session, take (or check) the fingerprints: they return the session's `Sealing`.
 
 Guarantees: nothing a user made is reset or overwritten; an experiment in the record is never
@@ -21,6 +23,7 @@ from pathlib import Path
 from . import fingerprint, runner, sandbox
 from .display import Display, plural
 from .errors import WorkspaceError
+from .experiment import Experiment
 from .gitrepo import GitRepo
 from .ledger import Ledger
 from .options import SessionOptions
@@ -154,7 +157,10 @@ def resume(
     ours = {session["base"]} | {e.commit for e in ledger.experiments() if e.commit}
     ours |= {e["commit"] for e in in_flight}
     tip = repo.branch_sha(branch)
-    if tip not in ours:
+    # no baseline yet (it crashed): commits made on the branch since are the fix, and the
+    # baseline is trained again at the tip
+    fixed = ledger.best() is None and not in_flight and repo.is_ancestor(session["base"], tip)
+    if tip not in ours and not fixed:
         best, saved = best_commit(ledger, session)[:12], f"{opts.tag}-by-hand"
         move_back = (
             f"git branch {saved} && git reset --hard {best}"
@@ -175,7 +181,7 @@ def resume(
         )
     # Only train.py can be dirty here, and only the session writes it: restore it. With slots
     # the workspace holds the best, and candidates are checked out in the slots' worktrees.
-    target = best_commit(ledger, session)
+    target = tip if fixed else best_commit(ledger, session)
     if pending and pending.get("commit") and not slotted:
         target = pending["commit"]
     sealing, fields = seal(root, opts, display, session)
@@ -231,3 +237,21 @@ def _carry_over(repo: GitRepo, ledger: Ledger, tag: str, rerun: dict) -> None:
     for name in ("patch.diff", "prompt.json", "reply.txt"):
         if (old / name).is_file():
             ledger.write_artifact(rerun["id"], name, (old / name).read_bytes())
+
+
+def baseline_crash(ledger: Ledger, tag: str, exp: Experiment | None) -> str:
+    """What a session whose baseline crashed says (BaselineCrashed): what crashed, where its
+    log is, and how to go on: a resume trains the baseline again (the loop does so whenever
+    the record has no best)."""
+    what = "the baseline crashed"
+    if exp is not None:
+        kind = exp.crash_class or exp.status
+        logs = sorted(ledger.experiment_dir(exp.id).glob("*.log"), key=lambda p: p.stat().st_mtime)
+        where = f"its log: {logs[-1]}" if logs else f"see {ledger.run_dir}"
+        what = f"the baseline (train.py at {exp.commit[:8]}) crashed ({kind}); {where}"
+    return (
+        f"{what}. Without a baseline there is nothing to compare a change with. Fix train.py "
+        f"(or the data) and commit it on branch {branch_name(tag)}; "
+        f"`autoresearch run --resume --tag {tag}` (or the next `autoresearch try`) then "
+        "trains the baseline again"
+    )

@@ -435,16 +435,40 @@ def test_a_run_past_its_budget_is_a_crash(ws: Path, env: dict, tmp_path: Path) -
     assert (row[1], row[3]) == ("0.000000", "crash")
 
 
-def test_baseline_with_a_syntax_error_ends_the_session(tmp_path: Path, env: dict) -> None:
+def test_a_crashed_baseline_fails_the_session_and_a_committed_fix_resumes_it(
+    tmp_path: Path, env: dict
+) -> None:
     """A train.py the person committed that does not parse: the baseline is recorded as a
-    `syntax` crash and the session stops, the branch at the base."""
+    `syntax` crash and the session stops with exit status 3, the branch at the base, saying
+    where the log is and how to go on. With the fix committed on the branch, `--resume`
+    trains the baseline again at the fix and goes on from there."""
     ws = make_workspace(tmp_path / "ws", STUB_TRAIN + "\ndef broken(:\n    pass\n")
-    proc = cli(ws, *run_args(3, "--agent", "tuner"), env=env)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
+    proc = cli(ws, *run_args(2, "--agent", "tuner"), env=env)
+    assert proc.returncode == 3, proc.stderr + proc.stdout
     assert "baseline crashed" in proc.stdout
     recs = assert_sound(ws, 1)
     assert (recs[0]["status"], recs[0]["crash_class"]) == ("crash", "syntax")
     assert "SyntaxError" in recs[0]["extra"]["log_tail"]
+    said = " ".join(proc.stderr.split())  # the message wraps at the terminal's width
+    assert "crashed (syntax)" in said
+    log = Path(said.split("its log: ")[1].split(". ")[0].split(";")[0])
+    assert log.is_file() and "SyntaxError" in log.read_text()
+    assert f"--resume --tag {TAG}" in said
+
+    (ws / "train.py").write_text(STUB_TRAIN, encoding="utf-8")
+    git(ws, "commit", "-q", "-am", "fix the syntax error")
+    fix = git(ws, "rev-parse", "HEAD")
+    proc = cli(ws, *run_args(3, "--agent", "tuner", "--resume"), env=env)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    recs = records(ws)
+    assert [r["id"] for r in recs] == [1, 2, 3]
+    assert (recs[1]["commit"], recs[1]["status"], recs[1]["parent"]) == (
+        fix,
+        "keep",
+        recs[0]["commit"],
+    )  # the new baseline: the fix, measured
+    assert recs[2]["parent"] == fix  # the next candidate is built on it
+    assert git(ws, "status", "--porcelain") == "" and state(ws) == {}
 
 
 @pytest.mark.skipif(not LINUX, reason="descendants are found through /proc")

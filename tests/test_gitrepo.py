@@ -153,6 +153,8 @@ def test_reset_diff_and_history(repo: GitRepo, repo_dir: Path) -> None:
     assert history(repo_dir, base, second) == [(first, "first"), (second, "second")]
     diff = repo.diff(base, second, "train.py")
     assert "-lr = 1.0\n+lr = 3.0\n" in diff and diff.endswith("\n")
+    assert repo.is_ancestor(base, second) and repo.is_ancestor(second, second)
+    assert not repo.is_ancestor(second, first)
 
     (repo_dir / "scratch.txt").write_text("untracked stays\n")
     repo.reset_hard(first)

@@ -239,6 +239,36 @@ def test_a_stale_keep_that_no_longer_merges_is_recorded_discard(
     assert git(ws, "rev-parse", "HEAD") == recs[1]["commit"]
 
 
+def test_a_crashed_baseline_with_two_slots_fails_and_a_committed_fix_resumes(
+    tmp_path: Path, env: dict
+) -> None:
+    """The coordinator's way: a baseline that does not parse ends the session with exit
+    status 3 before any candidate; the fix committed on the branch, `--resume` trains the
+    baseline again at the fix (alone, as every candidate is built on it) and goes on."""
+    ws = make_workspace(tmp_path / "ws", STUB_TRAIN + "\ndef broken(:\n    pass\n")
+    patches = _patches(tmp_path, reply("LR to 0.06", _lr("0.04", "0.06")))
+
+    def session(n: int, *extra: str) -> subprocess.CompletedProcess:
+        args = run_args(TAG, *replay_args(patches), "--workers", "2", "--unsandboxed", *extra, n=n)
+        command = [sys.executable, "-m", "autoresearch", *args, "--workspace", str(ws)]
+        return subprocess.run(command, cwd=ws, env=env, capture_output=True, text=True, timeout=600)
+
+    proc = session(2)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "crashed (syntax)" in " ".join(proc.stderr.split())
+    assert [(r["status"], r["crash_class"]) for r in _records(ws)] == [("crash", "syntax")]
+
+    (ws / "train.py").write_text(STUB_TRAIN, encoding="utf-8")
+    git(ws, "commit", "-q", "-am", "fix the syntax error")
+    fix = git(ws, "rev-parse", "HEAD")
+    proc = session(3, "--resume")  # the crash, the new baseline and one candidate
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    recs = _records(ws)
+    assert [(r["id"], r["status"]) for r in recs][:2] == [(1, "crash"), (2, "keep")]
+    assert recs[1]["commit"] == fix and all(r["parent"] == fix for r in recs[2:])
+    assert len(recs) == 3 and recs[2]["description"] == "LR to 0.06", proc.stdout
+
+
 @pytest.mark.slow  # two sessions with real children: minutes on two cores
 def test_kill_9_with_two_runs_in_flight_then_resume(ws: Path, env: dict, tmp_path: Path) -> None:
     """Killed with both slots training: the resume kills both leftovers, trains both

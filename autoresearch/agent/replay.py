@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..edits import apply_reply
 from ..errors import EditError, UsageError
+from ..status import Status
 from .base import (
     AgentExhausted,
     AgentOptions,
@@ -61,11 +62,13 @@ class ReplayAgent(RegisteredAgent):
     def _catch_up(self, ctx: Context) -> None:
         """Skip the files already used by recorded experiments (after --resume).
 
-        Every experiment but the baseline consumed exactly one file, so a resumed session
-        replays from where the record ends: an attempt killed before it was recorded gets
-        its own file again.
+        Every experiment after the baseline (the first kept; before it, only baselines that
+        crashed) consumed exactly one file, so a resumed session replays from where the record
+        ends: an attempt killed before it was recorded gets its own file again.
         """
-        self.position = max(self.position, len(ctx.history) - 1)
+        kept = next((i for i, h in enumerate(ctx.history) if h.status == Status.keep), None)
+        used = 0 if kept is None else len(ctx.history) - kept - 1
+        self.position = max(self.position, used)
 
     def _next(self, base: str) -> Proposal:
         started = time.monotonic()
