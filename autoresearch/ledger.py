@@ -317,6 +317,10 @@ class Ledger:
         """The incumbent: the latest experiment with status keep."""
         return next((e for e in reversed(self.experiments()) if e.status == Status.keep), None)
 
+    def baseline(self) -> Experiment | None:
+        """The session's baseline (baseline_of)."""
+        return baseline_of(self.experiments())
+
     # ----------------------------------------------------------------------------- writing
 
     def append(self, exp: Experiment) -> None:
@@ -443,3 +447,11 @@ class Ledger:
     def read_session(self) -> dict | None:
         """session.json, or None when the session has not been started here."""
         return self._read_json(self.run_dir / SESSION_FILE)
+
+
+def baseline_of(exps: list[Experiment]) -> Experiment | None:
+    """The baseline among a session's experiments, oldest first: the first one kept (every
+    later experiment is judged against a best, so the first keep is the unchanged train.py
+    measured), or, when none was kept, the first (a baseline that crashed). A baseline that
+    crashed and was trained again after a fix (`--resume`) is not it: its re-run is."""
+    return next((e for e in exps if e.status == Status.keep), exps[0] if exps else None)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .commands import run_log_name, session_ledger
 from .errors import UsageError
-from .ledger import decision_of
+from .ledger import baseline_of, decision_of
 from .workspace import find_workspace
 
 LOG_TAIL_LINES = 30
@@ -106,7 +106,7 @@ def _verdict_of(code: int, stdout: str, stderr: str) -> dict:
 def session_status(root: Path, tag: str | None) -> dict:
     ledger = session_ledger(root, tag)
     exps = ledger.experiments()
-    best = ledger.best()
+    best, baseline = ledger.best(), baseline_of(exps)
     counts: dict[str, int] = {}
     for e in exps:
         counts[e.status] = counts.get(e.status, 0) + 1
@@ -114,7 +114,7 @@ def session_status(root: Path, tag: str | None) -> dict:
     return {
         "tag": ledger.run_dir.name,
         "branch": session.get("branch"),
-        "baseline_bpb": exps[0].val_bpb if exps else None,
+        "baseline_bpb": baseline.val_bpb if baseline else None,
         "best": None
         if best is None
         else {"id": best.id, "val_bpb": best.val_bpb, "description": best.description},

@@ -171,8 +171,8 @@ def keep_checkpoint(ledger: Ledger, kept: int | None, exp_id: int) -> None:
         return
     folder: Path = ledger.run_dir / CHECKPOINTS_DIR
     folder.mkdir(exist_ok=True)
-    exps = ledger.experiments()
-    baseline = exps[0].id if exps else kept
+    first = ledger.baseline()
+    baseline = first.id if first else kept
     for old in folder.glob("*.pt"):
         if old.stem.isdigit() and int(old.stem) not in (baseline, kept):
             old.unlink()

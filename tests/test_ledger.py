@@ -95,6 +95,15 @@ def test_best_is_the_latest_keep(ledger: Ledger) -> None:
     assert best is not None and best.id == 2
 
 
+def test_the_baseline_is_the_first_keep_and_a_crashed_one_until_then(ledger: Ledger) -> None:
+    assert ledger.baseline() is None
+    ledger.append(make(1, "crash", None))  # the baseline crashed
+    assert ledger.baseline().id == 1 and ledger.best() is None
+    ledger.append(make(2, "keep", 1.0))  # trained again after the fix (--resume)
+    ledger.append(make(3, "keep", 0.9))
+    assert ledger.baseline().id == 2 and ledger.best().id == 3
+
+
 def test_append_rejects_duplicates_and_unknown_statuses(ledger: Ledger) -> None:
     ledger.append(make(1, "keep"))
     with pytest.raises(ValueError):
