@@ -91,7 +91,7 @@ class Decision:
 
     gain: float | None  # the best's mean val_bpb minus the candidate's (positive = better)
     bar: float | None  # what the gain had to clear
-    sigma: float | None  # run-to-run noise of val_bpb when it was judged
+    sigma: float | None  # spread of one commit's val_bpb over seeds when it was judged
     runs: int  # the candidate's runs
     incumbent_runs: int | None  # runs of the best it was compared with
     reason: str  # one line

@@ -165,7 +165,8 @@ def _best_line(ctx: Context) -> str:
         line = f"Its val_bpb is {ctx.best_bpb:.6f} (lower is better)."
     if ctx.noise:
         line += (
-            f" Run-to-run noise: σ ≈ {ctx.noise:.6f} val_bpb. The verdict column is the keep "
+            f" One train.py's val_bpb spreads over seeds by σ ≈ {ctx.noise:.6f}, and a change's "
+            "gain differs from seed to seed too. The verdict column is the keep "
             "rule's: win (kept), loss (worse beyond the noise), within-noise (not kept, not "
             "clearly worse), not-better (not kept, judged on one run before the noise was known)."
         )
