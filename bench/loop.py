@@ -467,18 +467,6 @@ def print_session(s: dict) -> None:
         print("(*) its cycle includes a re-measurement of the best")
 
 
-def stale_templates(root: Path = ROOT) -> list[str]:
-    """The repository files that differ from the package templates `autoresearch init` writes
-    into the session's workspace: a session would measure the template, not these."""
-    from autoresearch.workspace import TEMPLATES
-
-    return [
-        name
-        for name in ("train.py", "prepare.py")
-        if (root / name).read_bytes() != (TEMPLATES / name).read_bytes()
-    ]
-
-
 def mode_name(overlap: bool, warm: bool, boxed: bool = True) -> str:
     return (
         ("overlap" if overlap else "no-overlap")
@@ -521,13 +509,6 @@ def main() -> None:
     )
     parser.add_argument("--keep", action="store_true", help="keep the workspaces (in --out)")
     args = parser.parse_args()
-    stale = stale_templates()
-    if stale:
-        parser.error(
-            f"{' and '.join(stale)} {'differs' if len(stale) == 1 else 'differ'} from "
-            "autoresearch/templates/, which `autoresearch init` copies into the session: copy "
-            "the file there first, or the session measures the template"
-        )
     if args.budget:
         os.environ["AUTORESEARCH_TIME_BUDGET"] = f"{args.budget:g}"
     args.out.mkdir(parents=True, exist_ok=True)

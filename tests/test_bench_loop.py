@@ -55,12 +55,3 @@ def test_the_fake_endpoint_edits_the_train_py_of_the_real_prompt() -> None:
     assert first.source == apply_reply(template, bench_loop.edit_reply(template, 0))[1]
     assert "MATRIX_LR = 0.044  #" in first.source
     assert "UNEMBEDDING_LR = 0.0044  #" in second.source
-
-
-def test_a_train_py_that_differs_from_the_template_is_reported(tmp_path: Path) -> None:
-    assert bench_loop.stale_templates() == []  # the repository's own files are the templates
-    for name in ("train.py", "prepare.py"):
-        (tmp_path / name).write_bytes((TEMPLATES / name).read_bytes())
-    assert bench_loop.stale_templates(tmp_path) == []
-    (tmp_path / "train.py").write_text((TEMPLATES / "train.py").read_text() + "# edited\n")
-    assert bench_loop.stale_templates(tmp_path) == ["train.py"]
