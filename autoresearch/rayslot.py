@@ -26,6 +26,8 @@ Guarantees:
   records and measures it once. After LOST_RETRIES losses in a row the run raises
   `WorkerLost`: the session stops with the experiment still in state.json, and `--resume`
   trains it again.
+- A run's training processes die with the Ray worker that started them (runner.run_training:
+  the parent-death signal and a guard), so a lost worker leaves nothing holding the card.
 - Ray is optional: `require_ray` raises a UsageError naming the install command.
 
 What it does not do: show a run's step lines while it trains (the log comes back at the end),

@@ -45,13 +45,15 @@ needs_ray = pytest.mark.skipif(
 
 
 # the stub, stopping after its first step while GATE is set and missing: it writes the pid of
-# its parent (the Ray worker running the task) to GATE.pids first
+# its parent (the Ray worker running the task) to GATE.pids and its own to GATE.runs first
 GATED_TRAIN = STUB_TRAIN.replace(
     "import time\n", "import os\nimport time\nfrom pathlib import Path\n"
 ).replace(
     "        time.sleep(SLEEP)\n",
     "        time.sleep(SLEEP)\n"
     "        if GATE and i == 1:\n"
+    "            with open(GATE + '.runs', 'a') as f:\n"
+    "                f.write(f'{os.getpid()}\\n')\n"
     "            with open(GATE + '.pids', 'a') as f:\n"
     "                f.write(f'{os.getppid()}\\n')\n"
     "            while not Path(GATE).exists():\n"
@@ -108,6 +110,20 @@ def _wait_for(pids: Path, proc: subprocess.Popen, log: Path) -> None:
         assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.05)
+
+
+def _gone(pid: int) -> bool:
+    """Whether `pid` ended (or is a zombie) within a generous deadline."""
+    deadline = time.monotonic() + 120  # guards a hang only
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state in "ZX":
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _patches(tmp_path: Path, *replies: str) -> Path:
@@ -171,8 +187,11 @@ def test_a_session_on_ray_retrains_a_run_whose_worker_was_killed_and_records_it_
     try:
         _wait_for(pids, proc, log)
         worker = int(pids.read_text().split()[0])
+        child = int(Path(str(gate) + ".runs").read_text().split()[0])
         os.kill(worker, signal.SIGKILL)  # the Ray worker running the baseline's task
-        gate.touch()  # the orphaned run and the one trained again pass the gate
+        # its training child dies with it, still at the gate: nothing of the run keeps going
+        assert _gone(child), f"train.py of the killed Ray worker still runs (pid {child})"
+        gate.touch()  # the run trained again passes the gate
         assert proc.wait(timeout=600) == 0, log.read_text()
     finally:
         if proc.poll() is None:
