@@ -11,6 +11,9 @@ the session's options, its dataset path, fingerprints and time budget. The datas
 the node at the session's path, or under the node's own `AUTORESEARCH_CACHE` when the node's
 environment sets it (the data lives elsewhere there).
 
+Every run's outcome names the Ray node id it trained on and, on cuda, the UUID of its card
+(looked up on the node: Slot.place); the measurements record both.
+
 What comes back into the experiment's folder of the coordinator's runs/<tag>/: the run's log,
 the evaluator's log, and the checkpoint when the run's checkpoint is kept (`keep`); the
 summary and the evaluator's notes travel in the `RunOutcome`.
@@ -31,7 +34,8 @@ Guarantees:
 - Ray is optional: `require_ray` raises a UsageError naming the install command.
 
 What it does not do: show a run's step lines while it trains (the log comes back at the end),
-name the card a run trained on in the record, kill runs on other nodes on `--resume` after a
+choose the card a run trains on (Ray does: a candidate's run may land on another card than the
+incumbent run it is paired with, see RaySlot.card_key), kill runs on other nodes on `--resume` after a
 kill -9 of the coordinator (Ray ends the tasks of a driver that died), or copy the data to the
 nodes.
 """
@@ -136,7 +140,10 @@ def train_on_node(payload: Payload) -> Returned:
             sealing.check(root, opts, f"on node {node} before experiment {payload.exp_id:04d}")
         except DataError as exc:  # FingerprintError included: this node's data differs
             return Returned(_refused(exp_dir / payload.log_name, exc, node, payload.run), {}, node)
-        slot = Slot(root, opts, sealing, _Quiet(), threading.Event(), mark=lambda key, marker: None)
+        slot = Slot(
+            root, opts, sealing, _Quiet(), threading.Event(), mark=lambda key, marker: None,
+            node=require_ray().get_runtime_context().get_node_id(),
+        )  # fmt: skip
         try:
             outcome = slot.train(
                 payload.exp_id, exp_dir, payload.label, payload.log_name, payload.run,
@@ -187,6 +194,7 @@ class RaySlot(Slot):
         resources = {"num_gpus": 1} if self.opts.device == "cuda" else {"num_cpus": 1}
         # max_retries=0: a lost run is trained again here, where it is counted
         self._task = self._ray.remote(max_retries=0, **resources)(train_on_node)
+        self._last_card: tuple[str, str] | None = None
 
     def train(
         self, exp_id: int, exp_dir: Path, label: str, log_name: str, run: int, *, keep: bool
@@ -240,12 +248,20 @@ class RaySlot(Slot):
                 self._ray.cancel(ref, force=True)
                 return None
 
+    def card_key(self) -> tuple[str, str] | None:
+        """The card of this slot's last run (None before it, and on the cpu): Ray places each
+        task, so the next run's card is not known before it trains; a slot's tasks tend to
+        land where its last one did, once the cluster is full."""
+        return self._last_card
+
     def _landed(self, returned: Returned, exp_dir: Path, log_name: str) -> RunOutcome:
         """The files written into the experiment's folder; the outcome pointing at them."""
         exp_dir.mkdir(parents=True, exist_ok=True)
         for name, data in returned.files.items():
             (exp_dir / name).write_bytes(data)
         outcome = returned.outcome
+        if outcome.node is not None and outcome.gpu is not None:
+            self._last_card = (outcome.node, outcome.gpu)
         result = replace(outcome.result, log_path=exp_dir / log_name)
         self.train_wall += result.wall_seconds
         return replace(outcome, result=result)

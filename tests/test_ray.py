@@ -210,6 +210,10 @@ def test_a_session_on_ray_retrains_a_run_whose_worker_was_killed_and_records_it_
     # (seed 1000) was trained again and counted once
     assert sorted(r["seed"] for r in rows if r["exp"] == 1) == [seed_of(0), seed_of(1)]
     assert len(trained) == len(rows) + 1  # every run measured once, and the lost one
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()  # the one node of the test's cluster
+    assert all(r["node"] == node and r["gpu"] is None for r in rows), rows  # where it trained
     best = [r for r in recs if r["status"] == "keep"][-1]
     assert git(ws, "rev-parse", "HEAD") == best["commit"]
     assert git(ws, "status", "--porcelain") == ""

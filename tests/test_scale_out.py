@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ from loopkit import (
     stub_cli_env,
 )
 
-from autoresearch import commands
+from autoresearch import commands, noise, slot
 from autoresearch.errors import UsageError
 from autoresearch.options import SessionOptions
 
@@ -149,6 +150,8 @@ def _check_consistent(ws: Path, n: int) -> list[dict]:
     assert git(ws, "status", "--porcelain") == ""
     rows = _measurements(ws)
     for row in rows:
+        # where every run trained: this host, and no card on the cpu
+        assert row["node"] == socket.gethostname() and row["gpu"] is None, row
         if row.get("partner") is not None:
             partner = rows[row["partner"]]
             assert partner["slot"] == row["slot"] and partner["seed"] == row["seed"]
@@ -339,3 +342,66 @@ def test_each_proposal_sees_the_candidates_in_flight(ws: Path, env: dict) -> Non
     assert re.search(r"\| running \|( [^|]* \|)? \(training now\) LR to 0\.06 \|", second)
     recs = _check_consistent(ws, 3)
     assert {r["extra"].get("slot") for r in recs[1:]} == {"0", "1"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs on one card: Measurements.partner, the place of each run
+# ---------------------------------------------------------------------------------------------
+
+CARD_A, CARD_B = ("node-1", "GPU-aaaa"), ("node-1", "GPU-bbbb")
+
+
+def _run(m: noise.Measurements, commit: str, seed: int, *, slot: str, card=None) -> dict:
+    node, gpu = card if card is not None else (None, None)
+    return m.add(
+        commit, 1.0, exp_id=1, purpose="calibrate", seed=seed, slot=slot, node=node, gpu=gpu
+    )
+
+
+def test_a_partner_is_a_run_on_the_same_card_whatever_the_slot(tmp_path: Path) -> None:
+    """With cards recorded (Ray: any slot's run may land on any card), the incumbent's run of
+    the seed on the candidate's card is the partner; one on another card, of the same slot,
+    is not."""
+    m = noise.Measurements(tmp_path)
+    on_a = _run(m, "best", 1000, slot="1", card=CARD_A)
+    _run(m, "best", 1000, slot="0", card=CARD_B)  # the same slot, another card: later, unused
+    assert m.partner("best", 1000, 0, slot="0", card=CARD_A) == on_a
+    assert m.partner("best", 1000, 0, slot="0", card=("node-2", "GPU-aaaa")) is None
+    assert m.partner("best", 1001, 0, slot="0", card=CARD_A) is None  # the seed too
+
+
+def test_the_pair_window_counts_the_runs_on_that_card_only(tmp_path: Path) -> None:
+    m = noise.Measurements(tmp_path)
+    on_a = _run(m, "best", 1000, slot="0", card=CARD_A)
+    for seed in range(5):  # many runs elsewhere do not age it
+        _run(m, "other", seed, slot="1", card=CARD_B)
+    assert m.partner("best", 1000, 2, slot="0", card=CARD_A) == on_a
+    _run(m, "other", 7, slot="1", card=CARD_A)  # one run after it on its card: still recent
+    assert m.partner("best", 1000, 2, slot="0", card=CARD_A) == on_a
+    _run(m, "other", 8, slot="1", card=CARD_A)  # two: too old for a window of 2
+    assert m.partner("best", 1000, 2, slot="0", card=CARD_A) is None
+    assert m.partner("best", 1000, 0, slot="0", card=CARD_A) == on_a  # window 0: any age
+
+
+def test_without_cards_a_partner_is_a_run_of_the_same_slot(tmp_path: Path) -> None:
+    """The cpu, and rows recorded before cards were: the slot is the place, and the window
+    counts that slot's runs."""
+    m = noise.Measurements(tmp_path)
+    slot0 = _run(m, "best", 1000, slot="0")
+    _run(m, "best", 1000, slot="1")
+    _run(m, "other", 1, slot="1")
+    assert m.partner("best", 1000, 1, slot="0") == slot0
+    assert m.partner("best", 1000, 1, slot="0", card=CARD_A) == slot0  # the row names no card
+    _run(m, "other", 2, slot="0")
+    assert m.partner("best", 1000, 1, slot="0") is None
+
+
+def test_a_slot_names_its_host_and_no_card_on_the_cpu(tmp_path: Path) -> None:
+    """The lookup of a card's UUID asks torch in a process of its own; this host's torch has
+    no CUDA, so there is no card, and a cpu slot's place is (host, None)."""
+    assert slot.gpu_uuid("0") is None
+    cpu = slot.Slot(
+        tmp_path, SessionOptions(tag="t", preset="cpu", device="cpu", time_budget=1.0), None, None, None,
+        mark=lambda key, marker: None,
+    )  # fmt: skip
+    assert cpu.place() == (socket.gethostname(), None) and cpu.card_key() is None
