@@ -227,14 +227,17 @@ def test_a_session_on_ray_retrains_a_run_whose_worker_was_killed_and_records_it_
 @needs_ray
 def test_a_node_whose_data_differs_refuses_to_train(cluster: str, tmp_path: Path) -> None:
     """The task on a node whose AUTORESEARCH_CACHE holds a modified copy of the dataset comes
-    back `rejected` without training; on an unmodified copy the check passes."""
+    back `rejected` without training; on an unmodified copy the check passes. Sandboxed: each
+    node (here: each AUTORESEARCH_CACHE) keeps its sandbox probe for the session."""
     import ray
 
-    from autoresearch.rayslot import Payload, train_on_node
+    from autoresearch import sandbox
+    from autoresearch.rayslot import BOX_PROBES_DIR, Payload, train_on_node
 
     ws = make_workspace(tmp_path / "ws")
     dataset = _dataset(tmp_path / "cache" / "stub", b"val tokens")
-    opts = SessionOptions(TAG, "cpu", "cpu", 10.0, sealed=True, unsandboxed=True)
+    boxed = sandbox.probe().available  # where bubblewrap works, as a session's default
+    opts = SessionOptions(TAG, "cpu", "cpu", 10.0, sealed=True, unsandboxed=not boxed)
     prints = Fingerprinter(ws, dataset, opts.preset, opts.time_budget).take()
     payload = Payload(
         train=(ws / "train.py").read_bytes(), prepare=(ws / "prepare.py").read_bytes(),
@@ -260,6 +263,8 @@ def test_a_node_whose_data_differs_refuses_to_train(cluster: str, tmp_path: Path
     passed = on_node(same)
     assert passed.outcome.result.crash_class != "rejected"
     assert passed.outcome.fatal is None
+    for cache in (other, same):  # where the node's runs of this session find the probe
+        assert len(list((cache / BOX_PROBES_DIR).glob("*.json"))) == (1 if boxed else 0)
     assert "run.log" in passed.files  # it trained
 
 
@@ -307,3 +312,23 @@ def test_a_session_on_ray_killed_9_mid_run_resumes_and_records_every_run_once(
     assert sorted(r["seed"] for r in rows if r["exp"] == 1) == [seed_of(0), seed_of(1)]
     assert git(ws, "status", "--porcelain") == ""
     assert not (ws / "runs" / TAG / "state.json").exists()  # nothing in flight
+
+
+def test_a_node_probes_its_sandbox_once_per_session(tmp_path: Path) -> None:
+    """The first run of a session on a node probes bubblewrap and keeps the result in the
+    node's cache; a later run of that session on that node reads it back (the note doctored in
+    the file shows it was read, not probed); another session probes again."""
+    from autoresearch import sandbox
+    from autoresearch.rayslot import BOX_PROBES_DIR, node_box
+
+    first = node_box("node-a", "job-1", tmp_path)
+    if not first.available:
+        pytest.skip(f"no box on this machine: {first.note}")
+    assert first == sandbox.probe()
+    (kept,) = (tmp_path / BOX_PROBES_DIR).iterdir()
+    record = json.loads(kept.read_text())
+    kept.write_text(json.dumps({**record, "note": "read back"}))
+    assert node_box("node-a", "job-1", tmp_path).note == "read back"
+    assert node_box("node-a", "job-2", tmp_path) == first  # another session: probed
+    assert node_box("node-b", "job-1", tmp_path) == first  # another node: probed
+    assert len(list((tmp_path / BOX_PROBES_DIR).iterdir())) == 3
