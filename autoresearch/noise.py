@@ -9,11 +9,15 @@ its initialisation and data order from AUTORESEARCH_SEED) and, for a candidate's
 the `n` of the incumbent's run it is compared with.
 
 Pairing (common random numbers). A candidate's k-th run trains with seed `SEED_BASE + k`, and
-is compared with a run of the incumbent that used the same seed: both see the same
-initialisation and the same batches, so what the seed does to val_bpb cancels in their
-difference. The partner must be recent: the incumbent's latest run with that seed counts only
-when fewer than `window` runs were made after it (window 0: any age); otherwise the incumbent
-is trained with that seed again just before the candidate. So a slow drift of the machine over a night (on a GPU
+is compared with a run of the incumbent that used the same seed on the same card: both see the
+same initialisation and the same batches, and the budget is wall-clock time on one card (cards
+of one model differ by up to ~3 % in speed), so what the seed and the card do to val_bpb
+cancel in their difference. A row names its card by `node` (host or Ray node id) and `gpu`
+(the card's UUID); rows without one (the cpu, rows from before cards were recorded) are
+matched by their `slot`. The partner must be recent: the incumbent's latest run with that seed
+there counts only when fewer than `window` runs were made on the same card (or slot) after it
+(window 0: any age), so runs on other cards do not age it; otherwise the incumbent is trained
+with that seed again just before the candidate. So a slow drift of the machine over a night (on a GPU
 the same code has scored up to ~0.013 apart between calls) cancels too, at the price of one
 incumbent run every `window` runs or so. Why not re-run the incumbent beside every candidate
 run (window 1)? It doubles the GPU time, and within one call the drift measured so far is
@@ -219,9 +223,12 @@ class Measurements:
         partner: int | None = None,
         slot: str = DEFAULT_SLOT,
         card: str | None = None,
+        node: str | None = None,
+        gpu: str | None = None,
     ) -> dict:
         """Record one run; `partner` is the `n` of the incumbent run it is compared with,
-        `slot` where it trained (and `card`, the GPU's name, on cuda)."""
+        `slot` where it trained (and `card`, the GPU's name, on cuda); `node` the host or Ray
+        node it trained on and `gpu` its card's UUID (None on the cpu)."""
         with self._lock:  # slots record from threads of their own; `n` must stay unique
             return self._append(
                 {
@@ -234,6 +241,7 @@ class Measurements:
                     "partner": partner,
                     "slot": slot,
                     **({"card": card} if card is not None else {}),
+                    **({"node": node, "gpu": gpu} if node is not None else {}),
                 }
             )
 
@@ -271,18 +279,22 @@ class Measurements:
         ]
 
     def partner(
-        self, incumbent: str, seed: int, window: int, *, slot: str = DEFAULT_SLOT
+        self,
+        incumbent: str,
+        seed: int,
+        window: int,
+        *,
+        slot: str = DEFAULT_SLOT,
+        card: tuple[str, str] | None = None,
     ) -> dict | None:
-        """The incumbent's latest run with `seed` on `slot`, if fewer than `window` runs came
-        after it (window 0: whatever its age). A row recorded before slots existed was
-        trained on the one slot there was, DEFAULT_SLOT."""
-        rows = self.rows()
-        for r in reversed(rows[-window:] if window > 0 else rows):
-            if (
-                r["commit"] == incumbent
-                and r.get("seed") == seed
-                and r.get("slot", DEFAULT_SLOT) == slot
-            ):
+        """The incumbent's latest run with `seed` at the same place, if fewer than `window`
+        runs were made at that place after it (window 0: whatever its age). The place is the
+        card, `card` = (node, GPU UUID), for rows that name one; else `slot` (the cpu, rows
+        recorded before cards were, or a `card` not known). A row recorded before slots
+        existed was trained on the one slot there was, DEFAULT_SLOT."""
+        here = [r for r in self.rows() if _same_place(r, slot, card)]
+        for r in reversed(here[-window:] if window > 0 else here):
+            if r["commit"] == incumbent and r.get("seed") == seed:
                 return r
         return None
 
@@ -311,6 +323,13 @@ class Measurements:
     def paired_sigma(self, exclude_exp: int | None = None) -> float | None:
         """The spread of one paired gain, for judging experiment `exclude_exp`."""
         return paired_sigma(self.sigma(), self.gain_sets(exclude_exp))
+
+
+def _same_place(row: dict, slot: str, card: tuple[str, str] | None) -> bool:
+    """Whether `row` trained on `card` when both name a card, else on `slot`."""
+    if card is not None and row.get("gpu") is not None:
+        return (row.get("node"), row["gpu"]) == card
+    return row.get("slot", DEFAULT_SLOT) == slot
 
 
 def _paired(row: dict) -> bool:

@@ -1,15 +1,31 @@
 """Finding and killing what a run left behind, and reading its CPU time (Linux /proc;
-elsewhere the process group only).
+elsewhere the process group only); and making a run die with the process that started it.
 
 Guarantees: a process is found by its process group or by the run's marker variable in its
-environment; `kill_orphans` and `kill_leftovers` touch nothing else. What it does not do: find a
-descendant that left the group and scrubbed its environment (the box's pid namespace does).
+environment; `kill_orphans` and `kill_leftovers` touch nothing else.
+
+Dying with the parent (Linux): a child started with `die_with_parent()` as its preexec_fn is
+sent SIGKILL by the kernel when the thread that started it ends (PR_SET_PDEATHSIG), and exits
+at once if that parent was gone before the signal was armed. The kernel sends it to that one
+process, not to what it started, so a `Guard` watches the rest: a small process of its own
+session, started from this file before the run, that holds the read end of a pipe whose write
+end only the harness holds. When the harness dies, however it dies (kill -9, a Ray worker
+killed), the pipe reaches end of file, and the guard SIGKILLs the run's process group and
+every process carrying the run's marker, then exits. A run that ends normally ends its guard
+first (a SIGKILL to a child not yet reaped, so never to another process).
+
+What it does not do: find a descendant that left the group and scrubbed its environment (the
+box's pid namespace does); outlive a kill of its own (someone who kills the guard too leaves
+the run to `kill_orphans` on `--resume`); guard a run where /proc is missing (not Linux).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,6 +34,7 @@ RUN_MARKER_VAR = "AUTORESEARCH_RUN_MARKER"  # set in the child's env to find its
 KILL_CONFIRM_S = 5.0  # seconds to wait until killed processes are really gone
 
 PROC = Path("/proc")
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal a process gets when its parent dies
 
 
 def _proc_state(pid: int) -> tuple[str, int] | None:
@@ -174,3 +191,93 @@ def marked_processes(tag: bytes) -> set[int]:
             if state is not None and state[0] not in "ZX" and _has_marker(int(entry.name), tag):
                 found.add(int(entry.name))
     return found
+
+
+# ------------------------------------------------------------------- dying with the parent
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn for Popen that has the kernel SIGKILL the child when the thread calling
+    Popen ends (so call it from the thread that waits for the child), and makes the child exit
+    if its parent died before that was armed; None where prctl is missing (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(70)  # no signal armed, or the parent is gone already: run nothing
+
+    return arm
+
+
+class Guard:
+    """Kills a run's processes if the harness dies before the run is over (module docstring).
+
+    Start it before the child, `watch(pgid)` once the child started, `release()` when the run
+    is over and its processes are dealt with. Without /proc it does nothing.
+    """
+
+    def __init__(self, marker: str) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._write: int | None = None
+        if not PROC.is_dir():
+            return
+        read, write = os.pipe()  # not inheritable: no other child holds the write end
+        try:
+            # -I -S: no site, no user paths; this file imports the standard library only
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", __file__, marker],
+                stdin=read,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # a kill of the harness's group spares it
+                close_fds=True,
+            )
+        except OSError:  # no process could be started: the run goes unguarded
+            os.close(write)
+            return
+        finally:
+            os.close(read)
+        self._write = write
+
+    def watch(self, pgid: int) -> None:
+        """Tell the guard the run's process group."""
+        if self._write is None:
+            return
+        try:
+            os.write(self._write, f"{pgid}\n".encode())
+        except OSError:  # the guard is gone: its marker scan still finds the run
+            pass
+
+    def release(self) -> None:
+        """The run is over: end the guard before it sees the pipe close, and reap it."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        if self._write is not None:
+            os.close(self._write)
+            self._write = None
+
+
+def _guard(marker: str) -> None:
+    """The guard's body: wait until the pipe on stdin closes, which, as the harness ends its
+    guard first when a run is over, means the harness died; then kill the run's group and
+    its marked processes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the harness
+    received = b""
+    while chunk := os.read(0, 4096):
+        received += chunk
+    for line in received.split(b"\n"):
+        if line.isdigit():
+            signal_group(int(line), signal.SIGKILL)
+    kill_orphans(marker)
+
+
+if __name__ == "__main__":  # started by Guard, as a script
+    _guard(sys.argv[1])

@@ -11,6 +11,9 @@ the session's options, its dataset path, fingerprints and time budget. The datas
 the node at the session's path, or under the node's own `AUTORESEARCH_CACHE` when the node's
 environment sets it (the data lives elsewhere there).
 
+Every run's outcome names the Ray node id it trained on and, on cuda, the UUID of its card
+(looked up on the node: Slot.place); the measurements record both.
+
 What comes back into the experiment's folder of the coordinator's runs/<tag>/: the run's log,
 the evaluator's log, and the checkpoint when the run's checkpoint is kept (`keep`); the
 summary and the evaluator's notes travel in the `RunOutcome`.
@@ -26,19 +29,29 @@ Guarantees:
   records and measures it once. After LOST_RETRIES losses in a row the run raises
   `WorkerLost`: the session stops with the experiment still in state.json, and `--resume`
   trains it again.
+- A run's training processes die with the Ray worker that started them (runner.run_training:
+  the parent-death signal and a guard), so a lost worker leaves nothing holding the card.
 - Ray is optional: `require_ray` raises a UsageError naming the install command.
 
+The sandbox is probed once per node and session (`node_box`), not per run: the first run of
+the session on a node probes bubblewrap, and the node's later runs read the result back from
+the node's cache directory.
+
 What it does not do: show a run's step lines while it trains (the log comes back at the end),
-name the card a run trained on in the record, kill runs on other nodes on `--resume` after a
+choose the card a run trains on (Ray does: a candidate's run may land on another card than the
+incumbent run it is paired with, see RaySlot.card_key), kill runs on other nodes on `--resume` after a
 kill -9 of the coordinator (Ray ends the tasks of a driver that died), or copy the data to the
 nodes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, replace
@@ -49,12 +62,13 @@ from . import noise, runner, sandbox
 from .errors import AutoresearchError, DataError, UsageError
 from .fingerprint import FingerprintError
 from .slot import CHECKPOINT_FILE, RunOutcome, Sealing, Slot, _rejected
-from .workspace import TRAIN_FILE
+from .workspace import TRAIN_FILE, cache_dir
 
 PREPARE_FILE = "prepare.py"
 INSTALL = "pip install 'autoresearch[ray]'"
 LOST_RETRIES = 3  # losses of one run's worker in a row before the session stops
 POLL_S = 0.5  # how often a waiting slot looks at Ctrl-C
+BOX_PROBES_DIR = "box-probes"  # under a node's cache directory: its sandbox probes, by key
 
 
 class WorkerLost(AutoresearchError):
@@ -128,13 +142,22 @@ def train_on_node(payload: Payload) -> Returned:
         sealed = dict(payload.sealed)
         if sealed:
             sealed["dataset"] = str(node_dataset(sealed["dataset"], dict(os.environ)))
-        box = None if opts.unsandboxed else sandbox.require(sandbox.probe(), unsandboxed=False)
+        context = require_ray().get_runtime_context()
+        box = None
+        if not opts.unsandboxed:
+            probed = node_box(
+                context.get_node_id(), context.get_job_id(), cache_dir(dict(os.environ))
+            )
+            box = sandbox.require(probed, unsandboxed=False)
         sealing = Sealing(box, runner.network_isolation(), sealed)
         try:
             sealing.check(root, opts, f"on node {node} before experiment {payload.exp_id:04d}")
         except DataError as exc:  # FingerprintError included: this node's data differs
             return Returned(_refused(exp_dir / payload.log_name, exc, node, payload.run), {}, node)
-        slot = Slot(root, opts, sealing, _Quiet(), threading.Event(), mark=lambda key, marker: None)
+        slot = Slot(
+            root, opts, sealing, _Quiet(), threading.Event(), mark=lambda key, marker: None,
+            node=context.get_node_id(),
+        )  # fmt: skip
         try:
             outcome = slot.train(
                 payload.exp_id, exp_dir, payload.label, payload.log_name, payload.run,
@@ -152,6 +175,34 @@ def train_on_node(payload: Payload) -> Returned:
         return Returned(replace(outcome, notes=notes), files, node)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def node_box(node: str, session: str, cache: Path) -> sandbox.Box:
+    """The sandbox probe (sandbox.probe) of this node for the session: made by the session's
+    first run on the node, read back by the others from `cache`/box-probes/<key>.json. The
+    key is the node, the session (the Ray job), this interpreter and the bwrap binary (its
+    path, size and mtime), so a changed tool is probed again. Only a box that works is kept:
+    a failed probe (perhaps a busy node's timeout) is made again by the next run."""
+    bwrap = shutil.which(sandbox.BWRAP)
+    stamp = None
+    if bwrap is not None:
+        info = os.stat(bwrap)
+        stamp = [bwrap, info.st_size, info.st_mtime_ns]
+    key = json.dumps([node, session, sys.executable, stamp])
+    path = cache / BOX_PROBES_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        if kept["boxed"]:
+            return sandbox.Box(True, kept["note"], kept["bwrap"], tuple(kept["layers"]))
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or torn: probe
+        pass
+    box = sandbox.probe()
+    if box.available:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_suffix(f".{os.getpid()}.part")  # runs of one node may race here
+        part.write_text(json.dumps(box.record()), encoding="utf-8")
+        os.replace(part, path)
+    return box
 
 
 def _refused(log_path: Path, exc: DataError, node: str, run: int) -> RunOutcome:
@@ -185,6 +236,7 @@ class RaySlot(Slot):
         resources = {"num_gpus": 1} if self.opts.device == "cuda" else {"num_cpus": 1}
         # max_retries=0: a lost run is trained again here, where it is counted
         self._task = self._ray.remote(max_retries=0, **resources)(train_on_node)
+        self._last_card: tuple[str, str] | None = None
 
     def train(
         self, exp_id: int, exp_dir: Path, label: str, log_name: str, run: int, *, keep: bool
@@ -238,12 +290,20 @@ class RaySlot(Slot):
                 self._ray.cancel(ref, force=True)
                 return None
 
+    def card_key(self) -> tuple[str, str] | None:
+        """The card of this slot's last run (None before it, and on the cpu): Ray places each
+        task, so the next run's card is not known before it trains; a slot's tasks tend to
+        land where its last one did, once the cluster is full."""
+        return self._last_card
+
     def _landed(self, returned: Returned, exp_dir: Path, log_name: str) -> RunOutcome:
         """The files written into the experiment's folder; the outcome pointing at them."""
         exp_dir.mkdir(parents=True, exist_ok=True)
         for name, data in returned.files.items():
             (exp_dir / name).write_bytes(data)
         outcome = returned.outcome
+        if outcome.node is not None and outcome.gpu is not None:
+            self._last_card = (outcome.node, outcome.gpu)
         result = replace(outcome.result, log_path=exp_dir / log_name)
         self.train_wall += result.wall_seconds
         return replace(outcome, result=result)

@@ -14,6 +14,10 @@ Guarantees of `run_training`:
   group are killed, and on Linux so is any descendant that moved to a new session (found by
   a marker variable in its environment) — a descendant that also scrubbed its environment is
   the one case not covered;
+- on Linux the run dies with the process that started it, also when that process is killed
+  with -9 mid-run (a Ray worker lost): the child by the kernel's parent-death signal, its
+  group and marked descendants by a guard process (procs.Guard); call it from a thread that
+  lives until it returns (it does: it waits for the run);
 - the child is reaped, and the pipe, selector, threads and log file are closed, also when a
   callback raises or the caller is interrupted (the child is then killed and the exception
   propagates);
@@ -46,7 +50,7 @@ from pathlib import Path
 from . import sandbox
 from .budget import Budget
 from .crashes import classify_crash
-from .procs import RUN_MARKER_VAR, cpu_wait, signal_group, tree_cpu
+from .procs import RUN_MARKER_VAR, Guard, cpu_wait, die_with_parent, signal_group, tree_cpu
 from .trainlog import Step, parse_step, parse_summary
 from .warm import Prestarted
 from .watch import HARNESS_PREFIX, Run, watch
@@ -212,6 +216,9 @@ def _run_training(
                 on_step(step)
 
     with open(log_path, "wb") as log:
+        # the run dies with this process: the child by the kernel's parent-death signal (this
+        # thread waits for it to the end), what it starts by the guard (procs.py)
+        guard = Guard(marker)
         started = time.monotonic()
         try:
             proc = warm.launch(command, env) if warm is not None else None
@@ -227,17 +234,21 @@ def _run_training(
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     close_fds=True,
+                    preexec_fn=die_with_parent(),
                 )
         except OSError as error:
+            guard.release()
             message = f"{HARNESS_PREFIX} could not start {command!r} in {workdir}: {error}"
             log.write((message + "\n").encode())
             return RunResult(None, {}, "other", 0.0, log_path, message, None)
+        guard.watch(proc.pid)
         try:
             run = Run(proc, log, f"{RUN_MARKER_VAR}={marker}".encode())
         except BaseException:  # e.g. no thread could be started: never leave the child behind
             signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
             proc.stdout.close()  # type: ignore[union-attr]
+            guard.release()
             raise
         # the cpu clock starts at the go: what a warm child used before it is its imports
         cpu_before = tree_cpu(proc.pid) if budget is not None and budget.clock == "cpu" else 0.0
@@ -272,6 +283,7 @@ def _run_training(
             )
         finally:
             run.finish()
+            guard.release()
         cpu = max(cpu_seen, run.reaped_cpu - cpu_before)
         exited = run.exited_at or time.monotonic()
         wall = exited - started

@@ -5,7 +5,10 @@ session, has the sealed evaluator measure the checkpoint; `train` returns a `Run
 (the run's result, what the evaluation said, and a fingerprint error to raise once the
 experiment is recorded). It keeps the next run's interpreter warm (runner.WarmChild).
 
-Guarantees: every process of a run carries a marker that is handed to `mark` (which records
+Guarantees: every run's outcome names where it trained: the node (`node`: the host's name, or
+what the caller names it, e.g. a Ray node id) and, on cuda, the card (`gpu`: its UUID, as
+nvidia-smi prints it, looked up on the host where the run trains); every process of a run
+carries a marker that is handed to `mark` (which records
 it in state.json) before the process starts, so `--resume` can kill what a kill -9 left
 running; in a sealed session the fingerprints are checked before and after training and after
 evaluation, and a run whose data moved comes back as `rejected`.
@@ -16,7 +19,10 @@ What it does not do: decide anything, write the record or measurements.jsonl, or
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
+import subprocess
 import sys
 import threading
 import uuid
@@ -38,6 +44,13 @@ NOT_EVALUATED = (
     CrashClass.stall,
     CrashClass.interrupted,
     CrashClass.over_budget,
+)
+GPU_UUID_TIMEOUT_S = 120.0  # the lookup's torch import and CUDA start, on a busy host
+# prints the UUID of the first card this process sees, with nvidia-smi's `GPU-` prefix
+_GPU_UUID_SCRIPT = (
+    "import torch\n"
+    "u = str(torch.cuda.get_device_properties(0).uuid)\n"
+    "print(u if u.startswith('GPU-') else 'GPU-' + u)\n"
 )
 
 
@@ -74,6 +87,8 @@ class RunOutcome:
     seed: int
     notes: Mapping  # what the sealed evaluation said (goes to Experiment.extra)
     fatal: fingerprint.FingerprintError | None = None  # raise after the record is written
+    node: str | None = None  # where it trained: the host, or the Ray node
+    gpu: str | None = None  # the card's UUID on cuda (None on the cpu, or not known)
 
     @property
     def summary(self) -> dict:
@@ -95,13 +110,14 @@ class Slot:
         name: str = noise.DEFAULT_SLOT,
         gpu: str | None = None,
         card: str | None = None,
+        node: str | None = None,
         shown: bool = False,
         warm: runner.WarmChild | None = None,
     ) -> None:
         """`mark(key, marker)` records a process marker ("run_marker", "eval_marker") where a
         resume finds it; `gpu`: the card this slot trains on (default: the session's), `card`
-        its name for the record; `shown`: the display shows this slot's line (one of
-        several)."""
+        its name for the record; `node`: the name of this host in the record (default: its
+        host name); `shown`: the display shows this slot's line (one of several)."""
         self.root = root
         self.opts = opts
         self.sealing = sealing
@@ -111,6 +127,7 @@ class Slot:
         self.name = name
         self.gpu = gpu if gpu is not None else opts.gpu
         self.card = card
+        self.node = node or socket.gethostname()
         self._shown = name if shown else None
         self.train_wall = 0.0  # seconds this slot spent training
         self._warm = warm  # the next run's interpreter, imports done
@@ -170,12 +187,26 @@ class Slot:
             # on the cpu preset the imports would slow the run itself: start them after it,
             # while it is evaluated and recorded
             self._start_warm()
+        node, gpu = self.place()
         if not opts.sealed:
-            return RunOutcome(result, seed, {})
+            return RunOutcome(result, seed, {}, node=node, gpu=gpu)
         outcome = self._evaluate(exp_id, result, seed, checkpoint, log_name, marker)
         if not keep:
             checkpoint.unlink(missing_ok=True)
-        return outcome
+        return replace(outcome, node=node, gpu=gpu)
+
+    def place(self) -> tuple[str, str | None]:
+        """(node, card UUID) of this slot's runs: the card is the one its children see (the
+        slot's `gpu`, else this process's CUDA_VISIBLE_DEVICES); None on the cpu."""
+        if self.opts.device != "cuda":
+            return self.node, None
+        return self.node, gpu_uuid(self.gpu if self.gpu is not None else _visible())
+
+    def card_key(self) -> tuple[str, str] | None:
+        """Where this slot's next run trains, for pairing it (noise.Measurements.partner):
+        (node, card UUID), or None when not known (the cpu)."""
+        node, gpu = self.place()
+        return (node, gpu) if gpu is not None else None
 
     def _on_step(self, step) -> None:
         if self._shown is None:
@@ -341,6 +372,35 @@ def warm_child_for(
         return runner.WarmChild(root, env, preload=preload, prefix=prefix, cell=cell)
     except OSError:
         return None
+
+
+def _visible() -> str | None:
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+@functools.cache
+def gpu_uuid(visible: str | None) -> str | None:
+    """The UUID (`GPU-...`) of the first card a process sees with CUDA_VISIBLE_DEVICES set to
+    `visible` (None: this process's), or None when it cannot be told (no CUDA). torch is asked
+    in a process of its own, so this one opens no CUDA context on the card; once per value
+    and process, the answer cached."""
+    env = dict(os.environ)
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _GPU_UUID_SCRIPT],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=GPU_UUID_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = done.stdout.strip()
+    return found if done.returncode == 0 and found.startswith("GPU-") else None
 
 
 def compile_cache_env(environ: Mapping[str, str]) -> dict[str, str]:

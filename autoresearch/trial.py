@@ -2,14 +2,17 @@
 and the keep rule's verdict, returned as a `TrialOutcome` value.
 
 How a candidate is judged is noise.py's: its k-th run trains with the seed of the k-th run of
-the incumbent it is compared with (a recent run of that seed on the same slot, or the
-incumbent trained again there with that seed first), and a sequential test on the paired gains
-keeps, discards or asks for another run. The baseline trains `calibrate` times instead.
+the incumbent it is compared with (a recent run of that seed on the same card, node and GPU
+UUID, or on the cpu on the same slot; else the incumbent trained again there with that seed
+first), and a sequential test on the paired gains keeps, discards or asks for another run. The
+baseline trains `calibrate` times instead.
 
-Guarantees: every valid run becomes one row of measurements.jsonl (with its seed, slot and
-partner) as soon as it is measured, so after `--resume` the runs that finished count and are
-not trained again; a candidate's run is only ever paired with an incumbent run of the same
-seed on the same slot.
+Guarantees: every valid run becomes one row of measurements.jsonl (with its seed, slot, node,
+card UUID and partner) as soon as it is measured, so after `--resume` the runs that finished
+count and are not trained again; a candidate's run is only ever paired with an incumbent run
+of the same seed, on the slot's card (Slot.card_key) or, without one, on the same slot. On
+Ray the slot's card is that of its last run: Ray may place the next run elsewhere, and its
+row then says so (its `gpu` differs from its partner's).
 
 What it does not do: write the record (record.py), move the branch (loop.py), or train
 (slot.py).
@@ -140,7 +143,9 @@ class Trial:
         restores the candidate's). Returns (partner, the pair run's outcome if one was trained).
         """
         c, seed = self.c, noise.seed_of(run)
-        row = self.measurements.partner(c.parent, seed, self.opts.pair_window, slot=self.slot.name)
+        row = self.measurements.partner(
+            c.parent, seed, self.opts.pair_window, slot=self.slot.name, card=self.slot.card_key()
+        )
         if row is not None:
             return row["n"], None
         self.display.note(
@@ -157,7 +162,8 @@ class Trial:
             raise outcome.fatal
         # the new run; or, when it failed on code that trained before (the machine's fault, not
         # the candidate's), the best's older run of that seed on this slot, if there is one
-        row = self.measurements.partner(c.parent, seed, 0, slot=self.slot.name)
+        card = (outcome.node, outcome.gpu) if outcome.gpu else self.slot.card_key()
+        row = self.measurements.partner(c.parent, seed, 0, slot=self.slot.name, card=card)
         return (row["n"] if row is not None else None), outcome
 
     def _train(
@@ -183,6 +189,8 @@ class Trial:
                 partner=partner,
                 slot=self.slot.name,
                 card=self.slot.card,
+                node=outcome.node,
+                gpu=outcome.gpu,
             )
         return outcome
 

@@ -45,13 +45,15 @@ needs_ray = pytest.mark.skipif(
 
 
 # the stub, stopping after its first step while GATE is set and missing: it writes the pid of
-# its parent (the Ray worker running the task) to GATE.pids first
+# its parent (the Ray worker running the task) to GATE.pids and its own to GATE.runs first
 GATED_TRAIN = STUB_TRAIN.replace(
     "import time\n", "import os\nimport time\nfrom pathlib import Path\n"
 ).replace(
     "        time.sleep(SLEEP)\n",
     "        time.sleep(SLEEP)\n"
     "        if GATE and i == 1:\n"
+    "            with open(GATE + '.runs', 'a') as f:\n"
+    "                f.write(f'{os.getpid()}\\n')\n"
     "            with open(GATE + '.pids', 'a') as f:\n"
     "                f.write(f'{os.getppid()}\\n')\n"
     "            while not Path(GATE).exists():\n"
@@ -108,6 +110,20 @@ def _wait_for(pids: Path, proc: subprocess.Popen, log: Path) -> None:
         assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.05)
+
+
+def _gone(pid: int) -> bool:
+    """Whether `pid` ended (or is a zombie) within a generous deadline."""
+    deadline = time.monotonic() + 120  # guards a hang only
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state in "ZX":
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _patches(tmp_path: Path, *replies: str) -> Path:
@@ -171,8 +187,11 @@ def test_a_session_on_ray_retrains_a_run_whose_worker_was_killed_and_records_it_
     try:
         _wait_for(pids, proc, log)
         worker = int(pids.read_text().split()[0])
+        child = int(Path(str(gate) + ".runs").read_text().split()[0])
         os.kill(worker, signal.SIGKILL)  # the Ray worker running the baseline's task
-        gate.touch()  # the orphaned run and the one trained again pass the gate
+        # its training child dies with it, still at the gate: nothing of the run keeps going
+        assert _gone(child), f"train.py of the killed Ray worker still runs (pid {child})"
+        gate.touch()  # the run trained again passes the gate
         assert proc.wait(timeout=600) == 0, log.read_text()
     finally:
         if proc.poll() is None:
@@ -191,6 +210,10 @@ def test_a_session_on_ray_retrains_a_run_whose_worker_was_killed_and_records_it_
     # (seed 1000) was trained again and counted once
     assert sorted(r["seed"] for r in rows if r["exp"] == 1) == [seed_of(0), seed_of(1)]
     assert len(trained) == len(rows) + 1  # every run measured once, and the lost one
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()  # the one node of the test's cluster
+    assert all(r["node"] == node and r["gpu"] is None for r in rows), rows  # where it trained
     best = [r for r in recs if r["status"] == "keep"][-1]
     assert git(ws, "rev-parse", "HEAD") == best["commit"]
     assert git(ws, "status", "--porcelain") == ""
@@ -204,14 +227,17 @@ def test_a_session_on_ray_retrains_a_run_whose_worker_was_killed_and_records_it_
 @needs_ray
 def test_a_node_whose_data_differs_refuses_to_train(cluster: str, tmp_path: Path) -> None:
     """The task on a node whose AUTORESEARCH_CACHE holds a modified copy of the dataset comes
-    back `rejected` without training; on an unmodified copy the check passes."""
+    back `rejected` without training; on an unmodified copy the check passes. Sandboxed: each
+    node (here: each AUTORESEARCH_CACHE) keeps its sandbox probe for the session."""
     import ray
 
-    from autoresearch.rayslot import Payload, train_on_node
+    from autoresearch import sandbox
+    from autoresearch.rayslot import BOX_PROBES_DIR, Payload, train_on_node
 
     ws = make_workspace(tmp_path / "ws")
     dataset = _dataset(tmp_path / "cache" / "stub", b"val tokens")
-    opts = SessionOptions(TAG, "cpu", "cpu", 10.0, sealed=True, unsandboxed=True)
+    boxed = sandbox.probe().available  # where bubblewrap works, as a session's default
+    opts = SessionOptions(TAG, "cpu", "cpu", 10.0, sealed=True, unsandboxed=not boxed)
     prints = Fingerprinter(ws, dataset, opts.preset, opts.time_budget).take()
     payload = Payload(
         train=(ws / "train.py").read_bytes(), prepare=(ws / "prepare.py").read_bytes(),
@@ -237,6 +263,8 @@ def test_a_node_whose_data_differs_refuses_to_train(cluster: str, tmp_path: Path
     passed = on_node(same)
     assert passed.outcome.result.crash_class != "rejected"
     assert passed.outcome.fatal is None
+    for cache in (other, same):  # where the node's runs of this session find the probe
+        assert len(list((cache / BOX_PROBES_DIR).glob("*.json"))) == (1 if boxed else 0)
     assert "run.log" in passed.files  # it trained
 
 
@@ -284,3 +312,23 @@ def test_a_session_on_ray_killed_9_mid_run_resumes_and_records_every_run_once(
     assert sorted(r["seed"] for r in rows if r["exp"] == 1) == [seed_of(0), seed_of(1)]
     assert git(ws, "status", "--porcelain") == ""
     assert not (ws / "runs" / TAG / "state.json").exists()  # nothing in flight
+
+
+def test_a_node_probes_its_sandbox_once_per_session(tmp_path: Path) -> None:
+    """The first run of a session on a node probes bubblewrap and keeps the result in the
+    node's cache; a later run of that session on that node reads it back (the note doctored in
+    the file shows it was read, not probed); another session probes again."""
+    from autoresearch import sandbox
+    from autoresearch.rayslot import BOX_PROBES_DIR, node_box
+
+    first = node_box("node-a", "job-1", tmp_path)
+    if not first.available:
+        pytest.skip(f"no box on this machine: {first.note}")
+    assert first == sandbox.probe()
+    (kept,) = (tmp_path / BOX_PROBES_DIR).iterdir()
+    record = json.loads(kept.read_text())
+    kept.write_text(json.dumps({**record, "note": "read back"}))
+    assert node_box("node-a", "job-1", tmp_path).note == "read back"
+    assert node_box("node-a", "job-2", tmp_path) == first  # another session: probed
+    assert node_box("node-b", "job-1", tmp_path) == first  # another node: probed
+    assert len(list((tmp_path / BOX_PROBES_DIR).iterdir())) == 3

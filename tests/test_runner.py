@@ -600,16 +600,16 @@ def test_an_untraceable_escapee_holding_the_pipe_does_not_hang_the_run(
 
 
 def test_kill_orphans_finds_the_runs_of_a_killed_harness(tmp_path: Path) -> None:
-    """A harness killed with -9 leaves its silent child running; the marker it recorded finds it."""
+    """A harness killed with -9 leaves a marked child running where no guard watches it (a
+    warm child waiting for its run, the evaluator; run_training's runs die with the harness,
+    tests/test_orphans.py); the marker it recorded finds it."""
     harness = tmp_path / "harness.py"
     harness.write_text(
-        "import sys\n"
-        "from pathlib import Path\n"
+        "import os, subprocess, sys\n"
         "from autoresearch import runner\n"
-        "runner.run_training(Path(sys.argv[1]), Path(sys.argv[1]) / 'run.log',\n"
-        "    command=[sys.executable, '-c', 'import time; time.sleep(600)'],\n"
-        "    env=runner.child_env({'PATH': '/usr/bin:/bin'}, preset='cpu', device='cpu', gpu=None),\n"
-        "    timeout=600, marker=sys.argv[2])\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],\n"
+        "    env={'PATH': '/usr/bin:/bin', runner.RUN_MARKER_VAR: sys.argv[2]},\n"
+        "    start_new_session=True).wait()\n"
     )
     marker = "orphan-test-" + os.urandom(4).hex()
     proc = subprocess.Popen(
