@@ -19,7 +19,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .config import resolve
-from .display import (
+from .errors import UsageError, WorkspaceError
+from .formatting import (
     STATUS_STYLE,
     busy_line,
     busy_percent,
@@ -28,7 +29,6 @@ from .display import (
     plural,
     result_line,
 )
-from .errors import UsageError, WorkspaceError
 from .ledger import Experiment, Ledger, decision_of, measured_runs
 from .status import Status
 from .workspace import RUNS_DIR, find_workspace, stale_prepare
