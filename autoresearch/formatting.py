@@ -76,7 +76,7 @@ def result_line(exp: Experiment) -> str:
 
 def _noise_note(exp: Experiment) -> str:
     """Why a lower val_bpb was still discarded: its gain did not clear the noise bar."""
-    if exp.status == "discard" and exp.extra.get("reason"):  # e.g. a stale base, no merge
+    if exp.status == Status.discard and exp.extra.get("reason"):  # e.g. a stale base, no merge
         return f"  [{' '.join(str(exp.extra['reason']).split())}]"
     d = decision_of(exp)
     if exp.status != Status.discard or d.gain is None or d.gain <= 0 or d.bar is None:
