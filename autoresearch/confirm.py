@@ -1,9 +1,10 @@
 """`autoresearch confirm`: the baseline's and the best's checkpoints evaluated on the held-out
 test split, and with `--horizon K` both trained again for K x TIME_BUDGET (horizon.py).
 
-It needs a session with a measured baseline and both checkpoints kept; it raises
-WorkspaceError otherwise, before evaluating anything. The results go to session.json
-(`confirm`) or the horizon file, never into the experiments' record.
+It needs a sealed session with a measured baseline and data that still match the session's
+fingerprints; otherwise it raises (WorkspaceError, or the fingerprint check's error) before
+any evaluation. A checkpoint found missing raises WorkspaceError when its turn comes. The results go to session.json (`confirm`)
+or the horizon file, never into the experiments' record.
 """
 
 from __future__ import annotations
