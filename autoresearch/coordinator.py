@@ -41,6 +41,7 @@ from .errors import AgentError, EditError
 from .gitrepo import GitRepo, merge_texts
 from .rayslot import RaySlot
 from .slot import Sealing, Slot
+from .status import Status
 from .trial import Candidate, Trial, TrialOutcome
 from .workspace import TRAIN_FILE
 
@@ -283,10 +284,10 @@ class Coordinator:
         t = job.future.result()
         reason = None
         best = s.best()
-        if t.status == "keep" and not c.baseline and c.parent != best and s.cancel.is_set():
+        if t.status == Status.keep and not c.baseline and c.parent != best and s.cancel.is_set():
             # it could not be measured on the new best: trained again by --resume
-            t = replace(t, status="interrupted")
-        elif t.status == "keep" and not c.baseline and c.parent != best:
+            t = replace(t, status=Status.interrupted)
+        elif t.status == Status.keep and not c.baseline and c.parent != best:
             rebased = self._rebase(job.slot, c, best)
             if rebased is not None:
                 s.display.note(
@@ -304,15 +305,15 @@ class Coordinator:
                 f"beat its base {c.parent[:7]}, but no longer applies to the new best "
                 f"{best[:7]} (a three-way merge of train.py failed or does not compile)"
             )
-            t = replace(t, status="discard")
+            t = replace(t, status=Status.discard)
         exp = self._record(job, t, reason)
         if t.fatal is not None:
             s.cancel.set()
             self._drain()
             raise t.fatal
-        if exp.status == "interrupted":
+        if exp.status == Status.interrupted:
             self._interrupted.append(c.exp_id)
-        if exp.status == "crash" and job.fixes_left > 0 and not s.stop_requested:
+        if exp.status == Status.crash and job.fixes_left > 0 and not s.stop_requested:
             self._fix(job, exp)
 
     def _record(self, job: Job, t: TrialOutcome, reason: str | None):
@@ -333,9 +334,9 @@ class Coordinator:
         )  # fmt: skip
         s.ledger.append(exp)  # before the branch moves: a kill in between loses nothing
         self._write_state(job.slot.name, None)
-        if exp.status == "keep" and not c.baseline:
+        if exp.status == Status.keep and not c.baseline:
             s.repo.reset_hard(c.commit)  # the branch and the workspace move to the new best
-        record.keep_checkpoint(s.ledger, c.exp_id if exp.status == "keep" else None, c.exp_id)
+        record.keep_checkpoint(s.ledger, c.exp_id if exp.status == Status.keep else None, c.exp_id)
         s.display.result(exp)
         return exp
 

@@ -38,9 +38,13 @@ from . import sandbox
 from .childenv import child_env
 from .evalproto import STATUSES, command_args
 from .runner import RunResult, run_training
+from .status import CrashClass
 from .warm import Prestarted
 
-CRASH_CLASSES = ("no_checkpoint", "eval")  # crash classes the loop records for evaluator failures
+CRASH_CLASSES = (
+    CrashClass.no_checkpoint,
+    CrashClass.eval,
+)  # crash classes the loop records for evaluator failures
 TAIL_LINES = 30  # lines of the evaluator's log kept in EvalResult.log_tail
 DISAGREE_BPB = 0.005  # |printed - sealed| val_bpb above which the record notes the disagreement
 
@@ -146,13 +150,13 @@ def evaluate_checkpoint(
     result = _parse_result(lines, nonce)
     tail = "\n".join(run.log_tail.splitlines()[-TAIL_LINES:])
     if result is None:
-        if run.crash_class in ("timeout", "stall", "interrupted"):
+        if run.crash_class in (CrashClass.timeout, CrashClass.stall, CrashClass.interrupted):
             reason = (
                 f"the evaluator was stopped ({run.crash_class}) after {run.wall_seconds:.0f}s; "
                 "does importing train.py start training? Keep the training run under "
                 '`if __name__ == "__main__":`'
             )
-            if run.crash_class == "interrupted":
+            if run.crash_class == CrashClass.interrupted:
                 reason = "interrupted"
         else:
             reason = f"the evaluator exited {run.exit_code} without a result; see {log_path}"
@@ -284,21 +288,21 @@ def sealed_outcome(run: RunResult, ev: EvalResult) -> tuple[RunResult, dict[str,
                 f"{ev.val_bpb:.6f} (the record uses the evaluator's)"
             )
     elif ev.status == "rejected":
-        crash_class = "rejected"
+        crash_class = CrashClass.rejected
     elif ev.status == "no_checkpoint":
-        crash_class = "no_checkpoint"
+        crash_class = CrashClass.no_checkpoint
     elif ev.status == "ok":
-        crash_class = "nan"
+        crash_class = CrashClass.nan
         ev.reason = f"the evaluator measured val_bpb {ev.val_bpb} (not finite)"
     elif ev.reason == "interrupted":
-        crash_class = "interrupted"
+        crash_class = CrashClass.interrupted
     else:
-        crash_class = "eval"
+        crash_class = CrashClass.eval
     log_tail = run.log_tail
     if crash_class is not None:
         notes["reason"] = ev.reason
         log_tail += f"\n[autoresearch] sealed evaluation: {ev.reason}"
-        if crash_class == "eval" and ev.log_tail:
+        if crash_class == CrashClass.eval and ev.log_tail:
             log_tail += "\n" + ev.log_tail
     return replace(run, summary=summary, crash_class=crash_class, log_tail=log_tail), notes
 

@@ -45,7 +45,7 @@ from .ledger import Experiment, Ledger, decision_of
 from .lock import BUSY_EXIT, WorkspaceBusy, workspace_lock
 from .loop import Session, branch_name, normalized_hash
 from .options import SessionOptions
-from .status import Status
+from .status import Status, Word
 from .workspace import RUNS_DIR, TRAIN_FILE
 
 AGENT_NAME = "external"  # the agent's name in the record (session.json, experiments.jsonl)
@@ -60,6 +60,13 @@ EXIT_CRASH = 11  # crash, rejected or interrupted: no val_bpb
 EXIT_REFUSED = 12  # not trained: the working tree's change was refused, or recorded `invalid`
 EXIT_BUSY = BUSY_EXIT  # 13: another `run` or `try` holds this workspace
 EXIT_CODES = {Status.keep: EXIT_KEEP, Status.discard: EXIT_DISCARD, Status.invalid: EXIT_REFUSED}
+
+
+class NotTried(Word):
+    """The verdict's `status` when nothing was tried: no experiment, so not a `Status`."""
+
+    refused = "refused"  # the working tree's change was refused (EXIT_REFUSED)
+    busy = "busy"  # another `run` or `try` holds the workspace (EXIT_BUSY)
 
 
 class TryRefused(AutoresearchError):
@@ -371,7 +378,7 @@ def refusal(exc: TryRefused | WorkspaceBusy) -> dict:
     """A refusal as data, in the verdict's shape: nothing was trained or written."""
     busy = isinstance(exc, WorkspaceBusy)
     return {
-        "status": "busy" if busy else "refused",
+        "status": NotTried.busy if busy else NotTried.refused,
         "exit_code": exc.exit_code,
         "reason": str(exc),
         "files": [] if busy else exc.files,
@@ -380,7 +387,7 @@ def refusal(exc: TryRefused | WorkspaceBusy) -> dict:
 
 def verdict_text(v: dict) -> str:
     """The verdict for a person or an agent to read: a few lines, numbers labelled."""
-    if v["status"] in ("refused", "busy"):
+    if v["status"] in (NotTried.refused, NotTried.busy):
         return f"{v['status']}: {v['reason']}"
     lines = [f"exp {v['id']:04d} {v['status']}: {v['description']}"]
     if v["val_bpb"] is not None:

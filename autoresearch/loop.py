@@ -55,6 +55,7 @@ from .record import (  # noqa: F401 - BRANCH_PREFIX, attempt_ref: imported from 
 )
 from .runner import WarmChild
 from .slot import Slot, compile_cache_env, warm_child_for  # noqa: F401 - re-exported
+from .status import Status
 from .trial import Candidate, Trial
 from .workspace import RUNS_DIR, TRAIN_FILE
 
@@ -276,7 +277,7 @@ class Session:
                 return
             candidate = self._commit(exp_id, proposal, fix_of)
             exp = self._judge(candidate)
-            if exp.status != "crash" or fixes_left <= 0 or self.stop_requested:
+            if exp.status != Status.crash or fixes_left <= 0 or self.stop_requested:
                 return
             fixes_left -= 1
             fix_of, exp_id = exp_id, self.ledger.next_id()
@@ -412,14 +413,16 @@ class Session:
             },
         )
         self.ledger.append(exp)  # before the branch moves: a kill in between loses nothing
-        if exp.status != "keep" and not c.baseline:
+        if exp.status != Status.keep and not c.baseline:
             self.repo.reset_hard(c.parent)
-        record.keep_checkpoint(self.ledger, c.exp_id if exp.status == "keep" else None, c.exp_id)
+        record.keep_checkpoint(
+            self.ledger, c.exp_id if exp.status == Status.keep else None, c.exp_id
+        )
         self.ledger.write_state(None)
         self.display.result(exp)
         if trial.fatal is not None:
             raise trial.fatal
-        if exp.status == "interrupted":
+        if exp.status == Status.interrupted:
             self.raise_interrupted([c.exp_id])
         return exp
 

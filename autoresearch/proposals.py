@@ -28,6 +28,7 @@ from .edits import check_compiles
 from .errors import EditError
 from .gitrepo import GitRepo, merge_texts
 from .ledger import Experiment
+from .status import Status
 from .workspace import TRAIN_FILE
 
 
@@ -92,20 +93,20 @@ def context(
                 verdict=e.extra.get("verdict"),
             )
         )
-        if e.status == "keep":
+        if e.status == Status.keep:
             best_so_far = e.val_bpb
     for exp_id, commit, description in running:
         history.append(
             HistoryEntry(
                 id=exp_id,
-                status="running",
+                status=Status.running,
                 val_bpb=None,
                 delta=None,
                 description=f"(training now) {description}".rstrip(),
                 source=sources(commit),
             )
         )
-    crashes = [e for e in exps if e.status == "crash"]
+    crashes = [e for e in exps if e.status == Status.crash]
     return Context(
         program=(root / "program.md").read_text(encoding="utf-8"),
         train_py=best_source,
@@ -120,7 +121,7 @@ def context(
 def _history_description(e: Experiment) -> str:
     """What the agent reads for a past experiment: a refusal carries its reason."""
     reason = e.extra.get("reason")
-    if e.status in ("invalid", "rejected") and reason:
+    if e.status in (Status.invalid, Status.rejected) and reason:
         return f"{e.description} ({e.status}: {' '.join(str(reason).split())[:160]})"
     return e.description
 

@@ -22,6 +22,7 @@ from .agent import InvalidProposal, Proposal
 from .ledger import Experiment, Ledger
 from .pricing import cost_usd
 from .slot import CHECKPOINT_FILE
+from .status import Status
 from .trial import Candidate, TrialOutcome
 
 CHECKPOINTS_DIR = "checkpoints"  # runs/<tag>/checkpoints/NNNN.pt: the baseline's and the best's
@@ -58,7 +59,7 @@ def trial_experiment(
     values = [r["val_bpb"] for r in t.rows]
     table = measurements.rows()
     partners = [table[r["partner"]]["val_bpb"] for r in t.rows if r.get("partner") is not None]
-    failed = t.status in ("crash", "interrupted")
+    failed = t.status in (Status.crash, Status.interrupted)
     summary = t.last.summary
     return Experiment(
         id=c.exp_id,
@@ -66,7 +67,7 @@ def trial_experiment(
         description=c.description,
         commit=c.commit,
         parent=c.parent,
-        val_bpb=fmean(values) if t.status in ("keep", "discard") else None,
+        val_bpb=fmean(values) if t.status in (Status.keep, Status.discard) else None,
         memory_gb=summary.get("peak_vram_mb", 0.0) / 1024,
         best_before=None if c.baseline else (fmean(partners) if partners else best_val),
         threshold=t.verdict.threshold if t.verdict else min_delta,
@@ -126,7 +127,7 @@ def invalid_experiment(
         description = proposal.description
     return Experiment(
         id=exp_id,
-        status="invalid",
+        status=Status.invalid,
         description=description,
         commit=None,
         parent=parent,
