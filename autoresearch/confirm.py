@@ -50,9 +50,8 @@ def confirm(
             f"session {tag} was not sealed: `confirm` needs the checkpoints and data "
             "fingerprints a sealed session keeps (run one with the default `sealed = true`)"
         )
-    exps = ledger.experiments()
-    best = ledger.best()
-    if not exps or exps[0].status != Status.keep or best is None:
+    baseline, best = ledger.baseline(), ledger.best()
+    if baseline is None or baseline.status != Status.keep or best is None:
         raise WorkspaceError(f"session {tag} has no measured baseline: nothing to confirm")
     preset = session["preset"]
     device, _ = resolve_device(device, preset)
@@ -64,11 +63,11 @@ def confirm(
     isolation = runner.network_isolation()
     if horizon is not None:
         _confirm_horizon(
-            root, ledger, session, (exps[0], best), horizon, seeds, device, prints, isolation
+            root, ledger, session, (baseline, best), horizon, seeds, device, prints, isolation
         )
         return
     rows = []
-    for role, exp in (("baseline", exps[0]), ("best", best)):
+    for role, exp in (("baseline", baseline), ("best", best)):
         if rows and exp.id == rows[0]["id"]:
             break  # nothing was kept after the baseline
         checkpoint = ledger.run_dir / "checkpoints" / f"{exp.id:04d}.pt"

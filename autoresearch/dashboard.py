@@ -33,7 +33,7 @@ from .formatting import (
     short_count,
     short_duration,
 )
-from .ledger import Experiment
+from .ledger import Experiment, baseline_of
 from .runner import Step
 from .status import FAILED, Status
 
@@ -90,7 +90,7 @@ class Record:
             tokens_out=tokens_out,
             cost_usd=cost,
             unpriced=unpriced,
-            baseline=exps[0] if exps else None,
+            baseline=baseline_of(exps),
             best=next((e for e in reversed(exps) if e.status == Status.keep), None),
         )
 

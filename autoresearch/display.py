@@ -44,7 +44,7 @@ from .formatting import (
     printable,
     result_line,
 )
-from .ledger import Experiment
+from .ledger import Experiment, baseline_of
 from .options import SessionOptions
 from .runner import Step
 
@@ -222,7 +222,8 @@ class Display:
         for e in exps:
             counts[e.status] = counts.get(e.status, 0) + 1
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        baseline = exps[0].val_bpb if exps and exps[0].val_bpb is not None else None
+        first = baseline_of(exps)
+        baseline = first.val_bpb if first is not None else None
         line = (
             f"session ended: {printable(reason).rstrip(' .')}. "
             f"{plural(len(exps), 'experiment')} ({summary or 'none'})"

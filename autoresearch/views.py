@@ -106,7 +106,7 @@ def status(*, workspace: Path | None, tag: str | None, as_json: bool) -> None:
     ledger = session_ledger(root, tag)
     exps = ledger.experiments()
     best = ledger.best()
-    baseline = exps[0] if exps else None
+    baseline = ledger.baseline()
     session = ledger.read_session() or {}
     busy = busy_percent(exps)
     device = session.get("device") or session.get("preset")

@@ -18,6 +18,7 @@ from autoresearch import gitrepo
 from autoresearch.errors import WorkspaceError
 from autoresearch.horizon import FILE as HORIZON_FILE
 from autoresearch.ledger import Experiment
+from autoresearch.ledger import baseline_of as ledger_baseline_of
 from autoresearch.status import Status
 
 TRAIN_FILE = "train.py"
@@ -54,9 +55,8 @@ def in_order(experiments: Sequence[Experiment]) -> list[Experiment]:
 
 
 def baseline_of(experiments: Sequence[Experiment]) -> Experiment | None:
-    """The first experiment: the unmodified train.py."""
-    ordered = in_order(experiments)
-    return ordered[0] if ordered else None
+    """The unmodified train.py, measured: ledger.baseline_of over the experiments in order."""
+    return ledger_baseline_of(in_order(experiments))
 
 
 def best_of(experiments: Sequence[Experiment]) -> Experiment | None:
