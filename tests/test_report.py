@@ -458,6 +458,22 @@ def test_plot_has_every_experiment_and_the_discarded_lower_one_inside_the_axes()
     assert list(best.get_ydata()) == pytest.approx([1.002, 0.972, 0.972, 0.972, 0.972, 0.972])
 
 
+def test_a_diverged_run_is_drawn_on_the_top_edge_not_in_the_range():
+    """One discard at 6.5 (a diverged run) would flatten 1.000 → 0.970 into a line: it is a
+    triangle on the top edge, its value in the legend, and the range stays the session's."""
+    diverged = judged(7, "discard", [6.5], 0.972, bar=0.008)
+    fig = report.progress_figure([*JUDGED, diverged], TAG)
+    ax = fig.axes[0]
+    points = _collections(ax)
+    low, high = ax.get_ylim()
+    assert high < 1.1 and low > 0.9  # the range around the baseline and the best
+    (label,) = [k for k in points if "off the chart" in k]
+    assert points[label] == [(7, pytest.approx(high))] and "6.5" in label
+    assert (4, pytest.approx(0.990)) in points["discarded"]  # a plain worse one stays in range
+    on_plot = sorted(int(x) for pts in points.values() for x, _ in pts)
+    assert on_plot == [e.id for e in JUDGED] + [7]
+
+
 def test_the_sigma_shown_is_the_one_the_rule_used():
     """A judged candidate's record holds the paired gain's σ the rule used beside the
     run-to-run σ of val_bpb: the reason and the σ column give the former."""

@@ -42,6 +42,9 @@ STRIP_Y = 0.04  # axes height of the marks for experiments without a val_bpb
 DISCARDED_LOWER_LABEL = "discarded: lower, but within noise"
 LEADER = {"arrowstyle": "-", "color": DARK_GREEN, "linewidth": 0.6, "alpha": 0.6, "shrinkB": 3}
 RIGHT_ROOM = 0.16  # share of the experiment range left free after the last one, for its label
+# a val_bpb more than this many times the session's range (baseline to lowest) above the
+# baseline is drawn on the top edge, so one diverged run does not flatten every other point
+OFF_CHART_SPANS = 1.0
 
 
 def _shorten(text: str | None, width: int = LABEL_CHARS) -> str:
@@ -79,7 +82,9 @@ def progress_figure(experiments: Sequence[Experiment], tag: str) -> Figure:
     as a step line; discards are grey dots, except those lower than the best they were judged
     against (discarded as within noise), which are hollow amber diamonds; experiments with no
     val_bpb (crash, invalid, rejected, interrupted) are marks on a strip along the bottom.
-    The y axis spans every val_bpb measured, the strip below them.
+    The y axis spans every val_bpb measured, the strip below them, except discards far above
+    the baseline (a diverged run): those are triangles on the top edge, their values in the
+    legend, so the changes that matter keep the height of the plot.
     """
     ordered = in_order(experiments)
     summary = summarize(ordered)
@@ -93,6 +98,9 @@ def progress_figure(experiments: Sequence[Experiment], tag: str) -> Figure:
     others = [e for e in scored if e.status != Status.keep and not _discarded_lower(e)]
     scored_ids = {e.id for e in scored}
     failed = [e for e in ordered if e.id not in scored_ids]
+    cap = _off_chart_above(scored, kept)
+    high = [e for e in scored if e.status != Status.keep and e.val_bpb > cap]
+    others = [e for e in others if e.val_bpb <= cap]
 
     if others:
         ax.scatter(
@@ -146,7 +154,19 @@ def progress_figure(experiments: Sequence[Experiment], tag: str) -> Figure:
     if ordered:  # room on the right for the last keep's slanted label
         first, last = ordered[0].id, ordered[-1].id
         ax.set_xlim(first - 1, last + max(3.0, RIGHT_ROOM * (last - first)))
-    ax.set_ylim(*_y_limits([e.val_bpb for e in scored], has_strip=bool(failed)))
+    limits = _y_limits([e.val_bpb for e in scored if e not in high], has_strip=bool(failed))
+    ax.set_ylim(*limits)
+    if high:
+        ax.scatter(
+            [e.id for e in high],
+            [limits[1]] * len(high),
+            marker="^",
+            c=GREY,
+            s=40,
+            clip_on=False,
+            zorder=5,
+            label=f"discarded, off the chart (val_bpb {_range(high)})",
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("experiment #")
     ax.set_ylabel("val_bpb (lower is better)")
@@ -174,6 +194,23 @@ def _finite(x: float | None) -> bool:
 def _discarded_lower(e: Experiment) -> bool:
     """A discard whose val_bpb was below the best it was judged against: within noise."""
     return e.status == Status.discard and _finite(e.best_before) and e.val_bpb < e.best_before
+
+
+def _off_chart_above(scored: Sequence[Experiment], kept: Sequence[Experiment]) -> float:
+    """The val_bpb above which a discarded run is drawn on the top edge, not in the range:
+    OFF_CHART_SPANS times the session's range (the baseline to the lowest value) above the
+    baseline, a range of at least 1 % of the baseline. Kept values are always in range."""
+    if not kept:
+        return math.inf
+    baseline = kept[0].val_bpb
+    span = max(baseline - min(e.val_bpb for e in scored), 0.01 * abs(baseline), 1e-3)
+    return max(max(e.val_bpb for e in kept), baseline + OFF_CHART_SPANS * span)
+
+
+def _range(runs: Sequence[Experiment]) -> str:
+    values = sorted(e.val_bpb for e in runs)
+    low, high = values[0], values[-1]
+    return f"{low:.4g}" if low == high else f"{low:.4g}–{high:.4g}"
 
 
 def _y_limits(values: Sequence[float], *, has_strip: bool) -> tuple[float, float]:
