@@ -405,6 +405,14 @@ def confirm(
     seeds: Annotated[
         int, typer.Option("--seeds", min=1, help="Seeds per version with --horizon.")
     ] = 1,
+    unsandboxed: Annotated[
+        bool,
+        typer.Option(
+            "--unsandboxed",
+            help="Run the candidate code (the model's definition, and its training with "
+            "--horizon) without the box, where bubblewrap is missing. Default: as the session ran.",
+        ),
+    ] = False,
     workspace: Workspace = None,
 ) -> None:
     """Evaluate the baseline and the best on the held-out test split (never seen by the loop)."""
@@ -414,6 +422,7 @@ def confirm(
         device=device.value if device else None,
         horizon=horizon,
         seeds=seeds,
+        unsandboxed=True if unsandboxed else None,
     )
 
 

@@ -34,12 +34,16 @@ def confirm(
     device: str | None,
     horizon: float | None = None,
     seeds: int = 1,
+    unsandboxed: bool | None = None,
 ) -> None:
     """Evaluate the baseline's and the best's checkpoints on the held-out test split; with
-    `horizon`, train both again for horizon x TIME_BUDGET first (horizon.confirm_horizon)."""
+    `horizon`, train both again for horizon x TIME_BUDGET first (horizon.confirm_horizon).
+    The candidate code runs in the box, as the session's did: SandboxError where it is
+    missing, unless `unsandboxed` (or the session ran without it, for None)."""
     from .evaluator import evaluate_checkpoint
     from .fingerprint import Fingerprinter
     from .gitrepo import GitRepo
+    from .horizon import box_for
 
     root = find_workspace(workspace)
     ledger = session_ledger(root, tag)
@@ -61,10 +65,12 @@ def confirm(
         prints, tag=tag, when="by `autoresearch confirm`"
     )
     isolation = runner.network_isolation()
+    box = box_for(ledger.run_dir, unsandboxed)  # before any run: a missing box is said first
     if horizon is not None:
         _confirm_horizon(
-            root, ledger, session, (baseline, best), horizon, seeds, device, prints, isolation
-        )
+            root, ledger, session, (baseline, best), horizon, seeds, device, prints, isolation,
+            unsandboxed=box is None,
+        )  # fmt: skip
         return
     rows = []
     for role, exp in (("baseline", baseline), ("best", best)):
@@ -97,6 +103,7 @@ def confirm(
                 train_file=train_file,
                 dataset=dataset,
                 prefix=isolation.prefix,
+                boxed=box is not None,
             )
         rows.append(
             {
@@ -122,6 +129,8 @@ def _confirm_horizon(
     device: str,
     prints: dict,
     isolation: runner.Isolation,
+    *,
+    unsandboxed: bool,
 ) -> None:
     from .gitrepo import GitRepo
     from .horizon import FILE, confirm_horizon
@@ -154,6 +163,7 @@ def _confirm_horizon(
         dataset=Path(session["dataset"]),
         fingerprints=prints,
         prefix=isolation.prefix,
+        unsandboxed=unsandboxed,
         on_run=lambda r: out.print(
             f"  {r['role']} seed {r['seed']}: {r['status']}, val_bpb {r['val_bpb']}, "
             f"test_bpb {r['test_bpb']}",

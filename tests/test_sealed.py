@@ -687,6 +687,31 @@ def test_confirm_prints_baseline_and_best_on_test(cache: Path, ws: Path) -> None
     assert all(r["status"] == "ok" for r in rows)
     assert rows[1]["test_bpb"] < rows[0]["test_bpb"]
 
+    # Where the box is missing (no bwrap on PATH), confirm refuses as the session would,
+    # before any evaluation, unless told --unsandboxed.
+    bare = ws.parent / "bare-bin"
+    bare.mkdir()
+    (bare / "git").symlink_to(shutil.which("git"))
+    no_box = {**env, "PATH": str(bare)}
+    command = [sys.executable, "-m", "autoresearch", "confirm", "--tag", TAG]
+    refused = subprocess.run(
+        [*command, "--workspace", str(ws)], cwd=ws, env=no_box, capture_output=True, text=True
+    )
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "bubblewrap" in refused.stderr and "--unsandboxed" in refused.stderr
+    assert "evaluating" not in refused.stdout
+    allowed = subprocess.run(
+        [*command, "--unsandboxed", "--workspace", str(ws)],
+        cwd=ws,
+        env=no_box,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    again = json.loads((ws / "runs" / TAG / "session.json").read_text())["confirm"]["rows"]
+    assert [r["test_bpb"] for r in again] == pytest.approx([r["test_bpb"] for r in rows])
+
 
 # ---------------------------------------------------------------------------------------------
 # Small pieces
