@@ -116,7 +116,9 @@ def confirm(
             }
         )
     _confirm_table(tag, rows)
-    ledger.update_session(confirm={"at": _now(), "split": "test", "rows": rows})
+    ledger.update_session(
+        confirm={"at": _now(), "split": "test", "boxed": box is not None, "rows": rows}
+    )
 
 
 def _confirm_horizon(

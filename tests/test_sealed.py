@@ -686,6 +686,7 @@ def test_confirm_prints_baseline_and_best_on_test(cache: Path, ws: Path) -> None
     assert [r["role"] for r in rows] == ["baseline", "best"]
     assert all(r["status"] == "ok" for r in rows)
     assert rows[1]["test_bpb"] < rows[0]["test_bpb"]
+    assert json.loads((ws / "runs" / TAG / "session.json").read_text())["confirm"]["boxed"]
 
     # Where the box is missing (no bwrap on PATH), confirm refuses as the session would,
     # before any evaluation, unless told --unsandboxed.
@@ -709,8 +710,9 @@ def test_confirm_prints_baseline_and_best_on_test(cache: Path, ws: Path) -> None
         timeout=600,
     )
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
-    again = json.loads((ws / "runs" / TAG / "session.json").read_text())["confirm"]["rows"]
-    assert [r["test_bpb"] for r in again] == pytest.approx([r["test_bpb"] for r in rows])
+    again = json.loads((ws / "runs" / TAG / "session.json").read_text())["confirm"]
+    assert again["boxed"] is False  # recorded: this confirm ran without the box
+    assert [r["test_bpb"] for r in again["rows"]] == pytest.approx([r["test_bpb"] for r in rows])
 
 
 # ---------------------------------------------------------------------------------------------
