@@ -1,7 +1,8 @@
 """Naming what kind of crash a training run was, from its log and exit code.
 
-Guarantees: `classify_crash` always returns one of CRASH_CLASSES; it reads text only, never
-raises. What it does not do: decide whether a run crashed (runner.py does).
+Guarantees: `classify_crash` always returns one of CRASH_CLASSES, the CrashClass members
+(status.py) a training run can crash with; it reads text only, never raises. What it does not
+do: decide whether a run crashed (runner.py does), or name the evaluator's failures.
 """
 
 from __future__ import annotations
@@ -9,31 +10,23 @@ from __future__ import annotations
 import re
 import signal
 
-CRASH_CLASSES = (
-    "syntax",
-    "import",
-    "oom",
-    "nan",
-    "timeout",
-    "stall",
-    "interrupted",
-    "over_budget",
-    "no_summary",
-    "other",
-)
+from .status import CrashClass
+
+_SEALED = (CrashClass.no_checkpoint, CrashClass.eval, CrashClass.rejected)  # the evaluator's
+CRASH_CLASSES = tuple(c for c in CrashClass if c not in _SEALED)
 
 _EXCEPTION_LINE = re.compile(
     r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception))\b(?::\s*(.*))?$", re.MULTILINE
 )
 _EXCEPTION_CLASSES = {
-    "SyntaxError": "syntax",
-    "IndentationError": "syntax",
-    "TabError": "syntax",
-    "ImportError": "import",
-    "ModuleNotFoundError": "import",
-    "OutOfMemoryError": "oom",
-    "MemoryError": "oom",
-    "FloatingPointError": "nan",
+    "SyntaxError": CrashClass.syntax,
+    "IndentationError": CrashClass.syntax,
+    "TabError": CrashClass.syntax,
+    "ImportError": CrashClass.import_,
+    "ModuleNotFoundError": CrashClass.import_,
+    "OutOfMemoryError": CrashClass.oom,
+    "MemoryError": CrashClass.oom,
+    "FloatingPointError": CrashClass.nan,
 }
 _OOM_TEXT = re.compile(
     r"out of memory|OutOfMemoryError|\bMemoryError\b|Cannot allocate memory"
@@ -46,22 +39,25 @@ _NAN_TEXT = re.compile(
 )
 _NAN_TEXT_ANYCASE = re.compile(r"(?:loss|bpb)\b[^\n]{0,40}?\b(?:nan|inf)\b", re.IGNORECASE)
 _TEXT_CLASSES = (
-    ("syntax", re.compile(r"^\s*(?:SyntaxError|IndentationError|TabError)\b", re.MULTILINE)),
-    ("import", re.compile(r"^\s*(?:ModuleNotFoundError|ImportError)\b", re.MULTILINE)),
-    ("oom", _OOM_TEXT),
-    ("nan", _NAN_TEXT),
-    ("nan", _NAN_TEXT_ANYCASE),
+    (
+        CrashClass.syntax,
+        re.compile(r"^\s*(?:SyntaxError|IndentationError|TabError)\b", re.MULTILINE),
+    ),
+    (CrashClass.import_, re.compile(r"^\s*(?:ModuleNotFoundError|ImportError)\b", re.MULTILINE)),
+    (CrashClass.oom, _OOM_TEXT),
+    (CrashClass.nan, _NAN_TEXT),
+    (CrashClass.nan, _NAN_TEXT_ANYCASE),
 )
 _SIGKILL_CODES = (-signal.SIGKILL, 128 + signal.SIGKILL)  # 137: SIGKILL seen through a shell
 
 
-def _classify_message(name: str, message: str) -> str | None:
+def _classify_message(name: str, message: str) -> CrashClass | None:
     if name in _EXCEPTION_CLASSES:
         return _EXCEPTION_CLASSES[name]
     if _OOM_TEXT.search(message):
-        return "oom"
+        return CrashClass.oom
     if _NAN_TEXT.search(message) or _NAN_TEXT_ANYCASE.search(message):
-        return "nan"
+        return CrashClass.nan
     return None
 
 
@@ -72,21 +68,21 @@ def classify_crash(
     timed_out: bool,
     stalled: bool,
     interrupted: bool,
-) -> str:
+) -> CrashClass:
     """Name what kind of crash a run that is not ok was (one of CRASH_CLASSES).
 
     Order of evidence: what the harness did (interrupted, timeout, stall); then the last Python
     exception line in the log (its type and message); then known messages anywhere in the log
     (syntax, import, out of memory, NaN/diverged/exploded); then the exit code: 0 means the run
-    finished without a valid val_bpb ("no_summary"), SIGKILL that the harness did not send is
-    most often the kernel's OOM killer ("oom"); anything else is "other".
+    finished without a valid val_bpb (CrashClass.no_summary), SIGKILL that the harness did not send is
+    most often the kernel's OOM killer (CrashClass.oom); anything else is "other".
     """
     if interrupted:
-        return "interrupted"
+        return CrashClass.interrupted
     if timed_out:
-        return "timeout"
+        return CrashClass.timeout
     if stalled:
-        return "stall"
+        return CrashClass.stall
     exceptions = _EXCEPTION_LINE.findall(log_text)
     if exceptions:
         name, message = exceptions[-1]
@@ -97,7 +93,7 @@ def classify_crash(
         if pattern.search(log_text):
             return crash_class
     if exit_code == 0:
-        return "no_summary"
+        return CrashClass.no_summary
     if exit_code in _SIGKILL_CODES:
-        return "oom"
-    return "other"
+        return CrashClass.oom
+    return CrashClass.other

@@ -40,6 +40,7 @@ from .childenv import child_env
 from .evaluator import evaluate_checkpoint
 from .ledger import Experiment, Ledger
 from .runner import RunResult, run_training
+from .status import Status
 
 FILE = "confirm-horizon.json"
 EVAL_TIMEOUT_S = 1800.0  # seconds one evaluation may take
@@ -174,7 +175,11 @@ def _one(
     # train.py skips its own evaluation, so the summary has no val_bpb: a run counts when it
     # exited 0 (runner's "no_summary" says only that val_bpb is missing) and left a checkpoint
     if result.exit_code != 0 or not checkpoint.is_file():
-        return {**row, "status": result.crash_class or "crash", "reason": result.log_tail[-500:]}
+        return {
+            **row,
+            "status": result.crash_class or Status.crash,
+            "reason": result.log_tail[-500:],
+        }
     for split in ("val", "test"):
         ev = evaluate_checkpoint(
             root,

@@ -29,6 +29,7 @@ from .ledger import Ledger
 from .options import SessionOptions
 from .record import attempt_ref, branch_name, now
 from .slot import Sealing, fingerprinter
+from .status import Status
 from .workspace import TRAIN_FILE, data_manifest
 
 
@@ -214,7 +215,7 @@ def _interrupted_last(ledger: Ledger) -> dict | None:
     """
     exps = ledger.experiments()
     last = exps[-1] if exps else None
-    if last is None or last.status != "interrupted" or not last.commit:
+    if last is None or last.status != Status.interrupted or not last.commit:
         return None
     return {
         "phase": "training",

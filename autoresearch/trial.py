@@ -28,7 +28,7 @@ from . import noise, runner
 from .display import Display
 from .options import SessionOptions
 from .slot import RunOutcome, Slot
-from .status import Status
+from .status import CrashClass, Decision, Status
 from .workspace import TRAIN_FILE
 
 FAILED_AS = (
@@ -101,8 +101,8 @@ class Trial:
                     if pair is not None:
                         wall += pair.result.wall_seconds
                         last = pair
-                        if pair.result.crash_class == "interrupted":
-                            status = "interrupted"
+                        if pair.result.crash_class == CrashClass.interrupted:
+                            status = Status.interrupted
                             break
                 purpose = "calibrate" if c.baseline else ("repeat" if rows else "candidate")
                 last = self._train(c.commit, c.description, run, purpose, partner=partner)
@@ -113,11 +113,11 @@ class Trial:
                     break
                 continue
             if c.baseline:
-                status = "keep"
+                status = Status.keep
                 break
             gains = m.gains(rows)
             if not gains:  # the best could not be trained again and had no run to pair with
-                status = "discard"
+                status = Status.discard
                 break
             verdict = noise.judge(
                 gains,
@@ -125,7 +125,7 @@ class Trial:
                 min_delta=self.opts.min_delta,
                 max_repeats=self.opts.max_repeats,
             )
-            if verdict.decision != "repeat":
+            if verdict.decision != Decision.repeat:
                 status = verdict.decision
                 break
             needed += 1

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from .procs import KILL_CONFIRM_S, kill_leftovers, signal_group
+from .status import CrashClass
 
 KILL_GRACE_S = 5.0  # seconds between SIGTERM and SIGKILL: room for the child to flush and exit
 DRAIN_S = 2.0  # seconds to wait for the pipe to close once the child and its group are gone
@@ -212,13 +213,13 @@ def watch(
             reason = None
             over_at = deadline() if deadline is not None else None
             if cancel is not None and cancel.is_set():
-                reason = "interrupted"
+                reason = CrashClass.interrupted
             elif now >= started + timeout:
-                reason = "timeout"
+                reason = CrashClass.timeout
             elif stall_timeout is not None and now >= run.reader.last_output + stall_timeout:
-                reason = "stall"
+                reason = CrashClass.stall
             elif over_at is not None and now >= over_at:
-                reason = "over_budget"
+                reason = CrashClass.over_budget
             if reason is not None:
                 run.terminate(reason)
                 killed_at = now
