@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from . import noise, record, resume
+from . import noise, proposals, record, resume
 from .agent import Agent, AgentExhausted, Context, InvalidProposal, Proposal, check_endpoint
 from .coordinator import BASELINE_CRASHED, Coordinator
 from .display import Display
@@ -42,7 +42,6 @@ from .proposals import (  # noqa: F401 - normalized_hash, seed_only_change: impo
     Proposer,
     Sources,
     context,
-    duplicate_of,
     normalized_hash,
     seed_only_change,
 )
@@ -321,24 +320,14 @@ class Session:
     def refusal(
         self, proposal: Proposal, in_flight: Sequence[tuple[int, str, str]] = ()
     ) -> str | None:
-        """Why a proposal is recorded as invalid without training, if it is: the same train.py
-        as a recorded experiment or one in flight (`in_flight`: (id, commit, description)),
-        or new seeds only."""
-        duplicate = duplicate_of(proposal.source, self.ledger.experiments(), self.sources)
-        if duplicate is None:
-            same = normalized_hash(proposal.source)
-            duplicate = next(
-                (i for i, c, _ in in_flight if normalized_hash(self.sources(c)) == same), None
-            )
-        if duplicate is not None:
-            return f"train.py identical to experiment {duplicate:04d}"
-        seeds = seed_only_change(self.sources(self.best()), proposal.source)
-        if seeds:
-            return (
-                f"only the random seed changed ({', '.join(seeds)}): a new seed "
-                "measures noise, not an idea"
-            )
-        return None
+        """proposals.refusal for this session's record and best."""
+        return proposals.refusal(
+            proposal.source,
+            self.ledger.experiments(),
+            self.sources,
+            best=self.best(),
+            in_flight=in_flight,
+        )
 
     def _commit(self, exp_id: int, proposal: Proposal, fix_of: int | None) -> Candidate:
         """Commit the proposal's train.py on the branch, with its attempt ref and artifacts."""

@@ -62,6 +62,32 @@ def duplicate_of(
     return None
 
 
+def refusal(
+    source: str,
+    exps: Sequence[Experiment],
+    sources: Callable[[str], str],
+    *,
+    best: str,
+    in_flight: Sequence[tuple[int, str, str]] = (),
+) -> str | None:
+    """Why a proposed train.py (`source`) is recorded as invalid without training, if it is:
+    the same train.py as a recorded experiment or one in flight (`in_flight`: (id, commit,
+    description)), or the best commit's (`best`) with new seeds only."""
+    duplicate = duplicate_of(source, exps, sources)
+    if duplicate is None:
+        same = normalized_hash(source)
+        duplicate = next((i for i, c, _ in in_flight if normalized_hash(sources(c)) == same), None)
+    if duplicate is not None:
+        return f"train.py identical to experiment {duplicate:04d}"
+    seeds = seed_only_change(sources(best), source)
+    if seeds:
+        return (
+            f"only the random seed changed ({', '.join(seeds)}): a new seed "
+            "measures noise, not an idea"
+        )
+    return None
+
+
 def context(
     root: Path,
     exps: Sequence[Experiment],
