@@ -291,6 +291,15 @@ def _checkpoint(ws: Path, source: str, tmp_path: Path) -> tuple[Path, Path]:
     return variant / "train.py", variant / "model.pt"
 
 
+def _variant(ws: Path, source: str, tmp_path: Path) -> tuple[Path, Path]:
+    """`source` as train.py beside STUB's checkpoint, for an edit of STUB that leaves its
+    parameters and their initialisation alone (a forward, an import, a print): the checkpoint
+    such a train.py saves is STUB's, so no child builds it again."""
+    train, checkpoint = _checkpoint(ws, STUB, tmp_path)
+    train.write_text(source)
+    return train, checkpoint
+
+
 def _evaluate(ws: Path, train: Path, checkpoint: Path, tmp_path: Path, **kw):
     dataset = active_dataset()
     prints = Fingerprinter(ws, dataset, "cpu", 5.0).take()
@@ -430,7 +439,7 @@ def test_an_evaluator_started_ahead_exits_when_let_go(cache: Path, ws: Path) -> 
 def test_cheating_models_are_rejected(
     cache: Path, ws: Path, tmp_path: Path, change: tuple[str, str], words: str, ahead: bool
 ) -> None:
-    train, checkpoint = _checkpoint(ws, edit(STUB, change), tmp_path)
+    train, checkpoint = _variant(ws, edit(STUB, change), tmp_path)  # the forward changes
     result = _evaluate(ws, train, checkpoint, tmp_path, ahead=ahead)
     assert result.status == "rejected", result
     assert words in result.reason
@@ -453,8 +462,7 @@ def test_forged_result_line_and_tensor_subclass(cache: Path, ws: Path, tmp_path:
             "os._exit(0)\n",
         ),
     )
-    train, checkpoint = _checkpoint(ws, forged.replace("os._exit(0)\n", ""), tmp_path)
-    train.write_text(forged)
+    train, checkpoint = _variant(ws, forged, tmp_path)
     result = _evaluate(ws, train, checkpoint, tmp_path)
     assert result.status == "error" and "ended without an answer" in result.reason
     assert result.val_bpb is None
@@ -477,7 +485,7 @@ def test_forged_result_line_and_tensor_subclass(cache: Path, ws: Path, tmp_path:
         ),
     )
     for cheat in (subclass, edit(STUB, PATCH_AT_IMPORT)):
-        train, checkpoint = _checkpoint(ws, cheat, tmp_path)
+        train, checkpoint = _variant(ws, cheat, tmp_path)
         result = _evaluate(ws, train, checkpoint, tmp_path)
         assert result.status == "ok" and result.val_bpb == pytest.approx(honest.val_bpb), result
 
