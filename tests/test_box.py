@@ -152,7 +152,7 @@ def _cmdlines() -> list[bytes]:
 
 
 def test_unsandboxed_is_recorded(cache: Path, tmp_path: Path) -> None:
-    ws = make_workspace(tmp_path / "ws", STUB)
+    ws = make_workspace(tmp_path / "ws")  # loopkit's stub trainer: what it trains is no matter
     session(ws, Scripted([]), unsandboxed=True, sealed=False).run()  # the record is the point
     recorded = json.loads((ws / "runs" / TAG / "session.json").read_text())["sandbox"]
     assert recorded["unsandboxed"] is True
@@ -229,7 +229,7 @@ def test_a_missing_box_stops_the_session_unless_unsandboxed(
     here), a session stops before anything is written, saying what to install and that
     --unsandboxed runs without the box; with --unsandboxed it runs and says so in
     session.json."""
-    ws = make_workspace(tmp_path / "ws", STUB)
+    ws = make_workspace(tmp_path / "ws")  # loopkit's stub trainer: what it trains is no matter
     missing = sandbox.Box(False, "no box: `bwrap` not found (install the bubblewrap package)")
     monkeypatch.setattr(sandbox, "probe", lambda: missing)
     # unsealed: the box is required all the same, and no evaluator process is needed here

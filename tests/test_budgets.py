@@ -50,9 +50,11 @@ def test_max_cost_stops_the_session_and_is_recorded(tmp_path: Path) -> None:
 
 
 def test_max_hours_stops_the_session_and_is_recorded(tmp_path: Path) -> None:
-    # The baseline trains for 4.5 s, past the 3.6 s that 0.001 hours allow.
+    # The baseline trains for 4.5 s, past the 3.6 s that 0.001 hours allow; one run of it (the
+    # cpu preset's default calibrates with two, 9 s, which the limit does not need).
     ws = make_workspace(tmp_path / "ws", STUB_TRAIN.replace("SLEEP = 0.0", "SLEEP = 1.5"))
-    proc = cli(ws, *run_args("h", "--agent", "tuner", "--max-hours", "0.001"), env=_env(tmp_path))
+    args = run_args("h", "--agent", "tuner", "--max-hours", "0.001", "--calibrate", "1")
+    proc = cli(ws, *args, env=_env(tmp_path))
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert len((ws / "runs/h/experiments.jsonl").read_text().splitlines()) == 1  # the baseline
     assert _session(ws, "h")["end_reason"] == "reached --max-hours 0.001"

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from fakellm import FakeLLM
 from loopkit import (
-    STUB_TRAIN,
     git,
     make_workspace,
     openai_args,
@@ -181,11 +180,9 @@ def test_ctrl_c_twice_records_why_and_resume_trains_the_experiment_again(
 ) -> None:
     """Ctrl-C twice kills experiment 2 mid-run: session.json says why, `status` says it
     ended, and --resume trains the same commit again as experiment 3."""
-    (ws / "train.py").write_text(STUB_TRAIN.replace("SLEEP = 0.0", "SLEEP = 0.3"))
-    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "slower stub")
     folder = tmp_path / "patches"
     folder.mkdir()
-    slower = ("SLEEP = 0.3  # seconds per step", "SLEEP = 2.0  # seconds per step")
+    slower = ("SLEEP = 0.0  # seconds per step", "SLEEP = 2.0  # seconds per step")  # not the base
     (folder / "01.txt").write_text(reply("LR to 0.06, slowly", LR, slower))
     log = tmp_path / "out.log"
     command = [sys.executable, "-m", "autoresearch", *run_args(TAG, *replay_args(folder), n=3)]

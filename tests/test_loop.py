@@ -332,10 +332,14 @@ def test_sigkill_mid_commit_then_resume(ws: Path, env: dict, tmp_path: Path) -> 
 def test_ctrl_c_once_finishes_the_experiment_then_stops(
     ws: Path, env: dict, tmp_path: Path
 ) -> None:
-    (ws / "train.py").write_text(STUB_TRAIN.replace("SLEEP = 0.0", "SLEEP = 0.5"))
-    git(ws, "commit", "-qam", "slow stub")
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    slow = ("SLEEP = 0.0  # seconds per step", "SLEEP = 0.5  # seconds per step")  # not the base
+    (patches / "01.txt").write_text(
+        reply("slow LR 0.06", ("LR = 0.04  # learning rate", "LR = 0.06  # learning rate"), slow)
+    )
     log = tmp_path / "out.log"
-    proc = _start(ws, env, _patches(tmp_path), 3, log)
+    proc = _start(ws, env, patches, 3, log)
     _wait_for(lambda: _state(ws).get("phase") == "training" and _state(ws).get("id") == 2)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0, log.read_text()

@@ -257,6 +257,21 @@ def ws(tmp_path: Path) -> Path:
     return make_workspace(tmp_path / "ws", STUB)
 
 
+QUICK_EVAL = ('"EVAL_TOKENS": 2**16,', '"EVAL_TOKENS": 2**13,')  # in the cpu preset
+
+
+@pytest.fixture
+def quick_ws(ws: Path) -> Path:
+    """`ws` with prepare.py's cpu preset scoring 2**13 validation tokens instead of 2**16: two
+    batches of 16 rows, both probed for causality. The verdicts of the evaluator tests do not
+    depend on how many tokens are scored, and scoring is most of an evaluation's time; the
+    sessions that compare trained models keep the preset's 2**16."""
+    prepare = ws / "prepare.py"
+    prepare.write_text(edit(prepare.read_text(), QUICK_EVAL))
+    git(ws, "commit", "-qm", "score fewer validation tokens", "--", "prepare.py")
+    return ws
+
+
 # ---------------------------------------------------------------------------------------------
 # The evaluator on its own: checkpoints made here, train.py edited, one child process each.
 
@@ -289,6 +304,15 @@ def _checkpoint(ws: Path, source: str, tmp_path: Path) -> tuple[Path, Path]:
     variant = tmp_path / "variant"
     shutil.copytree(built, variant, dirs_exist_ok=True)
     return variant / "train.py", variant / "model.pt"
+
+
+def _variant(ws: Path, source: str, tmp_path: Path) -> tuple[Path, Path]:
+    """`source` as train.py beside STUB's checkpoint, for an edit of STUB that leaves its
+    parameters and their initialisation alone (a forward, an import, a print): the checkpoint
+    such a train.py saves is STUB's, so no child builds it again."""
+    train, checkpoint = _checkpoint(ws, STUB, tmp_path)
+    train.write_text(source)
+    return train, checkpoint
 
 
 def _evaluate(ws: Path, train: Path, checkpoint: Path, tmp_path: Path, **kw):
@@ -333,8 +357,10 @@ def _honest(ws: Path, tmp_path: Path):
     return _HONEST[key]
 
 
-def test_honest_checkpoint_is_measured_and_probed(cache: Path, ws: Path, tmp_path: Path) -> None:
-    result = _honest(ws, tmp_path)
+def test_honest_checkpoint_is_measured_and_probed(
+    cache: Path, quick_ws: Path, tmp_path: Path
+) -> None:
+    result = _honest(quick_ws, tmp_path)
     assert result.status == "ok", result
     assert result.causal is True
     assert result.num_params == 8192 * 16 + 16 * 8192 + 8192
@@ -428,21 +454,23 @@ def test_an_evaluator_started_ahead_exits_when_let_go(cache: Path, ws: Path) -> 
     ids=["peek-ahead", "mix-rows"],
 )
 def test_cheating_models_are_rejected(
-    cache: Path, ws: Path, tmp_path: Path, change: tuple[str, str], words: str, ahead: bool
+    cache: Path, quick_ws: Path, tmp_path: Path, change: tuple[str, str], words: str, ahead: bool
 ) -> None:
-    train, checkpoint = _checkpoint(ws, edit(STUB, change), tmp_path)
-    result = _evaluate(ws, train, checkpoint, tmp_path, ahead=ahead)
+    train, checkpoint = _variant(quick_ws, edit(STUB, change), tmp_path)  # the forward changes
+    result = _evaluate(quick_ws, train, checkpoint, tmp_path, ahead=ahead)
     assert result.status == "rejected", result
     assert words in result.reason
     assert result.val_bpb is None
 
 
-def test_forged_result_line_and_tensor_subclass(cache: Path, ws: Path, tmp_path: Path) -> None:
+def test_forged_result_line_and_tensor_subclass(
+    cache: Path, quick_ws: Path, tmp_path: Path
+) -> None:
     """train.py prints a result line at import and exits: no number. It returns a tensor
     subclass that would rewrite the loss, or replaces prepare.evaluate_bpb at import: no effect,
     since only plain float32 logits leave its model process and the metric is computed in
     another one: the honest number."""
-    honest = _honest(ws, tmp_path)
+    honest = _honest(quick_ws, tmp_path)
     assert honest.status == "ok", honest
     forged = edit(
         STUB,
@@ -453,9 +481,8 @@ def test_forged_result_line_and_tensor_subclass(cache: Path, ws: Path, tmp_path:
             "os._exit(0)\n",
         ),
     )
-    train, checkpoint = _checkpoint(ws, forged.replace("os._exit(0)\n", ""), tmp_path)
-    train.write_text(forged)
-    result = _evaluate(ws, train, checkpoint, tmp_path)
+    train, checkpoint = _variant(quick_ws, forged, tmp_path)
+    result = _evaluate(quick_ws, train, checkpoint, tmp_path)
     assert result.status == "error" and "ended without an answer" in result.reason
     assert result.val_bpb is None
 
@@ -477,30 +504,32 @@ def test_forged_result_line_and_tensor_subclass(cache: Path, ws: Path, tmp_path:
         ),
     )
     for cheat in (subclass, edit(STUB, PATCH_AT_IMPORT)):
-        train, checkpoint = _checkpoint(ws, cheat, tmp_path)
-        result = _evaluate(ws, train, checkpoint, tmp_path)
+        train, checkpoint = _variant(quick_ws, cheat, tmp_path)
+        result = _evaluate(quick_ws, train, checkpoint, tmp_path)
         assert result.status == "ok" and result.val_bpb == pytest.approx(honest.val_bpb), result
 
 
-def test_missing_or_unloadable_checkpoint(cache: Path, ws: Path, tmp_path: Path) -> None:
-    train, checkpoint = _checkpoint(ws, STUB, tmp_path)
-    missing = _evaluate(ws, train, tmp_path / "nowhere.pt", tmp_path)
+def test_missing_or_unloadable_checkpoint(cache: Path, quick_ws: Path, tmp_path: Path) -> None:
+    train, checkpoint = _checkpoint(quick_ws, STUB, tmp_path)
+    missing = _evaluate(quick_ws, train, tmp_path / "nowhere.pt", tmp_path)
     assert missing.status == "no_checkpoint" and "left no checkpoint" in missing.reason
     checkpoint.write_bytes(b"not a checkpoint")
-    broken = _evaluate(ws, train, checkpoint, tmp_path)
+    broken = _evaluate(quick_ws, train, checkpoint, tmp_path)
     assert broken.status == "no_checkpoint" and "load_model" in broken.reason
 
 
 @pytest.mark.parametrize("ahead", [False, True], ids=["cold", "started-ahead"])
 def test_evaluator_refuses_a_changed_prepare(
-    cache: Path, ws: Path, tmp_path: Path, ahead: bool
+    cache: Path, quick_ws: Path, tmp_path: Path, ahead: bool
 ) -> None:
     """Started ahead, it finds the change before the go and says so after it (with the go's
     nonce, so the harness reads the reason)."""
-    train, checkpoint = _checkpoint(ws, STUB, tmp_path)
-    prints = Fingerprinter(ws, active_dataset(), "cpu", 5.0).take()
-    (ws / "prepare.py").write_text((ws / "prepare.py").read_text() + "\nEVAL_TOKENS = 256\n")
-    result = _evaluate(ws, train, checkpoint, tmp_path, fingerprints=prints, ahead=ahead)
+    train, checkpoint = _checkpoint(quick_ws, STUB, tmp_path)
+    prints = Fingerprinter(quick_ws, active_dataset(), "cpu", 5.0).take()
+    (quick_ws / "prepare.py").write_text(
+        (quick_ws / "prepare.py").read_text() + "\nEVAL_TOKENS = 256\n"
+    )
+    result = _evaluate(quick_ws, train, checkpoint, tmp_path, fingerprints=prints, ahead=ahead)
     assert result.status == "error" and "prepare.py does not match" in result.reason
 
 
@@ -588,23 +617,25 @@ def test_training_past_the_budget_is_not_evaluated(cache: Path, ws: Path) -> Non
     assert git(ws, "rev-parse", "HEAD") == base["commit"]
 
 
-def test_training_before_the_first_step_line_is_not_evaluated(cache: Path, ws: Path) -> None:
+def test_training_before_the_first_step_line_is_not_evaluated(cache: Path, quick_ws: Path) -> None:
     """A candidate that trains for 10 CPU s before its first step line, against TIME_BUDGET
     5 s and a 3 s grace on the cpu clock, which counts from launch: stopped once past 8 CPU s,
     `crash`, class `over_budget`, never evaluated; the baseline is kept. No wall-clock limit
     decides it, so a loaded machine gives the same verdict."""
     steps = [("train before the clock starts", lambda s: edit(s, TRAIN_BEFORE_FIRST_STEP))]
-    result = session(ws, Scripted(steps), time_budget=5.0, budget_grace=3.0, timeout=600.0).run()
+    result = session(
+        quick_ws, Scripted(steps), time_budget=5.0, budget_grace=3.0, timeout=600.0
+    ).run()
     assert result.reason == "agent has no more proposals (script done)"
-    base, early = records(ws)
+    base, early = records(quick_ws)
     assert base["status"] == "keep" and base["val_bpb"] is not None
     assert (early["status"], early["crash_class"]) == ("crash", "over_budget")
     tail = early["extra"]["log_tail"]
     assert "[autoresearch] over budget: " in tail and "CPU s since launch" in tail
     assert early["exit_code"] == -15
     assert "eval_wall_s" not in early["extra"] and early["val_bpb"] is None
-    assert not list((ws / "runs" / TAG).glob("*/checkpoint.pt"))
-    assert git(ws, "rev-parse", "HEAD") == base["commit"]
+    assert not list((quick_ws / "runs" / TAG).glob("*/checkpoint.pt"))
+    assert git(quick_ws, "rev-parse", "HEAD") == base["commit"]
 
 
 @pytest.mark.slow  # whole sessions with real children: minutes on two cores

@@ -38,7 +38,10 @@ def ws(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    return stub_cli_env(tmp_path)
+    """stub_cli_env on the cpu device, as the other commands' tests pass `--device cpu`: left
+    to the hardware, every `try` imports torch to ask for a GPU (2 CPU s). The first `try` of
+    test_keep_discard_crash_and_the_session_is_runs leaves it to the hardware."""
+    return {**stub_cli_env(tmp_path), "AUTORESEARCH_DEVICE": "cpu"}
 
 
 def edit(ws: Path, old: str, new: str) -> None:
@@ -81,7 +84,8 @@ def test_keep_discard_crash_and_the_session_is_runs(ws: Path, env: dict) -> None
     `status`, `show`, `log` read the session and `run --resume` continues it."""
     base = git(ws, "rev-parse", "HEAD")
     edit(ws, LR, "LR = 0.06  # learning rate")
-    code, v = try_json(ws, "LR to 0.06", env)
+    auto = {k: v for k, v in env.items() if k != "AUTORESEARCH_DEVICE"}  # as a user runs it
+    code, v = try_json(ws, "LR to 0.06", auto)
     assert (code, v["status"], v["id"]) == (0, "keep", 2), v
     assert v["val_bpb"] == pytest.approx(stub_bpb(lr=0.06))
     assert v["best_before"] == pytest.approx(stub_bpb())
