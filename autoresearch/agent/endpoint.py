@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import re
 from json import JSONDecodeError
+from typing import TYPE_CHECKING
 
-import openai
-from openai.types.chat import ChatCompletion
+if TYPE_CHECKING:  # imported where an endpoint is used: the SDK costs ~0.7 s of CPU, and every
+    # command (`status`, `--help`) would pay it at start-up through the agent registry
+    import openai
+    from openai.types.chat import ChatCompletion
 
 from ..errors import AgentError, UsageError
 from . import prompts
@@ -57,6 +60,8 @@ class OpenAIAgent(ChatAgent):
         max_retries: int = CLIENT_MAX_RETRIES,
         max_attempts: int = MAX_ATTEMPTS,
     ) -> None:
+        import openai
+
         if model is None and base_url is None:
             raise UsageError(
                 "name the model with --model (e.g. --model gpt-4.1), or give --base-url"
@@ -92,6 +97,8 @@ class OpenAIAgent(ChatAgent):
         model (llama.cpp serves any name, proxies list aliases), a one-token completion decides.
         A rate limit here is not a failure: the endpoint exists and the session waits it out.
         """
+        import openai
+
         client = self._client.with_options(
             max_retries=1, timeout=min(CHECK_TIMEOUT_S, self.timeout)
         )
@@ -125,6 +132,8 @@ class OpenAIAgent(ChatAgent):
     ) -> None:
         """Raise EndpointError for a failed check request, or return when the failure says
         nothing against the endpoint (a route it does not have, a parameter it refuses)."""
+        import openai
+
         where = self.base_url or "the OpenAI API"
         if isinstance(exc, openai.APIConnectionError):
             reason = (
@@ -168,6 +177,8 @@ class OpenAIAgent(ChatAgent):
 
     def resolve_model(self) -> str:
         """The configured model, or the first one a local server lists."""
+        import openai
+
         if self.model is None:
             try:
                 models = [m.id for m in self._client.models.list()]
@@ -194,6 +205,8 @@ class OpenAIAgent(ChatAgent):
         )
 
     def _request(self, model: str, messages: list[dict]) -> ChatCompletion:
+        import openai
+
         where = self.base_url or "the OpenAI API"
         try:
             return self._client.chat.completions.create(model=model, messages=messages)
