@@ -126,6 +126,16 @@ def _gone(pid: int) -> bool:
     return False
 
 
+def _gated_workspace(tmp_path: Path) -> tuple[Path, Path]:
+    """A workspace whose train.py waits at its gate file (GATED_TRAIN), and that file."""
+    gate = tmp_path / "gate"
+    source = GATED_TRAIN.replace(
+        "SLEEP = 0.0  # seconds per step\n",
+        f"SLEEP = 0.0  # seconds per step\nGATE = {str(gate)!r}\n",
+    )
+    return make_workspace(tmp_path / "ws", source), gate
+
+
 def _patches(tmp_path: Path, *replies: str) -> Path:
     patches = tmp_path / "patches"
     patches.mkdir()
@@ -162,12 +172,7 @@ def test_a_session_on_ray_retrains_a_run_whose_worker_was_killed_and_records_it_
     """`--backend ray --workers 2`: the baseline's Ray worker is killed mid-run (SIGKILL to the
     pid the run wrote); the baseline is trained again and recorded once, then two candidates
     train as Ray tasks; the record, the branch and the measurements agree."""
-    gate = tmp_path / "gate"
-    source = GATED_TRAIN.replace(
-        "SLEEP = 0.0  # seconds per step\n",
-        f"SLEEP = 0.0  # seconds per step\nGATE = {str(gate)!r}\n",
-    )
-    ws = make_workspace(tmp_path / "ws", source)
+    ws, gate = _gated_workspace(tmp_path)
     env = stub_cli_env(tmp_path)
     patches = _patches(
         tmp_path,
@@ -275,12 +280,7 @@ def test_a_session_on_ray_killed_9_mid_run_resumes_and_records_every_run_once(
 ) -> None:
     """The coordinator is killed (SIGKILL) while its baseline trains as a Ray task; `--resume`
     trains it again on the cluster and the record holds every experiment once."""
-    gate = tmp_path / "gate"
-    source = GATED_TRAIN.replace(
-        "SLEEP = 0.0  # seconds per step\n",
-        f"SLEEP = 0.0  # seconds per step\nGATE = {str(gate)!r}\n",
-    )
-    ws = make_workspace(tmp_path / "ws", source)
+    ws, gate = _gated_workspace(tmp_path)
     env = stub_cli_env(tmp_path)
     patches = _patches(tmp_path, reply("LR to 0.06", _lr("0.04", "0.06")))
     args = run_args(TAG, *replay_args(patches), "--backend", "ray", "--workers", "2", n=2)
