@@ -702,22 +702,25 @@ def test_prepare_edited_between_runs_stops_the_session(cache: Path, ws: Path) ->
 def test_confirm_prints_baseline_and_best_on_test(cache: Path, ws: Path) -> None:
     session(ws, Scripted([("more steps", lambda s: edit(s, MORE_STEPS))])).run()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "COLUMNS": "120"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "autoresearch", "confirm", "--tag", TAG, "--workspace", str(ws)],
-        cwd=ws,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+
+    def confirm(*extra: str, env: dict) -> tuple[subprocess.CompletedProcess, dict]:
+        """`autoresearch confirm` in a child, and the confirm record it left."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "autoresearch", "confirm", "--tag", TAG, *extra,
+             "--workspace", str(ws)],
+            cwd=ws, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        return proc, json.loads((ws / "runs" / TAG / "session.json").read_text()).get("confirm")
+
+    proc, record = confirm(env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "held-out test split" in proc.stdout
     assert "baseline" in proc.stdout and "best" in proc.stdout and "Δ" in proc.stdout
-    rows = json.loads((ws / "runs" / TAG / "session.json").read_text())["confirm"]["rows"]
+    rows = record["rows"]
     assert [r["role"] for r in rows] == ["baseline", "best"]
     assert all(r["status"] == "ok" for r in rows)
     assert rows[1]["test_bpb"] < rows[0]["test_bpb"]
-    assert json.loads((ws / "runs" / TAG / "session.json").read_text())["confirm"]["boxed"]
+    assert record["boxed"]
 
     # Where the box is missing (no bwrap on PATH), confirm refuses as the session would,
     # before any evaluation, unless told --unsandboxed.
@@ -725,23 +728,12 @@ def test_confirm_prints_baseline_and_best_on_test(cache: Path, ws: Path) -> None
     bare.mkdir()
     (bare / "git").symlink_to(shutil.which("git"))
     no_box = {**env, "PATH": str(bare)}
-    command = [sys.executable, "-m", "autoresearch", "confirm", "--tag", TAG]
-    refused = subprocess.run(
-        [*command, "--workspace", str(ws)], cwd=ws, env=no_box, capture_output=True, text=True
-    )
+    refused, _ = confirm(env=no_box)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "bubblewrap" in refused.stderr and "--unsandboxed" in refused.stderr
     assert "evaluating" not in refused.stdout
-    allowed = subprocess.run(
-        [*command, "--unsandboxed", "--workspace", str(ws)],
-        cwd=ws,
-        env=no_box,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    allowed, again = confirm("--unsandboxed", env=no_box)
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
-    again = json.loads((ws / "runs" / TAG / "session.json").read_text())["confirm"]
     assert again["boxed"] is False  # recorded: this confirm ran without the box
     assert [r["test_bpb"] for r in again["rows"]] == pytest.approx([r["test_bpb"] for r in rows])
 
