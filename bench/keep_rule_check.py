@@ -8,12 +8,12 @@ than one step, so every run trains exactly two steps (step 0 is untimed): on a C
 seed then gives the same val_bpb to the last bit, whatever the machine's load, and what
 varies is only what the seed does. (With a wall-clock budget of seconds on a busy two-core
 machine the step count itself varied from 2 to 4 between runs, and moved val_bpb by ~0.1 a
-step: that noise is the clock's, docs/benchmarks.md.) The `replay` agent then proposes, in
+step: that noise is the clock's, bench/LOG.md.) The `replay` agent then proposes, in
 this order:
 
 1. neutral: `rotate` renamed `apply_rotary` (the same computation);
 2. good: UNEMBEDDING_LR back to 0.004 (its gain is measured beforehand with bench/noise.py
-   over 10 seeds, docs/benchmarks.md);
+   over 10 seeds, bench/LOG.md);
 3. neutral: the rotary halves taken with `split` instead of two slices (same values);
 4. neutral: rms_norm's shape from `x.shape[-1:]` instead of `(x.size(-1),)`.
 
