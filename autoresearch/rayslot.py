@@ -428,7 +428,7 @@ class RaySlot(Slot):
 
     def _placed(self, place: Place) -> Place:
         """`place` as this slot's card from now on; a change is shown."""
-        if self._place is not None and self._place.key() != place.key():
+        if self._place is not None and self._place.label() != place.label():
             self.display.note(f"slot {self.name} now trains on {place.label()}")
         self._place = place
         self.card = place.label()

@@ -71,7 +71,7 @@ GATED_TRAIN = STUB_TRAIN.replace(
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    """A Ray cluster of this host with two CPUs, for the module; its address. Ray 2.5x turns
+    """A Ray cluster of this host with two CPUs, for the module; its address. Ray 2.60 turns
     on token authentication for a cluster ray.init starts and, given no token, writes one to
     ~/.ray/auth_token: the token is given here (the sessions inherit it), and HOME is a
     temporary folder in which nothing may appear."""
@@ -299,6 +299,7 @@ def test_a_session_on_ray_retrains_a_run_whose_actor_was_killed_and_records_it_o
     assert [r["seed"] for r in baseline] == [seed_of(0), seed_of(1)]
     old, new = (r["card"] for r in baseline)
     assert old != new, baseline  # the record shows the new actor
+    assert f"slot {baseline[0]['slot']} now trains on {new}" in text, text
     assert len(trained) == len(rows) + 1  # every run measured once, and the lost one
     cards = _by_slot(rows)
     killed = baseline[0]["slot"]
