@@ -14,6 +14,7 @@ runs anyway.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import secrets
@@ -21,7 +22,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -399,6 +402,87 @@ def test_a_session_on_ray_killed_9_mid_run_resumes_and_records_every_run_once(
     assert sorted(r["seed"] for r in rows if r["exp"] == 1) == [seed_of(0), seed_of(1)]
     assert git(ws, "status", "--porcelain") == ""
     assert not (ws / "runs" / TAG / "state.json").exists()  # nothing in flight
+
+
+def _ray_slot(tmp_path: Path, cluster: str, seed: int | None = None):
+    """A RaySlot of this process over a gated workspace (see _gated_workspace), unsealed and
+    unboxed; the slot, its gate and what its display printed."""
+    from rich.console import Console
+
+    from autoresearch.display import Display
+    from autoresearch.rayslot import RaySlot
+    from autoresearch.runner import network_isolation
+    from autoresearch.slot import Sealing
+
+    ws, gate = _gated_workspace(tmp_path, seed)
+    opts = SessionOptions(TAG, "cpu", "cpu", 10.0, sealed=False, unsandboxed=True,
+                          backend="ray", address=cluster)  # fmt: skip
+    shown = io.StringIO()
+    slot = RaySlot(
+        ws, opts, Sealing(None, network_isolation(), {}), Display(Console(file=shown, width=400)),
+        threading.Event(), mark=lambda key, marker: None, name="0", address=cluster,
+    )  # fmt: skip
+    return slot, gate, shown
+
+
+@pytest.mark.slow  # the cluster's start, unless another test of the module started it
+@needs_ray
+def test_a_slot_whose_actor_died_between_runs_pairs_on_its_new_actor(
+    cluster: str, tmp_path: Path
+) -> None:
+    """The actor of a slot is killed while the slot waits between runs: asking for the slot's
+    card (before a pairing) finds it dead and starts a new actor, whose card is the slot's
+    from then on; the next run trains there; closing the slot ends its actor."""
+    slot, gate, shown = _ray_slot(tmp_path, cluster)
+    gate.touch()
+    pids = Path(str(gate) + ".pids")
+    try:
+        first = slot.train(1, tmp_path / "0001", "baseline", "run.log", 0, keep=False)
+        assert first.result.ok, first.result.log_tail
+        assert (tmp_path / "0001" / "run.log").is_file()  # the log came back
+        old, actor = slot.card, int(pids.read_text().split()[0])
+        os.kill(actor, signal.SIGKILL)
+        assert _gone(actor)
+        assert slot.card_key() is None  # the cpu: pairs within the slot
+        assert slot.card != old and "Ray actor" in slot.card
+        text = " ".join(shown.getvalue().split())
+        assert f"slot 0: its Ray actor ({old}) was lost" in text, text
+        assert f"slot 0 now trains on {slot.card}" in text, text
+        second = slot.train(1, tmp_path / "0001", "baseline", "run-2.log", 1, keep=False)
+        assert second.result.ok, second.result.log_tail
+        new = int(pids.read_text().split()[1])
+        assert new != actor  # the new actor trained it
+        assert slot.card != old
+    finally:
+        slot.close()
+    assert _gone(new)  # its card went back to the cluster
+
+
+@pytest.mark.slow  # the cluster's start, unless another test of the module started it
+@needs_ray
+def test_ctrl_c_twice_kills_a_ray_slots_actor_and_its_run(cluster: str, tmp_path: Path) -> None:
+    """With a run in flight, cancelling the session's runs (Ctrl-C twice) kills the slot's
+    actor, and with it the run, which comes back `interrupted`."""
+    slot, gate, _ = _ray_slot(tmp_path, cluster)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(
+                slot.train, 1, tmp_path / "0001", "baseline", "run.log", 0, keep=False
+            )
+            deadline = time.monotonic() + 300  # guards a hang only
+            held = Path(str(gate) + ".held")
+            while not held.is_file() or not held.read_text().endswith("\n"):
+                assert not running.done(), running.result()
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            actor, child = (int(pid) for pid in held.read_text().split())
+            slot.cancel.set()
+            outcome = running.result(timeout=300)
+        assert outcome.result.crash_class == "interrupted"
+        assert _gone(actor) and _gone(child)
+    finally:
+        gate.touch()
+        slot.close()
 
 
 def test_a_node_probes_its_sandbox_once_per_session(tmp_path: Path) -> None:
