@@ -453,13 +453,15 @@ class RaySlot(Slot):
 
 
 def _check_capacity(ray: Any, resource: str, workers: int) -> None:
-    """UsageError when the cluster has fewer `resource` (GPU, CPU) than slots."""
+    """UsageError when the cluster has fewer `resource` (GPU, CPU) than slots. The session
+    has begun (its branch exists) when the slots are made, so the message says --resume."""
     has = int(ray.cluster_resources().get(resource, 0))
     if has < workers:
-        fewer = f"give --workers {has} or fewer, or add nodes" if has else "add nodes with some"
+        more = f"add nodes with {resource}s to the cluster and continue with --resume"
+        then = f"continue with --resume --workers {has} or fewer, or {more}" if has else more
         raise UsageError(
             f"--workers {workers}: the Ray cluster has {has or 'no'} {resource}s, and each "
-            f"slot holds one for the session; {fewer}"
+            f"slot holds one for the session; {then}"
         )
 
 

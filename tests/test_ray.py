@@ -543,7 +543,7 @@ def test_a_session_asks_for_no_more_slots_than_the_cluster_has_cards(cluster: st
     from autoresearch.rayslot import _check_capacity
 
     _check_capacity(ray, "CPU", 2)  # the module's cluster: two CPUs
-    with pytest.raises(UsageError, match="has 2 CPUs.*give --workers 2 or fewer"):
+    with pytest.raises(UsageError, match="has 2 CPUs.*--resume --workers 2 "):
         _check_capacity(ray, "CPU", 3)
     with pytest.raises(UsageError, match="has no GPUs"):
         _check_capacity(ray, "GPU", 1)
