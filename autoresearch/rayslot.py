@@ -305,8 +305,8 @@ class _Quiet:
         return lambda *args, **kwargs: None
 
 
-class _Cancelled(Exception):
-    """Ctrl-C while a slot waited on its actor (internal to RaySlot)."""
+class _Cancelled(AutoresearchError):
+    """Ctrl-C while a slot waited on its actor (RaySlot turns it into an interrupted run)."""
 
 
 class RaySlot(Slot):
@@ -330,7 +330,13 @@ class RaySlot(Slot):
             exceptions.ObjectLostError,
         )
         self._actor: Any = None
-        self._place: Place | None = None  # where the actor's last answer came from
+        self._place: Place | None = None  # where the last answer of an actor came from
+        self._answered = False  # whether the live actor has answered (so _place is its)
+
+    def place(self) -> tuple[str, str | None]:
+        """(Ray node id, card UUID) of this slot's actor, asked of it now (see card_key)."""
+        place = self._where()
+        return place.node, place.gpu
 
     def card_key(self) -> tuple[str, str] | None:
         """The card of this slot's actor (None on the cpu), asked of the actor now: one that
@@ -371,6 +377,8 @@ class RaySlot(Slot):
             opts=self.opts, sealed=dict(self.sealing.sealed),
         )  # fmt: skip
         for attempt in range(1, LOST_RETRIES + 1):
+            if self.cancel.is_set():  # its actor is killed: start none for a run not to train
+                return _interrupted(exp_dir / log_name, run)
             if self._actor is None:
                 self._start_actor()
             try:
@@ -399,11 +407,12 @@ class RaySlot(Slot):
                 self._place.node, soft=True
             )
         self._actor = self._holder.options(**options).remote(self.opts.device)
+        self._answered = False
 
     def _lose(self, exc: Exception, what: str, then: str, attempt: int) -> None:
         """The actor is lost: killed for good (an unreachable one might still train), its
         replacement started at the next call."""
-        was = f" ({self._place.label()})" if self._place is not None else ""
+        was = f" ({self._place.label()})" if self._place is not None and self._answered else ""
         self.display.note(
             f"{what}: its Ray actor{was} was lost ({type(exc).__name__}); "
             f"{then} ({attempt}/{LOST_RETRIES})"
@@ -424,13 +433,13 @@ class RaySlot(Slot):
                 return self._ray.get(ref)
             if self.cancel.is_set():
                 self._kill()
-                raise _Cancelled
+                raise _Cancelled("the session's runs were cancelled (Ctrl-C)")
 
     def _placed(self, place: Place) -> Place:
         """`place` as this slot's card from now on; a change is shown."""
         if self._place is not None and self._place.label() != place.label():
             self.display.note(f"slot {self.name} now trains on {place.label()}")
-        self._place = place
+        self._place, self._answered = place, True
         self.card = place.label()
         return place
 
