@@ -18,8 +18,8 @@ Guarantees, on top of loop.py's:
   kills what a kill -9 left running and trains every unfinished experiment again; the runs
   that finished are in measurements.jsonl and count once.
 
-With `--backend ray` each slot is a rayslot.RaySlot: its runs are Ray tasks placed by Ray
-on any node of the cluster; the coordinator stays here.
+With `--backend ray` each slot is a rayslot.RaySlot: its runs train on the card of a Ray
+actor of its own, placed by Ray on any node of the cluster; the coordinator stays here.
 
 What it does not do: run two trainings on one card.
 """
@@ -106,7 +106,7 @@ class Coordinator:
         self.slots: list[Slot] = []
         self.trees: dict[str, SlotTree] = {}
         best = s.best()
-        ray = s.opts.backend == "ray"  # each slot's runs are Ray tasks (rayslot.py)
+        ray = s.opts.backend == "ray"  # each slot trains on a Ray actor (rayslot.py)
         for i, gpu in enumerate(s.opts.slot_gpus):
             name = str(i)
             tree = SlotTree(s.repo, s.ledger.run_dir / SLOTS_DIR / name, best)
@@ -414,6 +414,8 @@ class Coordinator:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        for slot in self.slots:  # a Ray slot gives its actor's card back to the cluster
+            slot.close()
         for tree in self.trees.values():
             tree.close(self.s.repo)
 
