@@ -110,6 +110,9 @@ def test_an_agent_defined_in_a_test_runs_a_session_through_the_cli(
     assert [float(r[1]) for r in rows] == [stub_bpb(0.04), stub_bpb(0.06), stub_bpb(0.07)]
     records = [json.loads(x) for x in (ws / "runs/walk/experiments.jsonl").read_text().splitlines()]
     assert [r["agent"].get("name") for r in records[1:]] == [registered, registered]
+    # a session of one slot records its clocks (record.session_extra), and no slot or card
+    assert {"session_s", "gpu_busy_s"} <= records[1]["extra"].keys()
+    assert not {"slot", "card"} & records[1]["extra"].keys()
     session = json.loads((ws / "runs/walk/session.json").read_text())
     assert "two proposals are all this agent has" in session["end_reason"]
 
