@@ -141,8 +141,8 @@ BUILT_IN = """
 from .base import RegisteredAgent
 
 
-class MineAgent(RegisteredAgent):
-    name = "mine"
+class ModuleWalkAgent(RegisteredAgent):
+    name = "module-walk-test"
     summary = "a built-in agent added as one module"
 """
 
@@ -154,7 +154,7 @@ def test_a_module_added_to_the_agent_package_is_a_built_in_agent(tmp_path: Path)
     package = Path(autoresearch.__file__).parent
     copy = tmp_path / "autoresearch"
     shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    (copy / "agent" / "mine.py").write_text(BUILT_IN, encoding="utf-8")
+    (copy / "agent" / "module_walk_test.py").write_text(BUILT_IN, encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "COLUMNS": "250"}
     code = (
         "import sys, autoresearch, autoresearch.cli, autoresearch.agent as agent; "
@@ -168,7 +168,7 @@ def test_a_module_added_to_the_agent_package_is_a_built_in_agent(tmp_path: Path)
     where, names, openai_loaded = done.stdout.splitlines()
     assert Path(where) == copy / "__init__.py"  # the copy, not the installed package
     assert names.split("|")[: len(agent_names())] == list(agent_names())
-    assert names.split("|")[len(agent_names()) :] == ["mine"]
+    assert names.split("|")[len(agent_names()) :] == ["module-walk-test"]
     assert openai_loaded == "False"
     shown = subprocess.run(
         [sys.executable, "-m", "autoresearch", "run", "--help"],
