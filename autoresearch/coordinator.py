@@ -319,14 +319,7 @@ class Coordinator:
     def _record(self, job: Job, t: TrialOutcome, reason: str | None):
         s, c = self.s, job.candidate
         best = s.ledger.best()
-        extra: dict = {"slot": job.slot.name, "session_s": s.session_seconds()}
-        extra["gpu_busy_s"] = round(sum(slot.train_wall for slot in self.slots), 1)
-        if job.slot.card:
-            extra["card"] = job.slot.card
-        if job.stale:
-            extra["rebased"] = job.stale
-        if reason:
-            extra["reason"] = reason
+        extra = record.session_extra(s, job.slot, self.slots, rebased=job.stale, reason=reason)
         exp = record.trial_experiment(
             c, t, tag=s.opts.tag, measurements=s.measurements,
             best_val=best.val_bpb if best else None, min_delta=s.opts.min_delta,

@@ -44,6 +44,12 @@ class Extra(MutableMapping[str, Any]):
     verdict: str | None = None  # the keep rule's label (status.Label); None: not judged
     gpu_busy_s: float | None = None  # the session's training seconds so far
     session_s: float | None = None  # the session's wall seconds so far
+    slot: str | None = None  # a session of slots: the slot that trained it (record.session_extra)
+    card: str | None = None  # its card: `3: NVIDIA H100 80GB HBM3` (--gpus); Ray: and the actor
+    node: str | None = None  # --backend ray: the host name its last run trained on
+    rebased: dict | None = None  # merged onto a newer best: the first measurement's commit,
+    # parent and runs (then measured again before a keep)
+    eval_wall_s: float | None = None  # sealed: wall seconds of the last run's evaluation
     reason: str | None = None  # why invalid, rejected, or discarded without a verdict, in words
     reported_val_bpb: float | None = None  # sealed: train.py's own printed val_bpb
     reported_disagrees: str | None = None  # sealed: how far that is from the measured one

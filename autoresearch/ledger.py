@@ -81,8 +81,9 @@ def tsv_row(exp: Experiment) -> str:
 
 
 @dataclass(frozen=True)
-class Decision:
-    """Why an experiment got its status, in the numbers the keep rule used, as recorded.
+class Grounds:
+    """Why an experiment got its status, in the numbers the keep rule used, as recorded (the
+    decision itself is the record's status; the rule's own is status.Decision).
 
     Every reader of the keep rule's numbers (`show`, the report, the live line) goes through
     `decision_of`, so a change to what the loop records is read in one place. A number the
@@ -99,7 +100,7 @@ class Decision:
     incumbent_values: tuple[float, ...] = ()  # the best's, when the record holds them
 
 
-def decision_of(exp: Experiment) -> Decision:
+def decision_of(exp: Experiment) -> Grounds:
     """The keep rule's numbers for `exp`, read from the record (fields `val_bpb`,
     `best_before`, `threshold`, `extra.paired_sigma` or else `extra.sigma`, `extra.runs`,
     `extra.incumbent_runs`, `extra.reason`, `crash_class`), and a one-line reason."""
@@ -117,7 +118,7 @@ def decision_of(exp: Experiment) -> Decision:
     gain = None
     if _number_or_none(exp.val_bpb) is not None and _number_or_none(exp.best_before) is not None:
         gain = exp.best_before - exp.val_bpb
-    return Decision(
+    return Grounds(
         gain,
         bar,
         sigma,
@@ -127,6 +128,9 @@ def decision_of(exp: Experiment) -> Decision:
         values=_numbers(runs),
         incumbent_values=_numbers(inc),
     )
+
+
+Decision = Grounds  # its older name, importable while other branches still use it
 
 
 def _numbers(values: Any) -> tuple[float, ...]:

@@ -396,10 +396,7 @@ class Session:
             min_delta=self.opts.min_delta,
             prices=self.opts.prices,
             started=started,
-            extra={
-                "gpu_busy_s": round(self.slot.train_wall, 1),
-                "session_s": round(time.monotonic() - self._started, 1),
-            },
+            extra=record.session_extra(self, self.slot),
         )
         self.ledger.append(exp)  # before the branch moves: a kill in between loses nothing
         if exp.status != Status.keep and not c.baseline:

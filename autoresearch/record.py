@@ -1,10 +1,12 @@
 """The experiment's record: the one place an `Experiment` is built, from what a trial returned
-(`trial_experiment`) or from a proposal that never trained (`invalid_experiment`).
+(`trial_experiment`) or from a proposal that never trained (`invalid_experiment`), and the one
+place the session's own values for it are gathered (`session_extra`: its clocks, the slot).
 
-Guarantees: every field of a record comes from the values passed in (no state of the session
-is read); `val_bpb` is the mean of the candidate's measured runs for keep/discard and None
-otherwise; `best_before` is the mean of the incumbent runs it was paired with, so that
-`val_bpb - best_before` is minus the mean paired gain.
+Guarantees: every field of a record comes from the values passed in (only `session_extra`
+reads the session, for both loop.py's one slot and coordinator.py's several); `val_bpb` is the
+mean of the candidate's measured runs for keep/discard and None otherwise; `best_before` is
+the mean of the incumbent runs it was paired with, so that `val_bpb - best_before` is minus
+the mean paired gain.
 
 What it does not do: append the record (loop.py does, before it moves the branch), or judge.
 """
@@ -13,17 +15,22 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import fmean
+from typing import TYPE_CHECKING
 
 from . import noise
 from .agent import InvalidProposal, Proposal
 from .ledger import Experiment, Ledger
 from .pricing import cost_usd
-from .slot import CHECKPOINT_FILE
+from .slot import CHECKPOINT_FILE, Slot
 from .status import Status
 from .trial import Candidate, TrialOutcome
+
+if TYPE_CHECKING:
+    from .loop import Session
 
 CHECKPOINTS_DIR = "checkpoints"  # runs/<tag>/checkpoints/NNNN.pt: the baseline's and the best's
 BRANCH_PREFIX = "autoresearch/"
@@ -55,7 +62,7 @@ def trial_experiment(
 ) -> Experiment:
     """The record of a trained candidate. `best_val`: the best's val_bpb when it was proposed,
     the fallback for `best_before` when no run was paired; `extra`: what the session adds
-    (slot, timings)."""
+    (`session_extra`)."""
     values = [r["val_bpb"] for r in t.rows]
     table = measurements.rows()
     partners = [table[r["partner"]]["val_bpb"] for r in t.rows if r.get("partner") is not None]
@@ -94,6 +101,35 @@ def trial_experiment(
             **t.last.notes,
         },
     )
+
+
+def session_extra(
+    session: Session,
+    slot: Slot,
+    slots: Sequence[Slot] | None = None,
+    *,
+    rebased: dict | None = None,
+    reason: str | None = None,
+) -> dict:
+    """What the session adds to the record of a candidate `slot` trained (`trial_experiment`'s
+    `extra`): its wall and training clocks; in a session of slots (`slots`: all of them,
+    coordinator.py; None for loop.py's one) the slot's name and card; `rebased`: the first
+    measurement of a candidate merged onto a newer best; `reason`: why it was discarded without
+    a verdict. A value the session knows for the record is added here (and declared in
+    experiment.Extra)."""
+    extra: dict = {
+        "session_s": session.session_seconds(),
+        "gpu_busy_s": round(sum(s.train_wall for s in slots or [slot]), 1),
+    }
+    if slots is not None:
+        extra["slot"] = slot.name
+    if slot.card:
+        extra["card"] = slot.card
+    if rebased:
+        extra["rebased"] = rebased
+    if reason:
+        extra["reason"] = reason
+    return extra
 
 
 def invalid_experiment(

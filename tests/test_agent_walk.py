@@ -1,11 +1,15 @@
 """The walk "a new agent backend": an agent class defined in this file alone, registered by its
 `name`, is an `--agent` choice, a valid `agent` setting, and runs a real session through the
-CLI (in process, Typer's CliRunner) on a stub workspace: nothing else was edited for it."""
+CLI (in process, Typer's CliRunner) on a stub workspace: nothing else was edited for it. And a
+built-in one: a module added to a copy of the package is a choice of that copy's CLI."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +17,7 @@ import pytest
 from loopkit import fake_prepared_cache, make_workspace, results_rows, stub_bpb
 from typer.testing import CliRunner
 
+import autoresearch
 from autoresearch import cli
 from autoresearch.agent import (
     AgentExhausted,
@@ -105,6 +110,9 @@ def test_an_agent_defined_in_a_test_runs_a_session_through_the_cli(
     assert [float(r[1]) for r in rows] == [stub_bpb(0.04), stub_bpb(0.06), stub_bpb(0.07)]
     records = [json.loads(x) for x in (ws / "runs/walk/experiments.jsonl").read_text().splitlines()]
     assert [r["agent"].get("name") for r in records[1:]] == [registered, registered]
+    # a session of one slot records its clocks (record.session_extra), and no slot or card
+    assert {"session_s", "gpu_busy_s"} <= records[1]["extra"].keys()
+    assert not {"slot", "card"} & records[1]["extra"].keys()
     session = json.loads((ws / "runs/walk/session.json").read_text())
     assert "two proposals are all this agent has" in session["end_reason"]
 
@@ -127,3 +135,47 @@ def test_defining_a_subclass_with_a_name_registers_it_and_a_taken_name_is_refuse
     finally:
         unregister("quiet-test")
     assert "quiet-test" not in agent_names() and "tuner" in agent_names()
+
+
+BUILT_IN = """
+from .base import RegisteredAgent
+
+
+class ModuleWalkAgent(RegisteredAgent):
+    name = "module-walk-test"
+    summary = "a built-in agent added as one module"
+"""
+
+
+def test_a_module_added_to_the_agent_package_is_a_built_in_agent(tmp_path: Path) -> None:
+    """The package copied, one module added to its agent/ and nothing else edited: the copy's
+    registry and `run --help` have the agent, and the CLI still starts without the openai SDK
+    (imported only when an agent is made)."""
+    package = Path(autoresearch.__file__).parent
+    copy = tmp_path / "autoresearch"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "agent" / "module_walk_test.py").write_text(BUILT_IN, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "COLUMNS": "250"}
+    code = (
+        "import sys, autoresearch, autoresearch.cli, autoresearch.agent as agent; "
+        "print(autoresearch.__file__); print('|'.join(agent.agent_names())); "
+        "print('openai' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    where, names, openai_loaded = done.stdout.splitlines()
+    assert Path(where) == copy / "__init__.py"  # the copy, not the installed package
+    assert names.split("|")[: len(agent_names())] == list(agent_names())
+    assert names.split("|")[len(agent_names()) :] == ["module-walk-test"]
+    assert openai_loaded == "False"
+    shown = subprocess.run(
+        [sys.executable, "-m", "autoresearch", "run", "--help"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert f"<{names}>" in shown.stdout.replace(" ", "")

@@ -16,6 +16,7 @@ from loopkit import make_workspace
 from typer.testing import CliRunner
 
 from autoresearch import __version__, cli
+from autoresearch.agent import agent_names
 from autoresearch.ledger import Experiment, Ledger
 
 runner = CliRunner(env={"COLUMNS": "200"})  # help and tables unwrapped
@@ -55,8 +56,8 @@ def test_run_help_keeps_its_brackets_and_groups_its_options() -> None:
     assert f"then from {TABLE} in the workspace's pyproject.toml" in text
     for panel in (cli.AGENT_PANEL, cli.LIMITS_PANEL, cli.HARDWARE_PANEL, cli.KEEP_PANEL):
         assert re.search(rf"─ {panel} ─", done.stdout), panel
-    # an Enum choice, shown as such
-    assert "<openai|replay|tuner>" in text.replace(" ", "")
+    # an Enum choice, shown as such: every registered agent
+    assert f"<{'|'.join(agent_names())}>" in text.replace(" ", "")
 
 
 def test_config_shows_the_table_name(ws: Path, clean_env: None) -> None:

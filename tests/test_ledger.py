@@ -367,6 +367,40 @@ def test_older_records_load_with_the_declared_extra_fields(tmp_path: Path):
     assert written[2]["status"] == "crash" and written[2]["crash_class"] == "oom"
 
 
+def test_where_a_run_trained_is_declared_and_older_records_without_it_load(tmp_path: Path):
+    """`slot`, `card`, `node`, `rebased` and `eval_wall_s` (a session of slots, a Ray node, a
+    sealed evaluation) are declared values: a record written before they were (without them)
+    loads with None, and one with them reads them as attributes (not as undeclared keys) and
+    writes them back unchanged."""
+    run_dir = tmp_path / "runs" / "where"
+    run_dir.mkdir(parents=True)
+    base = {"description": "d", "commit": "a" * 40, "parent": "b" * 40, "memory_gb": 1.0}
+    rebased = {"commit": "c" * 40, "parent": "d" * 40, "runs": [0.99]}
+    where = {
+        "slot": "1", "card": "1: NVIDIA H100 80GB HBM3", "node": "host-b",
+        "rebased": rebased, "eval_wall_s": 2.14, "session_s": 310.5, "gpu_busy_s": 290.0,
+    }  # fmt: skip
+    lines = [
+        {"id": 1, "status": "keep", "val_bpb": 1.0, **base, "extra": {"session_s": 60.0}},
+        {"id": 2, "status": "keep", "val_bpb": 0.99, "best_before": 1.0, **base, "extra": where},
+    ]
+    (run_dir / JSONL_FILE).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    older, newer = Ledger(run_dir).experiments()
+
+    names = ("slot", "card", "node", "rebased", "eval_wall_s")
+    assert [getattr(older.extra, name) for name in names] == [None] * 5
+    assert not any(name in older.extra for name in names)
+    assert [getattr(newer.extra, name) for name in names] == [where[name] for name in names]
+    assert newer.extra.other == {}  # every key declared
+
+    again = Ledger(tmp_path / "runs" / "copy")
+    again.append(older)
+    again.append(newer)
+    written = [json.loads(x) for x in (again.run_dir / JSONL_FILE).read_text().splitlines()]
+    assert written[0]["extra"] == {"session_s": 60.0}
+    assert written[1]["extra"] == where
+
+
 def test_statuses_are_enums_that_read_and_write_as_their_words(tmp_path: Path):
     ledger = Ledger(tmp_path / "runs" / "t")
     exp = Experiment(1, "keep", "baseline", "a" * 40, "a" * 40, 1.0, 0.0, None, 0.0)

@@ -11,6 +11,8 @@ Every agent follows one protocol (`base.Agent`): `propose(ctx)` for a new experi
 - `endpoint.py`: `OpenAIAgent` (`openai`), the transport to any OpenAI-compatible endpoint.
 - `tuner.py`: `TunerAgent` (`tuner`), no LLM: one UPPERCASE constant per experiment.
 - `replay.py`: `ReplayAgent` (`replay`), prepared replies from a directory.
+Importing the package imports every module in it, so a built-in agent is one module file here:
+defining its class registers it, with no import line or list of names to add.
 (`external.py`'s ExternalAgent, the one proposal of `autoresearch try`, follows the protocol
 but is not a choice of `run`.)
 
@@ -21,6 +23,9 @@ text it was derived from, and compiles. Failure is always one of the AgentError 
 client's retries: the loop decides whether to wait). The API key is never put in a message,
 a record or an error.
 """
+
+import importlib
+import pkgutil
 
 from .base import (
     Agent,
@@ -53,6 +58,19 @@ from .prompts import (
 )
 from .replay import ReplayAgent
 from .tuner import Knob, TunerAgent, find_knobs, knob_steps, preset_dead_names
+
+
+def _import_every_module() -> None:
+    """Import every other module of the package too, in name order: a built-in agent added as
+    a module here is defined (so registered) with the package, without an import line in this
+    file. Each is cheap to import: endpoint.py imports the openai SDK only when an agent is
+    made, so the CLI's start-up does not pay for it."""
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_every_module()
 
 __all__ = [
     "CHECK_TIMEOUT_S",

@@ -13,7 +13,7 @@ import html
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from autoresearch.ledger import STATUSES, Decision, Experiment, decision_of
+from autoresearch.ledger import STATUSES, Experiment, Grounds, decision_of
 from autoresearch.status import Status
 
 from .summary import DiffKey, Summary, baseline_of, best_of, in_order, summarize
@@ -129,7 +129,7 @@ def _num(value: float | None, digits: int = 6) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _run_values(d: Decision) -> str:
+def _run_values(d: Grounds) -> str:
     """The val_bpb of each run on each side, for the runs cell's tooltip."""
     parts = []
     if d.values:
