@@ -56,6 +56,8 @@ from autoresearch import noise  # noqa: E402
 
 EFFECTS = (0.0, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02)
 RUN_HOURS = (300 + 40) / 3600  # gpu preset: 300 s of training, ~40 s outside it
+HOURS_AT = (0.002, 0.005, 0.01)  # effects whose GPU-hours per real gain are printed
+REAL_SHARE = 0.2  # in a mixed session, the share of candidates with a real gain
 TODAY_SIGMAS = 2.0  # the retired rule's bar, in standard errors
 REMEASURE_EVERY = 3  # the retired rule re-measured the best every three keeps
 
@@ -225,18 +227,24 @@ def gpu_hours_per_gain(
 ) -> dict:
     """Sessions where one candidate in five gains `effect` and the rest nothing."""
     rng = random.Random(seed)
-    real_kept = false_kept = runs = 0
+    real = real_kept = null = false_kept = runs = cand_runs = 0
     for _ in range(sessions):
-        effects = [effect if rng.random() < 0.2 else 0.0 for _ in range(candidates)]
+        effects = [effect if rng.random() < REAL_SHARE else 0.0 for _ in range(candidates)]
         *decisions, (_, n) = RULES[rule](model, effects, rng)
         runs += n
-        for e, (d, _) in zip(effects, decisions, strict=True):
+        for e, (d, k) in zip(effects, decisions, strict=True):
+            cand_runs += k
+            real += e > 0
+            null += e == 0
             real_kept += d == "keep" and e > 0
             false_kept += d == "keep" and e == 0
     return {
         "effect": effect,
         "gpu_hours_per_real_gain": runs * RUN_HOURS / real_kept if real_kept else math.inf,
         "false_keeps_per_real_gain": false_kept / real_kept if real_kept else math.inf,
+        "keep_rate": real_kept / real if real else math.nan,
+        "false_keep_rate": false_kept / null if null else math.nan,
+        "candidate_runs": cand_runs / (real + null),
     }
 
 
@@ -253,12 +261,22 @@ def scenario(name: str, model: Model, sessions: int, candidates: int, seed: int)
     out = {"name": name, "model": asdict(model), "rules": {}}
     for rule in RULES:
         rows = keep_rates(model, rule, sessions, candidates, seed)
-        hours = [
-            gpu_hours_per_gain(model, rule, e, sessions, candidates, seed)
-            for e in (0.002, 0.005, 0.01)
-        ]
-        out["rules"][rule] = {"rows": rows, "smallest_kept_80": smallest_kept(rows), "hours": hours}
+        real = [gpu_hours_per_gain(model, rule, e, sessions, candidates, seed) for e in EFFECTS[1:]]
+        false_keeps = fmean(m["false_keep_rate"] for m in real)
+        mixed = [{"effect": 0.0, "keep_rate": false_keeps, "candidate_runs": math.nan}, *real]
+        out["rules"][rule] = {
+            "rows": rows,
+            "smallest_kept_80": smallest_kept(rows),
+            "hours": [m for m in real if m["effect"] in HOURS_AT],
+            "mixed": mixed,
+            "mixed_smallest_kept_80": smallest_kept(mixed),
+        }
     return out
+
+
+def _runs(row: dict) -> str:
+    """ " (n runs)": the mean candidate runs of a mixed session, all its candidates counted."""
+    return "" if math.isnan(row["candidate_runs"]) else f" ({row['candidate_runs']:.2f} runs)"
 
 
 def print_scenario(s: dict) -> None:
@@ -270,13 +288,16 @@ def print_scenario(s: dict) -> None:
         f"interaction {m['interaction']} x gain + {m['sigma_interaction']}\n"
     )
     print(
-        "| effect | today: kept | paired: kept | today: cand. runs | paired: cand. runs | today: all runs | paired: all runs |"
+        "| effect | today: kept | paired: kept | paired: kept, one in five real (runs a candidate) "
+        "| today: cand. runs | paired: cand. runs | today: all runs | paired: all runs |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     today, paired = s["rules"]["today"]["rows"], s["rules"]["paired"]["rows"]
-    for a, b in zip(today, paired, strict=True):
+    mixed = s["rules"]["paired"]["mixed"]
+    for a, b, c in zip(today, paired, mixed, strict=True):
         print(
             f"| {a['effect']:.4f} | {a['keep_rate']:.1%} | {b['keep_rate']:.1%} "
+            f"| {c['keep_rate']:.1%}{_runs(c)} "
             f"| {a['candidate_runs']:.2f} | {b['candidate_runs']:.2f} "
             f"| {a['runs_per_candidate']:.2f} | {b['runs_per_candidate']:.2f} |"
         )
@@ -297,17 +318,20 @@ def print_scenario(s: dict) -> None:
 def print_summary(results: list[dict]) -> None:
     print("\n## Summary\n")
     print(
-        "| scenario | rule | false keeps | smallest gain kept >= 80 % | candidate runs (null) "
+        "| scenario | rule | false keeps | smallest gain kept >= 80 % "
+        "| the same, one in five real (false keeps) | candidate runs (null) "
         "| all runs (null) | GPU-h per real gain at 0.005 (false keeps per real) |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for s in results:
         for rule, r in s["rules"].items():
-            null, small = r["rows"][0], r["smallest_kept_80"]
+            null, small, mixed = r["rows"][0], r["smallest_kept_80"], r["mixed_smallest_kept_80"]
             h = next(h for h in r["hours"] if h["effect"] == 0.005)
             print(
                 f"| {s['name']} | {rule} | {null['keep_rate']:.1%} "
                 f"| {'> 0.02' if small is None else f'{small:.4f}'} "
+                f"| {'> 0.02' if mixed is None else f'{mixed:.4f}'} "
+                f"({r['mixed'][0]['keep_rate']:.1%}) "
                 f"| {null['candidate_runs']:.2f} | {null['runs_per_candidate']:.2f} "
                 f"| {h['gpu_hours_per_real_gain']:.2f} ({h['false_keeps_per_real_gain']:.2f}) |"
             )
