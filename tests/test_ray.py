@@ -324,6 +324,60 @@ def test_a_session_on_ray_retrains_a_run_whose_actor_was_killed_and_records_it_o
 
 @pytest.mark.slow  # with the cluster's start (about 15 s on two cores): about 30 s
 @needs_ray
+def test_a_candidates_run_whose_actor_was_killed_is_paired_on_its_new_card(
+    cluster: str, tmp_path: Path
+) -> None:
+    """`--backend ray --workers 1`: the candidate's first run was to pair with the baseline's
+    run of its seed on the slot's actor, which is killed mid-run; the new actor trains the run
+    again on a card of its own (the cpu's stand-in: the actor), so the best is trained with
+    that seed there first (a `pair` row), and the candidate's row is paired with it: the gain
+    judged compares two runs of one card. The killed run is recorded nowhere."""
+    gate = tmp_path / "gate"
+    line = "GATE = ''  # the candidate's edit names a gate file"
+    source = GATED_TRAIN.replace(
+        "SLEEP = 0.0  # seconds per step\n",
+        f"SLEEP = 0.0  # seconds per step\n{line}\nGATE_SEED = None\n",
+    )
+    ws = make_workspace(tmp_path / "ws", source)  # the baseline and its pair runs: no gate
+    patches = _patches(tmp_path, reply("gate the run", (line, f"GATE = {str(gate)!r}")))
+    args = run_args(TAG, *replay_args(patches), "--backend", "ray", "--workers", "1", n=2)
+    log = tmp_path / "run.log"
+    proc = _session(ws, stub_cli_env(tmp_path), log, *args, "--unsandboxed", "--address", cluster)
+    try:
+        actor, child = _held(gate, proc, log)  # the candidate's first run
+        os.kill(actor, signal.SIGKILL)
+        assert _gone(child), f"train.py of the killed Ray actor still runs (pid {child})"
+        gate.touch()
+        assert proc.wait(timeout=600) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        gate.touch()
+    text = " ".join(log.read_text().split())
+    rows = _measurements(ws)
+    baseline = [r for r in rows if r["exp"] == 1]
+    assert [r["purpose"] for r in baseline] == ["calibrate", "calibrate"]
+    old = baseline[0]["card"]
+    pair, first = (r for r in rows if r["exp"] == 2 and r["seed"] == seed_of(0))
+    new = first["card"]
+    assert new != old and "Ray actor" in new, rows  # a new actor trained it again
+    assert (pair["purpose"], pair["commit"], pair["card"]) == ("pair", baseline[0]["commit"], new)
+    assert first["purpose"] == "candidate" and first["partner"] == pair["n"], rows
+    for r in rows:  # every gain the keep rule judged: two runs of one card and one seed
+        if r["partner"] is not None:
+            partner = rows[r["partner"]]
+            assert (partner["card"], partner["seed"]) == (r["card"], r["seed"]), (r, partner)
+    assert f"its partner on {old}" in text, text
+    actors = Path(str(gate) + ".pids").read_text().split()  # the candidate's runs only
+    assert actors[0] == str(actor) and str(actor) not in actors[1:], actors
+    assert len(actors) == len([r for r in rows if r["exp"] == 2 and r["purpose"] != "pair"]) + 1
+    recs = _records(ws)
+    assert [r["id"] for r in recs] == [1, 2] and recs[1]["status"] == "discard", recs
+    assert recs[1]["extra"]["card"] == new, recs
+
+
+@pytest.mark.slow  # with the cluster's start (about 15 s on two cores): about 30 s
+@needs_ray
 def test_a_node_whose_data_differs_refuses_to_train(cluster: str, tmp_path: Path) -> None:
     """The task on a node whose AUTORESEARCH_CACHE holds a modified copy of the dataset comes
     back `rejected` without training; on an unmodified copy the check passes. Sandboxed: each
