@@ -588,16 +588,29 @@ def test_pruning_probes_removes_only_old_probe_files(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # the cluster's start, unless another test of the module started it
 @needs_ray
-def test_a_session_asks_for_no_more_slots_than_the_cluster_has_cards(cluster: str) -> None:
+def test_a_session_asks_for_no_more_slots_than_the_cluster_has_cards(
+    cluster: str, tmp_path: Path
+) -> None:
     """Each slot's actor holds its card (here: a CPU) for the session: more slots than the
-    cluster has would wait forever, so they are refused with the number to give."""
+    cluster has would wait forever, so they are refused with the number to give, before the
+    session creates anything (no branch, no runs/<tag>/, no slot's worktree)."""
     import ray
 
     from autoresearch.errors import UsageError
-    from autoresearch.rayslot import _check_capacity
+    from autoresearch.rayslot import check_capacity
 
-    _check_capacity(ray, "CPU", 2)  # the module's cluster: two CPUs
-    with pytest.raises(UsageError, match="has 2 CPUs.*--resume --workers 2 "):
-        _check_capacity(ray, "CPU", 3)
+    check_capacity(ray, "CPU", 2)  # the module's cluster: two CPUs
+    with pytest.raises(UsageError, match="has 2 CPUs.*give --workers 2 or fewer"):
+        check_capacity(ray, "CPU", 3)
     with pytest.raises(UsageError, match="has no GPUs"):
-        _check_capacity(ray, "GPU", 1)
+        check_capacity(ray, "GPU", 1)
+    ws = make_workspace(tmp_path / "ws")
+    patches = _patches(tmp_path, reply("LR to 0.06", _lr("0.04", "0.06")))
+    args = run_args(TAG, *replay_args(patches), "--backend", "ray", "--workers", "3", n=2)
+    done = cli(ws, *args, "--unsandboxed", "--address", cluster, env=stub_cli_env(tmp_path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    text = " ".join((done.stdout + done.stderr).split())
+    assert "--workers 3: the Ray cluster has 2 CPUs" in text, text
+    assert git(ws, "branch", "--list", f"autoresearch/{TAG}") == ""  # nothing started
+    assert not (ws / "runs" / TAG).exists()
+    assert git(ws, "worktree", "list").count("\n") == 0  # the workspace's own only
