@@ -182,8 +182,8 @@ class CardHolder:
 
 
 def train_on_node(payload: Payload) -> Returned:
-    """One run on this node (in a CardHolder, or any Ray worker): a Slot in a scratch
-    directory."""
+    """One run on this node (in a slot's CardHolder actor; a test calls it as a plain Ray
+    task): a Slot in a scratch directory."""
     node = socket.gethostname()
     scratch = Path(tempfile.mkdtemp(prefix="autoresearch-ray-"))
     try:
