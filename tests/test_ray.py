@@ -204,6 +204,7 @@ def test_backend_ray_without_ray_says_how_to_install_it(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stdout + done.stderr
     assert "pip install 'autoresearch[ray]'" in " ".join((done.stdout + done.stderr).split())
     assert git(ws, "branch", "--list", f"autoresearch/{TAG}") == ""  # nothing started
+    assert not (ws / "runs" / TAG).exists()
 
 
 @pytest.mark.slow  # with the cluster's start (about 15 s on two cores): about 30 s
