@@ -37,8 +37,9 @@ Guarantees:
   soft preference: the card the lost one held is free there); wherever it lands, its card is
   the slot's card from then on, so later pairs are made on it, and the record's `card` shows
   the change. The run itself, when its partner was chosen on the lost card, is paired again
-  on the new one (trial.py trains the best there with its seed before recording it). After LOST_RETRIES losses in a row the run raises `WorkerLost`: the session
-  stops with the experiment still in state.json, and `--resume` trains it again.
+  on the new one (trial.py trains the best there with its seed before recording it). After
+  LOST_RETRIES losses in a row the run raises `WorkerLost`: the session stops with the
+  experiment still in state.json, and `--resume` trains it again.
 - A run's training processes die with the actor that started them (runner.run_training: the
   parent-death signal and a guard), so a lost actor leaves nothing holding the card.
 - A session never asks for more cards than the cluster has: `--workers` above its GPUs (CPUs
@@ -52,9 +53,9 @@ the session on a node probes bubblewrap, and the node's later runs read the resu
 the node's cache directory, where probes no session used for PROBE_KEEP_S are removed.
 
 What it does not do: show a run's step lines while it trains (the log comes back at the end);
-choose which card of a node an actor gets (Ray does); keep a warm interpreter for the next run on the node; kill runs on
-other nodes on `--resume` after a kill -9 of the coordinator (Ray ends the actors of a driver
-that died); or copy the data to the nodes.
+choose which card of a node an actor gets (Ray does); keep a warm interpreter for the next run
+on the node; kill runs on other nodes on `--resume` after a kill -9 of the coordinator (Ray
+ends the actors of a driver that died); or copy the data to the nodes.
 """
 
 from __future__ import annotations
