@@ -38,7 +38,7 @@ from loopkit import (
     stub_cli_env,
 )
 
-from autoresearch import commands, noise, slot
+from autoresearch import commands, noise, runner, slot
 from autoresearch.errors import UsageError
 from autoresearch.options import SessionOptions
 
@@ -450,8 +450,8 @@ class _MovingSlot(slot.Slot):
             TAG, "cpu", "cpu", 10.0, sealed=False, unsandboxed=True, warm_start=False,
             max_repeats=1,
         )  # fmt: skip
-        isolation = slot.Sealing(None, slot.runner.network_isolation(), {})
-        super().__init__(root, opts, isolation, display, threading.Event(), mark=lambda k, m: None)
+        sealing = slot.Sealing(None, runner.network_isolation(), {})  # unsealed, unboxed
+        super().__init__(root, opts, sealing, display, threading.Event(), mark=lambda k, m: None)
         self.cards, self.moves, self.trained = cards, moves, 0
 
     def place(self) -> tuple[str, str | None]:
