@@ -297,13 +297,15 @@ def run_session(
 
 
 def _ray_slots(opts: SessionOptions, workers: int, gpus: str | None, address: str | None) -> dict:
-    """SessionOptions' slot fields for --backend ray: `workers` runs at once, each a Ray task
-    with a card (cuda) or a core (cpu) of its own, placed by Ray."""
-    from .rayslot import require_ray
+    """SessionOptions' slot fields for --backend ray: `workers` slots, each with a Ray actor
+    that holds a card (cuda) or a core (cpu) of the cluster for the session (rayslot.py).
+    Connects to the cluster (or starts one on this host) to check it has that many, before
+    the session creates anything."""
+    from .rayslot import check_capacity, connect
 
     if gpus is not None or opts.gpu is not None:
         raise UsageError("--backend ray places each run on a card: give --workers N, not --gpu(s)")
-    require_ray()
+    check_capacity(connect(address), "GPU" if opts.device == "cuda" else "CPU", workers)
     return {"workers": workers, "gpus": (), "backend": "ray", "address": address}
 
 

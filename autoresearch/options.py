@@ -61,7 +61,8 @@ class SessionOptions:
     # slots training at once (coordinator.py): `workers` on the cpu, one per card of `gpus`
     workers: int = 1
     gpus: tuple[str, ...] = ()
-    # where the slots train: "local" (this host) or "ray" (Ray tasks on a cluster, rayslot.py)
+    # where the slots train: "local" (this host) or "ray" (each slot a Ray actor holding one
+    # card of a cluster for the session, rayslot.py)
     backend: str = "local"
     address: str | None = None  # the Ray cluster's address; None: a cluster of this host
 

@@ -9,8 +9,8 @@ sent SIGKILL by the kernel when the thread that started it ends (PR_SET_PDEATHSI
 at once if that parent was gone before the signal was armed. The kernel sends it to that one
 process, not to what it started, so a `Guard` watches the rest: a small process of its own
 session, started from this file before the run, that holds the read end of a pipe whose write
-end only the harness holds. When the harness dies, however it dies (kill -9, a Ray worker
-killed), the pipe reaches end of file, and the guard SIGKILLs the run's process group and
+end only the harness holds. When the harness dies, however it dies (kill -9, a slot's Ray
+actor killed), the pipe reaches end of file, and the guard SIGKILLs the run's process group and
 every process carrying the run's marker, then exits. A run that ends normally ends its guard
 first (a SIGKILL to a child not yet reaped, so never to another process).
 

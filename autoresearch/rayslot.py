@@ -36,13 +36,16 @@ Guarantees:
   records and measures it once. The new actor is asked for on the lost one's node first (a
   soft preference: the card the lost one held is free there); wherever it lands, its card is
   the slot's card from then on, so later pairs are made on it, and the record's `card` shows
-  the change. After LOST_RETRIES losses in a row the run raises `WorkerLost`: the session
-  stops with the experiment still in state.json, and `--resume` trains it again.
+  the change. The run itself, when its partner was chosen on the lost card, is paired again
+  on the new one (trial.py trains the best there with its seed before recording it). After
+  LOST_RETRIES losses in a row the run raises `WorkerLost`: the session stops with the
+  experiment still in state.json, and `--resume` trains it again.
 - A run's training processes die with the actor that started them (runner.run_training: the
   parent-death signal and a guard), so a lost actor leaves nothing holding the card.
-- A session never asks for more cards than the cluster has (`--workers` above its GPUs, or
-  CPUs on the cpu, is a UsageError): each slot holds its card for the whole session, so a slot
-  beyond them would wait forever.
+- A session never asks for more cards than the cluster has: `--workers` above its GPUs (CPUs
+  on the cpu) is a UsageError raised before the session creates its branch or anything else
+  (`check_capacity`, called by commands._ray_slots): each slot holds its card for the whole
+  session, so a slot beyond them would wait forever.
 - Ray is optional: `require_ray` raises a UsageError naming the install command.
 
 The sandbox is probed once per node and session (`node_box`), not per run: the first run of
@@ -50,12 +53,9 @@ the session on a node probes bubblewrap, and the node's later runs read the resu
 the node's cache directory, where probes no session used for PROBE_KEEP_S are removed.
 
 What it does not do: show a run's step lines while it trains (the log comes back at the end);
-choose which card of a node an actor gets (Ray does); re-pair a run whose actor was lost
-mid-run: it is trained again on the new actor's card with the partner chosen before, which is
-on another card when the new actor landed elsewhere (its row says so: its `gpu` and `card`
-differ from its partner's); keep a warm interpreter for the next run on the node; kill runs on
-other nodes on `--resume` after a kill -9 of the coordinator (Ray ends the actors of a driver
-that died); or copy the data to the nodes.
+choose which card of a node an actor gets (Ray does); keep a warm interpreter for the next run
+on the node; kill runs on other nodes on `--resume` after a kill -9 of the coordinator (Ray
+ends the actors of a driver that died); or copy the data to the nodes.
 """
 
 from __future__ import annotations
@@ -183,8 +183,8 @@ class CardHolder:
 
 
 def train_on_node(payload: Payload) -> Returned:
-    """One run on this node (in a CardHolder, or any Ray worker): a Slot in a scratch
-    directory."""
+    """One run on this node (in a slot's CardHolder actor; a test calls it as a plain Ray
+    task): a Slot in a scratch directory."""
     node = socket.gethostname()
     scratch = Path(tempfile.mkdtemp(prefix="autoresearch-ray-"))
     try:
@@ -318,7 +318,6 @@ class RaySlot(Slot):
         self._ray = connect(address)
         cuda = self.opts.device == "cuda"
         resources = {"num_gpus": 1} if cuda else {"num_cpus": 1}
-        _check_capacity(self._ray, "GPU" if cuda else "CPU", self.opts.workers)
         # max_restarts=0: a lost actor is replaced here, where its run is counted
         self._holder = self._ray.remote(max_restarts=0, max_task_retries=0, **resources)(CardHolder)
         exceptions = self._ray.exceptions
@@ -461,13 +460,14 @@ class RaySlot(Slot):
         super().close()
 
 
-def _check_capacity(ray: Any, resource: str, workers: int) -> None:
-    """UsageError when the cluster has fewer `resource` (GPU, CPU) than slots. The session
-    has begun (its branch exists) when the slots are made, so the message says --resume."""
+def check_capacity(ray: Any, resource: str, workers: int) -> None:
+    """UsageError when the cluster has fewer `resource` (GPU, CPU) than `workers` slots: each
+    slot's actor holds one for the session, so a slot beyond them would wait forever. Called
+    before the session creates anything (commands._ray_slots)."""
     has = int(ray.cluster_resources().get(resource, 0))
     if has < workers:
-        more = f"add nodes with {resource}s to the cluster and continue with --resume"
-        then = f"continue with --resume --workers {has} or fewer, or {more}" if has else more
+        more = f"add nodes with {resource}s to the cluster"
+        then = f"give --workers {has} or fewer, or {more}" if has else more
         raise UsageError(
             f"--workers {workers}: the Ray cluster has {has or 'no'} {resource}s, and each "
             f"slot holds one for the session; {then}"

@@ -15,7 +15,7 @@ Guarantees of `run_training`:
   a marker variable in its environment) — a descendant that also scrubbed its environment is
   the one case not covered;
 - on Linux the run dies with the process that started it, also when that process is killed
-  with -9 mid-run (a Ray worker lost): the child by the kernel's parent-death signal, its
+  with -9 mid-run (a slot's Ray actor lost): the child by the kernel's parent-death signal, its
   group and marked descendants by a guard process (procs.Guard); call it from a thread that
   lives until it returns (it does: it waits for the run);
 - the child is reaped, and the pipe, selector, threads and log file are closed, also when a

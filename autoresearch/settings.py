@@ -40,7 +40,7 @@ class Preset(str, Enum):
 
 class Backend(str, Enum):
     local = "local"  # slots on this host (coordinator.py)
-    ray = "ray"  # slots as Ray tasks on a cluster (rayslot.py)
+    ray = "ray"  # each slot a Ray actor holding one card of a cluster (rayslot.py)
 
 
 # --- validation: each check returns the clean value or raises ValueError with the reason
@@ -239,8 +239,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("gpus", str, None, "Cards to train on at once, one candidate per card: e.g. "
             "0,1,2,3, or all.", HARDWARE_PANEL, config=False, field=None,
             default_text="one card"),
-    Setting("backend", Backend, "local", "Where runs train: local (this host), or ray (Ray "
-            "tasks placed on a cluster, --workers N at once; needs Ray installed).",
+    Setting("backend", Backend, "local", "Where runs train: local (this host), or ray (--workers "
+            "N slots, each a Ray actor holding one card of a cluster; needs Ray installed).",
             HARDWARE_PANEL, config=False, field=None),
     Setting("address", str, None, "The Ray cluster to use with --backend ray (e.g. "
             "10.0.0.1:6379).", HARDWARE_PANEL, config=False, field=None,

@@ -10,9 +10,15 @@ baseline trains `calibrate` times instead.
 Guarantees: every valid run becomes one row of measurements.jsonl (with its seed, slot, node,
 card UUID and partner) as soon as it is measured, so after `--resume` the runs that finished
 count and are not trained again; a candidate's run is only ever paired with an incumbent run
-of the same seed, on the slot's card (Slot.card_key) or, without one, on the same slot. On
-Ray the slot's card is that of its last run: Ray may place the next run elsewhere, and its
-row then says so (its `gpu` differs from its partner's).
+of the same seed on the same card: the card's UUID where rows name one, else the record's
+`card` where both name one (on Ray's cpu: the actor standing in for a card), else the same
+slot (the local cpu, rows recorded before cards were). So no gain the keep rule judges
+compares two cards. On Ray each slot's runs train on the card its actor holds (rayslot.py);
+when the actor is lost mid-run, a new one trains the run again, perhaps on another card than
+the partner chosen before: the best is then trained again with that seed on the run's card
+(a `pair` row) and the run is recorded after it, paired with it (`_candidate_run`). That run
+is the one exception to "as soon as": a kill before its new partner is measured loses it, and
+`--resume` trains it again.
 
 What it does not do: write the record (record.py), move the branch (loop.py), or train
 (slot.py).
@@ -35,6 +41,10 @@ FAILED_AS = (
     Status.interrupted,
     Status.rejected,
 )  # run failures recorded under their own status, not crash
+# new partners one candidate run may get because its card changed while it trained (a Ray
+# slot's actor lost mid-run); after that it is recorded without a partner, so it counts in no
+# gain, rather than paired across cards
+REPAIRS = 2
 
 
 @dataclass(frozen=True)
@@ -86,11 +96,12 @@ class Trial:
         self.source = source  # a commit's train.py
         self.exp_dir = exp_dir
         self.display = display
+        self._wall = 0.0  # seconds of training, every run of the trial
 
     def run(self) -> TrialOutcome:
         c, m = self.c, self.measurements
         needed = self.opts.calibrate if c.baseline else 1
-        wall, ran, last = 0.0, False, None
+        ran, last = False, None
         verdict: noise.Verdict | None = None
         while True:
             rows = m.candidate_rows(c.exp_id, c.commit)  # after --resume, finished runs count
@@ -99,14 +110,12 @@ class Trial:
                 if not c.baseline:
                     partner, pair = self._partner(run)
                     if pair is not None:
-                        wall += pair.result.wall_seconds
                         last = pair
                         if pair.result.crash_class == CrashClass.interrupted:
                             status = Status.interrupted
                             break
                 purpose = "calibrate" if c.baseline else ("repeat" if rows else "candidate")
-                last = self._train(c.commit, c.description, run, purpose, partner=partner)
-                wall += last.result.wall_seconds
+                last = self._candidate_run(run, purpose, partner)
                 if not last.result.ok:
                     crash = last.result.crash_class
                     status = crash if crash in FAILED_AS else Status.crash
@@ -133,21 +142,21 @@ class Trial:
         if not ran:  # every run was measured before the session stopped (killed while recording)
             last = self._recall_last_run([r["val_bpb"] for r in rows])
         assert last is not None
-        return TrialOutcome(status, verdict, rows, last, wall, ran)
+        return TrialOutcome(status, verdict, rows, last, self._wall, ran)
 
     def _partner(self, run: int) -> tuple[int | None, RunOutcome | None]:
         """The `n` of the best's run that the candidate's run `run` is paired with: its latest
-        run of that seed on this slot when recent (noise.Measurements.partner), else a new one
-        trained now, with the best's train.py put in the working tree for that run (the
-        candidate's is put back after; a kill in between is repaired by --resume, which
-        restores the candidate's). Returns (partner, the pair run's outcome if one was trained).
+        run of that seed on the slot's card when recent (noise.Measurements.partner, checked
+        by _same_card), else a new one trained now, with the best's train.py put in the
+        working tree for that run (the candidate's is put back after; a kill in between is
+        repaired by --resume, which restores the candidate's). Returns (partner, the pair
+        run's outcome if one was trained).
         """
         c, seed = self.c, noise.seed_of(run)
-        row = self.measurements.partner(
-            c.parent, seed, self.opts.pair_window, slot=self.slot.name, card=self.slot.card_key()
-        )
-        if row is not None:
-            return row["n"], None
+        key = self.slot.card_key()  # a Ray slot asks its actor (replaced first if it died)
+        n = self._found(seed, self.opts.pair_window, *(key or (None, None)), self.slot.card)
+        if n is not None:
+            return n, None
         self.display.note(
             f"exp {c.exp_id:04d}: training the best again with seed {seed}, to pair with run "
             f"{run + 1} of the candidate (same seed, close in time)"
@@ -158,41 +167,90 @@ class Trial:
             outcome = self._train(c.parent, "the best", run, "pair")
         finally:
             path.write_text(self.source(c.commit), encoding="utf-8")
+        if outcome.result.ok:
+            self._record(c.parent, outcome, "pair", None)
         if outcome.fatal is not None:
             raise outcome.fatal
         # the new run; or, when it failed on code that trained before (the machine's fault, not
-        # the candidate's), the best's older run of that seed on this slot, if there is one
-        card = (outcome.node, outcome.gpu) if outcome.gpu else self.slot.card_key()
-        row = self.measurements.partner(c.parent, seed, 0, slot=self.slot.name, card=card)
-        return (row["n"] if row is not None else None), outcome
+        # the candidate's), the best's older run of that seed on this card, if there is one
+        return self._found(seed, 0, outcome.node, outcome.gpu, self.slot.card), outcome
 
-    def _train(
-        self, commit: str, description: str, run: int, purpose: str, *, partner: int | None = None
-    ) -> RunOutcome:
-        """One run of the train.py in the slot's working tree (`commit`'s); a valid val_bpb
-        becomes a measurement, paired with row `partner`."""
+    def _found(
+        self, seed: int, window: int, node: str | None, gpu: str | None, card: str | None
+    ) -> int | None:
+        """The `n` of the best's latest run of `seed` on the card (`node`, `gpu`; `card` the
+        record's name of it) within `window` (noise.Measurements.partner), if it is on that
+        card by _same_card too (on Ray's cpu the place is the slot, the card its actor)."""
+        key = (node, gpu) if gpu is not None else None
+        row = self.measurements.partner(self.c.parent, seed, window, slot=self.slot.name, card=key)
+        return row["n"] if row is not None and _same_card(row, node, gpu, card) else None
+
+    def _candidate_run(self, run: int, purpose: str, partner: int | None) -> RunOutcome:
+        """The candidate's run `run` (or the baseline's), recorded with `partner` when both
+        trained on one card (_same_card).
+
+        The card can change while the run trains: a Ray slot's actor lost mid-run is replaced,
+        perhaps on another card, and the new one trains the run again (rayslot.py). The best
+        is then trained with the run's seed on that card (or a recent run of it there is
+        found: _partner) before the run is recorded, paired with it. Should the card change
+        again meanwhile, the candidate's run is trained again on the new one. After REPAIRS
+        new partners, the run is recorded without one."""
+        c, rows = self.c, self.measurements.rows
+        for attempt in range(REPAIRS + 1):
+            outcome = self._train(c.commit, c.description, run, purpose)
+            if not outcome.result.ok:
+                return outcome
+            here = (outcome.node, outcome.gpu, self.slot.card)
+            if partner is None or _same_card(rows()[partner], *here):
+                break
+            if attempt == REPAIRS:
+                partner = None  # never a gain across cards
+                break
+            was = rows()[partner]
+            self.display.note(
+                f"exp {c.exp_id:04d}: run {run + 1} trained on {_card_name(*here)}, its partner "
+                f"on {_card_name(was.get('node'), was.get('gpu'), was.get('card'))} (the slot's "
+                "card changed while it trained): it is paired on its own card"
+            )
+            partner, pair = self._partner(run)
+            if pair is not None and pair.result.crash_class == CrashClass.interrupted:
+                return pair
+            if partner is None or _same_card(rows()[partner], *here):
+                break  # None: the best failed there too and has no run on it; no partner
+        self._record(c.commit, outcome, purpose, partner)
+        return outcome
+
+    def _train(self, commit: str, description: str, run: int, purpose: str) -> RunOutcome:
+        """One run of the train.py in the slot's working tree (`commit`'s); not recorded."""
         label = description if run == 0 else f"{description} ({purpose} run {run + 1})"
         log_name = "run.log" if run == 0 else f"run-{run + 1}.log"
         if purpose == "pair":
             label = f"{description} ({purpose} run {run + 1})"
             log_name = f"pair-{run + 1}.log"
+            again = 1
+            while (self.exp_dir / log_name).exists():  # a pair of this seed trained before
+                again += 1
+                log_name = f"pair-{run + 1}.{again}.log"
         outcome = self.slot.train(
             self.c.exp_id, self.exp_dir, label, log_name, run, keep=purpose != "pair"
         )
-        if outcome.result.ok:
-            self.measurements.add(
-                commit,
-                outcome.summary["val_bpb"],
-                exp_id=self.c.exp_id,
-                purpose=purpose,
-                seed=outcome.seed,
-                partner=partner,
-                slot=self.slot.name,
-                card=self.slot.card,
-                node=outcome.node,
-                gpu=outcome.gpu,
-            )
+        self._wall += outcome.result.wall_seconds
         return outcome
+
+    def _record(self, commit: str, outcome: RunOutcome, purpose: str, partner: int | None) -> None:
+        """The run's val_bpb as a measurement of `commit`, paired with row `partner`."""
+        self.measurements.add(
+            commit,
+            outcome.summary["val_bpb"],
+            exp_id=self.c.exp_id,
+            purpose=purpose,
+            seed=outcome.seed,
+            partner=partner,
+            slot=self.slot.name,
+            card=self.slot.card,
+            node=outcome.node,
+            gpu=outcome.gpu,
+        )
 
     def _recall_last_run(self, values: list[float]) -> RunOutcome:
         """The last run of an experiment measured before a --resume, read back from its log:
@@ -216,3 +274,19 @@ class Trial:
             last_step=None,
         )
         return RunOutcome(result, noise.seed_of(len(values) - 1), {})
+
+
+def _same_card(row: dict, node: str | None, gpu: str | None, card: str | None) -> bool:
+    """Whether measurement `row` trained on the card named by `node` and `gpu` (its UUID) when
+    both name a UUID; else by the record's `card` when both name one (on Ray's cpu, the actor);
+    else True: nothing names a card (the local cpu, rows recorded before cards were), and the
+    row was found on the same slot."""
+    if gpu is not None and row.get("gpu") is not None:
+        return (row.get("node"), row["gpu"]) == (node, gpu)
+    if card is None or row.get("card") is None:
+        return True
+    return row["card"] == card
+
+
+def _card_name(node: str | None, gpu: str | None, card: str | None) -> str:
+    return card or (f"{gpu} on {node}" if gpu else f"node {node}")

@@ -3,7 +3,7 @@
 Real processes: a harness process starts a training run through the runner; the training child
 starts a grandchild in its process group and another that moves to a session of its own (as a
 compile worker may), writes their pids, and waits. The harness is then killed with SIGKILL, as
-a Ray worker is when it is lost; every one of those processes must be gone. Linux only (the
+a slot's Ray actor is when it is lost; every one of those processes must be gone. Linux only (the
 parent-death signal and /proc).
 """
 

@@ -204,6 +204,7 @@ def test_backend_ray_without_ray_says_how_to_install_it(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stdout + done.stderr
     assert "pip install 'autoresearch[ray]'" in " ".join((done.stdout + done.stderr).split())
     assert git(ws, "branch", "--list", f"autoresearch/{TAG}") == ""  # nothing started
+    assert not (ws / "runs" / TAG).exists()
 
 
 @pytest.mark.slow  # with the cluster's start (about 15 s on two cores): about 30 s
@@ -320,6 +321,60 @@ def test_a_session_on_ray_retrains_a_run_whose_actor_was_killed_and_records_it_o
     for rec in recs:  # the run's log came back into the experiment's folder
         logs = list((ws / "runs" / TAG / f"{rec['id']:04d}").glob("*.log"))
         assert logs and "val_bpb" in logs[0].read_text(), rec
+
+
+@pytest.mark.slow  # with the cluster's start (about 15 s on two cores): about 30 s
+@needs_ray
+def test_a_candidates_run_whose_actor_was_killed_is_paired_on_its_new_card(
+    cluster: str, tmp_path: Path
+) -> None:
+    """`--backend ray --workers 1`: the candidate's first run was to pair with the baseline's
+    run of its seed on the slot's actor, which is killed mid-run; the new actor trains the run
+    again on a card of its own (the cpu's stand-in: the actor), so the best is trained with
+    that seed there first (a `pair` row), and the candidate's row is paired with it: the gain
+    judged compares two runs of one card. The killed run is recorded nowhere."""
+    gate = tmp_path / "gate"
+    line = "GATE = ''  # the candidate's edit names a gate file"
+    source = GATED_TRAIN.replace(
+        "SLEEP = 0.0  # seconds per step\n",
+        f"SLEEP = 0.0  # seconds per step\n{line}\nGATE_SEED = None\n",
+    )
+    ws = make_workspace(tmp_path / "ws", source)  # the baseline and its pair runs: no gate
+    patches = _patches(tmp_path, reply("gate the run", (line, f"GATE = {str(gate)!r}")))
+    args = run_args(TAG, *replay_args(patches), "--backend", "ray", "--workers", "1", n=2)
+    log = tmp_path / "run.log"
+    proc = _session(ws, stub_cli_env(tmp_path), log, *args, "--unsandboxed", "--address", cluster)
+    try:
+        actor, child = _held(gate, proc, log)  # the candidate's first run
+        os.kill(actor, signal.SIGKILL)
+        assert _gone(child), f"train.py of the killed Ray actor still runs (pid {child})"
+        gate.touch()
+        assert proc.wait(timeout=600) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        gate.touch()
+    text = " ".join(log.read_text().split())
+    rows = _measurements(ws)
+    baseline = [r for r in rows if r["exp"] == 1]
+    assert [r["purpose"] for r in baseline] == ["calibrate", "calibrate"]
+    old = baseline[0]["card"]
+    pair, first = (r for r in rows if r["exp"] == 2 and r["seed"] == seed_of(0))
+    new = first["card"]
+    assert new != old and "Ray actor" in new, rows  # a new actor trained it again
+    assert (pair["purpose"], pair["commit"], pair["card"]) == ("pair", baseline[0]["commit"], new)
+    assert first["purpose"] == "candidate" and first["partner"] == pair["n"], rows
+    for r in rows:  # every gain the keep rule judged: two runs of one card and one seed
+        if r["partner"] is not None:
+            partner = rows[r["partner"]]
+            assert (partner["card"], partner["seed"]) == (r["card"], r["seed"]), (r, partner)
+    assert f"its partner on {old}" in text, text
+    actors = Path(str(gate) + ".pids").read_text().split()  # the candidate's runs only
+    assert actors[0] == str(actor) and str(actor) not in actors[1:], actors
+    assert len(actors) == len([r for r in rows if r["exp"] == 2 and r["purpose"] != "pair"]) + 1
+    recs = _records(ws)
+    assert [r["id"] for r in recs] == [1, 2] and recs[1]["status"] == "discard", recs
+    assert recs[1]["extra"]["card"] == new, recs
 
 
 @pytest.mark.slow  # with the cluster's start (about 15 s on two cores): about 30 s
@@ -534,16 +589,29 @@ def test_pruning_probes_removes_only_old_probe_files(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # the cluster's start, unless another test of the module started it
 @needs_ray
-def test_a_session_asks_for_no_more_slots_than_the_cluster_has_cards(cluster: str) -> None:
+def test_a_session_asks_for_no_more_slots_than_the_cluster_has_cards(
+    cluster: str, tmp_path: Path
+) -> None:
     """Each slot's actor holds its card (here: a CPU) for the session: more slots than the
-    cluster has would wait forever, so they are refused with the number to give."""
+    cluster has would wait forever, so they are refused with the number to give, before the
+    session creates anything (no branch, no runs/<tag>/, no slot's worktree)."""
     import ray
 
     from autoresearch.errors import UsageError
-    from autoresearch.rayslot import _check_capacity
+    from autoresearch.rayslot import check_capacity
 
-    _check_capacity(ray, "CPU", 2)  # the module's cluster: two CPUs
-    with pytest.raises(UsageError, match="has 2 CPUs.*--resume --workers 2 "):
-        _check_capacity(ray, "CPU", 3)
+    check_capacity(ray, "CPU", 2)  # the module's cluster: two CPUs
+    with pytest.raises(UsageError, match="has 2 CPUs.*give --workers 2 or fewer"):
+        check_capacity(ray, "CPU", 3)
     with pytest.raises(UsageError, match="has no GPUs"):
-        _check_capacity(ray, "GPU", 1)
+        check_capacity(ray, "GPU", 1)
+    ws = make_workspace(tmp_path / "ws")
+    patches = _patches(tmp_path, reply("LR to 0.06", _lr("0.04", "0.06")))
+    args = run_args(TAG, *replay_args(patches), "--backend", "ray", "--workers", "3", n=2)
+    done = cli(ws, *args, "--unsandboxed", "--address", cluster, env=stub_cli_env(tmp_path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    text = " ".join((done.stdout + done.stderr).split())
+    assert "--workers 3: the Ray cluster has 2 CPUs" in text, text
+    assert git(ws, "branch", "--list", f"autoresearch/{TAG}") == ""  # nothing started
+    assert not (ws / "runs" / TAG).exists()
+    assert git(ws, "worktree", "list").count("\n") == 0  # the workspace's own only

@@ -8,6 +8,7 @@ order in which slots finish is the test's, not the machine's.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +38,7 @@ from loopkit import (
     stub_cli_env,
 )
 
-from autoresearch import commands, noise, slot
+from autoresearch import commands, noise, runner, slot
 from autoresearch.errors import UsageError
 from autoresearch.options import SessionOptions
 
@@ -435,3 +437,97 @@ def test_a_slot_names_its_host_and_no_card_on_the_cpu(tmp_path: Path) -> None:
         mark=lambda key, marker: None,
     )  # fmt: skip
     assert cpu.place() == (socket.gethostname(), None) and cpu.card_key() is None
+
+
+class _MovingSlot(slot.Slot):
+    """A slot on a card named by a UUID of the test's (the GPU is the edge faked here) that
+    moves to the next of `cards` while it trains the runs numbered in `moves` (from 1, over
+    every run it trains): what a Ray slot does when its actor is lost mid-run and a new one,
+    on another card, trains the run again (rayslot.py)."""
+
+    def __init__(self, root: Path, cards: list[str], moves: set[int], display) -> None:
+        opts = SessionOptions(
+            TAG, "cpu", "cpu", 10.0, sealed=False, unsandboxed=True, warm_start=False,
+            max_repeats=1,
+        )  # fmt: skip
+        sealing = slot.Sealing(None, runner.network_isolation(), {})  # unsealed, unboxed
+        super().__init__(root, opts, sealing, display, threading.Event(), mark=lambda k, m: None)
+        self.cards, self.moves, self.trained = cards, moves, 0
+
+    def place(self) -> tuple[str, str | None]:
+        return "node-1", self.cards[0]
+
+    def train(self, *args, **kwargs) -> slot.RunOutcome:
+        self.trained += 1
+        if self.trained in self.moves:
+            self.cards.pop(0)
+        return super().train(*args, **kwargs)
+
+
+def _moving_trial(tmp_path: Path, moves: set[int]):
+    """Experiment 2 (LR 0.04 -> 0.06) judged on a _MovingSlot that starts on card GPU-a, where
+    the baseline's two calibration runs are; (outcome, measurement rows, what was shown)."""
+    from rich.console import Console
+
+    from autoresearch.display import Display
+    from autoresearch.trial import Candidate, Trial
+
+    root = tmp_path / "slot"
+    root.mkdir(parents=True)
+    best, cand = STUB_TRAIN, STUB_TRAIN.replace("LR = 0.04", "LR = 0.06")
+    (root / "train.py").write_text(cand)
+    m = noise.Measurements(tmp_path / "run")
+    for seed in (noise.seed_of(0), noise.seed_of(1)):
+        m.add("best", stub_bpb(), exp_id=1, purpose="calibrate", seed=seed, node="node-1",
+              gpu="GPU-a")  # fmt: skip
+    shown = io.StringIO()
+    display = Display(Console(file=shown, width=400))
+    cards = ["GPU-a", "GPU-b", "GPU-c", "GPU-d", "GPU-e", "GPU-f"]
+    moving = _MovingSlot(root, cards, moves, display)
+    candidate = Candidate(2, "cand", "LR to 0.06", "best", {})
+    outcome = Trial(
+        candidate, moving, opts=moving.opts, measurements=m,
+        source={"best": best, "cand": cand}.__getitem__, exp_dir=tmp_path / "run" / "0002",
+        display=display,
+    ).run()  # fmt: skip
+    assert (root / "train.py").read_text() == cand  # the candidate's is put back
+    return outcome, noise.Measurements(tmp_path / "run").rows(), " ".join(shown.getvalue().split())
+
+
+def test_a_run_whose_card_changed_mid_run_is_paired_again_on_its_card(tmp_path: Path) -> None:
+    """The candidate's first run was to pair with the baseline's run of seed 1000 on GPU-a, and
+    the slot moved to GPU-b while it trained: the best is trained with seed 1000 on GPU-b (a
+    `pair` row) before the candidate's row is written, paired with it; the gain judged is the
+    one of that pair."""
+    outcome, rows, text = _moving_trial(tmp_path, moves={1})
+    assert [(r["purpose"], r["seed"], r["gpu"]) for r in rows] == [
+        ("calibrate", 1000, "GPU-a"), ("calibrate", 1001, "GPU-a"),
+        ("pair", 1000, "GPU-b"), ("candidate", 1000, "GPU-b"),
+    ]  # fmt: skip
+    assert rows[3]["partner"] == 2 and rows[2]["commit"] == "best"
+    assert outcome.rows == [rows[3]]
+    assert outcome.verdict.gain == pytest.approx(stub_bpb(0.04) - stub_bpb(0.06))
+    assert "run 1 trained on GPU-b on node-1, its partner on GPU-a on node-1" in text, text
+    assert (tmp_path / "run" / "0002" / "pair-1.log").is_file()
+
+
+def test_a_run_whose_card_changes_again_while_its_partner_trains_is_trained_again(
+    tmp_path: Path,
+) -> None:
+    """The card changes during the candidate's run (a -> b) and again during the new partner's
+    (b -> c): the candidate's run is trained again on c, with the partner on c. When the card
+    never holds still, after REPAIRS new partners the run is recorded without one, and with no
+    gain to judge the candidate is discarded: never a gain across cards."""
+    from autoresearch.trial import REPAIRS
+
+    outcome, rows, _ = _moving_trial(tmp_path / "twice", moves={1, 2})
+    assert [(r["purpose"], r["gpu"], r["partner"]) for r in rows[2:]] == [
+        ("pair", "GPU-c", None), ("candidate", "GPU-c", 2),
+    ]  # fmt: skip
+    assert outcome.status == "keep"
+    assert REPAIRS == 2  # the moves below outlast it
+    outcome, rows, _ = _moving_trial(tmp_path / "always", moves={1, 2, 3, 4, 5})
+    assert [(r["purpose"], r["gpu"], r["partner"]) for r in rows[2:]] == [
+        ("pair", "GPU-c", None), ("pair", "GPU-e", None), ("candidate", "GPU-f", None),
+    ]  # fmt: skip
+    assert outcome.status == "discard" and outcome.verdict is None
