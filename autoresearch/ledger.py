@@ -130,7 +130,6 @@ def decision_of(exp: Experiment) -> Grounds:
     )
 
 
-Decision = Grounds  # its older name, importable while other branches still use it
 
 
 def _numbers(values: Any) -> tuple[float, ...]:
