@@ -130,8 +130,6 @@ def decision_of(exp: Experiment) -> Grounds:
     )
 
 
-
-
 def _numbers(values: Any) -> tuple[float, ...]:
     if not isinstance(values, list):
         return ()
