@@ -48,7 +48,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +57,6 @@ sys.path.insert(0, str(ROOT / "tests"))  # fakellm: the same fake endpoint the t
 from fakellm import FakeLLM  # noqa: E402
 
 from autoresearch.edits import apply_reply  # noqa: E402
-from autoresearch.ledger import Ledger  # noqa: E402
 
 TAG = "bench"
 # Knobs the fake agent scales, alternately: two lines apart in the template, so an edit of one
@@ -216,7 +214,16 @@ def run_session(
         sys.exit(f"autoresearch run exited {exit_code} before recording anything: see {log_path}")
     status = json.loads(autoresearch(ws, "status", "--json", "--tag", TAG).stdout)
     session = json.loads((ws / "runs" / TAG / "session.json").read_text())
-    records = [asdict(r) for r in Ledger(ws / "runs" / TAG).experiments()]
+    # the record as written (experiments.jsonl), not the in-memory objects
+    jsonl = (ws / "runs" / TAG / "experiments.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in jsonl if line.strip()]
+    for r in records:  # a crash's cause, for a session run where its files can't be looked at
+        if r["status"] == "crash":
+            run_log = ws / "runs" / TAG / f"{r['id']:04d}" / "run.log"
+            tail = (
+                run_log.read_text(errors="replace").splitlines()[-25:] if run_log.is_file() else []
+            )
+            print(f"exp {r['id']} crashed; the end of {run_log.name}:", *tail, sep="\n  ")
     for r in records:  # what the sealed evaluator said of its own phases (first run)
         r["evaluator"] = evaluator_report(ws / "runs" / TAG / f"{r['id']:04d}" / "run.eval.log")
     tl = timeline(lines)
