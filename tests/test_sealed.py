@@ -26,6 +26,7 @@ from loopkit import git, make_workspace, results_rows
 from autoresearch import runner
 from autoresearch.agent import AgentExhausted, Context, Proposal, _local_proposal
 from autoresearch.display import Display
+from autoresearch.evalproto import EvalStatus
 from autoresearch.evaluator import evaluate_checkpoint, start_warm
 from autoresearch.fingerprint import Fingerprinter, FingerprintError, active_dataset
 from autoresearch.ledger import Experiment, tsv_row
@@ -361,7 +362,7 @@ def test_honest_checkpoint_is_measured_and_probed(
     cache: Path, quick_ws: Path, tmp_path: Path
 ) -> None:
     result = _honest(quick_ws, tmp_path)
-    assert result.status == "ok", result
+    assert result.status == EvalStatus.ok, result
     assert result.causal is True
     assert result.num_params == 8192 * 16 + 16 * 8192 + 8192
     assert 3.0 < result.val_bpb < 6.0  # an untrained bigram: about uniform over 8192 tokens
@@ -412,14 +413,14 @@ def test_an_evaluator_started_ahead_measures_the_same(
     train, checkpoint = _checkpoint(ws, STUB, tmp_path)
     cold = _evaluate(ws, train, checkpoint, tmp_path)
     warm = _evaluate(ws, train, checkpoint, tmp_path, ahead=True)
-    assert warm.status == "ok", warm
+    assert warm.status == EvalStatus.ok, warm
     assert warm.val_bpb == cold.val_bpb and warm.num_params == cold.num_params
     assert _result_line(warm.log_path)["started_ahead"] is True
 
     other = start_warm(ws, split="test", preset="cpu", device="cpu", dataset=active_dataset())
     assert other is not None and other.alive()
     result = _evaluate(ws, train, checkpoint, tmp_path, warm=other)
-    assert result.status == "ok" and result.val_bpb == cold.val_bpb
+    assert result.status == EvalStatus.ok and result.val_bpb == cold.val_bpb
     assert _result_line(result.log_path)["started_ahead"] is False
     assert not other.alive()
     assert _waiting_evaluators(ws) <= before
@@ -458,7 +459,7 @@ def test_cheating_models_are_rejected(
 ) -> None:
     train, checkpoint = _variant(quick_ws, edit(STUB, change), tmp_path)  # the forward changes
     result = _evaluate(quick_ws, train, checkpoint, tmp_path, ahead=ahead)
-    assert result.status == "rejected", result
+    assert result.status == EvalStatus.rejected, result
     assert words in result.reason
     assert result.val_bpb is None
 
@@ -471,7 +472,7 @@ def test_forged_result_line_and_tensor_subclass(
     since only plain float32 logits leave its model process and the metric is computed in
     another one: the honest number."""
     honest = _honest(quick_ws, tmp_path)
-    assert honest.status == "ok", honest
+    assert honest.status == EvalStatus.ok, honest
     forged = edit(
         STUB,
         (
@@ -483,7 +484,7 @@ def test_forged_result_line_and_tensor_subclass(
     )
     train, checkpoint = _variant(quick_ws, forged, tmp_path)
     result = _evaluate(quick_ws, train, checkpoint, tmp_path)
-    assert result.status == "error" and "ended without an answer" in result.reason
+    assert result.status == EvalStatus.error and "ended without an answer" in result.reason
     assert result.val_bpb is None
 
     subclass = edit(
@@ -506,16 +507,18 @@ def test_forged_result_line_and_tensor_subclass(
     for cheat in (subclass, edit(STUB, PATCH_AT_IMPORT)):
         train, checkpoint = _variant(quick_ws, cheat, tmp_path)
         result = _evaluate(quick_ws, train, checkpoint, tmp_path)
-        assert result.status == "ok" and result.val_bpb == pytest.approx(honest.val_bpb), result
+        assert result.status == EvalStatus.ok and result.val_bpb == pytest.approx(honest.val_bpb), (
+            result
+        )
 
 
 def test_missing_or_unloadable_checkpoint(cache: Path, quick_ws: Path, tmp_path: Path) -> None:
     train, checkpoint = _checkpoint(quick_ws, STUB, tmp_path)
     missing = _evaluate(quick_ws, train, tmp_path / "nowhere.pt", tmp_path)
-    assert missing.status == "no_checkpoint" and "left no checkpoint" in missing.reason
+    assert missing.status == EvalStatus.no_checkpoint and "left no checkpoint" in missing.reason
     checkpoint.write_bytes(b"not a checkpoint")
     broken = _evaluate(quick_ws, train, checkpoint, tmp_path)
-    assert broken.status == "no_checkpoint" and "load_model" in broken.reason
+    assert broken.status == EvalStatus.no_checkpoint and "load_model" in broken.reason
 
 
 @pytest.mark.parametrize("ahead", [False, True], ids=["cold", "started-ahead"])
@@ -530,7 +533,7 @@ def test_evaluator_refuses_a_changed_prepare(
         (quick_ws / "prepare.py").read_text() + "\nEVAL_TOKENS = 256\n"
     )
     result = _evaluate(quick_ws, train, checkpoint, tmp_path, fingerprints=prints, ahead=ahead)
-    assert result.status == "error" and "prepare.py does not match" in result.reason
+    assert result.status == EvalStatus.error and "prepare.py does not match" in result.reason
 
 
 # ---------------------------------------------------------------------------------------------
