@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from loopkit import fake_prepared_cache, git, make_workspace
+from loopkit import alive, fake_prepared_cache, git, make_workspace, own_children
 
 from autoresearch.agent import Context, Proposal, _local_proposal
 from autoresearch.display import Display
@@ -35,16 +35,8 @@ def rss_mb() -> float:
 
 
 def child_processes() -> int:
-    me = str(os.getpid())
-    count = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[1] == me and fields[0] not in "ZX":
-            count += 1
-    return count
+    """This process's children that still run (own_children: no other process is looked at)."""
+    return sum(alive(pid) for pid in own_children())
 
 
 class Sampling(Display):
