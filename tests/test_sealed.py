@@ -465,7 +465,7 @@ def test_forged_result_line_and_tensor_subclass(
     cache: Path, quick_ws: Path, tmp_path: Path
 ) -> None:
     """train.py prints a result line at import and exits: no number. It returns a tensor
-    subclass that would rewrite the loss, or replaces prepare.evaluate_bpb at import: no effect,
+    subclass that would rewrite the loss and replaces prepare.evaluate_bpb at import: no effect,
     since only plain float32 logits leave its model process and the metric is computed in
     another one: the honest number."""
     honest = _honest(quick_ws, tmp_path)
@@ -501,12 +501,13 @@ def test_forged_result_line_and_tensor_subclass(
             "class Bigram(nn.Module):\n",
         ),
     )
-    for cheat in (subclass, edit(STUB, PATCH_AT_IMPORT)):
-        train, checkpoint = _variant(quick_ws, cheat, tmp_path)
-        result = _evaluate(quick_ws, train, checkpoint, tmp_path)
-        assert result.status == EvalStatus.ok and result.val_bpb == pytest.approx(honest.val_bpb), (
-            result
-        )
+    # Both in one train.py, one evaluation: each would only lower the number (a zero loss,
+    # a metric of 0.1), so neither can hide the other, and the honest number means both failed.
+    train, checkpoint = _variant(quick_ws, edit(subclass, PATCH_AT_IMPORT), tmp_path)
+    result = _evaluate(quick_ws, train, checkpoint, tmp_path)
+    assert result.status == EvalStatus.ok and result.val_bpb == pytest.approx(honest.val_bpb), (
+        result
+    )
 
 
 def test_missing_or_unloadable_checkpoint(cache: Path, quick_ws: Path, tmp_path: Path) -> None:
