@@ -18,6 +18,7 @@ from rich.table import Table
 
 from . import runner
 from .errors import WorkspaceError
+from .evalproto import EvalStatus
 from .ledger import Experiment, Ledger
 from .presets import resolve_device
 from .status import Status
@@ -194,7 +195,9 @@ def _confirm_table(tag: str, rows: list[dict]) -> None:
         return "—" if x is None else f"{x:.6f}"
 
     for r in rows:
-        test = num(r["test_bpb"]) if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
+        test = (
+            num(r["test_bpb"]) if r["status"] == EvalStatus.ok else f"{r['status']}: {r['reason']}"
+        )
         table.add_row(f"{r['id']:04d}", r["role"], num(r["val_bpb"]), test)
     if len(rows) == 2 and all(r["val_bpb"] is not None and r["test_bpb"] is not None for r in rows):
         dv = rows[1]["val_bpb"] - rows[0]["val_bpb"]

@@ -1,6 +1,7 @@
 """What the harness and the trusted evaluator agree on: the evaluator's command line, its result
-statuses and exit codes. Both sides import it; it imports nothing of either, and no candidate
-code ever runs with it loaded (the model process, model_server.py, does not import the package).
+statuses and exit codes. Both sides import it; it imports nothing of either (status.py's `Word`
+only), and no candidate code ever runs with it loaded (the model process, model_server.py, does
+not import the package, so it still spells a failure's status as the string).
 """
 
 from __future__ import annotations
@@ -9,7 +10,20 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-STATUSES = ("ok", "rejected", "no_checkpoint", "error")  # the result line's `status`
+from .status import Word
+
+
+class EvalStatus(Word):
+    """The result line's `status`: what the evaluator said about a checkpoint."""
+
+    ok = "ok"  # evaluated: val_bpb is the metric on the split
+    rejected = "rejected"  # the model looks ahead or mixes rows (exit EXIT_REJECTED)
+    no_checkpoint = "no_checkpoint"  # no checkpoint, or load_model fails on it (EXIT_FAILED)
+    error = "error"  # anything else that stopped the evaluation (EXIT_FAILED)
+
+
+STATUSES = tuple(EvalStatus)  # the statuses a result line may carry
+FAILED = (EvalStatus.no_checkpoint, EvalStatus.error)  # said with EXIT_FAILED and a reason
 EXIT_REJECTED = 3  # the evaluator's exit codes besides 0 (ok) and 1 (an uncaught error)
 EXIT_FAILED = 2
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from . import sandbox
 from .childenv import child_env
-from .evalproto import STATUSES, command_args
+from .evalproto import STATUSES, EvalStatus, command_args
 from .runner import RunResult, run_training
 from .status import CrashClass
 from .warm import Prestarted
@@ -53,7 +53,7 @@ DISAGREE_BPB = 0.005  # |printed - sealed| val_bpb above which the record notes 
 class EvalResult:
     """What the sealed evaluator said about one checkpoint."""
 
-    status: str  # one of STATUSES
+    status: EvalStatus
     val_bpb: float | None  # bits per byte on the requested split (val or test)
     num_params: int | None
     causal: bool | None  # True: passed the probes; False: rejected for looking ahead
@@ -65,7 +65,11 @@ class EvalResult:
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok" and self.val_bpb is not None and math.isfinite(self.val_bpb)
+        return (
+            self.status == EvalStatus.ok
+            and self.val_bpb is not None
+            and math.isfinite(self.val_bpb)
+        )
 
 
 def evaluate_checkpoint(
@@ -110,7 +114,7 @@ def evaluate_checkpoint(
         if warm is not None:
             warm.discard()
         return EvalResult(
-            "no_checkpoint",
+            EvalStatus.no_checkpoint,
             None,
             None,
             None,
@@ -160,10 +164,12 @@ def evaluate_checkpoint(
                 reason = "interrupted"
         else:
             reason = f"the evaluator exited {run.exit_code} without a result; see {log_path}"
-        return EvalResult("error", None, None, None, None, run.wall_seconds, reason, log_path, tail)
+        return EvalResult(
+            EvalStatus.error, None, None, None, None, run.wall_seconds, reason, log_path, tail
+        )
     val_bpb = result.get("val_bpb")
     return EvalResult(
-        status=result["status"],
+        status=EvalStatus(result["status"]),
         val_bpb=float(val_bpb) if isinstance(val_bpb, (int, float)) else None,
         num_params=result.get("num_params"),
         causal=result.get("causal"),
@@ -287,11 +293,11 @@ def sealed_outcome(run: RunResult, ev: EvalResult) -> tuple[RunResult, dict[str,
                 f"train.py printed val_bpb {reported:.6f}; the sealed evaluator measured "
                 f"{ev.val_bpb:.6f} (the record uses the evaluator's)"
             )
-    elif ev.status == "rejected":
+    elif ev.status == EvalStatus.rejected:
         crash_class = CrashClass.rejected
-    elif ev.status == "no_checkpoint":
+    elif ev.status == EvalStatus.no_checkpoint:
         crash_class = CrashClass.no_checkpoint
-    elif ev.status == "ok":
+    elif ev.status == EvalStatus.ok:
         crash_class = CrashClass.nan
         ev.reason = f"the evaluator measured val_bpb {ev.val_bpb} (not finite)"
     elif ev.reason == "interrupted":

@@ -37,6 +37,7 @@ from statistics import fmean
 
 from . import noise, sandbox
 from .childenv import child_env
+from .evalproto import EvalStatus
 from .evaluator import evaluate_checkpoint
 from .ledger import Experiment, Ledger
 from .runner import RunResult, run_training
@@ -127,7 +128,7 @@ def verdict(runs: list[dict], baseline_bpb: float | None, best_bpb: float | None
     out: dict = {"session_gain": None, "val_gain": None, "test_gain": None, "holds": None}
     if baseline_bpb is not None and best_bpb is not None:
         out["session_gain"] = baseline_bpb - best_bpb
-    if not runs or any(r["status"] != "ok" for r in runs):
+    if not runs or any(r["status"] != EvalStatus.ok for r in runs):
         return out
     by = {(r["role"], r["seed"]): r for r in runs}
     seeds = [s for role, s in by if role == "baseline" and ("best", s) in by]
@@ -165,7 +166,7 @@ def _one(
         box=box,
     )
     row = {
-        "status": "ok",
+        "status": EvalStatus.ok,
         "reason": "",
         "val_bpb": None,
         "test_bpb": None,

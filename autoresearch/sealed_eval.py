@@ -55,7 +55,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .evalproto import EXIT_FAILED, EXIT_REJECTED, parse_args
+from .evalproto import EXIT_FAILED, EXIT_REJECTED, FAILED, EvalStatus, parse_args
 
 BATCH_SIZE = {"gpu": 32, "cpu": 16}  # rows of MAX_SEQ_LEN tokens per forward pass
 PROBED_BATCHES = 2  # batches checked for causality: the first and one chosen at random
@@ -76,7 +76,7 @@ class _Rejected(Exception):
 class _Failed(Exception):
     """The checkpoint could not be evaluated (status no_checkpoint or error)."""
 
-    def __init__(self, status: str, reason: str) -> None:
+    def __init__(self, status: EvalStatus, reason: str) -> None:
         super().__init__(reason)
         self.status = status
 
@@ -169,14 +169,14 @@ class _Model:
             self._failed(word, rest)
         logits = self.outputs[: b * self.T * self.V].view(b, self.T, self.V).clone()
         if not bool(torch.isfinite(logits).all()):
-            raise _Failed("error", "the model's logits are not finite")
+            raise _Failed(EvalStatus.error, "the model's logits are not finite")
         return logits
 
     def _send(self, message: dict) -> None:
         try:
             os.write(self.requests, (json.dumps(message) + "\n").encode())
         except OSError:
-            raise _Failed("error", "the model process ended before it was asked") from None
+            raise _Failed(EvalStatus.error, "the model process ended before it was asked") from None
 
     def _reply(self) -> tuple[str, str]:
         data = b""
@@ -191,10 +191,10 @@ class _Model:
     def _failed(self, word: str, rest: str) -> None:
         if word == "fail":
             status, _, reason = rest.partition(" ")
-            if status in ("no_checkpoint", "error"):
-                raise _Failed(status, reason)
+            if status in FAILED:
+                raise _Failed(EvalStatus(status), reason)
         raise _Failed(
-            "error",
+            EvalStatus.error,
             "the model process ended without an answer (did importing train.py exit, or "
             'start training? Keep the training run under `if __name__ == "__main__":`)',
         )
@@ -291,7 +291,7 @@ def _expect(label: str, data: bytes, *expected: str | None) -> None:
     for want in expected:
         if want is not None and digest != want:
             raise _Failed(
-                "error",
+                EvalStatus.error,
                 f"{label} does not match its fingerprint (changed since the session started)",
             )
 
@@ -325,7 +325,9 @@ def _read_data(trusted, split: str, expected: Mapping[str, str]) -> _Data:
     _expect("manifest.json", manifest_bytes, expected.get("data/manifest.json"))
     manifest = json.loads(manifest_bytes)
     if split not in manifest["splits"]:
-        raise _Failed("error", f"the dataset has no {split!r} split: run `autoresearch prepare`")
+        raise _Failed(
+            EvalStatus.error, f"the dataset has no {split!r} split: run `autoresearch prepare`"
+        )
     entry = manifest["splits"][split]
     name = entry["shards"][0]["file"]
     data = (dataset / name).read_bytes()
@@ -389,9 +391,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if failure is not None:
             raise failure
         assert ready is not None
-        emit({"status": "ok", **_score(args, ready, monotonic)}, 0)
+        emit({"status": EvalStatus.ok, **_score(args, ready, monotonic)}, 0)
     except _Rejected as exc:
-        emit({"status": "rejected", "causal": exc.causal, "reason": str(exc)}, EXIT_REJECTED)
+        emit(
+            {"status": EvalStatus.rejected, "causal": exc.causal, "reason": str(exc)}, EXIT_REJECTED
+        )
     except _Failed as exc:
         emit({"status": exc.status, "reason": str(exc)}, EXIT_FAILED)
     return 1  # not reached: emit exits
@@ -425,7 +429,7 @@ def _prepare(args: argparse.Namespace, expected: Mapping[str, str], clock) -> _R
     try:
         data = _read_data(trusted, args.split, expected)
     except trusted.PrepareError as exc:
-        raise _Failed("error", str(exc)) from exc
+        raise _Failed(EvalStatus.error, str(exc)) from exc
     import torch
 
     rows = min(
@@ -442,7 +446,7 @@ def _score(args: argparse.Namespace, ready: _Ready, clock) -> dict:
     trusted, data, torch = ready.trusted, ready.data, ready.torch
     train = args.train or args.workspace / "train.py"
     if not args.checkpoint.is_file():
-        raise _Failed("no_checkpoint", f"no checkpoint at {args.checkpoint}")
+        raise _Failed(EvalStatus.no_checkpoint, f"no checkpoint at {args.checkpoint}")
     for model in ready.models:
         model.go(train, args.checkpoint, args.device)
     batches = max(1, -(-ready.rows // ready.batch_size))
@@ -461,7 +465,7 @@ def _score(args: argparse.Namespace, ready: _Ready, clock) -> dict:
             token_bytes=data.token_bytes,
         )
     except trusted.PrepareError as exc:
-        raise _Failed("error", str(exc)) from exc
+        raise _Failed(EvalStatus.error, str(exc)) from exc
     seconds = clock() - eval_started
     return {
         "val_bpb": bpb,

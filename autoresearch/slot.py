@@ -348,7 +348,7 @@ def _rejected(outcome: RunOutcome) -> RunOutcome:
     reason = f"the run changed what the metric depends on: {outcome.fatal}"
     result = replace(
         outcome.result,
-        crash_class="rejected",
+        crash_class=CrashClass.rejected,
         log_tail=outcome.result.log_tail + f"\n[autoresearch] {reason}",
     )
     return replace(outcome, result=result, notes={**(outcome.notes or {}), "reason": reason})

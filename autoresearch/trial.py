@@ -62,7 +62,7 @@ class Candidate:
 
 @dataclass(frozen=True)
 class TrialOutcome:
-    status: str  # keep, discard, crash, interrupted, rejected
+    status: Status  # keep, discard, crash, interrupted, rejected
     verdict: noise.Verdict | None
     rows: list[dict]  # the candidate's measurements (measurements.jsonl rows)
     last: RunOutcome  # the last run trained, or, after a resume, read back from its log
@@ -118,7 +118,7 @@ class Trial:
                 last = self._candidate_run(run, purpose, partner)
                 if not last.result.ok:
                     crash = last.result.crash_class
-                    status = crash if crash in FAILED_AS else Status.crash
+                    status = Status(crash) if crash in FAILED_AS else Status.crash
                     break
                 continue
             if c.baseline:
@@ -135,7 +135,7 @@ class Trial:
                 max_repeats=self.opts.max_repeats,
             )
             if verdict.decision != Decision.repeat:
-                status = verdict.decision
+                status = Status(verdict.decision)  # keep or discard, the same words
                 break
             needed += 1
         rows = m.candidate_rows(c.exp_id, c.commit)

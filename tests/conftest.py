@@ -29,18 +29,40 @@ def no_user_git_config(tmp_path_factory: pytest.TempPathFactory):
         yield
 
 
-@pytest.fixture(scope="session")
-def stdlib_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache with the offline stdlib corpus, prepared once per test session by the real
-    prepare.py (tokenizer training and token shards included)."""
+PREPARE_TIMEOUT_S = 600  # a hang guard for the stdlib preparation (about 12 CPU s)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stdlib_preparing(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Starts `python prepare.py --source stdlib` (the real prepare.py, tokenizer training and
+    token shards included) when the first test starts, if a selected test needs it: its CPU
+    time then overlaps the tests that come before the first one that uses it, instead of
+    adding to the suite's time. (cache, the child, its log) or None when none needs it."""
+    if not any("stdlib_prepared" in item.fixturenames for item in request.session.items):
+        yield None
+        return
     cache = tmp_path_factory.mktemp("stdlib-cache")
-    proc = subprocess.run(
-        [sys.executable, "prepare.py", "--source", "stdlib"],
-        cwd=ROOT,
-        env={"AUTORESEARCH_CACHE": str(cache), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = tmp_path_factory.mktemp("stdlib-prepare") / "prepare.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "prepare.py", "--source", "stdlib"],
+            cwd=ROOT,
+            env={"AUTORESEARCH_CACHE": str(cache), "PATH": "/usr/bin:/bin"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    yield cache, proc, log
+    if proc.poll() is None:  # never waited for: the run was cut short
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def stdlib_prepared(stdlib_preparing: tuple[Path, subprocess.Popen, Path] | None) -> Path:
+    """A cache with the offline stdlib corpus, prepared once per test session by the real
+    prepare.py (started ahead by stdlib_preparing)."""
+    assert stdlib_preparing is not None, "stdlib_preparing saw no test that needs the corpus"
+    cache, proc, log = stdlib_preparing
+    code = proc.wait(timeout=PREPARE_TIMEOUT_S)
+    assert code == 0, log.read_text()
     return cache

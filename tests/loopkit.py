@@ -81,6 +81,24 @@ def alive(pid: int) -> bool:
     return stat[stat.rfind(")") + 2] not in "ZX"
 
 
+def own_children() -> list[int]:
+    """The processes this test process started and has not reaped (zombies included: `alive`
+    tells them apart), read from its own /proc/self/task/*/children: no other process on the
+    machine is looked at, so another suite running beside this one cannot change the answer."""
+    pids = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            pids += [int(pid) for pid in (task / "children").read_text().split()]
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+    return sorted(pids)
+
+
+def children_listed() -> bool:
+    """Whether own_children can answer here (Linux built with CONFIG_PROC_CHILDREN)."""
+    return Path(f"/proc/self/task/{os.getpid()}/children").exists()
+
+
 def closed_port() -> int:
     """A localhost TCP port that nothing listens on."""
     with socket.socket() as s:

@@ -91,7 +91,9 @@ def test_shared_cache_gives_every_version_one_compile_cache(tmp_path, monkeypatc
 
 
 def test_one_gpu_runs_versions_in_turn(tmp_path, monkeypatch) -> None:
-    rows, trace = _run(tmp_path, monkeypatch, gpus=1, runs=2)
+    # 0.3 s between step lines: runs started together would overlap by far more than a
+    # process's start-up; a busy machine can only hide an overlap, never make one
+    rows, trace = _run(tmp_path, monkeypatch, gpus=1, runs=2, sleep=0.3)
     assert [(r["version"], r["run"]) for r in rows] == [
         ("a", 1), ("b", 1), ("c", 1), ("a", 2), ("b", 2), ("c", 2)
     ]  # fmt: skip

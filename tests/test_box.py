@@ -21,6 +21,7 @@ from test_sealed import STUB, TAG, Scripted, edit, records, session
 
 import autoresearch
 from autoresearch import sandbox
+from autoresearch.evalproto import EvalStatus
 from autoresearch.fingerprint import active_dataset
 
 pytestmark = pytest.mark.skipif(not sandbox.probe().available, reason=sandbox.probe().note)
@@ -213,7 +214,7 @@ def test_attacks_from_evaluation_are_unable(cache: Path, tmp_path: Path) -> None
     (tmp_path / "honest").mkdir()
     honest = _evaluate(ws, *_checkpoint(ws, STUB, tmp_path / "honest"), tmp_path / "honest")
     result = _evaluate(ws, *_checkpoint(ws, cheat, tmp_path), tmp_path)
-    assert honest.status == "ok" and result.status == "ok", result
+    assert honest.status == EvalStatus.ok and result.status == EvalStatus.ok, result
     assert result.val_bpb == pytest.approx(honest.val_bpb)
     log = result.log_path.read_text()
     for name in ("read val", "plant a .pth", "call the evaluator", "frame walk"):

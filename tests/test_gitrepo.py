@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from loopkit import children_listed, own_children
 
 from autoresearch.errors import WorkspaceError
 from autoresearch.gitrepo import GitRepo
@@ -242,19 +243,8 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def _children() -> list[int]:
-    me, found = os.getpid(), []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
-        except OSError:
-            continue
-        if stat and int(stat[stat.rfind(")") + 2 :].split()[1]) == me:
-            found.append(int(entry.name))
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd")
+@pytest.mark.skipif(not children_listed(), reason="lists /proc/self/task/*/children")
 def test_no_fd_or_process_leak_over_many_sessions(repo_dir: Path) -> None:
     def one(i: int) -> None:
         with GitRepo(repo_dir) as repo:
@@ -263,11 +253,11 @@ def test_no_fd_or_process_leak_over_many_sessions(repo_dir: Path) -> None:
             repo.update_ref(f"refs/autoresearch/t/attempts/{i:04d}", repo.head())
 
     one(0)  # warm up GitPython's lazily created state
-    fds, children = _open_fds(), _children()
+    fds, children = _open_fds(), own_children()
     for i in range(1, 201):
         one(i)
     assert _open_fds() == fds
-    assert _children() == children
+    assert own_children() == children
     assert len(refs(repo_dir, "refs/autoresearch/t/attempts")) == 201
 
 

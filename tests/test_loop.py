@@ -15,10 +15,13 @@ import pytest
 from fakellm import FakeLLM
 from loopkit import (
     STUB_TRAIN,
+    alive,
+    children_listed,
     cli,
     git,
     make_workspace,
     openai_args,
+    own_children,
     replay_args,
     reply,
     results_rows,
@@ -425,13 +428,14 @@ def test_later_runs_start_warm_and_no_warm_child_outlives_the_session(
     assert len(seen) >= 2 and set(seen) == {False}
 
 
-@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds processes in /proc")
+@pytest.mark.skipif(not children_listed(), reason="lists /proc/self/task/*/children")
 def test_an_error_before_the_first_run_leaves_no_warm_child(
     tmp_path: Path, env: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The CLI starts the first run's interpreter before it picks the device; a usage error
     found after that (here --device cuda on a machine without one) ends it at once. In this
-    process, so that a child left waiting would still have its stdin open and be found."""
+    process, so that a child left waiting would still have its stdin open and be found among
+    this process's own children."""
     if _torch_sees_cuda():
         pytest.skip("this machine has a CUDA device")
     preloaded = "import numpy  # noqa: F401\n" + STUB_TRAIN
@@ -448,7 +452,20 @@ def test_an_error_before_the_first_run_leaves_no_warm_child(
             overlap=True,
             quiet=True,
         )
-    assert _warm_children(tmp_path) == []
+    assert _own_warm_children() == []
+
+
+def _own_warm_children() -> list[int]:
+    """This process's children that are warm children and still run."""
+    found = []
+    for pid in own_children():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:  # reaped meanwhile
+            continue
+        if WARM_BOOT_MARK.encode() in cmdline and alive(pid):
+            found.append(pid)
+    return found
 
 
 def _torch_sees_cuda() -> bool:

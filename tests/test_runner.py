@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from loopkit import alive
+from loopkit import alive, children_listed, own_children
 
 from autoresearch import watch
 from autoresearch.budget import CPU_GRACE_S, Budget, budget_grace, cpu_clock_available
@@ -556,27 +556,15 @@ def test_a_child_that_cannot_start_is_a_result(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not LINUX, reason="counts /proc/self/fd")
+@pytest.mark.skipif(not children_listed(), reason="lists /proc/self/task/*/children")
 def test_many_runs_leak_no_fds_threads_or_children(tmp_path: Path) -> None:
     run_stub(tmp_path, "ok_train.py")  # warm up lazily created resources
-    fds, threads = open_fds(), threading.active_count()
+    fds, threads, children = open_fds(), threading.active_count(), own_children()
     for _ in range(15):
         assert run_stub(tmp_path, "ok_train.py").ok
     run_stub(tmp_path, "hang.py", stall_timeout=0.2)
     assert open_fds() == fds and threading.active_count() == threads
-    children = [
-        p
-        for p in Path("/proc").iterdir()
-        if p.name.isdigit() and (p / "stat").exists() and _ppid(p) == os.getpid()
-    ]
-    assert children == []
-
-
-def _ppid(proc_dir: Path) -> int:
-    try:
-        stat = (proc_dir / "stat").read_text()
-    except FileNotFoundError:
-        return -1
-    return int(stat[stat.rfind(")") + 2 :].split()[1])
+    assert own_children() == children  # none left running, none left unreaped
 
 
 def test_an_untraceable_escapee_holding_the_pipe_does_not_hang_the_run(

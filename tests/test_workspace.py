@@ -17,7 +17,7 @@ from loopkit import cli, fake_prepared_cache, git, make_workspace, run_args
 from prepare_helpers import write_text_corpus
 
 import prepare
-from autoresearch import fingerprint, workspace
+from autoresearch import fingerprint, presets, workspace
 from autoresearch.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,6 +206,74 @@ def test_a_wheel_ships_the_templates_contents(tmp_path: Path) -> None:
 
 def test_presets_read_from_the_source_are_the_imported_ones() -> None:
     assert workspace.read_presets(ROOT) == workspace.load_prepare(ROOT).PRESETS
+
+
+def _imported_time_budget(monkeypatch: pytest.MonkeyPatch, value: str) -> float | str:
+    """prepare.py's own check: TIME_BUDGET of the real prepare.py imported with `value` set,
+    or the message of the error its import raises."""
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", value)
+    monkeypatch.setenv("AUTORESEARCH_PRESET", "cpu")
+    previous = sys.modules.get("prepare")
+    try:
+        return workspace.load_prepare(ROOT).TIME_BUDGET
+    except DataError as exc:
+        return str(exc)
+    finally:  # the module imported with this budget must not serve later imports
+        if previous is None:
+            sys.modules.pop("prepare", None)
+        else:
+            sys.modules["prepare"] = previous
+
+
+@pytest.mark.parametrize(
+    "value", ["5", " 2.5 ", "1e-3", "300", "soon", "0", "-1", "nan", "inf", "1e400", " "]
+)
+def test_the_time_budget_read_without_the_import_is_the_imported_one(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """preset_constants checks AUTORESEARCH_TIME_BUDGET without importing prepare.py (and
+    torch): the same seconds, or the same message, as prepare.py's check at import."""
+    imported = _imported_time_budget(monkeypatch, value)
+    try:
+        read: float | str = presets.preset_constants(ROOT, "cpu")["TIME_BUDGET"]
+    except DataError as exc:
+        read = str(exc)
+    if not value.strip():  # unset for both: the preset's own
+        assert read == imported == prepare.PRESETS["cpu"]["TIME_BUDGET"]
+    assert read == imported
+    assert isinstance(read, str) == (value.strip() in ("soon", "0", "-1", "nan", "inf", "1e400"))
+
+
+def test_a_time_budget_is_checked_without_importing_torch() -> None:
+    probe = (
+        "import sys; from pathlib import Path; from autoresearch.presets import preset_constants;"
+        f" c = preset_constants(Path({str(ROOT)!r}), 'cpu');"
+        " print(c['TIME_BUDGET'], 'torch' in sys.modules, 'prepare' in sys.modules)"
+    )
+    env = {**os.environ, "AUTORESEARCH_TIME_BUDGET": "7"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["7.0", "False", "False"], out.stderr
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        '"AUTORESEARCH_" + "TIME_BUDGET"',  # not a literal
+        '"ARCH_BUDGET"',  # another variable: this package's check is not that prepare.py's
+    ],
+)
+def test_a_prepare_py_naming_its_budget_otherwise_is_imported_to_check_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    (tmp_path / "prepare.py").write_text(
+        f'PRESETS = {{"cpu": {{"TIME_BUDGET": 25}}}}\nTIME_BUDGET_ENV = {name}\n'
+        'raise RuntimeError("imported")\n'
+    )
+    monkeypatch.delenv("AUTORESEARCH_TIME_BUDGET", raising=False)
+    assert presets.preset_constants(tmp_path, "cpu") == {"TIME_BUDGET": 25}  # no budget: read
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "5")
+    with pytest.raises(RuntimeError, match="imported"):
+        presets.preset_constants(tmp_path, "cpu")
 
 
 @pytest.mark.parametrize(
