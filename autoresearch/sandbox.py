@@ -6,9 +6,10 @@ it on screen; where one is missing it stops unless the user passed `--unsandboxe
 
 The layers, and what each stops:
 - **Mount namespace, empty root.** The boxed process sees only what is bound into it, at the
-  same paths as outside: the system (/usr, /etc, the /bin and /lib links, /sys) and the Python
-  environment read-only, the installed `autoresearch` package inside it hidden by an empty
-  directory; train.py and prepare.py, copies the harness makes for this run; for training, the
+  same paths as outside: the system (/usr, /etc, the /bin and /lib links, /sys), the Python
+  environment and the toolchain torch.compile builds with where it lies elsewhere (the C
+  compiler's prefix, CUDA_HOME, LD_LIBRARY_PATH: `toolchain_dirs`) read-only, the installed
+  `autoresearch` package inside it hidden by an empty directory; train.py and prepare.py, copies the harness makes for this run; for training, the
   dataset's manifest, tokenizer, token_bytes and *train* shards read-only; one writable
   directory that is new and empty for every run (train.py saves its checkpoint there and the
   harness moves it out); a private /tmp (also HOME) in memory. Not there: the val and test
@@ -56,6 +57,9 @@ BWRAP = "bwrap"
 PROBE_TIMEOUT_S = 20.0  # seconds the probe's boxed `python -c pass` may take
 SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 GPU_DEVICES = ("/dev/dri",)  # besides every /dev/nvidia* node
+TOOLCHAIN_COMPILER_ENV = ("CC", "CXX")  # the compilers Triton and Inductor build with
+COMPILERS = ("cc", "gcc", "clang")  # else the first of these on PATH (what Triton looks for)
+TOOLCHAIN_DIR_ENV = ("CUDA_HOME", "CUDA_PATH")  # a CUDA toolkit outside /usr
 NAMESPACES = ("--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net")
 NAMESPACES += ("--unshare-uts", "--unshare-cgroup-try")
 PACKAGE = "autoresearch"  # the harness's package: hidden inside a box
@@ -191,6 +195,9 @@ def _command(
         hidden = Path(path) / PACKAGE
         if hidden.is_dir():  # the harness installed (not editable) into this environment
             args += ["--tmpfs", str(hidden)]
+    keep_out = [workdir, cell.root] + ([dataset.parent] if dataset is not None else [])
+    for path in toolchain_dirs(os.environ, keep_out=keep_out):
+        args += ["--ro-bind", path, path]
     for name in ("train.py", "prepare.py"):
         args += ["--ro-bind", str(cell.code / name), str(workdir / name)]
     if dataset is not None:
@@ -232,6 +239,49 @@ def python_dirs() -> tuple[str, ...]:
         if not any(path.startswith(o.rstrip("/") + "/") for o in outer):
             outer.append(path)
     return tuple(p for p in outer if not any(p.startswith(s + "/") for s in SYSTEM_DIRS))
+
+
+def toolchain_dirs(environ: Mapping[str, str], *, keep_out: Iterable[Path]) -> tuple[str, ...]:
+    """The directories outside the system's that training's toolchain lives in, to be bound
+    read-only: the C compiler that torch.compile's Triton and Inductor build with (`CC`,
+    `CXX`, else the first `cc`, `gcc` or `clang` on `PATH`), by its install prefix (the parent
+    of its `bin/`, where it finds its own programs, headers and libraries); `CUDA_HOME` and
+    `CUDA_PATH`; the entries of `LD_LIBRARY_PATH`. Without them a compiler installed under
+    /opt is missing in the box and the first compiled step fails. Left out: a directory that
+    is or holds a `keep_out` path (the workspace, the data cache, the box's own files), the
+    home directory or the root, or lies inside a `keep_out` path or a system directory."""
+    search = environ.get("PATH", os.defpath)
+    found: list[str] = []
+    compilers = [environ[k] for k in TOOLCHAIN_COMPILER_ENV if environ.get(k)]
+    compilers = compilers or [c for c in COMPILERS if shutil.which(c, path=search)][:1]
+    for name in compilers:
+        exe = shutil.which(name.split()[0], path=search)
+        if exe is None:
+            continue
+        folder = Path(os.path.realpath(exe)).parent
+        found.append(str(folder.parent if folder.name == "bin" else folder))
+    found += [environ[k] for k in TOOLCHAIN_DIR_ENV if environ.get(k)]
+    found += [p for p in environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    outside = [os.path.realpath(p) for p in keep_out]
+    home = os.path.realpath(os.path.expanduser("~"))
+    dirs: list[str] = []
+    for path in found:
+        real = os.path.realpath(path)
+        if not os.path.isabs(real) or not os.path.isdir(real) or real in ("/", home):
+            continue
+        if any(_within(real, s) for s in SYSTEM_DIRS) or any(_within(real, o) for o in outside):
+            continue
+        if any(_within(o, real) for o in [*outside, home]):
+            continue
+        if _holds_source_package(real) or real in dirs:
+            continue
+        dirs.append(real)
+    return tuple(dirs)
+
+
+def _within(path: str, folder: str) -> bool:
+    """`path` is `folder` or inside it."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 def _holds_source_package(path: str) -> bool:

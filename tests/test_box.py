@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import sysconfig
 import uuid
@@ -57,6 +58,65 @@ def test_train_files_are_the_train_split_only(cache: Path) -> None:
     assert "manifest.json" in names and "tokenizer.pkl" in names and "token_bytes.npy" in names
     assert any(n.startswith("train") and n.endswith(".bin") for n in names)
     assert not any(n.startswith(("val", "test")) for n in names)
+
+
+def _tool(path: Path, says: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\necho {says}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_the_toolchain_outside_the_system_is_bound_and_nothing_private(tmp_path: Path) -> None:
+    gcc = _tool(tmp_path / "opt" / "gcc" / "bin" / "gcc", "gcc")
+    cuda = tmp_path / "cuda"
+    cuda.mkdir()
+    ws = tmp_path / "ws"
+    (ws / "lib").mkdir(parents=True)
+    env = {
+        "CC": str(gcc),
+        "CUDA_HOME": str(cuda),
+        "LD_LIBRARY_PATH": os.pathsep.join(
+            [str(ws / "lib"), str(tmp_path), "/usr/lib", str(tmp_path / "missing")]
+        ),
+        "PATH": "/usr/bin:/bin",
+    }
+    # the compiler by its prefix, CUDA; not the workspace, what holds it, the system, a ghost
+    assert sandbox.toolchain_dirs(env, keep_out=[ws]) == (
+        str((tmp_path / "opt" / "gcc").resolve()),
+        str(cuda.resolve()),
+    )
+    # no CC: the first compiler on PATH; a compiler inside the workspace stays out
+    _tool(tmp_path / "opt" / "gcc" / "bin" / "cc", "cc")
+    env = {"PATH": f"{tmp_path / 'opt' / 'gcc' / 'bin'}:/usr/bin"}
+    prefix = str((tmp_path / "opt" / "gcc").resolve())
+    assert sandbox.toolchain_dirs(env, keep_out=[ws]) == (prefix,)
+    inside = _tool(ws / "tc" / "bin" / "cc", "inside")
+    assert sandbox.toolchain_dirs({"CC": str(inside)}, keep_out=[ws]) == ()
+
+
+def test_a_compiler_outside_the_system_runs_in_the_box(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.compile's Triton builds its launcher with $CC: a compiler under /opt (or any
+    prefix outside the system's directories) must be there inside the box."""
+    cc = _tool(tmp_path / "opt" / "tc" / "bin" / "cc", "compiled")
+    monkeypatch.setenv("CC", str(cc))
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    cell = sandbox.probe().cell(ws, writable=False)
+    try:
+        done = subprocess.run(
+            [*cell.prefix, "/bin/sh", "-c", '"$CC"'],
+            env=cell.env(os.environ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        cell.close()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "compiled"
 
 
 def test_python_dirs_leave_out_the_package_source() -> None:
