@@ -8,11 +8,15 @@ cache holds a manifest and nothing else.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from autoresearch.workspace import init_workspace
@@ -72,6 +76,9 @@ def git(cwd: Path, *args: str) -> str:
     ).stdout.strip()
 
 
+PR_SET_CHILD_SUBREAPER = 36  # prctl option (linux/prctl.h)
+
+
 def alive(pid: int) -> bool:
     """True while the process runs; zombies (dead, awaiting their reaper) count as gone."""
     try:
@@ -92,6 +99,55 @@ def own_children() -> list[int]:
         except FileNotFoundError:  # the thread ended meanwhile
             continue
     return sorted(pids)
+
+
+def own_descendants() -> list[int]:
+    """own_children, their children, and so on: read from the /proc entries of this process
+    and of its descendants only."""
+    found, todo = [], own_children()
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except FileNotFoundError:  # gone meanwhile
+            continue
+        for task in tasks:
+            try:
+                todo += [int(p) for p in (task / "children").read_text().split()]
+            except FileNotFoundError:
+                continue
+    return sorted(found)
+
+
+def cmdline(pid: int) -> bytes:
+    """A process's command line (b"" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
+
+
+@contextlib.contextmanager
+def adopting_orphans() -> Iterator[None]:
+    """While inside, this process is a child subreaper (prctl PR_SET_CHILD_SUBREAPER): a
+    descendant whose parent exits (a daemon, a child its parent left behind) is re-parented
+    to this process rather than to init, so own_descendants() finds it without looking at any
+    other process of the machine. On the way out every process adopted or started inside that
+    is still there is killed and reaped, and the flag is cleared."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    before = set(own_children())
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        for pid in set(own_children()) - before:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
 
 
 def children_listed() -> bool:

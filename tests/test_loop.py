@@ -15,13 +15,16 @@ import pytest
 from fakellm import FakeLLM
 from loopkit import (
     STUB_TRAIN,
+    adopting_orphans,
     alive,
     children_listed,
     cli,
+    cmdline,
     git,
     make_workspace,
     openai_args,
     own_children,
+    own_descendants,
     replay_args,
     reply,
     results_rows,
@@ -380,24 +383,16 @@ def test_ctrl_c_twice_kills_the_run_resets_and_records(ws: Path, env: dict, tmp_
 WARM_BOOT_MARK = "runpy.run_path(sys.argv[0]"  # in the command line of a warm child only
 
 
-def _warm_children(under: Path) -> list[int]:
-    """Warm children whose working directory is below `under` (another test session's on the
-    same machine are not this test's)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-                cwd = (proc / "cwd").resolve(strict=True)
-            except OSError:
-                continue
-            if WARM_BOOT_MARK.encode() in cmdline and cwd.is_relative_to(under.resolve()):
-                found.append(int(proc.name))
-    return found
+def _warm_descendants() -> list[int]:
+    """Warm children among this process's descendants that still run (in adopting_orphans,
+    one the CLI left behind is re-parented here)."""
+    return [
+        pid for pid in own_descendants() if WARM_BOOT_MARK.encode() in cmdline(pid) and alive(pid)
+    ]
 
 
 @pytest.mark.slow  # whole sessions with real children: minutes on two cores
-@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds processes in /proc")
+@pytest.mark.skipif(not children_listed(), reason="lists /proc/self/task/*/children")
 @pytest.mark.parametrize("warm_flag", ["--warm-start", "--no-warm-start"])
 def test_later_runs_start_warm_and_no_warm_child_outlives_the_session(
     tmp_path: Path, env: dict, warm_flag: str
@@ -412,13 +407,14 @@ def test_later_runs_start_warm_and_no_warm_child_outlives_the_session(
             "    for i in range(3):", '    print(f"preloaded: {PRELOADED}")\n    for i in range(3):'
         )
     )
-    seen = _preloaded_per_run(make_workspace(tmp_path / "ws", preloaded), env, 3, warm_flag)
+    with adopting_orphans():
+        seen = _preloaded_per_run(make_workspace(tmp_path / "ws", preloaded), env, 3, warm_flag)
+        assert _warm_descendants() == []  # the last warm child was discarded
     assert len(seen) >= 3
     if warm_flag == "--warm-start":
         assert set(seen) == {True}  # the first run too
     else:
         assert set(seen) == {False}
-    assert _warm_children(tmp_path) == []  # the last warm child was discarded
 
     setenv = preloaded.replace(
         "import numpy  # noqa: E402\n",

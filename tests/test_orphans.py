@@ -139,3 +139,25 @@ def test_die_with_parent_arms_the_signal_in_the_child() -> None:
         check=True,
     )
     assert int(out.stdout) == signal.SIGKILL
+
+
+def test_adopting_orphans_finds_a_daemon_among_this_process_descendants_and_ends_it() -> None:
+    """The tests' way to find what a run left behind without looking at other processes: a
+    shell that starts a sleeper in the background and exits leaves an orphan, re-parented to
+    this process while it adopts orphans, and killed when it stops."""
+    from loopkit import adopting_orphans, alive, cmdline, own_descendants
+
+    token = f"adopted-{os.getpid()}-{time.monotonic_ns()}"
+    sleeper = f"import time; time.sleep(600)  # {token}"
+    with adopting_orphans():
+        shell = subprocess.run(
+            ["/bin/sh", "-c", f'{sys.executable} -c "{sleeper}" >/dev/null 2>&1 & echo $!'],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        orphan = int(shell.stdout.split()[0])  # its parent, the shell, has exited
+        assert orphan in own_descendants()
+        assert token.encode() in cmdline(orphan)
+    assert not alive(orphan)
+    assert orphan not in own_descendants()
