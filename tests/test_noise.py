@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -162,6 +163,40 @@ def test_paired_sigma_starts_safe_and_learns_from_repeated_candidates() -> None:
     tight = [[0.001 + d, 0.001 - d] for d in (0.0002, -0.0003, 0.0001, 0.00025)] * 10
     learned = paired_sigma(0.003, tight)
     assert learned < prior / 3
+
+
+def test_paired_sigma_prior_from_same_seed_repeats() -> None:
+    """A pair shares its seed, so a null change's paired gain spreads by sqrt(2) x the
+    run-to-run sigma of one seed, not by the seed sigma (seed and run together)."""
+    assert paired_sigma(0.0017, [], run_sigma=0.0008) == pytest.approx(math.sqrt(2) * 0.0008)
+    # never wider than a pair that shares nothing
+    assert paired_sigma(0.001, [], run_sigma=0.003) == pytest.approx(math.sqrt(2) * 0.001)
+    # first gains that spread wider than the run's noise (a change that moves each seed
+    # differently, a drift) widen it once MIN_FIRST candidates were judged, not before
+    wide = [[g] for g in (0.004, -0.003, 0.001, -0.002, 0.0035, -0.0015, 0.0)]
+    assert paired_sigma(0.0017, wide[: noise.MIN_FIRST - 1], run_sigma=0.0008) == pytest.approx(
+        math.sqrt(2) * 0.0008
+    )
+    widened = paired_sigma(0.0017, wide, run_sigma=0.0008)
+    firsts = [g for (g,) in wide]
+    mad = statistics.median(abs(g - statistics.median(firsts)) for g in firsts)
+    assert widened == pytest.approx(noise.MAD_TO_SIGMA * mad)
+    assert widened > math.sqrt(2) * 0.0017  # above the seed prior too: the spread seen wins
+    # without a same-seed measurement, the first gains may only narrow the seed prior
+    assert paired_sigma(0.0017, wide) == pytest.approx(math.sqrt(2) * 0.0017)
+
+
+def test_run_sigma_is_the_spread_of_one_commit_with_one_seed(tmp_path: Path) -> None:
+    m = Measurements(tmp_path)
+    for value, seed in ((1.0, 1000), (1.3, 1001), (1.2, 1002)):
+        m.add("a", value, exp_id=0, purpose="calibrate", seed=seed)
+    assert m.run_sigma() is None  # three seeds, each run once: no run-to-run measurement
+    m.add("b", 0.9, exp_id=1, purpose="candidate", seed=1000, partner=0)
+    m.add("a", 1.002, exp_id=2, purpose="pair", seed=1000)  # the best's seed 1000 again
+    m.add("a", 1.301, exp_id=3, purpose="pair", seed=1001)
+    expected = math.sqrt((0.002**2 + 0.001**2) / 2 / 2)  # two pairs, one degree of freedom each
+    assert m.run_sigma() == pytest.approx(expected)
+    assert m.paired_sigma() == pytest.approx(math.sqrt(2) * expected)
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
