@@ -40,19 +40,26 @@ early as the evidence allows (most changes that do nothing are discarded after o
 
 sigma, the spread of a paired gain, is estimated from the session: a prior worth PRIOR_DOF
 degrees of freedom, pooled with the spread of the paired gains of every earlier candidate
-measured at least twice. A pair shares its seed, so a change that does nothing to the
-trajectory has paired gains that spread by sqrt(2) x sigma_run, the run-to-run sigma of one
-commit with one seed; the seed's own part (on an H100 at 45 s about twice sigma_run) cancels.
-The session measures sigma_run where a commit ran one seed twice: the best trained again with
-a seed whose run aged out of the pair window (`Measurements.run_sigma`, so the drift between
-the two runs is in it). Where it is measured, the prior is sqrt(2) x sigma_run, and once
-MIN_FIRST candidates were judged the spread of their first paired gains (a robust spread: a
-few real gains among them do not count) when that is larger: a change that moves each seed
-differently, or a drift between a pair's runs, widens a null change's gains beyond the run's
-noise, and the first gains show it. Before sigma_run is measured, the prior is sqrt(2) x the
-run-to-run sigma of one commit over different seeds (what a pair that shares nothing would
-show: the safe side, and about twice too wide when the seed is most of the noise), and after
-MIN_FIRST candidates their first gains' spread when that is smaller. A candidate whose paired
+measured at least twice. The prior starts at sqrt(2) x the run-to-run sigma of one commit over
+different seeds (what a pair that shares nothing would show: the safe side, and about twice
+too wide on an H100 at 45 s, where the seed's part is about twice the run's); once MIN_FIRST
+candidates were judged it is the spread of their first paired gains (a robust spread, so a
+few real gains among them do not count, and real gains can only widen it). A pair shares its
+seed, so no paired gain spreads less than sqrt(2) x sigma_run, the run-to-run sigma of one
+commit with one seed. The session measures sigma_run where a commit ran one seed twice (the
+best trained again with a seed whose run aged out of the pair window:
+`Measurements.run_sigma`, so the drift between the two is in it); where it did, that is the
+floor of the first gains' spread, and the seed prior is no ceiling (a drift between a pair's
+runs, or a change that moves each seed differently, spreads a null change's gains wider);
+where it did not, the spread may only narrow the seed prior. Why sigma_run is not the prior
+from the start: a null change that alters the trajectory moves each seed by its own amount,
+which pairing does not cancel; where runs are nearly repeatable (sigma_run ~ 0) such a prior
+would judge the first candidates with almost no spread at all. bench/keep_rule.py --goal
+measures both (the first gains' spread, floored, after 5 candidates instead of 8 gains about
+2 points of keep rate on a 0.002 gain and more at 1.0 x interaction; sqrt(2) x sigma_run as
+the prior from the start 2 more, but 5.8 % false keeps where sigma_run is 0.0001 and every
+change moves each seed by 0.001 with 2 repeats).
+A candidate whose paired
 gains are all equal (a change that does not change the computation) says nothing about that
 spread and is left out. Without two runs of different seeds there is no sigma; the rule is then the fixed
 `min_delta` on one run.
@@ -171,29 +178,22 @@ def paired_sigma(
     run_sigma: float | None = None,
 ) -> float | None:
     """The spread of one paired gain: a prior pooled with the spread within each set of paired
-    gains of one candidate (sets of one, or all equal, skipped).
-
-    The prior, with `run_sigma` (the same commit and seed, run to run) measured: sqrt(2) x
-    run_sigma (what a pair of two runs that share the seed shows, a change that does nothing
-    to the trajectory; not above sqrt(2) x `seed_sigma`), and once MIN_FIRST candidates were
-    judged the spread of their first paired gains (1.4826 x their median absolute deviation)
-    when that is larger. Without run_sigma: sqrt(2) x the seed sigma (a pair that shares
-    nothing), and after MIN_FIRST candidates their first gains' spread when that is smaller."""
+    gains of one candidate (sets of one, or all equal, skipped). The prior is sqrt(2) x the
+    seed sigma until MIN_FIRST candidates were judged, then the spread of their first paired
+    gains (1.4826 x their median absolute deviation): not below sqrt(2) x `run_sigma` (the
+    same commit and seed, run to run) where that was measured, else not above the seed prior."""
     if seed_sigma is None:
         return None
     gain_sets = [list(gains) for gains in gain_sets]
+    prior = math.sqrt(2) * seed_sigma
     firsts = [gains[0] for gains in gain_sets if gains]
-    spread = None
     if len(firsts) >= MIN_FIRST:
         middle = median(firsts)
         spread = MAD_TO_SIGMA * median(abs(g - middle) for g in firsts)
-    prior = math.sqrt(2) * seed_sigma
-    if run_sigma is not None:
-        prior = min(prior, math.sqrt(2) * run_sigma)
-        if spread is not None:
-            prior = max(prior, spread)
-    elif spread is not None:
-        prior = min(prior, spread)
+        if run_sigma is not None:
+            prior = max(spread, math.sqrt(2) * run_sigma)
+        else:
+            prior = min(spread, prior)
     squares, dof = PRIOR_DOF * prior**2, PRIOR_DOF
     for gains in gain_sets:
         if len(gains) < 2 or len(set(gains)) == 1:

@@ -474,6 +474,13 @@ def main() -> None:
             ("sigma_run 0.003", replace(measured, sigma_run=0.003)),
             ("drift 0.01/sqrt(h)", replace(measured, drift_per_hour=0.01)),
             ("cpu preset's repeats", replace(measured, max_repeats=2, calibrate=2)),
+            # a run nearly repeatable with its seed, and every change moving each seed by 0.001:
+            # what a prior of sqrt(2) x sigma_run alone would get wrong
+            (
+                "sigma_run 0.0001, null interaction 0.001",
+                near := replace(measured, sigma_run=0.0001, sigma_interaction=0.001),
+            ),
+            ("the same, cpu preset's repeats", replace(near, max_repeats=2, calibrate=2)),
         ]
     results = [scenario(name, m, args.sessions, args.candidates, args.seed) for name, m in models]
     for s in results:

@@ -165,25 +165,27 @@ def test_paired_sigma_starts_safe_and_learns_from_repeated_candidates() -> None:
     assert learned < prior / 3
 
 
-def test_paired_sigma_prior_from_same_seed_repeats() -> None:
-    """A pair shares its seed, so a null change's paired gain spreads by sqrt(2) x the
-    run-to-run sigma of one seed, not by the seed sigma (seed and run together)."""
-    assert paired_sigma(0.0017, [], run_sigma=0.0008) == pytest.approx(math.sqrt(2) * 0.0008)
-    # never wider than a pair that shares nothing
-    assert paired_sigma(0.001, [], run_sigma=0.003) == pytest.approx(math.sqrt(2) * 0.001)
-    # first gains that spread wider than the run's noise (a change that moves each seed
-    # differently, a drift) widen it once MIN_FIRST candidates were judged, not before
+def test_paired_sigma_learns_the_first_gains_spread_floored_by_same_seed_repeats() -> None:
+    """After MIN_FIRST candidates the prior is their first gains' spread. A pair shares its
+    seed, so a paired gain cannot spread less than sqrt(2) x sigma_run (the same seed, run to
+    run): where the session measured that, it is the floor; the seed prior (a pair that shares
+    nothing) is then no ceiling, as a drift or a change that moves each seed differently can
+    spread the gains more."""
+    tight = [[g] for g in (0.0002, -0.0001, 0.0003, 0.0, -0.0002)]  # spread ~0.0003
     wide = [[g] for g in (0.004, -0.003, 0.001, -0.002, 0.0035, -0.0015, 0.0)]
-    assert paired_sigma(0.0017, wide[: noise.MIN_FIRST - 1], run_sigma=0.0008) == pytest.approx(
-        math.sqrt(2) * 0.0008
-    )
-    widened = paired_sigma(0.0017, wide, run_sigma=0.0008)
     firsts = [g for (g,) in wide]
-    mad = statistics.median(abs(g - statistics.median(firsts)) for g in firsts)
-    assert widened == pytest.approx(noise.MAD_TO_SIGMA * mad)
-    assert widened > math.sqrt(2) * 0.0017  # above the seed prior too: the spread seen wins
-    # without a same-seed measurement, the first gains may only narrow the seed prior
-    assert paired_sigma(0.0017, wide) == pytest.approx(math.sqrt(2) * 0.0017)
+    mad = noise.MAD_TO_SIGMA * statistics.median(abs(g - statistics.median(firsts)) for g in firsts)
+    seed_prior = math.sqrt(2) * 0.0017
+    assert mad > seed_prior
+    # before MIN_FIRST candidates: the seed prior, whatever sigma_run
+    early = wide[: noise.MIN_FIRST - 1]
+    assert paired_sigma(0.0017, early, run_sigma=0.0008) == pytest.approx(seed_prior)
+    # after: the first gains' spread, floored by sqrt(2) x sigma_run where it was measured
+    assert paired_sigma(0.0017, wide, run_sigma=0.0008) == pytest.approx(mad)
+    assert paired_sigma(0.0017, tight, run_sigma=0.0008) == pytest.approx(math.sqrt(2) * 0.0008)
+    # without a same-seed measurement, the first gains' spread only narrows the seed prior
+    assert paired_sigma(0.0017, wide) == pytest.approx(seed_prior)
+    assert paired_sigma(0.0017, tight) < math.sqrt(2) * 0.0008
 
 
 def test_run_sigma_is_the_spread_of_one_commit_with_one_seed(tmp_path: Path) -> None:
@@ -196,6 +198,10 @@ def test_run_sigma_is_the_spread_of_one_commit_with_one_seed(tmp_path: Path) -> 
     m.add("a", 1.301, exp_id=3, purpose="pair", seed=1001)
     expected = math.sqrt((0.002**2 + 0.001**2) / 2 / 2)  # two pairs, one degree of freedom each
     assert m.run_sigma() == pytest.approx(expected)
+    assert m.paired_sigma() == pytest.approx(math.sqrt(2) * m.sigma())  # too few candidates
+    for exp_id, value in enumerate((1.0, 1.0001, 0.9999, 1.0, 1.0002), start=4):
+        m.add(f"c{exp_id}", value, exp_id=exp_id, purpose="candidate", seed=1000, partner=0)
+    # six first gains that spread by ~0.0001 at most: the loop's estimate is the floor
     assert m.paired_sigma() == pytest.approx(math.sqrt(2) * expected)
 
 
