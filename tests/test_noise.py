@@ -166,26 +166,25 @@ def test_paired_sigma_starts_safe_and_learns_from_repeated_candidates() -> None:
 
 
 def test_paired_sigma_learns_the_first_gains_spread_floored_by_same_seed_repeats() -> None:
-    """After MIN_FIRST candidates the prior is their first gains' spread. A pair shares its
-    seed, so a paired gain cannot spread less than sqrt(2) x sigma_run (the same seed, run to
-    run): where the session measured that, it is the floor; the seed prior (a pair that shares
-    nothing) is then no ceiling, as a drift or a change that moves each seed differently can
-    spread the gains more."""
+    """After MIN_FIRST candidates the prior is their first gains' spread when smaller than the
+    seed prior. A pair shares its seed, so a paired gain cannot spread less than sqrt(2) x
+    sigma_run (the same seed, run to run): where the session measured that, it is the floor."""
     tight = [[g] for g in (0.0002, -0.0001, 0.0003, 0.0, -0.0002)]  # spread ~0.0003
-    wide = [[g] for g in (0.004, -0.003, 0.001, -0.002, 0.0035, -0.0015, 0.0)]
-    firsts = [g for (g,) in wide]
+    middling = [[g] for g in (0.0015, -0.0012, 0.0004, -0.0008, 0.0013, -0.0006, 0.0)]
+    firsts = [g for (g,) in middling]
     mad = noise.MAD_TO_SIGMA * statistics.median(abs(g - statistics.median(firsts)) for g in firsts)
-    seed_prior = math.sqrt(2) * 0.0017
-    assert mad > seed_prior
+    seed_prior, floor = math.sqrt(2) * 0.0017, math.sqrt(2) * 0.0008
+    assert floor < mad < seed_prior
     # before MIN_FIRST candidates: the seed prior, whatever sigma_run
-    early = wide[: noise.MIN_FIRST - 1]
-    assert paired_sigma(0.0017, early, run_sigma=0.0008) == pytest.approx(seed_prior)
-    # after: the first gains' spread, floored by sqrt(2) x sigma_run where it was measured
-    assert paired_sigma(0.0017, wide, run_sigma=0.0008) == pytest.approx(mad)
-    assert paired_sigma(0.0017, tight, run_sigma=0.0008) == pytest.approx(math.sqrt(2) * 0.0008)
-    # without a same-seed measurement, the first gains' spread only narrows the seed prior
-    assert paired_sigma(0.0017, wide) == pytest.approx(seed_prior)
-    assert paired_sigma(0.0017, tight) < math.sqrt(2) * 0.0008
+    assert paired_sigma(0.0017, tight[:-1], run_sigma=0.0008) == pytest.approx(seed_prior)
+    # after: the first gains' spread, not below sqrt(2) x sigma_run where it was measured
+    assert paired_sigma(0.0017, middling, run_sigma=0.0008) == pytest.approx(mad)
+    assert paired_sigma(0.0017, tight, run_sigma=0.0008) == pytest.approx(floor)
+    assert paired_sigma(0.0017, tight) < floor  # without a same-seed measurement, no floor
+    # and never above the seed prior: first gains that spread wider do not widen it
+    assert paired_sigma(0.0017, [[10 * g] for g in firsts], run_sigma=0.0008) == pytest.approx(
+        seed_prior
+    )
 
 
 def test_run_sigma_is_the_spread_of_one_commit_with_one_seed(tmp_path: Path) -> None:
