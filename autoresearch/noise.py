@@ -41,28 +41,13 @@ early as the evidence allows (most changes that do nothing are discarded after o
 sigma, the spread of a paired gain, is estimated from the session: a prior worth PRIOR_DOF
 degrees of freedom, pooled with the spread of the paired gains of every earlier candidate
 measured at least twice. The prior starts at sqrt(2) x the run-to-run sigma of one commit over
-different seeds (what a pair that shares nothing would show: the safe side, and about twice
-too wide on an H100 at 45 s, where the seed's part is about twice the run's); once MIN_FIRST
-candidates were judged it is the spread of their first paired gains when that is smaller (a
-robust spread, so a few real gains among them do not count, and real gains can only widen
-it). A pair shares its seed, so no paired gain spreads less than sqrt(2) x sigma_run, the
-run-to-run sigma of one commit with one seed: where the session measured sigma_run (a commit
-that ran one seed twice, such as the best trained again with a seed whose run aged out of the
-pair window: `Measurements.run_sigma`, the drift between the two runs included), that is the
-floor of the first gains' spread, so five candidates whose first gains happen to agree do not
-shrink sigma below what the runs themselves scatter. A candidate whose paired gains are all
-equal (a change that does not change the computation) says nothing about that spread and is
-left out. Without two runs of different seeds there is no sigma; the rule is then the fixed
+different seeds (what a pair that shares nothing would show: the safe side, and far too wide
+when the seed is most of the noise); once MIN_FIRST candidates were judged it is the spread of
+their first paired gains when that is smaller (a robust spread, so a few real gains among them
+do not count, and real gains can only widen it). A candidate whose paired gains are all equal
+(a change that does not change the computation) says nothing about that spread and is left
+out. Without two runs of different seeds there is no sigma; the rule is then the fixed
 `min_delta` on one run.
-
-Why sigma_run is not the prior from the start, although it is the right width for a change
-that leaves each seed's trajectory as it was: a change that alters the trajectory moves each
-seed by its own amount, which pairing does not cancel, and where runs are nearly repeatable
-(sigma_run ~ 0) such a prior judges the first candidates with almost no spread.
-The simulation (bench/keep_rule.py, 300 sessions of 30 candidates, the measured H100 noise)
-says so: a 0.002 gain kept 63 % of the time with that prior against 62 % with this rule, but
-5.8 % false keeps where sigma_run is 0.0001, every change moves each seed by 0.001 and 2
-repeats are allowed (with 200 sessions: 5.0 % with this rule, 4.2 % with the rule before it).
 
 The label the agent reads for an experiment (win / within-noise / loss) comes from the same
 test: win when it was kept, loss when the mirrored test (the change loses `effect`) would have
@@ -70,10 +55,8 @@ crossed the same bar, within-noise otherwise.
 
 What it does not do: the bound holds for a sigma known in advance; the session's estimate
 is a plug-in, so the rate can be somewhat above 5 % when the estimate runs low
-(`bench/keep_rule.py --goal` measures it with the estimate, 200 sessions of 30 candidates per
-scenario: 0.9-3.2 %, the highest with a drift of 0.01/sqrt(h) between calls, and 5.0 % where
-runs are nearly repeatable and every change moves each seed by 0.001, with 2 repeats); outliers that
-are not Gaussian are not modelled. Nor is a gain that depends on the seed: on an H100 at a 45 s budget one
+(bench/keep_rule.py measures it with the estimate: 1.9-3.2 %); outliers that are not Gaussian
+are not modelled. Nor is a gain that depends on the seed: on an H100 at a 45 s budget one
 change gained 0.0004 to 0.0072 over six seeds (sd 0.0025 about a mean of 0.0037, each seed's
 gain reproduced on another machine within 0.0006), so one run tells what a change does to
 one seed, and σ, learned from such gains, widens the test (docs/benchmarks.md, "the gain that
@@ -106,7 +89,7 @@ BETA = 0.2  # missed keeps of a change that gains `effect` (sets the early disca
 # sqrt(2 ln((1 - ALPHA) / BETA)) = 1.77, so that a first run with no gain at all is discarded
 EFFECT_SIGMAS = 1.8
 PRIOR_DOF = 2  # weight, in degrees of freedom, of the prior on sigma (paired_sigma)
-MIN_FIRST = 5  # judged candidates before their first gains' spread may replace the prior
+MIN_FIRST = 8  # judged candidates before their first gains' spread may replace the prior
 MAD_TO_SIGMA = 1.4826  # median absolute deviation to standard deviation, for a Gaussian
 PAIR_WINDOW = 6  # runs after which an incumbent run is too old to be a candidate's partner
 PURPOSES = ("calibrate", "candidate", "repeat", "pair")
@@ -173,16 +156,11 @@ def prompt_label(status: str, label: str | None) -> Label:
     return Label.win if status == Decision.keep else Label.not_better
 
 
-def paired_sigma(
-    seed_sigma: float | None,
-    gain_sets: Iterable[Sequence[float]],
-    run_sigma: float | None = None,
-) -> float | None:
+def paired_sigma(seed_sigma: float | None, gain_sets: Iterable[Sequence[float]]) -> float | None:
     """The spread of one paired gain: a prior pooled with the spread within each set of paired
     gains of one candidate (sets of one, or all equal, skipped). The prior is sqrt(2) x the
-    seed sigma; once MIN_FIRST candidates were judged, the spread of their first paired gains
-    (1.4826 x their median absolute deviation) when that is smaller, but not below sqrt(2) x
-    `run_sigma` (the same commit and seed, run to run) where that was measured."""
+    seed sigma, or, once MIN_FIRST candidates were judged, the spread of their first paired
+    gains (1.4826 x their median absolute deviation) when that is smaller."""
     if seed_sigma is None:
         return None
     gain_sets = [list(gains) for gains in gain_sets]
@@ -190,10 +168,7 @@ def paired_sigma(
     firsts = [gains[0] for gains in gain_sets if gains]
     if len(firsts) >= MIN_FIRST:
         middle = median(firsts)
-        spread = MAD_TO_SIGMA * median(abs(g - middle) for g in firsts)
-        if run_sigma is not None:
-            spread = max(spread, math.sqrt(2) * run_sigma)
-        prior = min(spread, prior)
+        prior = min(prior, MAD_TO_SIGMA * median(abs(g - middle) for g in firsts))
     squares, dof = PRIOR_DOF * prior**2, PRIOR_DOF
     for gains in gain_sets:
         if len(gains) < 2 or len(set(gains)) == 1:
@@ -345,20 +320,9 @@ class Measurements:
             groups.setdefault((r["commit"], r["exp"]), {})[r.get("seed")] = r["val_bpb"]
         return pooled_sigma(list(seeds.values()) for seeds in groups.values())
 
-    def run_sigma(self) -> float | None:
-        """Run-to-run sigma of one commit with one seed: pooled over the groups of runs of one
-        commit with one seed (the best trained again with a seed it ran before, its partner
-        having aged out of the window), so the drift between them is in it; None before any
-        commit ran one seed twice."""
-        groups: dict[tuple, list[float]] = {}
-        for r in self.rows():
-            if r.get("seed") is not None:
-                groups.setdefault((r["commit"], r["seed"]), []).append(r["val_bpb"])
-        return pooled_sigma(groups.values())
-
     def paired_sigma(self, exclude_exp: int | None = None) -> float | None:
         """The spread of one paired gain, for judging experiment `exclude_exp`."""
-        return paired_sigma(self.sigma(), self.gain_sets(exclude_exp), self.run_sigma())
+        return paired_sigma(self.sigma(), self.gain_sets(exclude_exp))
 
 
 def _same_place(row: dict, slot: str, card: tuple[str, str] | None) -> bool:

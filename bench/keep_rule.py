@@ -30,9 +30,7 @@ is one constant); the baseline trains `calibrate` times, a candidate is kept whe
 the best's mean by 2 sigma sqrt(1/n + 1/m), re-run while in between (up to max_repeats), and the
 best is re-measured every three keeps. The rule that is ("paired"): seeds work, a candidate's
 k-th run is paired with the best's run of seed k (trained again when older than the window),
-and noise.judge decides with noise.paired_sigma's estimate, as the loop does. "paired before"
-is the same with the estimate of sigma that came before the same-seed prior (its prior
-sqrt(2) x the sigma over seeds: retired_paired_sigma).
+and noise.judge decides with noise.paired_sigma's estimate, as the loop does.
 
 --goal runs issue 16's scenarios instead: the noise measured on an H100 at a 45 s budget
 (sigma_run 0.0008, sigma_seed 0.0015, interaction 0.6 x the gain, up to 6 runs) and the checks
@@ -54,7 +52,6 @@ import argparse
 import json
 import math
 import random
-import statistics
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -160,34 +157,8 @@ def session_today(model: Model, effects: list[float], rng: random.Random) -> lis
     return out + [("", machine.runs)]
 
 
-def retired_paired_sigma(
-    seed_sigma: float | None, gain_sets: list[list[float]], run_sigma: float | None
-) -> float | None:
-    """The estimate of a paired gain's spread before the same-seed prior, for comparison only:
-    sqrt(2) x the seed sigma, after 8 candidates their first gains' spread when smaller."""
-    if seed_sigma is None:
-        return None
-    prior = math.sqrt(2) * seed_sigma
-    firsts = [gains[0] for gains in gain_sets if gains]
-    if len(firsts) >= 8:
-        middle = statistics.median(firsts)
-        spread = statistics.median(abs(g - middle) for g in firsts)
-        prior = min(prior, noise.MAD_TO_SIGMA * spread)
-    squares, dof = noise.PRIOR_DOF * prior**2, noise.PRIOR_DOF
-    for gains in gain_sets:
-        if len(gains) >= 2 and len(set(gains)) > 1:
-            m = fmean(gains)
-            squares += sum((g - m) ** 2 for g in gains)
-            dof += len(gains) - 1
-    return math.sqrt(squares / dof)
-
-
-def session_paired(
-    model: Model, effects: list[float], rng: random.Random, estimate=None
-) -> list[tuple[str, int]]:
-    """As the loop does it: noise.Measurements' pairing and sigma, noise.judge's decision
-    (`estimate`: another estimate of the paired sigma, with noise.paired_sigma's arguments)."""
-    estimate = estimate or noise.paired_sigma
+def session_paired(model: Model, effects: list[float], rng: random.Random) -> list[tuple[str, int]]:
+    """As the loop does it: noise.Measurements' pairing and sigma, noise.judge's decision."""
     machine = Machine(model, rng, seeds_work=True)
     rows: list[tuple[int, int, int, float]] = []  # (commit, experiment, seed, val_bpb)
 
@@ -209,12 +180,6 @@ def session_paired(
             groups.setdefault((c, e), {})[s] = v
         return noise.pooled_sigma(list(g.values()) for g in groups.values())
 
-    def run_sigma() -> float | None:
-        groups: dict[tuple[int, int], list[float]] = {}
-        for c, _, s, v in rows:
-            groups.setdefault((c, s), []).append(v)
-        return noise.pooled_sigma(groups.values())
-
     for r in range(model.calibrate):
         train(0, 0, noise.seed_of(r), 0.0)
     level, best, gain_sets, out = {0: 0.0}, 0, [], []
@@ -227,7 +192,7 @@ def session_paired(
             if p is None:
                 p = train(best, i, seed, level[best])
             gains.append(p - train(i, i, seed, level[i]))
-            sigma = estimate(seed_sigma(), gain_sets, run_sigma())
+            sigma = noise.paired_sigma(seed_sigma(), gain_sets)
             verdict = noise.judge(gains, sigma=sigma, min_delta=0.0, max_repeats=model.max_repeats)
             if verdict.decision != "repeat":
                 break
@@ -238,14 +203,7 @@ def session_paired(
     return out + [("", machine.runs)]
 
 
-def session_paired_before(
-    model: Model, effects: list[float], rng: random.Random
-) -> list[tuple[str, int]]:
-    """The paired rule with the retired estimate of sigma (retired_paired_sigma)."""
-    return session_paired(model, effects, rng, estimate=retired_paired_sigma)
-
-
-RULES = {"today": session_today, "paired before": session_paired_before, "paired": session_paired}
+RULES = {"today": session_today, "paired": session_paired}
 
 
 def keep_rates(model: Model, rule: str, sessions: int, candidates: int, seed: int) -> list[dict]:
@@ -395,7 +353,7 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    styles = {"today": "--", "paired before": ":", "paired": "-"}
+    styles = {"today": "--", "paired": "-"}
     for s, color in zip(results, ("C0", "C1", "C2", "C3", "C4", "C5"), strict=False):
         for rule, r in s["rules"].items():
             xs = [row["effect"] for row in r["rows"]]

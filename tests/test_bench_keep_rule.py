@@ -80,18 +80,6 @@ def test_noise_table_separates_paired_from_unpaired_spread() -> None:
     assert summary["versions"]["A:a.py"]["same_seed_sd"] is None  # one run per seed
 
 
-def test_the_retired_estimate_is_the_seed_prior_until_eight_candidates() -> None:
-    """ "paired before" judges with the estimate the loop had: the seed prior, narrowed by the
-    first gains' spread after eight candidates, whatever sigma_run says."""
-    assert keep_rule.retired_paired_sigma(0.002, [], 0.0001) == pytest.approx(math.sqrt(2) * 0.002)
-    seven = [[0.0001 * k] for k in range(7)]
-    assert keep_rule.retired_paired_sigma(0.002, seven, 0.0001) == pytest.approx(
-        math.sqrt(2) * 0.002
-    )
-    eight = [[0.0001 * k] for k in range(8)]
-    assert keep_rule.retired_paired_sigma(0.002, eight, 0.0001) < math.sqrt(2) * 0.002
-
-
 def test_goal_table_has_every_scenario_and_rule(tmp_path: Path) -> None:
     out = tmp_path / "goal.json"
     proc = subprocess.run(
@@ -103,7 +91,7 @@ def test_goal_table_has_every_scenario_and_rule(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     names = [s["name"] for s in results]
     assert names[0] == "measured" and "null interaction 0.001" in names and len(names) == 9
-    assert all(set(s["rules"]) == {"today", "paired before", "paired"} for s in results)
+    assert all(set(s["rules"]) == {"today", "paired"} for s in results)
     summary = proc.stdout.split("## Summary")[1]
-    assert summary.count("| measured |") == 3  # one row per rule
+    assert summary.count("| measured |") == 2  # one row per rule
     assert all(0.0015 in {m["effect"] for m in s["rules"]["paired"]["mixed"]} for s in results)

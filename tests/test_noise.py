@@ -7,7 +7,6 @@ import json
 import math
 import os
 import random
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -163,45 +162,6 @@ def test_paired_sigma_starts_safe_and_learns_from_repeated_candidates() -> None:
     tight = [[0.001 + d, 0.001 - d] for d in (0.0002, -0.0003, 0.0001, 0.00025)] * 10
     learned = paired_sigma(0.003, tight)
     assert learned < prior / 3
-
-
-def test_paired_sigma_learns_the_first_gains_spread_floored_by_same_seed_repeats() -> None:
-    """After MIN_FIRST candidates the prior is their first gains' spread when smaller than the
-    seed prior. A pair shares its seed, so a paired gain cannot spread less than sqrt(2) x
-    sigma_run (the same seed, run to run): where the session measured that, it is the floor."""
-    tight = [[g] for g in (0.0002, -0.0001, 0.0003, 0.0, -0.0002)]  # spread ~0.0003
-    middling = [[g] for g in (0.0015, -0.0012, 0.0004, -0.0008, 0.0013, -0.0006, 0.0)]
-    firsts = [g for (g,) in middling]
-    mad = noise.MAD_TO_SIGMA * statistics.median(abs(g - statistics.median(firsts)) for g in firsts)
-    seed_prior, floor = math.sqrt(2) * 0.0017, math.sqrt(2) * 0.0008
-    assert floor < mad < seed_prior
-    # before MIN_FIRST candidates: the seed prior, whatever sigma_run
-    assert paired_sigma(0.0017, tight[:-1], run_sigma=0.0008) == pytest.approx(seed_prior)
-    # after: the first gains' spread, not below sqrt(2) x sigma_run where it was measured
-    assert paired_sigma(0.0017, middling, run_sigma=0.0008) == pytest.approx(mad)
-    assert paired_sigma(0.0017, tight, run_sigma=0.0008) == pytest.approx(floor)
-    assert paired_sigma(0.0017, tight) < floor  # without a same-seed measurement, no floor
-    # and never above the seed prior: first gains that spread wider do not widen it
-    assert paired_sigma(0.0017, [[10 * g] for g in firsts], run_sigma=0.0008) == pytest.approx(
-        seed_prior
-    )
-
-
-def test_run_sigma_is_the_spread_of_one_commit_with_one_seed(tmp_path: Path) -> None:
-    m = Measurements(tmp_path)
-    for value, seed in ((1.0, 1000), (1.3, 1001), (1.2, 1002)):
-        m.add("a", value, exp_id=0, purpose="calibrate", seed=seed)
-    assert m.run_sigma() is None  # three seeds, each run once: no run-to-run measurement
-    m.add("b", 0.9, exp_id=1, purpose="candidate", seed=1000, partner=0)
-    m.add("a", 1.002, exp_id=2, purpose="pair", seed=1000)  # the best's seed 1000 again
-    m.add("a", 1.301, exp_id=3, purpose="pair", seed=1001)
-    expected = math.sqrt((0.002**2 + 0.001**2) / 2 / 2)  # two pairs, one degree of freedom each
-    assert m.run_sigma() == pytest.approx(expected)
-    assert m.paired_sigma() == pytest.approx(math.sqrt(2) * m.sigma())  # too few candidates
-    for exp_id, value in enumerate((1.0, 1.0001, 0.9999, 1.0, 1.0002), start=4):
-        m.add(f"c{exp_id}", value, exp_id=exp_id, purpose="candidate", seed=1000, partner=0)
-    # six first gains that spread by ~0.0001 at most: the loop's estimate is the floor
-    assert m.paired_sigma() == pytest.approx(math.sqrt(2) * expected)
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
