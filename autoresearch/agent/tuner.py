@@ -56,7 +56,8 @@ class Knob:
 
 
 def find_knobs(source: str, preset: str | None = None) -> dict[str, Knob]:
-    """The tunable literals among the module-level UPPERCASE constants, in source order.
+    """The tunable literals among the module-level UPPERCASE constants, in source order (a new
+    dict each call; the parse is cached: a proposal reads the best's train.py several times).
 
     Tunable: int, float, bool, window-pattern strings (only S and L, e.g. "SSSL"), `2**N`, and
     tuples of numbers (one knob per element). A name assigned more than once at module level,
@@ -64,10 +65,15 @@ def find_knobs(source: str, preset: str | None = None) -> dict[str, Knob]:
     no knobs. With `preset`, constants that do nothing under it are left out too: see
     `preset_dead_names`.
     """
+    return dict(_knobs(source, preset))
+
+
+@functools.lru_cache(maxsize=256)
+def _knobs(source: str, preset: str | None) -> tuple[tuple[str, Knob], ...]:
     try:
         tree = ast.parse(source)
     except SyntaxError:
-        return {}
+        return ()
     dead = preset_dead_names(tree, preset) if preset else set()
     offsets = _line_offsets(source)
     found: dict[str, list[Knob]] = {}
@@ -94,7 +100,7 @@ def find_knobs(source: str, preset: str | None = None) -> dict[str, Knob]:
             knob = _knob(target.id, value, source, offsets)
             if knob is not None:
                 found[target.id] = [knob]
-    return {k.name: k for name, ks in found.items() if counts[name] == 1 for k in ks}
+    return tuple((k.name, k) for name, ks in found.items() if counts[name] == 1 for k in ks)
 
 
 def preset_dead_names(tree: ast.Module, preset: str) -> set[str]:
