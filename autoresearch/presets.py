@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from .errors import DataError, UsageError
-from .workspace import load_prepare, read_presets
+from .workspace import load_prepare, prepare_assignment, read_presets
 
 TIME_BUDGET_ENV = "AUTORESEARCH_TIME_BUDGET"  # seconds; replaces the preset's TIME_BUDGET
 
@@ -79,23 +79,7 @@ def time_budget(value: str, prepare: Path) -> float:
 def _read_string(root: Path, name: str) -> str | None:
     """The string prepare.py assigns to `name` at module level, read from its source: None
     unless exactly one module-level statement names it and that one assigns a string literal."""
-    try:
-        tree = ast.parse((root / "prepare.py").read_bytes())
-    except (OSError, SyntaxError, ValueError):
-        return None  # importing it says what is wrong
-    naming = [
-        node
-        for node in tree.body
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-        and any(isinstance(n, ast.Name) and n.id == name for n in ast.walk(node))
-    ]
-    if len(naming) != 1 or not isinstance(naming[0], (ast.Assign, ast.AnnAssign)):
-        return None
-    node = naming[0]
-    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-    value = node.value
-    if len(targets) != 1 or not isinstance(targets[0], ast.Name) or targets[0].id != name:
-        return None
+    value = prepare_assignment(root, name)
     if isinstance(value, ast.Constant) and isinstance(value.value, str):
         return value.value
     return None

@@ -220,6 +220,30 @@ _ARITHMETIC = {
 }
 
 
+def prepare_assignment(root: Path, name: str) -> ast.expr | None:
+    """The expression prepare.py assigns to `name`, read from its source without running it:
+    None unless exactly one module-level statement names `name` (function bodies only run when
+    called) and that statement is `name = <expr>` (so nothing changes it after). The caller
+    then imports prepare.py, which also says what is wrong with a file that does not parse."""
+    try:
+        tree = ast.parse((root / "prepare.py").read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    naming = [
+        node
+        for node in tree.body
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        and any(isinstance(n, ast.Name) and n.id == name for n in ast.walk(node))
+    ]
+    if len(naming) != 1 or not isinstance(naming[0], (ast.Assign, ast.AnnAssign)):
+        return None  # changed or used after its assignment, or never assigned
+    node = naming[0]
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+    if len(targets) != 1 or not isinstance(targets[0], ast.Name) or targets[0].id != name:
+        return None
+    return node.value
+
+
 def read_presets(root: Path) -> dict[str, dict[str, int | float]] | None:
     """prepare.py's PRESETS read from its source without running it (running it imports
     torch, two CPU seconds a command that only needs the table does not have to spend).
@@ -229,27 +253,11 @@ def read_presets(root: Path) -> dict[str, dict[str, int | float]] | None:
     PRESETS (so nothing changes it after). None otherwise: the caller then imports prepare.py
     (`load_prepare`), as for any other name.
     """
-    try:
-        tree = ast.parse((root / "prepare.py").read_bytes())
-    except (OSError, SyntaxError, ValueError):
-        return None  # importing it says what is wrong
-    # module-level statements that name PRESETS (function bodies only run when called)
-    naming = [
-        node
-        for node in tree.body
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-        and any(isinstance(n, ast.Name) and n.id == PRESETS_NAME for n in ast.walk(node))
-    ]
-    if len(naming) != 1 or not isinstance(naming[0], (ast.Assign, ast.AnnAssign)):
-        return None  # changed or used after its assignment, or never assigned
-    node = naming[0]
-    target = node.targets[0] if isinstance(node, ast.Assign) else node.target
-    if not (isinstance(target, ast.Name) and target.id == PRESETS_NAME) or node.value is None:
-        return None
-    if isinstance(node, ast.Assign) and len(node.targets) != 1:
+    value = prepare_assignment(root, PRESETS_NAME)
+    if value is None:
         return None
     try:
-        table = _constant(node.value)
+        table = _constant(value)
     except ValueError:
         return None
     ok = isinstance(table, dict) and all(
