@@ -58,7 +58,7 @@ PROBE_TIMEOUT_S = 20.0  # seconds the probe's boxed `python -c pass` may take
 SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 GPU_DEVICES = ("/dev/dri",)  # besides every /dev/nvidia* node
 TOOLCHAIN_COMPILER_ENV = ("CC", "CXX")  # the compilers Triton and Inductor build with
-COMPILERS = ("cc", "gcc", "clang")  # else the first of these on PATH (what Triton looks for)
+COMPILERS = ("gcc", "clang", "cc")  # else each of these found on PATH (Triton takes gcc, clang)
 TOOLCHAIN_DIR_ENV = ("CUDA_HOME", "CUDA_PATH")  # a CUDA toolkit outside /usr
 NAMESPACES = ("--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net")
 NAMESPACES += ("--unshare-uts", "--unshare-cgroup-try")
@@ -244,7 +244,7 @@ def python_dirs() -> tuple[str, ...]:
 def toolchain_dirs(environ: Mapping[str, str], *, keep_out: Iterable[Path]) -> tuple[str, ...]:
     """The directories outside the system's that training's toolchain lives in, to be bound
     read-only: the C compiler that torch.compile's Triton and Inductor build with (`CC`,
-    `CXX`, else the first `cc`, `gcc` or `clang` on `PATH`), by its install prefix (the parent
+    `CXX`, else every `gcc`, `clang` and `cc` found on `PATH`), by its install prefix (the parent
     of its `bin/`, where it finds its own programs, headers and libraries); `CUDA_HOME` and
     `CUDA_PATH`; the entries of `LD_LIBRARY_PATH`. Without them a compiler installed under
     /opt is missing in the box and the first compiled step fails. Left out: a directory that
@@ -253,7 +253,7 @@ def toolchain_dirs(environ: Mapping[str, str], *, keep_out: Iterable[Path]) -> t
     search = environ.get("PATH", os.defpath)
     found: list[str] = []
     compilers = [environ[k] for k in TOOLCHAIN_COMPILER_ENV if environ.get(k)]
-    compilers = compilers or [c for c in COMPILERS if shutil.which(c, path=search)][:1]
+    compilers = compilers or list(COMPILERS)
     for name in compilers:
         exe = shutil.which(name.split()[0], path=search)
         if exe is None:

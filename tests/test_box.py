@@ -86,7 +86,7 @@ def test_the_toolchain_outside_the_system_is_bound_and_nothing_private(tmp_path:
         str((tmp_path / "opt" / "gcc").resolve()),
         str(cuda.resolve()),
     )
-    # no CC: the first compiler on PATH; a compiler inside the workspace stays out
+    # no CC: the compilers found on PATH (here gcc and cc, one prefix); not one in the workspace
     _tool(tmp_path / "opt" / "gcc" / "bin" / "cc", "cc")
     env = {"PATH": f"{tmp_path / 'opt' / 'gcc' / 'bin'}:/usr/bin"}
     prefix = str((tmp_path / "opt" / "gcc").resolve())
