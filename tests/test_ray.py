@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 from loopkit import (
     STUB_TRAIN,
+    alive,
     cli,
     git,
     make_workspace,
@@ -139,14 +140,20 @@ def _gone(pid: int) -> bool:
     """Whether `pid` ended (or is a zombie) within a generous deadline."""
     deadline = time.monotonic() + 120  # guards a hang only
     while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state in "ZX":
+        if not alive(pid):
             return True
         time.sleep(0.05)
     return False
+
+
+def _kill_and_finish(actor: int, child: int, gate: Path, proc: subprocess.Popen, log: Path) -> None:
+    """SIGKILL the Ray actor training the run held at the gate; its train.py dies with it,
+    still at the gate (nothing of the run keeps going); then the gate opens for the run
+    trained again, and the session must end well."""
+    os.kill(actor, signal.SIGKILL)
+    assert _gone(child), f"train.py of the killed Ray actor still runs (pid {child})"
+    gate.touch()
+    assert proc.wait(timeout=600) == 0, log.read_text()
 
 
 def _gated_workspace(tmp_path: Path, seed: int | None = None) -> tuple[Path, Path]:
@@ -278,11 +285,7 @@ def test_a_session_on_ray_retrains_a_run_whose_actor_was_killed_and_records_it_o
     try:
         actor, child = _held(gate, proc, log)
         before = pids.read_text().split()  # the runs that reached step 1 until the kill
-        os.kill(actor, signal.SIGKILL)  # the Ray actor training the baseline's second run
-        # its training child dies with it, still at the gate: nothing of the run keeps going
-        assert _gone(child), f"train.py of the killed Ray actor still runs (pid {child})"
-        gate.touch()  # the run trained again passes the gate
-        assert proc.wait(timeout=600) == 0, log.read_text()
+        _kill_and_finish(actor, child, gate, proc, log)  # the baseline's second run's actor
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -346,10 +349,7 @@ def test_a_candidates_run_whose_actor_was_killed_is_paired_on_its_new_card(
     proc = _session(ws, stub_cli_env(tmp_path), log, *args, "--unsandboxed", "--address", cluster)
     try:
         actor, child = _held(gate, proc, log)  # the candidate's first run
-        os.kill(actor, signal.SIGKILL)
-        assert _gone(child), f"train.py of the killed Ray actor still runs (pid {child})"
-        gate.touch()
-        assert proc.wait(timeout=600) == 0, log.read_text()
+        _kill_and_finish(actor, child, gate, proc, log)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
