@@ -47,6 +47,7 @@ from autoresearch.noise import seed_of
 from autoresearch.options import SessionOptions
 
 TAG = "r2"
+pytestmark = pytest.mark.xdist_group("ray")  # one worker, one cluster (pytest-xdist)
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None,
     reason="Ray is not installed (pip install 'autoresearch[ray]')",

@@ -60,7 +60,8 @@ def test_every_named_test_exists() -> None:
     named = set(NODE_ID.findall(DOC.read_text(encoding="utf-8")))
     files = sorted({node.split("::")[0] for node in named})
     proc = subprocess.run(
-        # -m "": the slow tests too (the default addopts leave them out)
+        # -m "": the slow tests too (the default addopts leave them out); -n 0: collected in
+        # this one process, not by workers
         [
             sys.executable,
             "-m",
@@ -69,6 +70,8 @@ def test_every_named_test_exists() -> None:
             "-q",
             "-p",
             "no:cacheprovider",
+            "-n",
+            "0",
             "-m",
             "",
             *files,
