@@ -58,25 +58,46 @@ def tree_cpu(pid: int) -> float:
     return sum(cpu for _, cpu in _tree(pid)) / _TICKS
 
 
-def cpu_wait(pid: int) -> float:
-    """Seconds the run rooted at `pid` was held back by other programs: the most that the main
-    thread of any of its processes waited for a CPU while ready to run (the kernel's run
-    delay, /proc/PID/task/PID/schedstat), less the CPU time of the run's other threads and
-    processes, which may have been what it waited for. So a run slowed by a busy machine gets
-    its wait back, and one that makes its own thread wait (busy processes on its own cores)
-    gets nothing for it. 0.0 without /proc or the kernel's schedstats."""
-    tree = _tree(pid)
-    total = sum(cpu for _, cpu in tree) / _TICKS
-    best = 0.0
-    for current, _ in tree:
-        try:
-            ran, waited, _ = (
-                (PROC / str(current) / "task" / str(current) / "schedstat").read_text().split()
-            )
-        except (OSError, ValueError):  # gone, or a kernel without schedstats
-            continue
-        best = max(best, int(waited) / 1e9 - (total - int(ran) / 1e9))
-    return best
+class CpuWait:
+    """Seconds the run rooted at `pid` was held back by other programs, so far: each call looks
+    again. The most that the main thread of any of its processes waited for a CPU while ready
+    to run, less the CPU time of the run's other threads and processes, which may have been what
+    it waited for. So a run slowed by a busy machine gets its wait back, and one that makes its
+    own thread wait (busy processes on its own cores) gets nothing for it.
+
+    The kernel's run delay (/proc/PID/task/PID/schedstat) grows only when a waiting thread gets
+    a CPU, so a thread starved for seconds shows none of that wait until it runs. A wait in
+    progress is added: from the first of this meter's looks that found the thread ready to run
+    (state R) with its CPU time and run delay unchanged since the look before, to now, as long
+    as every look since found the same. A thread that is R at one look and has not run by the
+    next cannot have slept in between (sleeping takes running), so that time was all waiting.
+    Looks must come often (the runner's every CPU_POLL_S) for a long wait to be seen whole; a
+    wait is never overcounted. 0.0 without /proc or the kernel's schedstats."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._last: dict[int, tuple[str, int, int]] = {}  # pid: (state, ran ns, delay ns)
+        self._since: dict[int, float] = {}  # pid: the first look that found its last sample
+
+    def __call__(self) -> float:
+        now = time.monotonic()
+        tree = _tree(self.pid)
+        total = sum(cpu for _, cpu in tree) / _TICKS
+        best = 0.0
+        for current, _ in tree:
+            task = PROC / str(current) / "task" / str(current)
+            try:
+                ran, delay, _ = (int(f) for f in (task / "schedstat").read_text().split())
+                stat = (task / "stat").read_text()
+            except (OSError, ValueError):  # gone, or a kernel without schedstats
+                continue
+            sample = (stat[stat.rfind(")") + 2 :].split()[0], ran, delay)
+            if self._last.get(current) != sample:
+                self._last[current], self._since[current] = sample, now
+            # ready to run at an earlier look and not run since: waiting all along
+            pending = now - self._since[current] if sample[0] == "R" else 0.0
+            best = max(best, (delay / 1e9 + pending) - (total - ran / 1e9))
+        return best
 
 
 def _tree(pid: int) -> list[tuple[int, int]]:

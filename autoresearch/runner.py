@@ -50,7 +50,7 @@ from pathlib import Path
 from . import sandbox
 from .budget import Budget
 from .crashes import classify_crash
-from .procs import RUN_MARKER_VAR, Guard, cpu_wait, die_with_parent, signal_group, tree_cpu
+from .procs import RUN_MARKER_VAR, CpuWait, Guard, die_with_parent, signal_group, tree_cpu
 from .trainlog import Step, parse_step, parse_summary
 from .warm import Prestarted
 from .watch import HARNESS_PREFIX, Run, watch
@@ -184,14 +184,14 @@ def _run_training(
 ) -> RunResult:
     marker = marker or uuid.uuid4().hex
     proc: subprocess.Popen[bytes] | None = None
-    wall_clock = False  # the budget's wall clock: its start-up's waits are measured
     wait_before = waited = 0.0
+    cpu_wait: CpuWait | None = None
 
     def waited_before_step() -> float:
         """Seconds the run was held back by other programs, until its first step line."""
         nonlocal waited
-        if wall_clock and first_step_at is None and proc is not None:
-            waited = max(waited, cpu_wait(proc.pid) - wait_before)
+        if cpu_wait is not None and first_step_at is None:
+            waited = max(waited, cpu_wait() - wait_before)
         return waited
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,10 +253,11 @@ def _run_training(
         # the cpu clock starts at the go: what a warm child used before it is its imports
         cpu_before = tree_cpu(proc.pid) if budget is not None and budget.clock == "cpu" else 0.0
         cpu_seen = 0.0  # the most seen while it ran: counts processes no one reaps too
-        # the wall clock's start-up: seconds held back by other programs (procs.cpu_wait),
+        # the wall clock's start-up: seconds held back by other programs (procs.CpuWait),
         # from the go (a warm child's waits during its imports are not the run's)
-        wall_clock = budget is not None and budget.clock == "wall"
-        wait_before = cpu_wait(proc.pid) if wall_clock else 0.0
+        if budget is not None and budget.clock == "wall":
+            cpu_wait = CpuWait(proc.pid)
+            wait_before = cpu_wait()
 
         def cpu_used() -> float:
             nonlocal cpu_seen

@@ -26,6 +26,9 @@ from .status import CrashClass
 KILL_GRACE_S = 5.0  # seconds between SIGTERM and SIGKILL: room for the child to flush and exit
 DRAIN_S = 2.0  # seconds to wait for the pipe to close once the child and its group are gone
 CANCEL_POLL_S = 0.2  # seconds: how soon a set cancel event is noticed
+# seconds between askings of a run's deadline while no line comes: it moves as what the run
+# waited for a CPU grows (procs.CpuWait, which sees a long wait in progress only by looking)
+DEADLINE_POLL_S = 0.5
 MAX_WAIT_S = 60.0  # seconds: the longest single wait for output (bounds any timer arithmetic)
 MAX_LINE_BYTES = 1 << 20  # a "line" longer than this is cut, so a child can't exhaust memory
 READ_CHUNK = 1 << 16  # bytes per read from the child's pipe
@@ -203,7 +206,8 @@ def watch(
     deadline: Callable[[], float | None] | None = None,
 ) -> None:
     """Pass lines on until the child has exited and its output has ended; enforce the limits
-    (`deadline`: when the run is over its training budget, asked again after every line)."""
+    (`deadline`: when the run is over its training budget, asked again after every line and
+    every DEADLINE_POLL_S)."""
     killed_at: float | None = None
     drain_until: float | None = None
     while not (run.exited and run.eof):
@@ -226,7 +230,7 @@ def watch(
             else:
                 waits.append(started + timeout - now)
                 if over_at is not None:
-                    waits.append(over_at - now)
+                    waits.append(min(over_at - now, DEADLINE_POLL_S))
                 if stall_timeout is not None:
                     waits.append(run.reader.last_output + stall_timeout - now)
                 if cancel is not None:

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from loopkit import alive, children_listed, own_children
 
-from autoresearch import watch
+from autoresearch import procs, watch
 from autoresearch.budget import CPU_GRACE_S, Budget, budget_grace, cpu_clock_available
 from autoresearch.childenv import child_env
 from autoresearch.crashes import classify_crash
-from autoresearch.procs import RUN_MARKER_VAR, kill_orphans, marked_processes
+from autoresearch.procs import RUN_MARKER_VAR, CpuWait, kill_orphans, marked_processes
 from autoresearch.runner import TAIL_LINES, RunResult, run_training
 from autoresearch.trainlog import Step, parse_step, parse_summary
 from autoresearch.warm import WARM_COMPILER, Prestarted, WarmChild, warm_preload, warm_start_ok
@@ -398,6 +398,45 @@ def test_time_held_back_by_other_programs_is_not_start_up() -> None:
     # the cpu clock counts CPU time from launch, start-up included: a wait changes nothing
     cpu = Budget(10.0, 3.0, 20.0, steps_required=True, clock="cpu")
     assert cpu.overrun(0.0, 90.0, 95.0, 96.0, cpu=12.0, waited=0.0) is None
+
+
+def _fake_proc(root: Path, pid: int, state: str, ran: float, delay: float, ticks: int) -> None:
+    """One process of a /proc tree as CpuWait reads it: its stat (state, CPU ticks), its main
+    thread's stat and schedstat (ns run, ns waited), no children."""
+    task = root / str(pid) / "task" / str(pid)
+    task.mkdir(parents=True, exist_ok=True)
+    fields = [state, *["0"] * 10, str(ticks), "0", "0", "0"]
+    (root / str(pid) / "stat").write_text(f"{pid} (python) {' '.join(fields)}\n")
+    (task / "stat").write_text(f"{pid} (python) {' '.join(fields)}\n")
+    (task / "schedstat").write_text(f"{int(ran * 1e9)} {int(delay * 1e9)} 7\n")
+    (task / "children").write_text("")
+
+
+def test_a_wait_in_progress_counts_from_the_first_look_that_saw_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel adds a wait for a CPU to the run delay only when the thread gets one, so a
+    thread starved for seconds shows no wait. CpuWait counts one in progress: ready to run (R)
+    at a look and neither run nor waited-counted since, it was waiting all along, from that
+    look. Not when it sleeps (S), and never from before its first such look."""
+    now = [100.0]
+    monkeypatch.setattr(procs, "PROC", tmp_path)
+    monkeypatch.setattr(procs, "time", type("Clock", (), {"monotonic": lambda: now[0]}))
+    ticks = os.sysconf("SC_CLK_TCK")
+    _fake_proc(tmp_path, 7, "R", ran=0.05, delay=0.2, ticks=int(0.05 * ticks))
+    wait = CpuWait(7)
+    assert wait() == pytest.approx(0.2)  # what the kernel says, nothing in progress seen yet
+    now[0] = 101.5
+    assert wait() == pytest.approx(1.7)  # R and unchanged: 1.5 s more, waiting
+    now[0] = 102.0
+    assert wait() == pytest.approx(2.2)
+    _fake_proc(tmp_path, 7, "R", ran=0.06, delay=2.3, ticks=int(0.06 * ticks))  # it ran
+    assert wait() == pytest.approx(2.3)  # the kernel's figure now holds that wait
+    now[0] = 103.0
+    _fake_proc(tmp_path, 7, "S", ran=0.07, delay=2.3, ticks=int(0.07 * ticks))
+    assert wait() == pytest.approx(2.3)
+    now[0] = 104.0  # asleep and unchanged: sleeping is not waiting for a CPU
+    assert wait() == pytest.approx(2.3)
 
 
 SCHEDSTAT = Path("/proc/self/task") / str(os.getpid()) / "schedstat"
