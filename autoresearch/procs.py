@@ -68,11 +68,11 @@ class CpuWait:
     The kernel's run delay (/proc/PID/task/PID/schedstat) grows only when a waiting thread gets
     a CPU, so a thread starved for seconds shows none of that wait until it runs. A wait in
     progress is added: from the first of this meter's looks that found the thread ready to run
-    (state R) with its CPU time and run delay unchanged since the look before, to now, as long
-    as every look since found the same. A thread that is R at one look and has not run by the
-    next cannot have slept in between (sleeping takes running), so that time was all waiting.
-    Looks must come often (the runner's every CPU_POLL_S) for a long wait to be seen whole; a
-    wait is never overcounted. 0.0 without /proc or the kernel's schedstats."""
+    (state R) with the CPU time and run delay it still has, to now. A thread that is R at one
+    look and has not run by the next cannot have slept in between (sleeping takes running), so
+    that time was all waiting. Looks must come often (watch asks a run's deadline every
+    DEADLINE_POLL_S) for a long wait to be seen whole; a wait is never overcounted. 0.0 without
+    /proc or the kernel's schedstats."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
