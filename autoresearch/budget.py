@@ -44,7 +44,7 @@ class Budget:
     counted, so it may take at most `startup` seconds from launch (imports, data, the model,
     step 0's compile): a first step line later than that makes the run `over_budget`, stopped
     when the line comes; else a run could train there unseen. Time the run spent held back by
-    other programs is not counted in that (`waited`, procs.cpu_wait: its main thread ready to
+    other programs is not counted in that (`waited`, procs.CpuWait: its main thread ready to
     run and waiting for a CPU, less what the run's own other processes used), so a busy
     machine does not make an honest start-up late, while time spent sleeping, on the GPU or
     computing before the first step line is counted.
