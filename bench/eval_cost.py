@@ -31,9 +31,11 @@ import sys
 import time
 from pathlib import Path
 
+from autoresearch.sealed_eval import BATCH_SIZE
+
 # the in-process way: imports, the model, then evaluate_bpb timed on its own
 IN_PROCESS = """
-import json, os, sys, time
+import json, sys, time
 t0 = time.perf_counter()
 import torch, prepare, train
 device = torch.device(sys.argv[2])
@@ -81,7 +83,7 @@ def scored_tokens(preset: str) -> int:
     """The target tokens evaluate_bpb scores on the active dataset's val split (the same for
     every way: EVAL_TOKENS, or the whole split where it is shorter)."""
     code = (
-        "import prepare, numpy as np\n"
+        "import prepare\n"
         "d = prepare.active_dataset_dir()\n"
         "t = prepare._tokens(d / prepare._split_entry(d, 'val')['shards'][0]['file'])\n"
         "print(min(prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN, (len(t) - 1) // prepare.MAX_SEQ_LEN)"
@@ -105,7 +107,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="the rows as JSON")
     args = parser.parse_args()
     preset = args.preset or ("gpu" if args.device.startswith("cuda") else "cpu")
-    batch = args.batch_size or {"gpu": 32, "cpu": 16}[preset]  # sealed_eval.BATCH_SIZE
+    batch = args.batch_size or BATCH_SIZE[preset]
     ways = ["in-process", "sealed"] + (["sealed, boxed"] if args.box else [])
     tokens = scored_tokens(preset)
     rows = []
